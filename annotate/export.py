@@ -1,0 +1,432 @@
+"""Build preference datasets from the votes in a storypref database.
+
+    python -m annotate.export --db URL --out PATH --format pairs|trl|hf [--aggregate none|majority]
+
+Three formats, as in shared/DESIGN.md:
+
+* `pairs`: one JSONL line per vote (or per comparison with `--aggregate majority`), in the field
+  names of the visual-instruction RLHF seed (`image_paths, instruction, response_a, response_b,
+  preference, ...`). `annotate.ingest` reads it back.
+* `trl`: `train.jsonl` and `test.jsonl` with `prompt, chosen, rejected, images, margin, item_id,
+  n_votes, agreement`, loadable unchanged by `datasets.load_dataset("json")`, TRL's `RewardTrainer`
+  and, for VLMs, `DPOTrainer`. Prompts are conversational by default (`--trl-style standard` gives
+  plain strings for encoders without a chat template).
+* `hf`: the same rows as a `datasets.DatasetDict` saved with `save_to_disk`, images as `Image`.
+
+The split is by item and deterministic: items that share any image are grouped, and each group goes
+to test when a hash of its images falls under `--test-fraction`, so train and test never share an
+image and every export of the same data splits it the same way. Output is written to a temporary
+path and renamed into place, so a reader never sees a half-written export.
+"""
+
+from __future__ import annotations
+
+import argparse
+import hashlib
+import json
+import os
+import shutil
+import sys
+import tempfile
+from collections import Counter, defaultdict
+from collections.abc import Iterator
+from contextlib import contextmanager
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+from sqlalchemy import select
+from sqlalchemy.orm import Session, aliased
+
+from db import (
+    DEFAULT_MEDIA_ROOT,
+    Annotator,
+    Candidate,
+    Comparison,
+    Item,
+    ItemImage,
+    Project,
+    Vote,
+    get_meta,
+    open_db,
+)
+
+FORMATS = ("pairs", "trl", "hf")
+# Llama 2's "margin small": strength 1 (negligibly better) .. 4 (significantly better).
+STRENGTH_MARGIN = {1: 0.0, 2: 1 / 3, 3: 2 / 3, 4: 1.0}
+PREFERENCE = {"a": "response_a", "b": "response_b", "tie": "tie", "both_bad": "both_bad"}
+
+
+class ExportError(ValueError):
+    pass
+
+
+@dataclass
+class ExportStats:
+    rows: int = 0
+    train: int = 0
+    test: int = 0
+    skipped_ties: int = 0
+    skipped_min_votes: int = 0
+
+    def summary(self) -> str:
+        split = f" ({self.train} train / {self.test} test)" if self.train or self.test else ""
+        return (
+            f"{self.rows} rows{split}; skipped {self.skipped_ties} ties/both-bad and "
+            f"{self.skipped_min_votes} comparisons under --min-votes"
+        )
+
+
+def format_prompt(instruction: str, style: str | None = None, context: str | None = None) -> str:
+    """The text a model sees besides the images.
+
+    >>> format_prompt("Tell a story.", "spooky", "A cat left home.")
+    'Tell a story.\\nStyle: spooky\\nStory so far: A cat left home.'
+    """
+    parts = [instruction]
+    if style:
+        parts.append(f"Style: {style}")
+    if context:
+        parts.append(f"Story so far: {context}")
+    return "\n".join(parts)
+
+
+# ------------------------------------------------------------------------------------------------
+# Reading: one streaming query for the votes, one for the images.
+# ------------------------------------------------------------------------------------------------
+
+
+def _vote_rows(session: Session, project: str | None) -> Iterator[Any]:
+    cand_a, cand_b = aliased(Candidate), aliased(Candidate)
+    query = (
+        select(
+            Vote.choice,
+            Vote.strength,
+            Vote.aspects,
+            Vote.shown_left,
+            Annotator.username,
+            Comparison.id.label("comparison_id"),
+            Comparison.item_id,
+            Item.external_id,
+            Item.instruction,
+            Item.style,
+            Item.context,
+            cand_a.text.label("text_a"),
+            cand_b.text.label("text_b"),
+        )
+        .join(Comparison, Vote.comparison_id == Comparison.id)
+        .join(Item, Comparison.item_id == Item.id)
+        .join(cand_a, Comparison.candidate_a_id == cand_a.id)
+        .join(cand_b, Comparison.candidate_b_id == cand_b.id)
+        .join(Annotator, Vote.annotator_id == Annotator.id)
+        .where(Vote.active, ~Vote.is_repeat)
+        .order_by(Comparison.id, Vote.id)
+    )
+    if project is not None:
+        query = query.join(Project, Item.project_id == Project.id).where(Project.name == project)
+    yield from session.execute(query.execution_options(yield_per=5000))
+
+
+def _item_images(session: Session, media_root: Path) -> tuple[dict[int, list[str]], dict[int, str]]:
+    """Absolute image paths per item id, and each item's split key (shared by items that share images)."""
+    paths: dict[int, list[str]] = defaultdict(list)
+    shas: dict[int, list[str]] = defaultdict(list)
+    for item_id, path, sha in session.execute(
+        select(ItemImage.item_id, ItemImage.path, ItemImage.sha256).order_by(ItemImage.item_id, ItemImage.position)
+    ):
+        paths[item_id].append(str(media_root / path))
+        shas[item_id].append(sha)
+    # Union-find over images, so no image can end up on both sides of the split.
+    parent: dict[str, str] = {}
+
+    def find(x: str) -> str:
+        while parent.setdefault(x, x) != x:
+            parent[x] = parent[parent[x]]
+            x = parent[x]
+        return x
+
+    for item_shas in shas.values():
+        for sha in item_shas[1:]:
+            a, b = find(item_shas[0]), find(sha)
+            if a != b:
+                parent[max(a, b)] = min(a, b)
+    split_key = {item_id: find(s[0]) for item_id, s in shas.items()}
+    return paths, split_key
+
+
+def is_test(split_key: str, test_fraction: float) -> bool:
+    """Deterministic split: the same key always lands on the same side."""
+    bucket = int(hashlib.sha256(split_key.encode()).hexdigest()[:8], 16) / 0xFFFFFFFF
+    return bucket < test_fraction
+
+
+# ------------------------------------------------------------------------------------------------
+# Rows: per vote, or aggregated per comparison.
+# ------------------------------------------------------------------------------------------------
+
+
+def _per_vote(rows: Iterator[Any]) -> Iterator[dict]:
+    for r in rows:
+        yield {
+            "row": r,
+            "choice": r.choice,
+            "strength": r.strength,
+            "aspects": r.aspects or {},
+            "annotator": r.username,
+            "shown_left": r.shown_left,
+            "n_votes": 1,
+            "agreement": 1.0,
+            "margin": STRENGTH_MARGIN.get(r.strength, 0.0),
+        }
+
+
+def _majority(rows: Iterator[Any]) -> Iterator[dict]:
+    """One row per comparison: the most frequent of a/b/tie; an a-b draw counts as a tie."""
+    group: list[Any] = []
+    for r in rows:
+        if group and r.comparison_id != group[0].comparison_id:
+            yield _aggregate(group)
+            group = []
+        group.append(r)
+    if group:
+        yield _aggregate(group)
+
+
+def _aggregate(votes: list[Any]) -> dict:
+    counted = [v for v in votes if v.choice != "both_bad"]
+    counts = Counter(v.choice for v in counted)
+    if not counted:
+        choice, top = "both_bad", len(votes)
+    else:
+        (choice, top), *rest = counts.most_common()
+        if rest and rest[0][1] == top:
+            choice = "tie"  # no single winner
+    agreeing = [v for v in votes if v.choice == choice]
+    strengths = [v.strength for v in agreeing if v.strength is not None]
+    aspects = {}
+    for aspect in {k for v in counted for k in (v.aspects or {})}:
+        aspect_counts = Counter((v.aspects or {}).get(aspect) for v in counted if (v.aspects or {}).get(aspect))
+        aspects[aspect] = aspect_counts.most_common(1)[0][0]
+    return {
+        "row": votes[0],
+        "choice": choice,
+        "strength": round(sum(strengths) / len(strengths)) if strengths else None,
+        "aspects": aspects,
+        "annotator": None,
+        "shown_left": None,
+        "n_votes": len(votes),
+        "agreement": round(len(agreeing) / len(votes), 4),
+        "margin": sum(STRENGTH_MARGIN[s] for s in strengths) / len(strengths) if strengths else 0.0,
+    }
+
+
+def _pairs_line(rec: dict, images: list[str]) -> dict:
+    r = rec["row"]
+    line = {
+        "image_paths": images,
+        "image_path": images[0] if images else None,
+        "instruction": r.instruction,
+        "response_a": r.text_a,
+        "response_b": r.text_b,
+        "preference": PREFERENCE[rec["choice"]],
+        "strength": rec["strength"],
+        "aspects": rec["aspects"],
+        "item_id": r.external_id,
+        "comparison_id": r.comparison_id,
+        "annotator": rec["annotator"],
+        "shown_left": rec["shown_left"],
+    }
+    if r.style:
+        line["style"] = r.style
+    if r.context:
+        line["context"] = r.context
+    if rec["n_votes"] != 1 or rec["annotator"] is None:
+        line["n_votes"], line["agreement"] = rec["n_votes"], rec["agreement"]
+    return line
+
+
+def _trl_line(rec: dict, images: list[str], style: str) -> dict:
+    r = rec["row"]
+    chosen, rejected = (r.text_b, r.text_a) if rec["choice"] == "b" else (r.text_a, r.text_b)
+    prompt = format_prompt(r.instruction, r.style, r.context)
+    if style == "conversational":
+        prompt = [{"role": "user", "content": prompt}]
+        chosen = [{"role": "assistant", "content": chosen}]
+        rejected = [{"role": "assistant", "content": rejected}]
+    return {
+        "prompt": prompt,
+        "chosen": chosen,
+        "rejected": rejected,
+        "images": images,
+        "margin": rec["margin"],
+        "tie": rec["choice"] == "tie",
+        "aspects": rec["aspects"],
+        "item_id": r.external_id,
+        "comparison_id": r.comparison_id,
+        "n_votes": rec["n_votes"],
+        "agreement": rec["agreement"],
+    }
+
+
+# ------------------------------------------------------------------------------------------------
+# Writing, atomically.
+# ------------------------------------------------------------------------------------------------
+
+
+@contextmanager
+def atomic_path(dest: Path, *, is_dir: bool) -> Iterator[Path]:
+    """Yield a temporary path beside `dest`; on success it replaces `dest` in one rename."""
+    dest.parent.mkdir(parents=True, exist_ok=True)
+    tmp = Path(tempfile.mkdtemp(dir=dest.parent, prefix=f".{dest.name}.tmp-"))
+    target = tmp if is_dir else tmp / dest.name
+    try:
+        yield target
+        if is_dir:
+            if dest.exists():
+                old = dest.with_name(f".{dest.name}.old-{os.getpid()}")
+                os.replace(dest, old)
+                os.replace(tmp, dest)
+                shutil.rmtree(old, ignore_errors=True)
+            else:
+                os.replace(tmp, dest)
+        else:
+            os.replace(target, dest)
+    finally:
+        shutil.rmtree(tmp, ignore_errors=True)
+
+
+def _write_jsonl(path: Path, lines: list[dict] | Iterator[dict]) -> None:
+    dumps = json.JSONEncoder(ensure_ascii=False).encode
+    with path.open("w", encoding="utf-8") as f:
+        f.writelines(dumps(line) + "\n" for line in lines)
+        f.flush()
+        os.fsync(f.fileno())
+
+
+def export(
+    session: Session,
+    out: str | Path,
+    fmt: str = "pairs",
+    *,
+    aggregate: str = "none",
+    min_votes: int = 1,
+    include_ties: bool = False,
+    include_both_bad: bool = False,
+    test_fraction: float = 0.1,
+    project: str | None = None,
+    media_root: str | Path | None = None,
+    trl_style: str = "conversational",
+) -> ExportStats:
+    """Write the votes of `session`'s database to `out`. Returns counts of what was written and skipped."""
+    if fmt not in FORMATS:
+        raise ExportError(f"unknown format {fmt!r}; use one of {', '.join(FORMATS)}")
+    if aggregate not in ("none", "majority"):
+        raise ExportError(f"unknown --aggregate {aggregate!r}; use none or majority")
+    if not 0.0 <= test_fraction < 1.0:
+        raise ExportError(f"--test-fraction must be in [0, 1), got {test_fraction}")
+    if project is not None and session.scalar(select(Project.id).where(Project.name == project)) is None:
+        names = ", ".join(session.scalars(select(Project.name))) or "none"
+        raise ExportError(f"no project named {project!r} (projects: {names})")
+    root = Path(media_root or get_meta(session, "media_root") or DEFAULT_MEDIA_ROOT).resolve()
+    images, split_key = _item_images(session, root)
+
+    stats = ExportStats()
+    records = (_majority if aggregate == "majority" else _per_vote)(_vote_rows(session, project))
+    train: list[dict] = []
+    test: list[dict] = []
+    for rec in records:
+        if rec["n_votes"] < min_votes:
+            stats.skipped_min_votes += 1
+            continue
+        # chosen/rejected cannot express "both bad", so only pairs files carry it.
+        if (rec["choice"] == "tie" and not include_ties) or (
+            rec["choice"] == "both_bad" and not (include_both_bad and fmt == "pairs")
+        ):
+            stats.skipped_ties += 1
+            continue
+        item_images = images.get(rec["row"].item_id, [])
+        if fmt == "pairs":
+            train.append(_pairs_line(rec, item_images))
+        else:
+            line = _trl_line(rec, item_images, trl_style)
+            key = split_key.get(rec["row"].item_id, rec["row"].external_id)
+            (test if is_test(key, test_fraction) else train).append(line)
+    stats.rows = len(train) + len(test)
+
+    out = Path(out)
+    if fmt == "pairs":
+        with atomic_path(out, is_dir=False) as tmp:
+            _write_jsonl(tmp, train)
+    elif fmt == "trl":
+        stats.train, stats.test = len(train), len(test)
+        with atomic_path(out, is_dir=True) as tmp:
+            _write_jsonl(tmp / "train.jsonl", train)
+            _write_jsonl(tmp / "test.jsonl", test)
+    else:
+        stats.train, stats.test = len(train), len(test)
+        with atomic_path(out, is_dir=True) as tmp:
+            _save_hf(tmp, train, test)
+    return stats
+
+
+def _save_hf(path: Path, train: list[dict], test: list[dict]) -> None:
+    try:
+        import datasets
+    except ImportError:
+        raise ExportError('--format hf needs `datasets`: pip install -e ".[train]"') from None
+    splits = {}
+    for name, rows in (("train", train), ("test", test)):
+        ds = datasets.Dataset.from_list([{**r, "aspects": json.dumps(r["aspects"])} for r in rows]) if rows else None
+        if ds is not None:
+            splits[name] = ds.cast_column("images", datasets.Sequence(datasets.Image()))
+    datasets.DatasetDict(splits).save_to_disk(str(path))
+
+
+def build_parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(
+        prog="python -m annotate.export",
+        description=__doc__.split("\n\n")[0] + "\n\n" + __doc__.split("\n\n", 2)[2],
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+    )
+    p.add_argument("--db", default=None, help="SQLAlchemy URL (default: $STORYPREF_DB or sqlite:///data/storypref.db)")
+    p.add_argument("--out", required=True, type=Path, help="output file (pairs) or directory (trl, hf)")
+    p.add_argument("--format", choices=FORMATS, default="pairs", help="output format (default: pairs)")
+    p.add_argument("--aggregate", choices=("none", "majority"), default="none", help="one row per vote, or per comparison")
+    p.add_argument("--min-votes", type=int, default=1, help="with majority: drop comparisons with fewer votes")
+    p.add_argument("--include-ties", action="store_true", help="keep ties (trl/hf: as rows with tie=true)")
+    p.add_argument("--include-both-bad", action="store_true", help="keep both-bad answers (pairs only)")
+    p.add_argument("--test-fraction", type=float, default=0.1, help="share of items in test.jsonl (trl, hf)")
+    p.add_argument("--project", default=None, help="only this project (default: all)")
+    p.add_argument("--media-root", default=None, help="where the images live (default: the one stored in the db)")
+    p.add_argument("--trl-style", choices=("conversational", "standard"), default="conversational",
+                   help="trl/hf prompts as chat messages (VLMs, chat RMs) or plain strings (encoders)")  # fmt: skip
+    return p
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    try:
+        engine, session_factory = open_db(args.db)
+        with session_factory() as session:
+            stats = export(
+                session,
+                args.out,
+                args.format,
+                aggregate=args.aggregate,
+                min_votes=args.min_votes,
+                include_ties=args.include_ties,
+                include_both_bad=args.include_both_bad,
+                test_fraction=args.test_fraction,
+                project=args.project,
+                media_root=args.media_root,
+                trl_style=args.trl_style,
+            )
+    except (ExportError, RuntimeError) as e:
+        print(f"error: {e}\nNothing was written.", file=sys.stderr)
+        return 1
+    print(f"wrote {args.out} ({args.format}): {stats.summary()}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,125 @@
+"""Engines, sessions and the schema version.
+
+`make_engine(url)` accepts any SQLAlchemy URL. For SQLite it turns on WAL, foreign keys, a busy
+timeout and full fsync on commit (an acknowledged vote must survive a crash), and it starts write
+transactions with `BEGIN IMMEDIATE` so concurrent writers queue on the busy timeout instead of
+failing on a lock upgrade. `open_db(url)` is what every command calls: it creates a fresh schema, or
+checks an existing one and refuses a database whose schema version is not ours.
+"""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+
+from sqlalchemy import Engine, create_engine, event, inspect, select
+from sqlalchemy.engine import make_url
+from sqlalchemy.orm import Session, sessionmaker
+
+from db.models import Base, Meta
+
+DEFAULT_URL = "sqlite:///data/storypref.db"
+DEFAULT_MEDIA_ROOT = "data/media"
+SCHEMA_VERSION = 1
+SQLITE_BUSY_TIMEOUT_MS = 30_000
+
+
+class SchemaVersionError(RuntimeError):
+    """The database was made by another version of storypref (or is not a storypref database)."""
+
+
+def default_url() -> str:
+    return os.environ.get("STORYPREF_DB", DEFAULT_URL)
+
+
+def make_engine(url: str | None = None, *, echo: bool = False) -> Engine:
+    """Create an engine for `url` (default: $STORYPREF_DB or sqlite:///data/storypref.db).
+
+    >>> make_engine("sqlite://").dialect.name
+    'sqlite'
+    """
+    url = url or default_url()
+    parsed = make_url(url)
+    if parsed.get_backend_name() != "sqlite":
+        return create_engine(url, echo=echo, pool_pre_ping=True)
+
+    if parsed.database and parsed.database != ":memory:":
+        Path(parsed.database).parent.mkdir(parents=True, exist_ok=True)
+    engine = create_engine(url, echo=echo, connect_args={"timeout": SQLITE_BUSY_TIMEOUT_MS / 1000})
+
+    @event.listens_for(engine, "connect")
+    def _sqlite_pragmas(dbapi_conn, _record):
+        # Let SQLAlchemy, not the driver, decide when transactions begin (see the "begin" hook).
+        dbapi_conn.isolation_level = None
+        cur = dbapi_conn.cursor()
+        cur.execute("PRAGMA foreign_keys=ON")
+        cur.execute("PRAGMA journal_mode=WAL")
+        cur.execute(f"PRAGMA busy_timeout={SQLITE_BUSY_TIMEOUT_MS}")
+        cur.execute("PRAGMA synchronous=FULL")
+        cur.close()
+
+    @event.listens_for(engine, "begin")
+    def _sqlite_begin(conn):
+        # IMMEDIATE takes the write lock up front; readers are never blocked under WAL.
+        conn.exec_driver_sql(f"BEGIN {conn.get_execution_options().get('sqlite_begin', 'IMMEDIATE')}")
+
+    return engine
+
+
+def make_session_factory(engine: Engine) -> sessionmaker[Session]:
+    return sessionmaker(engine, expire_on_commit=False)
+
+
+def check_schema(engine: Engine) -> None:
+    """Raise SchemaVersionError unless `engine` holds storypref schema version SCHEMA_VERSION."""
+    url = engine.url.render_as_string(hide_password=True)
+    tables = set(inspect(engine).get_table_names())
+    if Meta.__tablename__ not in tables:
+        raise SchemaVersionError(
+            f"{url} has tables ({', '.join(sorted(tables))}) but no {Meta.__tablename__} table, so it is "
+            "not a storypref database. Point --db at an empty or storypref database."
+        )
+    with Session(engine) as s:
+        found = s.scalar(select(Meta.value).where(Meta.key == "schema_version"))
+    if found is None or int(found) != SCHEMA_VERSION:
+        newer = found is not None and int(found) > SCHEMA_VERSION
+        raise SchemaVersionError(
+            f"{url} has storypref schema version {found}, but this storypref uses version {SCHEMA_VERSION}. "
+            + (
+                "Upgrade storypref to open it."
+                if newer
+                else "Export it with the storypref version that made it, then ingest into a new database."
+            )
+        )
+
+
+def init_db(engine: Engine) -> None:
+    """Create the schema in an empty database, or check the version of an existing one."""
+    tables = set(inspect(engine).get_table_names())
+    if not tables:
+        Base.metadata.create_all(engine)
+        with Session(engine) as s, s.begin():
+            s.add(Meta(key="schema_version", value=str(SCHEMA_VERSION)))
+        return
+    check_schema(engine)
+    # Same version, possibly from a build that lacked a table we added since: create what is missing.
+    Base.metadata.create_all(engine, checkfirst=True)
+
+
+def open_db(url: str | None = None) -> tuple[Engine, sessionmaker[Session]]:
+    """Engine and session factory for `url`, with the schema created or checked."""
+    engine = make_engine(url)
+    init_db(engine)
+    return engine, make_session_factory(engine)
+
+
+def get_meta(session: Session, key: str) -> str | None:
+    return session.scalar(select(Meta.value).where(Meta.key == key))
+
+
+def set_meta(session: Session, key: str, value: str) -> None:
+    row = session.get(Meta, key)
+    if row is None:
+        session.add(Meta(key=key, value=value))
+    else:
+        row.value = value

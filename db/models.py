@@ -1,0 +1,228 @@
+"""The storypref data model, in SQLAlchemy 2.0 typed style.
+
+One table per noun of shared/DESIGN.md: annotator, project, item, item_image, candidate, comparison
+and vote, plus `storypref_meta` (schema version and media root). Votes are never deleted: an edit or
+an undo marks the old row inactive and points it at the row that replaced it, so the full history of
+every answer stays auditable. Comparisons keep their candidates in canonical order (lower id first),
+and votes store the choice in those canonical terms plus which candidate was shown on the left.
+"""
+
+from __future__ import annotations
+
+from datetime import datetime, timezone
+from typing import Any
+
+from sqlalchemy import (
+    JSON,
+    Boolean,
+    CheckConstraint,
+    DateTime,
+    Float,
+    ForeignKey,
+    Index,
+    Integer,
+    String,
+    Text,
+    UniqueConstraint,
+    text,
+)
+from sqlalchemy.orm import DeclarativeBase, Mapped, mapped_column, relationship
+
+CHOICES = ("a", "b", "tie", "both_bad")
+ROLES = ("annotator", "admin")
+ASPECTS = ("grounding", "coherence", "style", "fluency")
+
+
+def utcnow() -> datetime:
+    return datetime.now(timezone.utc)
+
+
+class Base(DeclarativeBase):
+    type_annotation_map = {dict[str, Any]: JSON, list[str]: JSON}
+
+
+class Meta(Base):
+    """Key/value facts about the database itself: `schema_version`, `media_root`."""
+
+    __tablename__ = "storypref_meta"
+    key: Mapped[str] = mapped_column(String(64), primary_key=True)
+    value: Mapped[str] = mapped_column(Text)
+
+    def __repr__(self) -> str:
+        return f"Meta({self.key}={self.value!r})"
+
+
+class Annotator(Base):
+    __tablename__ = "annotator"
+    __table_args__ = (CheckConstraint("role IN ('annotator', 'admin')", name="ck_annotator_role"),)
+
+    id: Mapped[int] = mapped_column(primary_key=True)
+    username: Mapped[str] = mapped_column(String(64), unique=True)
+    # None for annotators that only exist through imported votes: they cannot log in.
+    password_hash: Mapped[str | None] = mapped_column(String(255))
+    role: Mapped[str] = mapped_column(String(16), default="annotator")
+    active: Mapped[bool] = mapped_column(Boolean, default=True)
+    created_at: Mapped[datetime] = mapped_column(DateTime(timezone=True), default=utcnow)
+
+    votes: Mapped[list[Vote]] = relationship(back_populates="annotator")
+
+    def __repr__(self) -> str:
+        return f"Annotator(id={self.id}, username={self.username!r}, role={self.role!r}, active={self.active})"
+
+
+class Project(Base):
+    __tablename__ = "project"
+
+    id: Mapped[int] = mapped_column(primary_key=True)
+    name: Mapped[str] = mapped_column(String(128), unique=True)
+    guidelines: Mapped[str] = mapped_column(Text, default="")
+    overlap: Mapped[int] = mapped_column(Integer, default=3)  # votes wanted per comparison
+    aspects: Mapped[list[str]] = mapped_column(JSON, default=list)  # subset of ASPECTS asked per vote
+    ask_strength: Mapped[bool] = mapped_column(Boolean, default=False)
+    gold_rate: Mapped[float] = mapped_column(Float, default=0.0)  # share of gold comparisons served
+    repeat_rate: Mapped[float] = mapped_column(Float, default=0.0)  # share of position-swapped repeats
+    created_at: Mapped[datetime] = mapped_column(DateTime(timezone=True), default=utcnow)
+
+    items: Mapped[list[Item]] = relationship(back_populates="project")
+    comparisons: Mapped[list[Comparison]] = relationship(back_populates="project")
+
+    def __repr__(self) -> str:
+        return f"Project(id={self.id}, name={self.name!r}, overlap={self.overlap})"
+
+
+class Item(Base):
+    __tablename__ = "item"
+    __table_args__ = (UniqueConstraint("project_id", "source", "external_id", name="uq_item_external"),)
+
+    id: Mapped[int] = mapped_column(primary_key=True)
+    project_id: Mapped[int] = mapped_column(ForeignKey("project.id", ondelete="CASCADE"), index=True)
+    source: Mapped[str] = mapped_column(String(255), default="")  # where the item came from
+    external_id: Mapped[str] = mapped_column(String(255))
+    instruction: Mapped[str] = mapped_column(Text)
+    style: Mapped[str | None] = mapped_column(String(64))
+    context: Mapped[str | None] = mapped_column(Text)  # the previous frames' story, if any
+    meta: Mapped[dict[str, Any]] = mapped_column(JSON, default=dict)
+
+    project: Mapped[Project] = relationship(back_populates="items")
+    images: Mapped[list[ItemImage]] = relationship(
+        back_populates="item", order_by="ItemImage.position", cascade="all, delete-orphan"
+    )
+    candidates: Mapped[list[Candidate]] = relationship(back_populates="item", cascade="all, delete-orphan")
+
+    def __repr__(self) -> str:
+        return f"Item(id={self.id}, external_id={self.external_id!r}, frames={len(self.images)})"
+
+
+class ItemImage(Base):
+    __tablename__ = "item_image"
+    __table_args__ = (UniqueConstraint("item_id", "position", name="uq_item_image_position"),)
+
+    id: Mapped[int] = mapped_column(primary_key=True)
+    item_id: Mapped[int] = mapped_column(ForeignKey("item.id", ondelete="CASCADE"))
+    position: Mapped[int] = mapped_column(Integer)  # frame order, from 0
+    sha256: Mapped[str] = mapped_column(String(64), index=True)
+    path: Mapped[str] = mapped_column(String(512))  # relative to the media root
+    width: Mapped[int] = mapped_column(Integer)
+    height: Mapped[int] = mapped_column(Integer)
+
+    item: Mapped[Item] = relationship(back_populates="images")
+
+    def __repr__(self) -> str:
+        return f"ItemImage(item_id={self.item_id}, position={self.position}, path={self.path!r})"
+
+
+class Candidate(Base):
+    __tablename__ = "candidate"
+    __table_args__ = (UniqueConstraint("item_id", "origin", "text_sha256", name="uq_candidate_text"),)
+
+    id: Mapped[int] = mapped_column(primary_key=True)
+    item_id: Mapped[int] = mapped_column(ForeignKey("item.id", ondelete="CASCADE"), index=True)
+    text: Mapped[str] = mapped_column(Text)
+    text_sha256: Mapped[str] = mapped_column(String(64))  # dedup key; long texts cannot be indexed
+    origin: Mapped[str] = mapped_column(String(255), default="human")  # model@version, human, reference
+    gen_params: Mapped[dict[str, Any]] = mapped_column(JSON, default=dict)
+    created_at: Mapped[datetime] = mapped_column(DateTime(timezone=True), default=utcnow)
+
+    item: Mapped[Item] = relationship(back_populates="candidates")
+
+    def __repr__(self) -> str:
+        return f"Candidate(id={self.id}, item_id={self.item_id}, origin={self.origin!r})"
+
+
+class Comparison(Base):
+    __tablename__ = "comparison"
+    __table_args__ = (
+        UniqueConstraint("candidate_a_id", "candidate_b_id", name="uq_comparison_pair"),
+        CheckConstraint("candidate_a_id < candidate_b_id", name="ck_comparison_canonical"),
+        CheckConstraint(
+            "gold_choice IS NULL OR gold_choice IN ('a', 'b', 'tie', 'both_bad')", name="ck_comparison_gold"
+        ),
+        # The scheduler's query: comparisons of a project that still need votes, fewest first.
+        Index("ix_comparison_pending", "project_id", "is_gold", "n_votes"),
+    )
+
+    id: Mapped[int] = mapped_column(primary_key=True)
+    project_id: Mapped[int] = mapped_column(ForeignKey("project.id", ondelete="CASCADE"))
+    item_id: Mapped[int] = mapped_column(ForeignKey("item.id", ondelete="CASCADE"), index=True)
+    candidate_a_id: Mapped[int] = mapped_column(ForeignKey("candidate.id", ondelete="CASCADE"))
+    candidate_b_id: Mapped[int] = mapped_column(ForeignKey("candidate.id", ondelete="CASCADE"))
+    overlap: Mapped[int | None] = mapped_column(Integer)  # votes wanted; None = the project's overlap
+    is_gold: Mapped[bool] = mapped_column(Boolean, default=False)
+    gold_choice: Mapped[str | None] = mapped_column(String(16))
+    # Count of active, non-repeat votes, kept in the same transaction as the vote rows.
+    n_votes: Mapped[int] = mapped_column(Integer, default=0)
+    created_at: Mapped[datetime] = mapped_column(DateTime(timezone=True), default=utcnow)
+
+    project: Mapped[Project] = relationship(back_populates="comparisons")
+    item: Mapped[Item] = relationship()
+    candidate_a: Mapped[Candidate] = relationship(foreign_keys=[candidate_a_id])
+    candidate_b: Mapped[Candidate] = relationship(foreign_keys=[candidate_b_id])
+    votes: Mapped[list[Vote]] = relationship(back_populates="comparison")
+
+    def __repr__(self) -> str:
+        return f"Comparison(id={self.id}, a={self.candidate_a_id}, b={self.candidate_b_id}, n_votes={self.n_votes})"
+
+
+class Vote(Base):
+    __tablename__ = "vote"
+    __table_args__ = (
+        CheckConstraint("choice IN ('a', 'b', 'tie', 'both_bad')", name="ck_vote_choice"),
+        CheckConstraint("shown_left IN ('a', 'b')", name="ck_vote_shown_left"),
+        CheckConstraint("strength IS NULL OR (strength BETWEEN 1 AND 4)", name="ck_vote_strength"),
+        # At most one active labeling vote per (comparison, annotator); position-swapped repeats
+        # (is_repeat) are quality-control probes and live beside it.
+        Index(
+            "uq_vote_active",
+            "comparison_id",
+            "annotator_id",
+            unique=True,
+            sqlite_where=text("active AND NOT is_repeat"),
+            postgresql_where=text("active AND NOT is_repeat"),
+        ),
+        Index("ix_vote_annotator", "annotator_id", "created_at"),
+        UniqueConstraint("annotator_id", "client_token", name="uq_vote_client_token"),
+    )
+
+    id: Mapped[int] = mapped_column(primary_key=True)
+    comparison_id: Mapped[int] = mapped_column(ForeignKey("comparison.id", ondelete="CASCADE"), index=True)
+    annotator_id: Mapped[int] = mapped_column(ForeignKey("annotator.id"))
+    choice: Mapped[str] = mapped_column(String(16))  # canonical: a = lower candidate id
+    strength: Mapped[int | None] = mapped_column(Integer)  # 1 negligible .. 4 significantly better
+    aspects: Mapped[dict[str, Any]] = mapped_column(JSON, default=dict)  # aspect -> canonical choice
+    rationale: Mapped[str | None] = mapped_column(Text)
+    shown_left: Mapped[str] = mapped_column(String(1))  # which canonical candidate was on the left
+    time_spent_ms: Mapped[int | None] = mapped_column(Integer)
+    client_token: Mapped[str] = mapped_column(String(64))  # idempotency key from the client
+    is_repeat: Mapped[bool] = mapped_column(Boolean, default=False)
+    active: Mapped[bool] = mapped_column(Boolean, default=True)
+    superseded_by_id: Mapped[int | None] = mapped_column(ForeignKey("vote.id"))
+    created_at: Mapped[datetime] = mapped_column(DateTime(timezone=True), default=utcnow)
+
+    comparison: Mapped[Comparison] = relationship(back_populates="votes")
+    annotator: Mapped[Annotator] = relationship(back_populates="votes")
+
+    def __repr__(self) -> str:
+        return (
+            f"Vote(id={self.id}, comparison_id={self.comparison_id}, annotator_id={self.annotator_id}, "
+            f"choice={self.choice!r}, active={self.active})"
+        )
