@@ -1,0 +1,187 @@
+"""annotate.export: pairs round trip, majority aggregation by hand, the split, atomic writes, TRL/HF loading."""
+
+import json
+from pathlib import Path
+
+import pytest
+
+from annotate.export import ExportError, export, is_test, main
+from annotate.ingest import ingest
+from db import open_db
+from tests.conftest import make_image
+
+
+def _write_pairs(tmp_path: Path, n_items: int = 12) -> Path:
+    """n_items items; item i has one pair voted by 3 annotators: a, a, b (item 0: a, b, tie)."""
+    lines = []
+    for i in range(n_items):
+        make_image(tmp_path / f"img{i}.png", (i * 20 % 255, 0, 0))
+        choices = ["response_a", "response_b", "tie"] if i == 0 else ["response_a", "response_a", "response_b"]
+        for name, pref in zip(["ann", "bob", "cy"], choices):
+            lines.append({"image_path": f"img{i}.png", "instruction": f"Story {i}", "external_id": f"it{i}",
+                          "response_a": f"good {i}", "response_b": f"bad {i}", "preference": pref,
+                          "annotator": name, "strength": 4 if name == "ann" else 2, "shown_left": "a"})  # fmt: skip
+    path = tmp_path / "prefs.jsonl"
+    path.write_text("".join(json.dumps(x) + "\n" for x in lines))
+    return path
+
+
+@pytest.fixture
+def voted(session_factory, tmp_path):
+    ingest(session_factory, str(_write_pairs(tmp_path)), "p", media_root=tmp_path / "media")
+    return session_factory
+
+
+def _read(path: Path) -> list[dict]:
+    return [json.loads(line) for line in path.read_text().splitlines()]
+
+
+def test_pairs_per_vote_and_round_trip(voted, tmp_path):
+    with voted() as s:
+        stats = export(s, tmp_path / "out.jsonl", "pairs", include_ties=True)
+    lines = _read(tmp_path / "out.jsonl")
+    assert stats.rows == len(lines) == 36
+    first = lines[0]
+    assert set(first) >= {"image_paths", "image_path", "instruction", "response_a", "response_b", "preference",
+                          "strength", "aspects", "item_id", "comparison_id", "annotator", "shown_left"}  # fmt: skip
+    assert Path(first["image_path"]).is_file() and first["image_paths"] == [first["image_path"]]
+    # Round trip: the export ingests into a new database and exports to the same votes.
+    _, factory2 = open_db(f"sqlite:///{tmp_path}/second.db")
+    ingest(factory2, str(tmp_path / "out.jsonl"), "p", media_root=tmp_path / "media2", image_root=Path("/"))
+    with factory2() as s:
+        export(s, tmp_path / "again.jsonl", "pairs", include_ties=True)
+    key = lambda d: (d["item_id"], d["annotator"], d["response_a"], d["response_b"], d["preference"], d["strength"])  # noqa: E731
+    assert sorted(map(key, _read(tmp_path / "again.jsonl"))) == sorted(map(key, lines))
+
+
+def test_majority_by_hand(voted, tmp_path):
+    with voted() as s:
+        stats = export(s, tmp_path / "maj.jsonl", "pairs", aggregate="majority")
+    lines = {d["item_id"]: d for d in _read(tmp_path / "maj.jsonl")}
+    # Item 0 votes a, b, tie: no single winner, a tie, dropped by default.
+    assert "it0" not in lines and stats.skipped_ties == 1
+    one = lines["it1"]  # a, a, b
+    assert one["preference"] == "response_a" and one["n_votes"] == 3 and one["agreement"] == pytest.approx(2 / 3, abs=1e-4)
+    assert one["strength"] == 3  # mean of the agreeing votes' strengths 4 and 2
+    with voted() as s:
+        export(s, tmp_path / "maj2.jsonl", "pairs", aggregate="majority", include_ties=True)
+        stats = export(s, tmp_path / "maj4.jsonl", "pairs", aggregate="majority", min_votes=4)
+    assert {d["item_id"]: d["preference"] for d in _read(tmp_path / "maj2.jsonl")}["it0"] == "tie"
+    assert stats.rows == 0 and stats.skipped_min_votes == 12
+
+
+def test_trl_split_by_item_is_deterministic_and_loads(voted, tmp_path):
+    datasets = pytest.importorskip("datasets")
+    with voted() as s:
+        stats = export(s, tmp_path / "trl", "trl", aggregate="majority", test_fraction=0.3)
+        export(s, tmp_path / "trl2", "trl", aggregate="majority", test_fraction=0.3)
+    train, test = _read(tmp_path / "trl" / "train.jsonl"), _read(tmp_path / "trl" / "test.jsonl")
+    assert stats.train == len(train) and stats.test == len(test) and len(train) + len(test) == 11
+    assert test, "with 11 items and 30% test, some items must land in test"
+    assert not {x["item_id"] for x in train} & {x["item_id"] for x in test}
+    assert not {p for x in train for p in x["images"]} & {p for x in test for p in x["images"]}
+    assert (tmp_path / "trl" / "test.jsonl").read_text() == (tmp_path / "trl2" / "test.jsonl").read_text()
+    row = train[0]
+    assert row["chosen"] == [{"role": "assistant", "content": f"good {row['item_id'][2:]}"}]
+    assert row["margin"] == pytest.approx((1.0 + 1 / 3) / 2)  # strengths 4 and 2 → Llama-2 margins 1 and 1/3
+    ds = datasets.load_dataset("json", data_files={"train": str(tmp_path / "trl" / "train.jsonl"),
+                                                   "test": str(tmp_path / "trl" / "test.jsonl")})  # fmt: skip
+    assert set(ds["train"].column_names) >= {"prompt", "chosen", "rejected", "images", "margin", "item_id", "n_votes", "agreement"}
+
+
+def test_split_groups_items_that_share_an_image():
+    # is_test is a pure function of the key; items sharing images share a key (tested through export above).
+    keys = [f"k{i}" for i in range(2000)]
+    share = sum(is_test(k, 0.1) for k in keys) / len(keys)
+    assert 0.08 < share < 0.12
+    assert [is_test(k, 0.1) for k in keys] == [is_test(k, 0.1) for k in keys]
+
+
+def test_hf_save_to_disk_with_image_feature(voted, tmp_path):
+    datasets = pytest.importorskip("datasets")
+    with voted() as s:
+        export(s, tmp_path / "hf", "hf", aggregate="majority", test_fraction=0.3)
+    dd = datasets.load_from_disk(str(tmp_path / "hf"))
+    assert set(dd) == {"train", "test"}
+    assert isinstance(dd["train"].features["images"].feature, datasets.Image)
+    assert dd["train"][0]["images"][0].size == (32, 24)
+
+
+def test_export_is_atomic(voted, tmp_path, monkeypatch):
+    import annotate.export as exp
+
+    target = tmp_path / "out.jsonl"
+    target.write_text("previous export\n")
+
+    def broken(path, lines):
+        path.write_text("half")
+        raise OSError("disk full")
+
+    monkeypatch.setattr(exp, "_write_jsonl", broken)
+    with voted() as s, pytest.raises(OSError):
+        export(s, target, "pairs")
+    assert target.read_text() == "previous export\n"
+    assert [p.name for p in tmp_path.iterdir() if p.name.startswith(".out")] == []
+
+
+def test_bad_arguments(voted, tmp_path):
+    with voted() as s:
+        with pytest.raises(ExportError, match="no project named 'nope'.*projects: p"):
+            export(s, tmp_path / "x", "pairs", project="nope")
+        with pytest.raises(ExportError, match="test-fraction"):
+            export(s, tmp_path / "x", "trl", test_fraction=1.5)
+
+
+def test_cli(voted, db_url, tmp_path, capsys):
+    assert main(["--db", db_url, "--out", str(tmp_path / "cli.jsonl"), "--aggregate", "majority"]) == 0
+    assert "11 rows" in capsys.readouterr().out
+
+
+@pytest.fixture
+def voted_sqlite(sqlite_url, tmp_path):
+    """The same votes in SQLite only: the TRL consumers read files, not the database."""
+    factory = open_db(sqlite_url)[1]
+    ingest(factory, str(_write_pairs(tmp_path)), "p", media_root=tmp_path / "media")
+    return factory
+
+
+def test_trl_reward_trainer_consumes_standard_export(voted_sqlite, tmp_path):
+    """TRL's RewardTrainer trains on `--format trl --trl-style standard` output, loaded unchanged."""
+    pytest.importorskip("trl")
+    from tests.fixtures.make_tiny import tiny_text_classifier
+
+    datasets = pytest.importorskip("datasets")
+    from trl import RewardConfig, RewardTrainer
+
+    with voted_sqlite() as s:
+        export(s, tmp_path / "trl", "trl", aggregate="majority", trl_style="standard", test_fraction=0.3)
+    ds = datasets.load_dataset("json", data_files=str(tmp_path / "trl" / "train.jsonl"), split="train")
+    model, tokenizer = tiny_text_classifier(tmp_path / "tiny-rm")
+    before = {n: p.detach().clone() for n, p in model.named_parameters()}
+    args = RewardConfig(output_dir=str(tmp_path / "rm-out"), max_steps=2, per_device_train_batch_size=4,
+                        report_to=[], use_cpu=True, logging_steps=1, save_strategy="no")  # fmt: skip
+    trainer = RewardTrainer(model=model, args=args, train_dataset=ds, processing_class=tokenizer)
+    trainer.train()
+    assert any(not (p.detach() == before[n]).all() for n, p in model.named_parameters())
+
+
+def test_trl_dpo_trainer_consumes_conversational_vision_export(voted_sqlite, tmp_path):
+    """TRL's DPOTrainer trains a tiny LLaVA on the default `--format trl` output (images as paths), unchanged."""
+    pytest.importorskip("trl")
+    from tests.fixtures.make_tiny import tiny_llava
+
+    datasets = pytest.importorskip("datasets")
+    from trl import DPOConfig, DPOTrainer
+
+    with voted_sqlite() as s:
+        export(s, tmp_path / "trl", "trl", aggregate="majority", test_fraction=0.3)
+    ds = datasets.load_dataset("json", data_files=str(tmp_path / "trl" / "train.jsonl"), split="train")
+    model, processor = tiny_llava(tmp_path / "tiny-llava")
+    before = {n: p.detach().clone() for n, p in model.named_parameters()}
+    args = DPOConfig(output_dir=str(tmp_path / "dpo-out"), max_steps=2, per_device_train_batch_size=4, report_to=[],
+                     use_cpu=True, logging_steps=1, save_strategy="no", learning_rate=1e-3)  # fmt: skip
+    trainer = DPOTrainer(model=model, args=args, train_dataset=ds, processing_class=processor)
+    trainer.train()
+    assert trainer.state.log_history[0]["loss"] == pytest.approx(0.6931, abs=1e-3)  # policy == reference at step 0
+    changed = [n for n, p in model.named_parameters() if not (p.detach() == before[n]).all()]
+    assert any("vision_tower" in n for n in changed) and any("language_model" in n for n in changed)
