@@ -1,0 +1,90 @@
+"""python -m storyworld {make, annotate, score, train-clip}: the synthetic world from the command line."""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+import time
+from pathlib import Path
+
+
+def _frames(text: str) -> tuple[int, int]:
+    lo, _, hi = text.partition("-")
+    lo_i, hi_i = int(lo), int(hi or lo)
+    if not 1 <= lo_i <= hi_i <= 4:
+        raise argparse.ArgumentTypeError("--frames takes N or LO-HI within 1-4, e.g. 1-4 or 3")
+    return lo_i, hi_i
+
+
+def _size(text: str) -> tuple[int, int]:
+    w, _, h = text.partition("x")
+    return int(w), int(h)
+
+
+def build_parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(
+        prog="python -m storyworld",
+        description="A synthetic world of visual stories with a hidden human preference (see README: storyworld).",
+    )
+    sub = p.add_subparsers(dest="command", required=True)
+
+    make = sub.add_parser("make", help="render scenes and write items.jsonl, sft.jsonl and world.jsonl")
+    make.add_argument("--out", required=True, type=Path, help="directory to write the world into")
+    make.add_argument("--items", type=int, default=100, help="number of items (scenes)")
+    make.add_argument("--seed", type=int, default=0, help="the same seed always makes the same world")
+    make.add_argument("--frames", type=_frames, default=(1, 4), help="frames per scene: N or LO-HI (default 1-4)")
+    make.add_argument("--image-size", type=_size, default=(128, 96), help="frame size WxH (default 128x96)")
+
+    ann = sub.add_parser("annotate", help="simulated annotators vote on the world's candidate pairs (pairs JSONL)")
+    ann.add_argument("--world", required=True, type=Path, help="a directory written by `make`")
+    ann.add_argument("--out", required=True, type=Path, help="pairs JSONL to write (one line per vote)")
+    ann.add_argument("--pairs-per-item", type=int, default=None, help="sample K of the 6 pairs per item (default all)")
+    ann.add_argument("--annotators", type=int, default=5, help="size of the simulated pool")
+    ann.add_argument("--votes-per-pair", type=int, default=3, help="annotators per pair")
+    ann.add_argument("--seed", type=int, default=0)
+
+    score = sub.add_parser("score", help="print the hidden utility of stories (JSON)")
+    score.add_argument("--world", required=True, type=Path)
+    score.add_argument("--stories", required=True, type=Path, help="JSONL with item_id and story (or text)")
+
+    clip = sub.add_parser("train-clip", help="train a tiny open_clip model on the world's frames and captions")
+    clip.add_argument("--world", required=True, type=Path)
+    clip.add_argument("--out", required=True, type=Path, help="directory for open_clip_config.json and weights")
+    clip.add_argument("--epochs", type=int, default=8)
+    clip.add_argument("--batch-size", type=int, default=128)
+    clip.add_argument("--lr", type=float, default=2e-3)
+    clip.add_argument("--max-minutes", type=float, default=5.0, help="stop training after this long")
+    clip.add_argument("--seed", type=int, default=0)
+    return p
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    if args.command == "make":
+        from storyworld.world import make_world
+
+        start = time.perf_counter()
+        make_world(args.out, args.items, seed=args.seed, frames=args.frames, image_size=args.image_size, progress=True)
+        print(f"wrote {args.items} items to {args.out} in {time.perf_counter() - start:.1f}s")
+        print(f"next: python -m annotate.ingest {args.out / 'items.jsonl'} --project storyworld")
+    elif args.command == "annotate":
+        from storyworld.world import annotate_world
+
+        stats = annotate_world(args.world, args.out, args.pairs_per_item, args.annotators, args.votes_per_pair, args.seed)
+        print(f"wrote {stats['votes']} votes ({stats['ties']} ties) by {', '.join(stats['annotators'])} to {args.out}")
+    elif args.command == "score":
+        from storyworld.world import score_stories
+
+        print(json.dumps(score_stories(args.world, args.stories), indent=1))
+    else:
+        from storyworld.clip import train_clip
+
+        report = train_clip(args.world, args.out, epochs=args.epochs, batch_size=args.batch_size, lr=args.lr,
+                            max_minutes=args.max_minutes, seed=args.seed)  # fmt: skip
+        print(json.dumps(report, indent=1))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

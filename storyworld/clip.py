@@ -1,0 +1,157 @@
+"""A tiny CLIP for storyworld, trained contrastively on (frame, caption) pairs in a few CPU minutes.
+
+Real CLIP weights cannot be downloaded here, so the CLIP reward signal and the reward model's image
+tower need a CLIP that knows this world. `train_clip` builds an open_clip model of the standard
+architecture (a small ViT and text transformer), trains it with the symmetric InfoNCE loss of
+Radford et al. (2021) on the world's frames and factual captions, and writes `open_clip_config.json`
+plus `open_clip_model.safetensors`: the layout open_clip loads with `create_model_and_transforms(
+"local-dir:DIR")`, exactly as a user would load a hub model. Retrieval accuracy on held-out items is
+reported against chance.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import random
+import time
+from pathlib import Path
+
+TINY_CLIP_CONFIG = {
+    "embed_dim": 64,
+    "vision_cfg": {"image_size": 64, "layers": 3, "width": 128, "patch_size": 8, "head_width": 32},
+    "text_cfg": {"context_length": 32, "vocab_size": 49408, "width": 128, "heads": 4, "layers": 3},
+}
+PREPROCESS_CFG = {"resize_mode": "squash", "interpolation": "bicubic"}  # keep the whole frame, no crop
+HELD_OUT = 0.1  # share of items kept out of training for the retrieval report
+
+
+def load_clip(path_or_name: str, pretrained: str | None = None, device: str = "cpu"):
+    """(model, preprocess, tokenizer) for a local directory or an open_clip model name + pretrained tag."""
+    import open_clip
+
+    name = f"local-dir:{path_or_name}" if Path(path_or_name).is_dir() else path_or_name
+    model, _, preprocess = open_clip.create_model_and_transforms(name, pretrained=pretrained, device=device)
+    return model.eval(), preprocess, open_clip.get_tokenizer(name)
+
+
+def _frame_captions(world_dir: Path) -> tuple[list[tuple[Path, list[str]]], list[tuple[Path, list[str]]]]:
+    from storyworld.grammar import describe_frame
+    from storyworld.scene import Scene
+    from storyworld.world import read_world
+
+    train, held = [], []
+    for i, item in enumerate(read_world(world_dir)):
+        scene = Scene.from_dict(item["scene"])
+        rows = [(world_dir / p, describe_frame(f)) for p, f in zip(item["image_paths"], scene.frames)]
+        (held if (i % int(1 / HELD_OUT)) == 0 else train).extend(rows)
+    return train, held
+
+
+def retrieval_accuracy(model, tokenizer, images, captions: list[str]) -> dict[str, float]:
+    """Top-1 text→image and image→text accuracy of matching pairs among len(captions) candidates."""
+    import torch
+
+    with torch.no_grad():
+        img = torch.nn.functional.normalize(model.encode_image(images), dim=-1)  # (N, D)
+        txt = torch.nn.functional.normalize(model.encode_text(tokenizer(captions)), dim=-1)  # (N, D)
+    sims = txt @ img.T  # (N, N)
+    target = torch.arange(len(captions))
+    return {
+        "text_to_image": (sims.argmax(1) == target).float().mean().item(),
+        "image_to_text": (sims.argmax(0) == target).float().mean().item(),
+        "chance": 1 / len(captions),
+        "candidates": len(captions),
+    }
+
+
+def train_clip(
+    world_dir: str | Path,
+    out: str | Path,
+    epochs: int = 8,
+    batch_size: int = 128,
+    lr: float = 2e-3,
+    max_minutes: float = 5.0,
+    seed: int = 0,
+    eval_candidates: int = 100,
+) -> dict:
+    """Train the tiny CLIP on `world_dir`, save it to `out`, and return its report (also saved)."""
+    import open_clip
+    import torch
+    from safetensors.torch import save_file
+    from tqdm import tqdm
+
+    torch.manual_seed(seed)
+    rng = random.Random(seed)
+    world_dir, out = Path(world_dir), Path(out)
+    train, held = _frame_captions(world_dir)
+    if not train or not held:
+        raise ValueError(f"{world_dir}: too few items to train and evaluate a CLIP; make at least 20")
+
+    model = open_clip.CLIP(**TINY_CLIP_CONFIG)
+    preprocess = open_clip.image_transform(
+        TINY_CLIP_CONFIG["vision_cfg"]["image_size"], is_train=False, resize_mode="squash"
+    )
+    tokenizer = open_clip.SimpleTokenizer(context_length=TINY_CLIP_CONFIG["text_cfg"]["context_length"])
+    from PIL import Image
+
+    def load(rows):  # every frame decoded once, up front
+        return torch.stack([preprocess(Image.open(p).convert("RGB")) for p, _ in rows])  # (N, 3, H, W)
+
+    train_images, held_images = load(train), load(held)
+    steps_per_epoch = max(1, len(train) // batch_size)
+    total_steps = epochs * steps_per_epoch
+    opt = torch.optim.AdamW(model.parameters(), lr=lr, weight_decay=0.1)
+    sched = torch.optim.lr_scheduler.LambdaLR(
+        opt, lambda s: min(1.0, (s + 1) / 20) * 0.5 * (1 + math.cos(math.pi * min(s, total_steps) / total_steps))
+    )
+    start, step, losses = time.perf_counter(), 0, []
+    model.train()
+    bar = tqdm(total=total_steps, desc="train-clip", unit="step")
+    for _ in range(epochs):
+        order = torch.randperm(len(train))
+        for b in range(steps_per_epoch):
+            idx = order[b * batch_size : (b + 1) * batch_size]
+            captions = [rng.choice(train[i][1]) for i in idx.tolist()]
+            img_f, txt_f, scale = model(train_images[idx], tokenizer(captions))  # (B, D), (B, D), ()
+            logits = scale * img_f @ txt_f.T  # (B, B)
+            target = torch.arange(len(idx))
+            # Symmetric InfoNCE (Radford et al., 2021).
+            loss = (torch.nn.functional.cross_entropy(logits, target) + torch.nn.functional.cross_entropy(logits.T, target)) / 2
+            opt.zero_grad()
+            loss.backward()
+            opt.step()
+            sched.step()
+            with torch.no_grad():
+                model.logit_scale.clamp_(0, math.log(100))
+            losses.append(loss.item())
+            step += 1
+            bar.update(1)
+            bar.set_postfix(loss=f"{loss.item():.3f}")
+            if time.perf_counter() - start > max_minutes * 60:
+                break
+        else:
+            continue
+        break
+    bar.close()
+    model.eval()
+
+    # Held-out retrieval: each frame against `eval_candidates` others, one entity caption each.
+    n = min(eval_candidates, len(held))
+    pick = rng.sample(range(len(held)), n)
+    captions = [held[i][1][1] if len(held[i][1]) > 1 else held[i][1][0] for i in pick]
+    report = {
+        "retrieval": retrieval_accuracy(model, tokenizer, held_images[pick], captions),
+        "train_pairs": len(train),
+        "held_out_frames": len(held),
+        "steps": step,
+        "final_loss": round(sum(losses[-10:]) / len(losses[-10:]), 4),
+        "minutes": round((time.perf_counter() - start) / 60, 2),
+    }
+    out.mkdir(parents=True, exist_ok=True)
+    config = {"model_cfg": TINY_CLIP_CONFIG, "preprocess_cfg": {**PREPROCESS_CFG, "mean": list(open_clip.OPENAI_DATASET_MEAN),
+                                                                "std": list(open_clip.OPENAI_DATASET_STD)}}  # fmt: skip
+    (out / "open_clip_config.json").write_text(json.dumps(config, indent=1))
+    save_file({k: v.contiguous() for k, v in model.state_dict().items()}, out / "open_clip_model.safetensors")
+    (out / "report.json").write_text(json.dumps(report, indent=1))
+    return report

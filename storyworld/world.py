@@ -1,0 +1,186 @@
+"""Write a storyworld to disk, have simulated annotators label it, and score stories against it.
+
+`make_world` writes `images/`, `items.jsonl` (ingestable by `annotate.ingest`, 4 grammar candidates
+of varied quality per item), `sft.jsonl` (good but imperfect stories for supervised fine-tuning) and
+`world.jsonl` (the hidden ground truth: scenes, utilities and flaws; `rlhf/` must never read it).
+`annotate_world` turns the candidates into pairs-format votes from the simulated pool, and
+`score_stories` reports the hidden utility of any stories for the world's items.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import random
+from collections.abc import Iterator
+from itertools import combinations
+from pathlib import Path
+
+from storyworld.annotators import SimAnnotator, default_pool
+from storyworld.grammar import STYLES, Knobs, random_knobs, write_story
+from storyworld.scene import Scene, make_scene, render_frame
+from storyworld.utility import components
+
+CANDIDATES_PER_ITEM = 4
+SFT_QUALITY = 0.8  # "good but imperfect"
+
+
+def instruction_for(style: str, n_frames: int) -> str:
+    article = "an" if style[0] in "aeiou" else "a"
+    return f"Tell {article} {style} story about {'this image' if n_frames == 1 else 'these images'}."
+
+
+def quality_band(q: float) -> str:
+    return "good" if q > 0.66 else "fair" if q > 0.33 else "poor"
+
+
+def _item(seed: int, index: int, frames: tuple[int, int], image_size: tuple[int, int], images_dir: Path) -> tuple[dict, dict, dict]:
+    item_id = f"sw{seed}-{index:05d}"
+    rng = random.Random(f"item:{seed}:{index}")
+    scene = make_scene(f"{seed}:{index}", frames_range=frames)
+    style = rng.choice(STYLES)
+    paths = []
+    for k, frame in enumerate(scene.frames):
+        name = f"{item_id}_{k}.png"
+        render_frame(frame, image_size).save(images_dir / name, compress_level=1)
+        paths.append(f"images/{name}")
+    instruction = instruction_for(style, len(scene.frames))
+    candidates, truth = [], []
+    for c in range(CANDIDATES_PER_ITEM):
+        quality = rng.random() if c else rng.uniform(0.7, 1.0)  # at least one decent candidate
+        for _ in range(20):  # candidates of an item are distinct texts
+            knobs = random_knobs(rng, quality)
+            text = write_story(scene, style, knobs, rng)
+            if all(text != t["text"] for t in truth):
+                break
+            quality = rng.random()
+        comp = components(scene, text, style)
+        origin = f"storyworld/{quality_band(quality)}"
+        candidates.append({"text": text, "origin": origin, "gen_params": {"quality": round(quality, 3)}})
+        truth.append({"text": text, "origin": origin, **comp.to_dict(), "flaws": knobs.flaws(style)})
+    sft_knobs = random_knobs(rng, SFT_QUALITY)
+    sft_knobs.tags = False
+    item = {"external_id": item_id, "image_paths": paths, "instruction": instruction, "style": style, "candidates": candidates}
+    sft = {"image_paths": paths, "instruction": instruction, "style": style, "story": write_story(scene, style, sft_knobs, rng)}
+    world = {"external_id": item_id, "image_paths": paths, "instruction": instruction, "style": style,
+             "scene": scene.to_dict(), "candidates": truth}  # fmt: skip
+    return item, sft, world
+
+
+def make_world(
+    out: str | Path,
+    n_items: int,
+    seed: int = 0,
+    frames: tuple[int, int] = (1, 4),
+    image_size: tuple[int, int] = (128, 96),
+    progress: bool = False,
+) -> Path:
+    """Write a world of `n_items` items to `out`; the same seed always writes the same world."""
+    out = Path(out)
+    images = out / "images"
+    images.mkdir(parents=True, exist_ok=True)
+    indices: Iterator[int] = iter(range(n_items))
+    if progress:
+        from tqdm import tqdm
+
+        indices = iter(tqdm(range(n_items), desc="storyworld make", unit="item"))
+    with (
+        (out / "items.jsonl").open("w") as items_f,
+        (out / "sft.jsonl").open("w") as sft_f,
+        (out / "world.jsonl").open("w") as world_f,
+    ):
+        for i in indices:
+            item, sft, world = _item(seed, i, frames, image_size, images)
+            items_f.write(json.dumps(item) + "\n")
+            sft_f.write(json.dumps(sft) + "\n")
+            world_f.write(json.dumps(world) + "\n")
+    (out / "README.txt").write_text(
+        "storyworld: items.jsonl -> annotate.ingest; sft.jsonl -> rlhf.sft; world.jsonl is the hidden truth.\n"
+    )
+    return out
+
+
+def read_world(world_dir: str | Path) -> list[dict]:
+    path = Path(world_dir) / "world.jsonl"
+    if not path.is_file():
+        raise FileNotFoundError(f"{path} not found: make a world first with `python -m storyworld make --out {world_dir}`")
+    return [json.loads(line) for line in path.open()]
+
+
+def annotate_world(
+    world_dir: str | Path,
+    out: str | Path,
+    pairs_per_item: int | None = None,
+    n_annotators: int = 5,
+    votes_per_pair: int = 3,
+    seed: int = 0,
+    pool: list[SimAnnotator] | None = None,
+) -> dict:
+    """Simulated votes on the world's candidate pairs, one pairs-format line per vote. Returns counts."""
+    world_dir, out = Path(world_dir), Path(out)
+    pool = pool or default_pool(n_annotators)
+    if votes_per_pair > len(pool):
+        raise ValueError(f"--votes-per-pair {votes_per_pair} exceeds the pool of {len(pool)} annotators")
+    rng = random.Random(f"annotate:{seed}")
+    rel = os.path.relpath(world_dir.resolve(), out.resolve().parent)
+    n_votes = n_ties = 0
+    out.parent.mkdir(parents=True, exist_ok=True)
+    tmp = out.with_name(f".{out.name}.tmp")
+    with tmp.open("w") as f:
+        for item in read_world(world_dir):
+            cands = item["candidates"]
+            pairs = list(combinations(range(len(cands)), 2))
+            if pairs_per_item is not None and pairs_per_item < len(pairs):
+                pairs = rng.sample(pairs, pairs_per_item)
+            for i, j in pairs:
+                for ann in rng.sample(pool, votes_per_pair):
+                    shown_left = rng.choice("ab")
+                    left, right = (i, j) if shown_left == "a" else (j, i)
+                    said = ann.choose(cands[left]["utility"], cands[right]["utility"], rng)
+                    pref = "tie" if said == "tie" else "response_a" if (said == "left") == (shown_left == "a") else "response_b"
+                    n_votes, n_ties = n_votes + 1, n_ties + (pref == "tie")
+                    line = {
+                        "image_paths": [os.path.join(rel, p) for p in item["image_paths"]],
+                        "instruction": item["instruction"],
+                        "style": item["style"],
+                        "response_a": cands[i]["text"],
+                        "response_b": cands[j]["text"],
+                        "origin_a": cands[i]["origin"],
+                        "origin_b": cands[j]["origin"],
+                        "preference": pref,
+                        "item_id": item["external_id"],
+                        "comparison_id": f"{item['external_id']}/{i}-{j}",
+                        "annotator": ann.name,
+                        "shown_left": shown_left,
+                    }
+                    f.write(json.dumps(line) + "\n")
+    os.replace(tmp, out)
+    return {"votes": n_votes, "ties": n_ties, "annotators": [a.name for a in pool]}
+
+
+def score_stories(world_dir: str | Path, stories_file: str | Path) -> dict:
+    """Hidden utility of each story in `stories_file` (JSONL with item_id/external_id and story/text)."""
+    world = {w["external_id"]: w for w in read_world(world_dir)}
+    rows = []
+    for lineno, line in enumerate(Path(stories_file).open(), 1):
+        if not line.strip():
+            continue
+        d = json.loads(line)
+        item_id = d.get("item_id") or d.get("external_id")
+        story = d.get("story") or d.get("text")
+        if item_id not in world or not isinstance(story, str):
+            raise ValueError(f"{stories_file}:{lineno}: needs an item_id of this world and a story (or text)")
+        w = world[item_id]
+        comp = components(Scene.from_dict(w["scene"]), story, d.get("style") or w["style"])
+        rows.append({"item_id": item_id, **comp.to_dict()})
+    keys = [k for k in (rows[0] if rows else {}) if k != "item_id"]
+    mean = {k: round(sum(r[k] for r in rows) / len(rows), 4) for k in keys} if rows else {}
+    return {"n": len(rows), "mean_utility": mean.get("utility"), "mean": mean, "stories": rows}
+
+
+def make_demo(out: str | Path, n_items: int = 50, seed: int = 0) -> Path:
+    """The labeling app's demo content: a small world; returns its items.jsonl."""
+    return make_world(out, n_items, seed=seed) / "items.jsonl"
+
+
+__all__ = ["Knobs", "annotate_world", "make_demo", "make_world", "read_world", "score_stories"]

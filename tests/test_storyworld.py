@@ -1,0 +1,178 @@
+"""storyworld: determinism, the utility's ordering of flaws, simulated agreement and bias, the CLI, tiny CLIP."""
+
+import hashlib
+import itertools
+import json
+import random
+
+import pytest
+
+from storyworld import STYLES, Knobs, SimAnnotator, components, default_pool, make_scene, make_world, pairwise_agreement, write_story
+from storyworld.__main__ import main
+from storyworld.utility import strip_tags
+
+
+def _digest(root) -> str:
+    h = hashlib.sha256()
+    for p in sorted(root.rglob("*")):
+        if p.is_file():
+            h.update(p.name.encode() + p.read_bytes())
+    return h.hexdigest()
+
+
+def test_make_is_deterministic_per_seed(tmp_path):
+    make_world(tmp_path / "a", 12, seed=7)
+    make_world(tmp_path / "b", 12, seed=7)
+    make_world(tmp_path / "c", 12, seed=8)
+    assert _digest(tmp_path / "a") == _digest(tmp_path / "b")
+    assert _digest(tmp_path / "a") != _digest(tmp_path / "c")
+
+
+def test_world_files(tmp_path):
+    make_world(tmp_path, 20, seed=1, frames=(2, 3))
+    items = [json.loads(x) for x in (tmp_path / "items.jsonl").open()]
+    world = [json.loads(x) for x in (tmp_path / "world.jsonl").open()]
+    sft = [json.loads(x) for x in (tmp_path / "sft.jsonl").open()]
+    assert len(items) == len(world) == len(sft) == 20
+    for item, truth in zip(items, world):
+        assert 2 <= len(item["image_paths"]) <= 3 and all((tmp_path / p).is_file() for p in item["image_paths"])
+        assert len({c["text"] for c in item["candidates"]}) == 4  # distinct candidates
+        assert item["style"] in STYLES and item["style"] in item["instruction"]
+        assert [c["text"] for c in item["candidates"]] == [c["text"] for c in truth["candidates"]]
+    utilities = [c["utility"] for t in world for c in t["candidates"]]
+    assert max(utilities) - min(utilities) > 3  # varied quality
+    assert set(sft[0]) == {"image_paths", "instruction", "style", "story"}
+
+
+FLAWS = {
+    "wrong_attr": Knobs(wrong_attr=0.6),
+    "hallucinate": Knobs(hallucinate=1),
+    "omit": Knobs(omit=1.0),
+    "repeat": Knobs(repeat=2),
+    "incoherent": Knobs(incoherent=True),
+    "short": Knobs(length="short"),
+    "long": Knobs(length="long"),
+    "style": None,  # filled per scene: another style than the asked one
+}
+
+
+@pytest.mark.parametrize("flaw", list(FLAWS))
+def test_utility_ranks_flawless_above_each_flaw(flaw):
+    applied = 0
+    for seed in range(300):
+        scene, style = make_scene(seed), STYLES[seed % 4]
+        good = write_story(scene, style, Knobs(), random.Random(seed))
+        knobs = FLAWS[flaw] or Knobs(style=STYLES[(seed + 1) % 4])
+        bad = write_story(scene, style, knobs, random.Random(seed))
+        if bad == good:  # the flaw had nothing to act on (e.g. no bystander to omit)
+            continue
+        applied += 1
+        assert components(scene, good, style).utility > components(scene, bad, style).utility, (flaw, seed, bad)
+    assert applied > 100
+
+
+def test_flawless_story_components_by_hand():
+    scene = make_scene(3, 3)
+    story = write_story(scene, "spooky")
+    comp = components(scene, story, "spooky")
+    assert (comp.grounding_precision, comp.grounding_recall, comp.consistency, comp.style_match, comp.length) == (1, 1, 1, 1, 1)
+    # The same story asked as "calm": every style word is spooky, so the style match is 0.
+    assert components(scene, story, "calm").style_match == 0
+    # Tags carry no weight of their own.
+    tagged = write_story(scene, "spooky", Knobs(tags=True))
+    assert "<gdi image1>" in tagged and "<gdo char1>" in tagged and "<" not in strip_tags(tagged)
+    assert components(scene, tagged, "spooky").utility == pytest.approx(components(scene, strip_tags(tagged), "spooky").utility)
+
+
+def test_utility_by_hand_on_free_text():
+    scene = make_scene(3, 3)  # Bo the yellow diamond meets Pip the blue triangle in a meadow at night
+    cast = {e.label for e in scene.all_entities().values()}
+    assert cast == {"yellow diamond", "blue triangle"} and scene.setting == "meadow"
+    comp = components(scene, "Bo the red circle sat in the city.", "calm")
+    # Mentions: "red circle" wrong, "Bo" right, "city" wrong → precision 1/3; Bo named → cast 1/2.
+    assert comp.grounding_precision == pytest.approx(1 / 3)
+    assert comp.grounding_recall == pytest.approx(0.6 * 1 / 2 + 0.2 * 0 + 0.2 * 0)
+    assert comp.consistency == 0.0  # Bo is bound to a look that is not Bo's
+
+
+def _simulate(pool, pairs, rng, per_pair=2):
+    labels = []
+    for ua, ub in pairs:
+        row = []
+        for ann in rng.sample(pool, per_pair):
+            left = rng.choice("ab")
+            said = ann.choose(ua, ub, rng) if left == "a" else ann.choose(ub, ua, rng)
+            row.append("tie" if said == "tie" else "a" if (said == "left") == (left == "a") else "b")
+        labels.append(row)
+    return labels
+
+
+def test_default_pool_agrees_about_75_percent(tmp_path):
+    make_world(tmp_path, 400, seed=3)
+    world = [json.loads(x) for x in (tmp_path / "world.jsonl").open()]
+    pairs = [(w["candidates"][i]["utility"], w["candidates"][j]["utility"]) for w in world
+             for i, j in itertools.combinations(range(4), 2)]  # fmt: skip
+    rng = random.Random(0)
+    agreement = pairwise_agreement(_simulate(default_pool(5), rng.sample(pairs, 2000), rng))
+    assert 0.72 <= agreement <= 0.78, agreement
+
+
+def test_position_bias_shows_in_biased_annotators():
+    rng = random.Random(1)
+    fair, biased = SimAnnotator("fair"), SimAnnotator("biased", left_bias=1.0)
+    pairs = [(rng.uniform(0, 10), rng.uniform(0, 10)) for _ in range(4000)]
+    def left_rate(ann):  # noqa: E306
+        said = [ann.choose(u, v, rng) for u, v in pairs]
+        return sum(s == "left" for s in said) / sum(s != "tie" for s in said)
+    assert abs(left_rate(fair) - 0.5) < 0.03
+    assert left_rate(biased) > 0.55
+    assert any(a.left_bias > 0 for a in default_pool(5)) and any(a.careless > 0 for a in default_pool(5))
+
+
+def test_ties_within_threshold():
+    assert SimAnnotator("a", tie_threshold=0.5).choose(5.0, 5.3, random.Random(0)) == "tie"
+
+
+def test_cli_make_annotate_score_and_ingest(tmp_path, capsys):
+    assert main(["make", "--out", str(tmp_path / "w"), "--items", "10", "--seed", "2", "--frames", "1-2"]) == 0
+    prefs = tmp_path / "w" / "prefs.jsonl"
+    assert main(["annotate", "--world", str(tmp_path / "w"), "--out", str(prefs), "--votes-per-pair", "3", "--pairs-per-item", "2"]) == 0
+    lines = [json.loads(x) for x in prefs.open()]
+    assert len(lines) == 10 * 2 * 3
+    assert {"annotator", "shown_left", "preference", "response_a", "response_b", "image_paths"} <= set(lines[0])
+    # score: the mean over the candidates equals the truth recorded in world.jsonl.
+    world = [json.loads(x) for x in (tmp_path / "w" / "world.jsonl").open()]
+    stories = tmp_path / "stories.jsonl"
+    stories.write_text("".join(json.dumps({"item_id": w["external_id"], "story": c["text"]}) + "\n" for w in world for c in w["candidates"]))
+    capsys.readouterr()
+    assert main(["score", "--world", str(tmp_path / "w"), "--stories", str(stories)]) == 0
+    report = json.loads(capsys.readouterr().out)
+    truth = [c["utility"] for w in world for c in w["candidates"]]
+    assert report["n"] == 40 and report["mean_utility"] == pytest.approx(sum(truth) / 40, abs=1e-3)
+    # Both files ingest into a storypref database.
+    from annotate.ingest import ingest
+    from db import open_db
+
+    factory = open_db(f"sqlite:///{tmp_path}/db.sqlite")[1]
+    _, stats = ingest(factory, str(tmp_path / "w" / "items.jsonl"), "sw", media_root=tmp_path / "m")
+    assert (stats.items_added, stats.candidates_added, stats.comparisons_added) == (10, 40, 60)
+    _, stats = ingest(factory, str(prefs), "sw-votes", media_root=tmp_path / "m")
+    assert stats.votes_added == 60
+
+
+def test_tiny_clip_beats_chance(tmp_path):
+    pytest.importorskip("open_clip")
+    from storyworld.clip import load_clip, train_clip
+
+    make_world(tmp_path / "w", 300, seed=5)
+    report = train_clip(tmp_path / "w", tmp_path / "clip", epochs=6, batch_size=64, max_minutes=1.5)
+    retrieval = report["retrieval"]
+    assert retrieval["text_to_image"] >= 5 * retrieval["chance"], report
+    # It loads back through open_clip's own local-dir path, the way a hub model would.
+    import torch
+    from PIL import Image
+
+    model, preprocess, tokenizer = load_clip(str(tmp_path / "clip"))
+    image = preprocess(Image.open(next((tmp_path / "w" / "images").iterdir()))).unsqueeze(0)
+    with torch.no_grad():
+        assert model.encode_image(image).shape == (1, 64) and model.encode_text(tokenizer(["a red circle"])).shape == (1, 64)
