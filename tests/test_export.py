@@ -20,7 +20,8 @@ def _write_pairs(tmp_path: Path, n_items: int = 12) -> Path:
         for name, pref in zip(["ann", "bob", "cy"], choices):
             lines.append({"image_path": f"img{i}.png", "instruction": f"Story {i}", "external_id": f"it{i}",
                           "response_a": f"good {i}", "response_b": f"bad {i}", "preference": pref,
-                          "annotator": name, "strength": 4 if name == "ann" else 2, "shown_left": "a"})  # fmt: skip
+                          "annotator": name, "strength": 4 if name == "ann" else 2, "shown_left": "a",
+                          "aspects": {"grounding": pref, "style": "response_b"} if name != "cy" else {}})  # fmt: skip
     path = tmp_path / "prefs.jsonl"
     path.write_text("".join(json.dumps(x) + "\n" for x in lines))
     return path
@@ -50,7 +51,8 @@ def test_pairs_per_vote_and_round_trip(voted, tmp_path):
     ingest(factory2, str(tmp_path / "out.jsonl"), "p", media_root=tmp_path / "media2", image_root=Path("/"))
     with factory2() as s:
         export(s, tmp_path / "again.jsonl", "pairs", include_ties=True)
-    key = lambda d: (d["item_id"], d["annotator"], d["response_a"], d["response_b"], d["preference"], d["strength"])  # noqa: E731
+    key = lambda d: (d["item_id"], d["annotator"], d["response_a"], d["response_b"], d["preference"], d["strength"],  # noqa: E731
+                     json.dumps(d["aspects"], sort_keys=True))
     assert sorted(map(key, _read(tmp_path / "again.jsonl"))) == sorted(map(key, lines))
 
 
@@ -63,6 +65,7 @@ def test_majority_by_hand(voted, tmp_path):
     one = lines["it1"]  # a, a, b
     assert one["preference"] == "response_a" and one["n_votes"] == 3 and one["agreement"] == pytest.approx(2 / 3, abs=1e-4)
     assert one["strength"] == 3  # mean of the agreeing votes' strengths 4 and 2
+    assert one["aspects"] == {"grounding": "response_a", "style": "response_b"}  # per-aspect majority
     with voted() as s:
         export(s, tmp_path / "maj2.jsonl", "pairs", aggregate="majority", include_ties=True)
         stats = export(s, tmp_path / "maj4.jsonl", "pairs", aggregate="majority", min_votes=4)
@@ -84,6 +87,7 @@ def test_trl_split_by_item_is_deterministic_and_loads(voted, tmp_path):
     row = train[0]
     assert row["chosen"] == [{"role": "assistant", "content": f"good {row['item_id'][2:]}"}]
     assert row["margin"] == pytest.approx((1.0 + 1 / 3) / 2)  # strengths 4 and 2 → Llama-2 margins 1 and 1/3
+    assert row["aspects"] == {"grounding": "chosen", "style": "rejected"}
     ds = datasets.load_dataset("json", data_files={"train": str(tmp_path / "trl" / "train.jsonl"),
                                                    "test": str(tmp_path / "trl" / "test.jsonl")})  # fmt: skip
     assert set(ds["train"].column_names) >= {"prompt", "chosen", "rejected", "images", "margin", "item_id", "n_votes", "agreement"}
