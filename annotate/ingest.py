@@ -100,6 +100,7 @@ class ItemRecord:
     context: str | None = None
     meta: dict[str, Any] = field(default_factory=dict)
     votes: list[VoteRecord] = field(default_factory=list)
+    gold: list[tuple[int, int]] = field(default_factory=list)  # (better, worse) candidate indices
 
 
 @dataclass
@@ -210,15 +211,25 @@ class _Reader:
             raise IngestError(f"{where}: `meta` must be an object")
         images = self.images_of(d, where)
         instruction = self.text(d, "instruction", where, required=True)
+        candidates = self.candidates_of(d, where)
+        gold = d.get("gold") or []
+        if isinstance(gold, str):
+            gold = json.loads(gold)
+        if not isinstance(gold, list) or not all(
+            isinstance(g, list) and len(g) == 2 and all(isinstance(i, int) and 0 <= i < len(candidates) for i in g) and g[0] != g[1]
+            for g in gold
+        ):
+            raise IngestError(f"{where}: `gold` must be a list of [better, worse] candidate indices, e.g. [[0, 2]]")
         return ItemRecord(
             where=where,
             external_id=str(d.get("external_id") or d.get("item_id") or content_id(images, instruction)),
             instruction=instruction,
             images=images,
-            candidates=self.candidates_of(d, where),
+            candidates=candidates,
             style=style,
             context=self.text(d, "context", where),
             meta=meta,
+            gold=[(g[0], g[1]) for g in gold],
         )
 
 
@@ -567,6 +578,9 @@ def write_records(
         else:
             for i, j in _sample_pairs(len(ids), pairs_per_item, f"{source}/{record.external_id}"):
                 comparison(i, j)
+        for better, worse in record.gold:  # gold: served at the project's gold rate, scored against the answer
+            comp = comparison(better, worse)
+            comp.is_gold, comp.gold_choice = True, "a" if ids[better] < ids[worse] else "b"
         session.flush()
     return stats
 

@@ -23,6 +23,7 @@ from storyworld.utility import components
 
 CANDIDATES_PER_ITEM = 4
 SFT_QUALITY = 0.8  # "good but imperfect"
+GOLD_GAP = 3.0  # utility gap above which a pair is obvious enough to serve as gold
 
 
 def instruction_for(style: str, n_frames: int) -> str:
@@ -61,6 +62,10 @@ def _item(seed: int, index: int, frames: tuple[int, int], image_size: tuple[int,
     sft_knobs = random_knobs(rng, SFT_QUALITY)
     sft_knobs.tags = False
     item = {"external_id": item_id, "image_paths": paths, "instruction": instruction, "style": style, "candidates": candidates}
+    best = max(range(len(truth)), key=lambda k: truth[k]["utility"])
+    worst = min(range(len(truth)), key=lambda k: truth[k]["utility"])
+    if truth[best]["utility"] - truth[worst]["utility"] >= GOLD_GAP:
+        item["gold"] = [[best, worst]]  # an answer any careful annotator gives: for quality control
     sft = {"image_paths": paths, "instruction": instruction, "style": style, "story": write_story(scene, style, sft_knobs, rng)}
     world = {"external_id": item_id, "image_paths": paths, "instruction": instruction, "style": style,
              "scene": scene.to_dict(), "candidates": truth}  # fmt: skip

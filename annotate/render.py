@@ -1,0 +1,161 @@
+"""Turn two candidate stories and their frames into safe HTML for the comparison view.
+
+Candidate text is untrusted (model output, imported data). Everything is escaped with
+`html.escape`; the only markup on the page is the markup built here. StoryReasoning tags are parsed
+out of the raw text before escaping:
+`<gdi imageN>…</gdi>` assigns a part of the story to frame N, and `<gdo|gda|gdl ID>…</gdo>` marks
+an entity, which is shown as a highlight whose color depends only on the ID, so the same character
+has the same color in both stories. Stories without frame tags are split into sentences and spread
+over the frames in order. The optional diff marks the words one story has and the other lacks.
+"""
+
+from __future__ import annotations
+
+import difflib
+import hashlib
+import html
+import re
+from dataclasses import dataclass
+
+_FRAME = re.compile(r"<gdi\s+image(\d+)\s*>(.*?)</gdi>", re.S | re.I)
+_ENTITY = re.compile(r"<(gdo|gda|gdl)\s+([\w-]{1,40})\s*>(.*?)</\1>", re.S | re.I)
+_ANY_TAG = re.compile(r"</?gd[a-z]\b[^>]*>", re.I)
+_SENTENCE = re.compile(r"(?<=[.!?])\s+")
+PALETTE = ("#ffd6a5", "#caffbf", "#9bf6ff", "#bdb2ff", "#ffc6ff", "#fdffb6", "#a0c4ff", "#ffadad")
+KIND_LABEL = {"gdo": "object", "gda": "action", "gdl": "location"}
+
+
+@dataclass
+class Segment:
+    text: str  # raw text, still possibly holding entity tags
+    frame: int  # 0-based frame index
+
+
+def entity_color(entity_id: str) -> str:
+    """The same entity id always gets the same color (in both stories, on every page)."""
+    return PALETTE[int(hashlib.sha256(entity_id.lower().encode()).hexdigest(), 16) % len(PALETTE)]
+
+
+def split_frames(story: str, n_frames: int) -> list[list[str]]:
+    """The story's parts per frame, as raw text. `<gdi>` tags win; otherwise sentences in order.
+
+    >>> split_frames("One. Two. Three. Four.", 2)
+    [['One.', 'Two.'], ['Three.', 'Four.']]
+    >>> split_frames("<gdi image2>Later.</gdi><gdi image1>First.</gdi>", 2)
+    [['First.'], ['Later.']]
+    """
+    n_frames = max(1, n_frames)
+    parts: list[list[str]] = [[] for _ in range(n_frames)]
+    tagged = _FRAME.findall(story)
+    if tagged:
+        for index, text in tagged:
+            parts[min(max(int(index) - 1, 0), n_frames - 1)].append(text.strip())
+        leftover = _FRAME.sub(" ", story).strip()
+        if leftover:  # text outside any frame tag goes with the last frame
+            parts[-1].append(leftover)
+        return parts
+    sentences = [s for s in _SENTENCE.split(story.strip()) if s]
+    for i, sentence in enumerate(sentences):
+        parts[i * n_frames // max(len(sentences), 1)].append(sentence)
+    return parts
+
+
+def plain_text(story: str) -> str:
+    return re.sub(r"\s+", " ", _ANY_TAG.sub(" ", story)).strip()
+
+
+def _words(text: str) -> list[str]:
+    return plain_text(text).split()
+
+
+def diff_words(left: str, right: str) -> tuple[set[int], set[int]]:
+    """Indices of the words of `left` and of `right` that the other story does not have."""
+    a, b = [w.lower().strip(".,!?;:") for w in _words(left)], [w.lower().strip(".,!?;:") for w in _words(right)]
+    only_a, only_b = set(), set()
+    for op, i1, i2, j1, j2 in difflib.SequenceMatcher(a=a, b=b, autojunk=False).get_opcodes():
+        if op in ("replace", "delete"):
+            only_a.update(range(i1, i2))
+        if op in ("replace", "insert"):
+            only_b.update(range(j1, j2))
+    return only_a, only_b
+
+
+def render_part(text: str, marked: set[int] | None = None, offset: int = 0) -> tuple[str, int]:
+    """HTML for one part: entities highlighted, diff words marked. Returns (html, words consumed)."""
+    out, pos, word_index = [], 0, offset
+    marked = marked or set()
+
+    def words_html(chunk: str) -> str:
+        nonlocal word_index
+        pieces = []
+        for token in re.split(r"(\s+)", chunk):
+            if not token or token.isspace():
+                pieces.append(token)
+                continue
+            escaped = html.escape(token)
+            pieces.append(f'<mark class="sp-diff">{escaped}</mark>' if word_index in marked else escaped)
+            word_index += 1
+        return "".join(pieces)
+
+    for m in _ENTITY.finditer(text):
+        out.append(words_html(_ANY_TAG.sub(" ", text[pos : m.start()])))
+        kind, eid, inner = m.group(1).lower(), m.group(2), _ANY_TAG.sub(" ", m.group(3))
+        title = html.escape(f"{KIND_LABEL[kind]} {eid}", quote=True)
+        out.append(f'<span class="sp-entity" style="background:{entity_color(eid)}" title="{title}">{words_html(inner)}</span>')
+        pos = m.end()
+    out.append(words_html(_ANY_TAG.sub(" ", text[pos:])))
+    return "".join(out), word_index - offset
+
+
+def render_comparison(
+    left: str,
+    right: str,
+    image_urls: list[str],
+    *,
+    show_diff: bool = False,
+    labels: tuple[str, str] = ("A", "B"),
+) -> str:
+    """One table row per frame: the frame, then the part of each story that belongs to it."""
+    n = max(1, len(image_urls))
+    parts_l, parts_r = split_frames(left, n), split_frames(right, n)
+    marked_l, marked_r = diff_words(left, right) if show_diff else (set(), set())
+    rows, offset_l, offset_r = [], 0, 0
+    for i in range(n):
+        cells = []
+        for parts, marked, offset_name in ((parts_l, marked_l, "l"), (parts_r, marked_r, "r")):
+            html_parts = []
+            for part in parts[i]:
+                offset = offset_l if offset_name == "l" else offset_r
+                h, used = render_part(part, marked, offset)
+                if offset_name == "l":
+                    offset_l += used
+                else:
+                    offset_r += used
+                html_parts.append(h)
+            cells.append(" ".join(html_parts) or '<span class="sp-empty">(nothing for this frame)</span>')
+        img = (
+            f'<img src="{html.escape(image_urls[i], quote=True)}" alt="frame {i + 1}" loading="lazy">'
+            if i < len(image_urls)
+            else ""
+        )
+        rows.append(
+            f'<tr><td class="sp-frame"><div class="sp-frame-no">{i + 1}</div>{img}</td>'
+            f'<td class="sp-story">{cells[0]}</td><td class="sp-story">{cells[1]}</td></tr>'
+        )
+    head = f'<tr><th>Frame</th><th>Story {html.escape(labels[0])}</th><th>Story {html.escape(labels[1])}</th></tr>'
+    return f'<table class="sp-compare">{head}{"".join(rows)}</table>'
+
+
+CSS = """
+.sp-compare { width: 100%; border-collapse: separate; border-spacing: 0 8px; }
+.sp-compare th { text-align: left; font-size: 0.85em; color: var(--body-text-color-subdued); padding: 0 10px; }
+.sp-compare td { vertical-align: top; padding: 10px; background: var(--block-background-fill); }
+.sp-frame { width: 26%; }
+.sp-frame img { width: 100%; border-radius: 6px; image-rendering: pixelated; display: block; }
+.sp-frame-no { font-weight: 600; font-size: 0.8em; margin-bottom: 4px; color: var(--body-text-color-subdued); }
+.sp-story { width: 37%; font-size: 1.05em; line-height: 1.55; border-left: 3px solid var(--border-color-primary); }
+.sp-entity { border-radius: 4px; padding: 0 3px; color: #111; }
+.sp-diff { background: #ffe066; color: #111; border-radius: 3px; }
+.sp-empty { color: var(--body-text-color-subdued); font-style: italic; }
+.sp-keys kbd { border: 1px solid var(--border-color-primary); border-radius: 4px; padding: 0 5px; font-family: monospace; }
+"""

@@ -1,0 +1,275 @@
+"""Which comparison an annotator sees next, and how an answer becomes a vote.
+
+Every function takes a `session` inside a transaction (one per user event) and the annotator's id,
+which the caller took from the login session (never from a form field).
+
+Scheduling: a comparison of the project that still needs votes (`n_votes < overlap`, fewest first),
+that this annotator never answered and did not skip, and that is not of the item just seen. A
+random pick among the least-voted few spreads concurrent annotators over different comparisons.
+With probability `gold_rate` a gold comparison is served instead, and with `repeat_rate` one the
+annotator already answered, with left and right swapped (to measure self-consistency and left
+bias). Left/right order is a hash of (annotator, comparison), so a reload shows the same order.
+
+Correctness under concurrency: a vote is one INSERT plus `n_votes = n_votes + 1` in the same
+transaction. The unique index on active votes forbids a second answer by the same annotator, and
+the unique client token makes a double submit or a retried request return the first vote. Only
+comparisons under their overlap are served, so a comparison can exceed it by at most the number of
+annotators who hold it open at the same time (the in-flight slack).
+"""
+
+from __future__ import annotations
+
+import hashlib
+import random
+from dataclasses import dataclass
+
+from sqlalchemy import case, exists, func, select, update
+from sqlalchemy.exc import IntegrityError
+from sqlalchemy.orm import Session
+
+from db import ASPECTS, CHOICES, Annotator, Comparison, Project, Vote
+
+CANDIDATE_WINDOW = 24  # pick at random among this many least-voted comparisons
+
+
+class VoteError(ValueError):
+    """An answer that cannot be recorded; the message is shown to the annotator."""
+
+
+@dataclass(frozen=True)
+class Assignment:
+    comparison_id: int
+    item_id: int
+    shown_left: str  # canonical side shown on the left: "a" | "b"
+    is_repeat: bool = False
+    is_gold: bool = False
+    editing_vote_id: int | None = None  # set when re-answering after an undo
+
+
+def shown_left_for(annotator_id: int, comparison_id: int) -> str:
+    """A stable coin flip per (annotator, comparison)."""
+    digest = hashlib.sha256(f"{annotator_id}:{comparison_id}".encode()).digest()
+    return "a" if digest[0] % 2 == 0 else "b"
+
+
+def _other(side: str) -> str:
+    return "b" if side == "a" else "a"
+
+
+def _answered_by(annotator_id: int):
+    return exists().where(Vote.comparison_id == Comparison.id, Vote.annotator_id == annotator_id)
+
+
+def _pending(project: Project, annotator_id: int, last_item_id: int | None, skipped: frozenset[int], gold: bool):
+    query = select(Comparison.id, Comparison.item_id, Comparison.n_votes).where(
+        Comparison.project_id == project.id, Comparison.is_gold == gold, ~_answered_by(annotator_id)
+    )
+    if not gold:
+        query = query.where(Comparison.n_votes < func.coalesce(Comparison.overlap, project.overlap))
+    if last_item_id is not None:
+        query = query.where(Comparison.item_id != last_item_id)
+    if skipped:
+        query = query.where(Comparison.id.not_in(skipped))
+    return query.order_by(Comparison.n_votes, Comparison.id).limit(CANDIDATE_WINDOW)
+
+
+def _pick(session: Session, query, rng: random.Random):
+    rows = session.execute(query).all()
+    if not rows:
+        return None
+    fewest = rows[0].n_votes
+    return rng.choice([r for r in rows if r.n_votes == fewest])
+
+
+def _repeat(session: Session, project: Project, annotator_id: int, last_item_id: int | None, rng: random.Random):
+    already = select(Vote.comparison_id).where(Vote.annotator_id == annotator_id, Vote.is_repeat)
+    query = (
+        select(Vote.comparison_id, Vote.shown_left, Comparison.item_id)
+        .join(Comparison, Vote.comparison_id == Comparison.id)
+        .where(Vote.annotator_id == annotator_id, Vote.active, ~Vote.is_repeat, Comparison.project_id == project.id)
+        .where(Vote.comparison_id.not_in(already))
+        .order_by(Vote.id.desc())
+        .limit(50)
+    )
+    if last_item_id is not None:
+        query = query.where(Comparison.item_id != last_item_id)
+    rows = session.execute(query).all()[3:]  # not one answered just now: that would test memory
+    if not rows:
+        return None
+    row = rng.choice(rows)
+    return Assignment(row.comparison_id, row.item_id, _other(row.shown_left), is_repeat=True)
+
+
+def next_assignment(
+    session: Session,
+    annotator_id: int,
+    project: Project,
+    *,
+    last_item_id: int | None = None,
+    skipped: frozenset[int] = frozenset(),
+    rng: random.Random | None = None,
+) -> Assignment | None:
+    """The next comparison for this annotator, or None when nothing is left for them."""
+    rng = rng or random.Random()
+    if project.repeat_rate and rng.random() < project.repeat_rate:
+        repeat = _repeat(session, project, annotator_id, last_item_id, rng)
+        if repeat:
+            return repeat
+    # Gold first at the gold rate; regular comparisons otherwise, then gold once they run out.
+    # A project with a gold rate of 0 never serves gold.
+    if not project.gold_rate:
+        order: tuple[bool, ...] = (False,)
+    else:
+        order = (True, False) if rng.random() < project.gold_rate else (False, True)
+    for gold in order:
+        row = _pick(session, _pending(project, annotator_id, last_item_id, skipped, gold), rng)
+        if row is None and last_item_id is not None:  # only the last item is left: better than nothing
+            row = _pick(session, _pending(project, annotator_id, None, skipped, gold), rng)
+        if row is not None:
+            return Assignment(row.id, row.item_id, shown_left_for(annotator_id, row.id), is_gold=gold)
+    return None
+
+
+def to_canonical(answer: str, shown_left: str) -> str:
+    """'left'/'right' (what the annotator saw) → canonical 'a'/'b'; tie and both_bad pass through."""
+    if answer == "left":
+        return shown_left
+    if answer == "right":
+        return _other(shown_left)
+    if answer in ("tie", "both_bad"):
+        return answer
+    raise VoteError(f"unknown answer {answer!r}; use left, right, tie or both_bad")
+
+
+def record_vote(
+    session: Session,
+    annotator_id: int,
+    assignment: Assignment,
+    answer: str,
+    *,
+    client_token: str,
+    strength: int | None = None,
+    aspects: dict[str, str] | None = None,
+    rationale: str | None = None,
+    time_spent_ms: int | None = None,
+) -> tuple[Vote, bool]:
+    """Record an answer given in displayed terms (left/right/tie/both_bad). Returns (vote, created).
+
+    Idempotent on `client_token`: the same token returns the vote it made the first time.
+    """
+    if not client_token or len(client_token) > 64:
+        raise VoteError("missing or malformed client token; reload the page")
+    existing = session.scalar(select(Vote).where(Vote.annotator_id == annotator_id, Vote.client_token == client_token))
+    if existing is not None:
+        return existing, False
+    choice = to_canonical(answer, assignment.shown_left)
+    if strength is not None and (choice not in ("a", "b") or not 1 <= int(strength) <= 4):
+        strength = None  # strength only qualifies a preference for one side
+    canonical_aspects = {}
+    for aspect, value in (aspects or {}).items():
+        if aspect not in ASPECTS:
+            raise VoteError(f"unknown aspect {aspect!r}")
+        if value:
+            canonical_aspects[aspect] = to_canonical(value, assignment.shown_left)
+    if rationale is not None and len(rationale) > 5000:
+        raise VoteError("the rationale is over 5,000 characters; shorten it")
+
+    editing = session.get(Vote, assignment.editing_vote_id) if assignment.editing_vote_id else None
+    if editing is not None and (editing.annotator_id != annotator_id or editing.comparison_id != assignment.comparison_id):
+        raise VoteError("that answer is not yours to edit")
+    if not assignment.is_repeat:
+        clash = session.scalar(
+            select(Vote.id).where(
+                Vote.comparison_id == assignment.comparison_id, Vote.annotator_id == annotator_id, Vote.active, ~Vote.is_repeat
+            )
+        )
+        if clash is not None:
+            raise VoteError("you already answered this comparison; use Undo to change your answer")
+    vote = Vote(
+        comparison_id=assignment.comparison_id,
+        annotator_id=annotator_id,
+        choice=choice,
+        strength=strength,
+        aspects=canonical_aspects,
+        rationale=(rationale or "").strip() or None,
+        shown_left=assignment.shown_left,
+        time_spent_ms=time_spent_ms,
+        client_token=client_token,
+        is_repeat=assignment.is_repeat,
+    )
+    try:
+        with session.begin_nested():
+            session.add(vote)
+            session.flush()
+    except IntegrityError:
+        # A concurrent request with the same token (a double click) or a second tab won the race.
+        existing = session.scalar(select(Vote).where(Vote.annotator_id == annotator_id, Vote.client_token == client_token))
+        if existing is not None:
+            return existing, False
+        raise VoteError("you already answered this comparison; use Undo to change your answer") from None
+    if editing is not None:
+        editing.superseded_by_id = vote.id
+    if not assignment.is_repeat:
+        session.execute(update(Comparison).where(Comparison.id == vote.comparison_id).values(n_votes=Comparison.n_votes + 1))
+    return vote, True
+
+
+def undo_last(session: Session, annotator_id: int, project: Project) -> Assignment | None:
+    """Withdraw the annotator's latest active answer in `project` (kept, marked inactive) and
+    return its comparison to answer again; None if there is nothing to undo."""
+    vote = session.scalar(
+        select(Vote)
+        .join(Comparison, Vote.comparison_id == Comparison.id)
+        .where(Vote.annotator_id == annotator_id, Vote.active, Comparison.project_id == project.id)
+        .order_by(Vote.id.desc())
+        .limit(1)
+    )
+    if vote is None:
+        return None
+    vote.active = False
+    if not vote.is_repeat:
+        session.execute(update(Comparison).where(Comparison.id == vote.comparison_id).values(n_votes=Comparison.n_votes - 1))
+    comparison = session.get(Comparison, vote.comparison_id)
+    return Assignment(
+        vote.comparison_id, comparison.item_id, vote.shown_left, is_repeat=vote.is_repeat,
+        is_gold=comparison.is_gold, editing_vote_id=vote.id,
+    )  # fmt: skip
+
+
+@dataclass
+class Progress:
+    mine: int  # my active answers in this project (repeats not counted)
+    done: int  # votes towards the project's target (each comparison counted up to its overlap)
+    target: int  # comparisons × overlap
+
+    @property
+    def fraction(self) -> float:
+        return self.done / self.target if self.target else 1.0
+
+
+def progress(session: Session, annotator_id: int, project: Project) -> Progress:
+    wanted = func.coalesce(Comparison.overlap, project.overlap)
+    capped = case((Comparison.n_votes < wanted, Comparison.n_votes), else_=wanted)
+    done, target = session.execute(
+        select(func.coalesce(func.sum(capped), 0), func.coalesce(func.sum(wanted), 0)).where(
+            Comparison.project_id == project.id, ~Comparison.is_gold
+        )
+    ).one()
+    mine = session.scalar(
+        select(func.count(Vote.id))
+        .join(Comparison, Vote.comparison_id == Comparison.id)
+        .where(Vote.annotator_id == annotator_id, Vote.active, ~Vote.is_repeat, Comparison.project_id == project.id)
+    )
+    return Progress(int(mine or 0), int(done or 0), int(target or 0))
+
+
+def annotator_by_name(session: Session, username: str | None) -> Annotator | None:
+    """The active annotator behind a login name (None if unknown or disabled)."""
+    if not username:
+        return None
+    user = session.scalar(select(Annotator).where(Annotator.username == username))
+    return user if user is not None and user.active else None
+
+
+__all__ = ["CHOICES", "Assignment", "Progress", "VoteError", "annotator_by_name", "next_assignment", "progress",
+           "record_vote", "shown_left_for", "to_canonical", "undo_last"]  # fmt: skip
