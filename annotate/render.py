@@ -86,15 +86,34 @@ def render_part(text: str, marked: set[int] | None = None, offset: int = 0) -> t
     marked = marked or set()
 
     def words_html(chunk: str) -> str:
+        """Escaped words; runs of marked words (with the spaces between them) share one <mark>."""
         nonlocal word_index
-        pieces = []
-        for token in re.split(r"(\s+)", chunk):
-            if not token or token.isspace():
+        tokens = [t for t in re.split(r"(\s+)", chunk) if t]
+        flags = []
+        for token in tokens:
+            if token.isspace():
+                flags.append(None)
+            else:
+                flags.append(word_index in marked)
+                word_index += 1
+        pieces, open_run = [], False
+        for k, (token, flag) in enumerate(zip(tokens, flags)):
+            if flag is None:  # a space is inside a run only if the words on both sides are marked
+                inside = open_run and k + 1 < len(flags) and flags[k + 1]
+                if open_run and not inside:
+                    pieces.append("</mark>")
+                    open_run = False
                 pieces.append(token)
                 continue
-            escaped = html.escape(token)
-            pieces.append(f'<mark class="sp-diff">{escaped}</mark>' if word_index in marked else escaped)
-            word_index += 1
+            if flag and not open_run:
+                pieces.append('<mark class="sp-diff">')
+                open_run = True
+            elif not flag and open_run:
+                pieces.append("</mark>")
+                open_run = False
+            pieces.append(html.escape(token))
+        if open_run:
+            pieces.append("</mark>")
         return "".join(pieces)
 
     for m in _ENTITY.finditer(text):
@@ -147,15 +166,21 @@ def render_comparison(
 
 
 CSS = """
-.sp-compare { width: 100%; border-collapse: separate; border-spacing: 0 8px; }
-.sp-compare th { text-align: left; font-size: 0.85em; color: var(--body-text-color-subdued); padding: 0 10px; }
-.sp-compare td { vertical-align: top; padding: 10px; background: var(--block-background-fill); }
-.sp-frame { width: 26%; }
-.sp-frame img { width: 100%; border-radius: 6px; image-rendering: pixelated; display: block; }
+.sp-compare { width: 100%; border-collapse: separate; border-spacing: 0 6px; margin: 0 !important; border: none !important; }
+.sp-compare th, .sp-compare td { border: none !important; }
+.sp-compare th { text-align: left; font-size: 0.85em; color: var(--body-text-color-subdued); padding: 0 12px !important; }
+.sp-compare td { vertical-align: top; padding: 10px 12px !important; background: var(--block-background-fill); }
+.sp-compare td:first-child { border-radius: 8px 0 0 8px; }
+.sp-compare td:last-child { border-radius: 0 8px 8px 0; }
+.sp-frame { width: 20%; }
+.sp-frame img { width: 100%; max-width: 240px; border-radius: 6px; image-rendering: pixelated; display: block; margin: 0 !important; }
 .sp-frame-no { font-weight: 600; font-size: 0.8em; margin-bottom: 4px; color: var(--body-text-color-subdued); }
-.sp-story { width: 37%; font-size: 1.05em; line-height: 1.55; border-left: 3px solid var(--border-color-primary); }
+.sp-story { width: 40%; font-size: 1.05em; line-height: 1.6; border-left: 3px solid var(--border-color-primary) !important; }
 .sp-entity { border-radius: 4px; padding: 0 3px; color: #111; }
-.sp-diff { background: #ffe066; color: #111; border-radius: 3px; }
+.sp-diff { background: #ffe066; color: #111; border-radius: 3px; padding: 0 1px; }
 .sp-empty { color: var(--body-text-color-subdued); font-style: italic; }
+.sp-keys { font-size: 0.9em; color: var(--body-text-color-subdued); padding-top: 8px; }
 .sp-keys kbd { border: 1px solid var(--border-color-primary); border-radius: 4px; padding: 0 5px; font-family: monospace; }
+#sp-actions { position: sticky; bottom: 0; z-index: 20; background: var(--background-fill-primary);
+              padding: 10px 0 8px; border-top: 1px solid var(--border-color-primary); }
 """

@@ -21,6 +21,10 @@ from __future__ import annotations
 
 import hashlib
 import random
+import threading
+import time
+from collections import Counter
+from collections.abc import Mapping
 from dataclasses import dataclass
 
 from sqlalchemy import case, exists, func, select, update
@@ -29,7 +33,8 @@ from sqlalchemy.orm import Session
 
 from db import ASPECTS, CHOICES, Annotator, Comparison, Project, Vote
 
-CANDIDATE_WINDOW = 24  # pick at random among this many least-voted comparisons
+CANDIDATE_WINDOW = 64  # look at this many least-voted comparisons, then pick among the least held
+LEASE_SECONDS = 600  # an assignment nobody answered for this long is no longer counted as in flight
 
 
 class VoteError(ValueError):
@@ -73,12 +78,15 @@ def _pending(project: Project, annotator_id: int, last_item_id: int | None, skip
     return query.order_by(Comparison.n_votes, Comparison.id).limit(CANDIDATE_WINDOW)
 
 
-def _pick(session: Session, query, rng: random.Random):
-    rows = session.execute(query).all()
+def _pick(session: Session, query, rng: random.Random, in_flight: Mapping[int, int], cap: int | None):
+    """Among the least-voted rows, counting the ones handed out and not yet answered as votes."""
+    rows = [(r.n_votes + in_flight.get(r.id, 0), r) for r in session.execute(query)]
+    if cap is not None:
+        rows = [(n, r) for n, r in rows if n < cap]
     if not rows:
         return None
-    fewest = rows[0].n_votes
-    return rng.choice([r for r in rows if r.n_votes == fewest])
+    fewest = min(n for n, _ in rows)
+    return rng.choice([r for n, r in rows if n == fewest])
 
 
 def _repeat(session: Session, project: Project, annotator_id: int, last_item_id: int | None, rng: random.Random):
@@ -108,8 +116,14 @@ def next_assignment(
     last_item_id: int | None = None,
     skipped: frozenset[int] = frozenset(),
     rng: random.Random | None = None,
+    in_flight: Mapping[int, int] | None = None,
 ) -> Assignment | None:
-    """The next comparison for this annotator, or None when nothing is left for them."""
+    """The next comparison for this annotator, or None when nothing is left for them.
+
+    `in_flight` counts, per comparison, the assignments handed out and not answered yet (see
+    `Leases`); they count as votes, so concurrent annotators spread out instead of colliding.
+    """
+    in_flight = in_flight or {}
     rng = rng or random.Random()
     if project.repeat_rate and rng.random() < project.repeat_rate:
         repeat = _repeat(session, project, annotator_id, last_item_id, rng)
@@ -122,12 +136,41 @@ def next_assignment(
     else:
         order = (True, False) if rng.random() < project.gold_rate else (False, True)
     for gold in order:
-        row = _pick(session, _pending(project, annotator_id, last_item_id, skipped, gold), rng)
+        cap = None if gold else project.overlap
+        row = _pick(session, _pending(project, annotator_id, last_item_id, skipped, gold), rng, in_flight, cap)
         if row is None and last_item_id is not None:  # only the last item is left: better than nothing
-            row = _pick(session, _pending(project, annotator_id, None, skipped, gold), rng)
+            row = _pick(session, _pending(project, annotator_id, None, skipped, gold), rng, in_flight, cap)
+        if row is None and in_flight and not gold:  # all remaining ones are held by others: share
+            row = _pick(session, _pending(project, annotator_id, None, skipped, gold), rng, {}, cap)
         if row is not None:
             return Assignment(row.id, row.item_id, shown_left_for(annotator_id, row.id), is_gold=gold)
     return None
+
+
+class Leases:
+    """Assignments handed out and not yet answered, per comparison, in this process.
+
+    The app holds one `Leases`; serving takes a lease under its lock (so two annotators asking at
+    the same moment see each other's), and answering or skipping releases it once the vote is
+    committed. Leases expire after LEASE_SECONDS, so a closed tab does not hold a comparison.
+    """
+
+    def __init__(self, seconds: float = LEASE_SECONDS):
+        self.seconds = seconds
+        self.lock = threading.Lock()
+        self._held: dict[str, tuple[int, float]] = {}  # token -> (comparison id, taken at)
+
+    def counts(self) -> Counter:
+        now = time.monotonic()
+        self._held = {t: (c, at) for t, (c, at) in self._held.items() if now - at < self.seconds}
+        return Counter(c for c, _ in self._held.values())
+
+    def take(self, token: str, comparison_id: int) -> None:
+        self._held[token] = (comparison_id, time.monotonic())
+
+    def release(self, token: str) -> None:
+        with self.lock:
+            self._held.pop(token, None)
 
 
 def to_canonical(answer: str, shown_left: str) -> str:
@@ -271,5 +314,5 @@ def annotator_by_name(session: Session, username: str | None) -> Annotator | Non
     return user if user is not None and user.active else None
 
 
-__all__ = ["CHOICES", "Assignment", "Progress", "VoteError", "annotator_by_name", "next_assignment", "progress",
+__all__ = ["CHOICES", "Assignment", "Leases", "Progress", "VoteError", "annotator_by_name", "next_assignment", "progress",
            "record_vote", "shown_left_for", "to_canonical", "undo_last"]  # fmt: skip

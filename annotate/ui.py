@@ -1,0 +1,382 @@
+"""The Gradio labeling app: `build_app(session_factory, ...) -> gr.Blocks`, launched by `app.py`.
+
+Handlers live on `LabelingApp` as plain methods, so tests call them directly with a
+`gr.Request(username=...)`. The annotator is always `request.username`, which Gradio's login sets
+(checked against the annotator table on every event, so a disabled account stops at once); no form
+field can say who is voting. Per-user state lives in `gr.State`, never in globals.
+
+Each served comparison comes with a client token that the page sends back with the answer. A
+double click or a retried request therefore records one vote (see `annotate.scheduler`). Gradio
+runs one event at a time by default; here every event may run `concurrency_limit` at once
+(default 16), because the handlers are short database transactions. SQLite serializes the writes
+itself (BEGIN IMMEDIATE and a busy timeout), so a limit of 1 would only queue annotators behind
+each other.
+"""
+
+from __future__ import annotations
+
+import html
+import secrets
+import tempfile
+import time
+from dataclasses import dataclass, field, replace
+from pathlib import Path
+
+import gradio as gr
+import pandas as pd
+from sqlalchemy import select
+from sqlalchemy.orm import aliased
+
+from annotate import stats
+from annotate.auth import authenticate
+from annotate.export import export
+from annotate.render import CSS, render_comparison
+from annotate.scheduler import (
+    Assignment,
+    Leases,
+    VoteError,
+    annotator_by_name,
+    next_assignment,
+    progress,
+    record_vote,
+    undo_last,
+)
+from db import ASPECTS, DEFAULT_MEDIA_ROOT, Annotator, Candidate, Comparison, Item, Project, Vote, get_meta
+
+STRENGTHS = ["Negligibly better / unsure", "Slightly better", "Better", "Significantly better"]  # Llama 2 scale
+ASPECT_CHOICES = [("A", "left"), ("B", "right"), ("Same", "tie")]
+ANSWERS = {"left": "sp-a", "right": "sp-b", "tie": "sp-tie", "both_bad": "sp-bad"}
+KEYS_JS = """
+<script>
+document.addEventListener('keydown', (e) => {
+  const t = e.target;
+  if (e.ctrlKey || e.metaKey || e.altKey || e.repeat) return;
+  if (t && (t.tagName === 'INPUT' || t.tagName === 'TEXTAREA' || t.isContentEditable)) return;
+  const id = {'1': 'sp-a', '2': 'sp-b', '0': 'sp-tie', 'x': 'sp-bad', 's': 'sp-skip', 'u': 'sp-undo'}[e.key.toLowerCase()];
+  const el = id && document.getElementById(id);
+  if (el) { e.preventDefault(); (el.tagName === 'BUTTON' ? el : el.querySelector('button') || el).click(); }
+});
+</script>
+"""
+KEYS_HELP = (
+    '<div class="sp-keys">Keys: <kbd>1</kbd> A &nbsp; <kbd>2</kbd> B &nbsp; <kbd>0</kbd> tie &nbsp; '
+    "<kbd>x</kbd> both bad &nbsp; <kbd>s</kbd> skip &nbsp; <kbd>u</kbd> undo</div>"
+)
+
+
+@dataclass(frozen=True)
+class Session:
+    """What one browser tab remembers between events."""
+
+    assignment: Assignment | None = None
+    token: str = ""
+    served_at: float = 0.0
+    last_item_id: int | None = None
+    skipped: frozenset[int] = field(default_factory=frozenset)
+
+
+class LabelingApp:
+    """The handlers of the labeling app, bound to a database and a project."""
+
+    def __init__(self, session_factory, project: str, media_root: Path):
+        self.sessions = session_factory
+        self.project_name = project
+        self.media_root = media_root
+        self.leases = Leases()  # shared by all users on purpose: what is handed out, not who holds it
+
+    # -- helpers ------------------------------------------------------------------------------
+
+    def _user(self, s, request: gr.Request | None) -> Annotator:
+        user = annotator_by_name(s, getattr(request, "username", None))
+        if user is None:
+            raise gr.Error("You are not logged in (or your account is disabled). Reload the page and log in.")
+        return user
+
+    def _project(self, s) -> Project:
+        return s.scalar(select(Project).where(Project.name == self.project_name))
+
+    def _serve(self, s, user: Annotator, project: Project, state: Session, assignment: Assignment | None = None) -> Session:
+        token = secrets.token_hex(16)
+        with self.leases.lock:  # choose and lease in one step, so concurrent annotators spread out
+            if assignment is None:
+                assignment = next_assignment(
+                    s, user.id, project, last_item_id=state.last_item_id, skipped=state.skipped, in_flight=self.leases.counts()
+                )
+            if assignment is not None and not assignment.is_repeat:
+                self.leases.take(token, assignment.comparison_id)
+        return replace(state, assignment=assignment, token=token, served_at=time.time())
+
+    def _view(self, s, user: Annotator, project: Project, state: Session, show_diff: bool, notice: str = "") -> tuple:
+        prog = progress(s, user.id, project)
+        bar = (
+            f'<div class="sp-progress">You: <b>{prog.mine}</b> answers · project: <b>{prog.done}</b> / {prog.target} votes '
+            f'<progress max="{max(prog.target, 1)}" value="{prog.done}" style="width:40%"></progress> {prog.fraction:.0%}</div>'
+        )
+        a = state.assignment
+        reset = [gr.update(value=None)] + [gr.update(value=None) for _ in ASPECTS] + [gr.update(value="")]
+        if a is None:
+            done = "### All done\nThere is nothing left for you to label in this project. Thank you!"
+            return (state, "", done, bar, "", *reset, notice)
+        comp = s.get(Comparison, a.comparison_id)
+        item = s.get(Item, comp.item_id)
+        left, right = (comp.candidate_a, comp.candidate_b) if a.shown_left == "a" else (comp.candidate_b, comp.candidate_a)
+        urls = [f"/gradio_api/file={self.media_root / img.path}" for img in item.images]
+        style = f" &nbsp;·&nbsp; style: **{html.escape(item.style)}**" if item.style else ""
+        header = f"### {html.escape(item.instruction)}\n{len(urls)} frame{'s' if len(urls) != 1 else ''}{style}"
+        if item.context:
+            header += f"\n\n> Story so far: {html.escape(item.context)}"
+        table = render_comparison(left.text, right.text, urls, show_diff=show_diff)
+        return (state, state.token, header, bar, table, *reset, notice)
+
+    # -- events -------------------------------------------------------------------------------
+
+    def load(self, show_diff: bool = False, request: gr.Request | None = None):
+        with self.sessions.begin() as s:
+            user = self._user(s, request)
+            project = self._project(s)
+            state = self._serve(s, user, project, Session())
+            view = self._view(s, user, project, state, show_diff)
+            guidelines = project.guidelines or "_No guidelines for this project._"
+            return (*view, guidelines, gr.update(visible=user.role == "admin"))
+
+    def vote(
+        self,
+        answer: str,
+        token: str,
+        strength: str | None,
+        aspect_values: tuple[str | None, ...],
+        rationale: str,
+        show_diff: bool,
+        state: Session | None,
+        request: gr.Request | None = None,
+    ):
+        state = state or Session()
+        with self.sessions.begin() as s:
+            user = self._user(s, request)
+            project = self._project(s)
+            if state.assignment is None or token != state.token:
+                # A second click on an answer already recorded, or a stale page: show where we are.
+                return self._view(s, user, project, state, show_diff)
+            a = state.assignment
+            try:
+                _, created = record_vote(
+                    s,
+                    user.id,
+                    a,
+                    answer,
+                    client_token=token,
+                    strength=STRENGTHS.index(strength) + 1 if strength in STRENGTHS else None,
+                    aspects={k: v for k, v in zip(ASPECTS, aspect_values) if v},
+                    rationale=rationale,
+                    time_spent_ms=int((time.time() - state.served_at) * 1000) if state.served_at else None,
+                )
+                notice = ""
+            except VoteError as e:
+                gr.Warning(str(e))
+                notice = f"⚠️ {e}"
+            state = self._serve(s, user, project, replace(state, last_item_id=a.item_id))
+            view = self._view(s, user, project, state, show_diff, notice)
+        self.leases.release(token)  # after the commit: until then the lease stands in for the vote
+        return view
+
+    def vote_handler(self, answer: str):
+        """`vote` bound to one answer, as a plain function with type hints. (A functools.partial hides
+        its hints from Gradio, which then never passes the gr.Request, so no user would be known.)"""
+
+        def handler(token, strength, grounding, coherence, style, fluency, rationale, show_diff, state, request: gr.Request):
+            aspects = (grounding, coherence, style, fluency)  # the order of db.ASPECTS
+            return self.vote(answer, token, strength, aspects, rationale, show_diff, state, request=request)
+
+        handler.__name__ = f"vote_{answer}"
+        return handler
+
+    def skip(self, show_diff: bool, state: Session | None, request: gr.Request | None = None):
+        state = state or Session()
+        with self.sessions.begin() as s:
+            user = self._user(s, request)
+            project = self._project(s)
+            a = state.assignment
+            skipped = state.skipped | {a.comparison_id} if a else state.skipped
+            old_token = state.token
+            state = self._serve(s, user, project, replace(state, skipped=skipped, last_item_id=a.item_id if a else None))
+            view = self._view(s, user, project, state, show_diff)
+        self.leases.release(old_token)
+        return view
+
+    def undo(self, show_diff: bool, state: Session | None, request: gr.Request | None = None):
+        state = state or Session()
+        with self.sessions.begin() as s:
+            user = self._user(s, request)
+            project = self._project(s)
+            again = undo_last(s, user.id, project)
+            if again is None:
+                return self._view(s, user, project, state, show_diff, "Nothing to undo.")
+            old_token = state.token
+            state = self._serve(s, user, project, state, assignment=again)
+            view = self._view(s, user, project, state, show_diff, "Your last answer was withdrawn: answer it again.")
+        self.leases.release(old_token)
+        return view
+
+    def redraw(self, show_diff: bool, state: Session | None, request: gr.Request | None = None):
+        with self.sessions() as s:
+            user = self._user(s, request)
+            return self._view(s, user, self._project(s), state or Session(), show_diff)
+
+    # -- admin --------------------------------------------------------------------------------
+
+    def _admin_or_none(self, s, request) -> Annotator | None:
+        user = annotator_by_name(s, getattr(request, "username", None))
+        return user if user is not None and user.role == "admin" else None
+
+    def admin_refresh(self, request: gr.Request | None = None):
+        """Statistics for admins; for anybody else, nothing at all."""
+        empty = (None, "", None, None, None)
+        with self.sessions() as s:
+            if self._admin_or_none(s, request) is None:
+                return empty
+            facts, outcomes = self._vote_facts(s)
+        people = pd.DataFrame(stats.annotator_report(facts))
+        agreement = stats.agreement_report(facts)
+        board = pd.DataFrame(
+            [{"origin": b.name, "strength": round(b.strength, 3), "ci_low": round(b.low, 3), "ci_high": round(b.high, 3),
+              "games": b.games} for b in stats.bradley_terry(outcomes)]  # fmt: skip
+        )
+        kappas = "".join(f"<li>{html.escape(k)}: κ = {v}</li>" for k, v in agreement["kappa_per_annotator"].items())
+        summary = (
+            f"**Krippendorff's α** (−1/0/+1): {agreement['krippendorff_alpha']} · **mean pairwise Cohen's κ**: "
+            f"{agreement['mean_pairwise_kappa']} · comparisons with 2+ votes: {agreement['units_with_2plus_votes']}"
+            f"<ul>{kappas}</ul>"
+        )
+        counts_plot = people[["annotator", "votes"]] if len(people) else None
+        return people, summary, board, counts_plot, board if len(board) else None
+
+    def _vote_facts(self, s) -> tuple[list[stats.VoteFact], list[tuple[str, str, float]]]:
+        ca, cb = aliased(Candidate), aliased(Candidate)
+        rows = s.execute(
+            select(Annotator.username, Vote.comparison_id, Vote.choice, Vote.shown_left, Vote.time_spent_ms,
+                   Vote.is_repeat, Comparison.gold_choice, ca.origin, cb.origin)
+            .join(Annotator, Vote.annotator_id == Annotator.id)
+            .join(Comparison, Vote.comparison_id == Comparison.id)
+            .join(ca, Comparison.candidate_a_id == ca.id)
+            .join(cb, Comparison.candidate_b_id == cb.id)
+            .join(Project, Comparison.project_id == Project.id)
+            .where(Vote.active, Project.name == self.project_name)
+        ).all()  # fmt: skip
+        facts = [stats.VoteFact(*r[:7]) for r in rows]
+        score = {"a": 1.0, "b": 0.0, "tie": 0.5}
+        outcomes = [(r[7], r[8], score[r[2]]) for r in rows if not r[5] and r[2] in score and r[7] != r[8]]
+        return facts, outcomes
+
+    def admin_export(self, fmt: str, aggregate: str, request: gr.Request | None = None):
+        with self.sessions() as s:
+            if self._admin_or_none(s, request) is None:
+                return None, ""
+            out_dir = Path(tempfile.mkdtemp(prefix="storypref-export-"))
+            target = out_dir / ("preferences.jsonl" if fmt == "pairs" else f"preferences-{fmt}")
+            result = export(s, target, fmt, aggregate=aggregate, project=self.project_name)
+        if fmt != "pairs":  # a directory: hand it over as one zip
+            import shutil
+
+            target = Path(shutil.make_archive(str(target), "zip", target))
+        return str(target), f"Exported {result.summary()}."
+
+
+def build_app(session_factory, project: str | None = None, *, concurrency_limit: int = 16, title: str = "storypref") -> gr.Blocks:
+    """The labeling UI for `project` (default: the most recent project)."""
+    with session_factory() as s:
+        query = select(Project).order_by(Project.id.desc())
+        row = s.scalar(query.where(Project.name == project) if project else query)
+        if row is None:
+            names = ", ".join(s.scalars(select(Project.name))) or "none yet"
+            raise ValueError(f"no project {project!r} (projects: {names}); ingest items first: python -m annotate.ingest")
+        media_root = Path(get_meta(s, "media_root") or DEFAULT_MEDIA_ROOT).resolve()
+        settings = (row.name, row.ask_strength, list(row.aspects or []))
+    name, ask_strength, aspects = settings
+    app = LabelingApp(session_factory, name, media_root)
+
+    with gr.Blocks(title=f"{title} · {name}") as demo:
+        state = gr.State(None)
+        with gr.Tab("Label"):
+            with gr.Row():
+                header = gr.Markdown()
+                progress_bar = gr.HTML()
+            with gr.Accordion("Guidelines", open=False):
+                guidelines = gr.Markdown()
+            compare = gr.HTML(elem_id="sp-compare")
+            with gr.Row():
+                show_diff = gr.Checkbox(label="Highlight differences", value=False, scale=1)
+                gr.HTML(KEYS_HELP)
+            with gr.Row(visible=ask_strength or bool(aspects)):
+                strength = gr.Radio(STRENGTHS, label="How much better is your choice?", visible=ask_strength, scale=2)
+                aspect_radios = [
+                    gr.Radio(ASPECT_CHOICES, label=f"Better {aspect}", visible=aspect in aspects, scale=1)
+                    for aspect in ASPECTS
+                ]
+            rationale = gr.Textbox(label="Why? (optional)", lines=1, max_lines=4)
+            with gr.Row(elem_id="sp-actions"):
+                buttons = {
+                    "left": gr.Button("A is better", variant="primary", elem_id="sp-a"),
+                    "right": gr.Button("B is better", variant="primary", elem_id="sp-b"),
+                    "tie": gr.Button("Tie", elem_id="sp-tie"),
+                    "both_bad": gr.Button("Both bad", variant="stop", elem_id="sp-bad"),
+                }
+                skip = gr.Button("Skip", elem_id="sp-skip", variant="secondary")
+                undo = gr.Button("Undo last", elem_id="sp-undo", variant="secondary")
+            notice = gr.Markdown(elem_id="sp-notice")
+            token = gr.Textbox(visible=False, elem_id="sp-token")
+        with gr.Tab("Admin", visible=False) as admin_tab:
+            refresh = gr.Button("Refresh statistics")
+            people = gr.Dataframe(label="Annotators: votes, speed, gold accuracy, left share (0.5 = unbiased), self-consistency")
+            agreement = gr.Markdown()
+            board = gr.Dataframe(label="Bradley–Terry leaderboard of candidate origins (log-strength, 95% bootstrap CI)")
+            with gr.Row():
+                votes_plot = gr.BarPlot(x="annotator", y="votes", title="Votes per annotator")
+                board_plot = gr.BarPlot(x="origin", y="strength", title="Origin strength (Bradley–Terry)")
+            with gr.Row():
+                fmt = gr.Dropdown(["pairs", "trl", "hf"], value="trl", label="Export format")
+                aggregate = gr.Dropdown(["none", "majority"], value="majority", label="Aggregate")
+                export_btn = gr.Button("Export")
+            export_file = gr.File(label="Download")
+            export_msg = gr.Markdown()
+
+        view = [state, token, header, progress_bar, compare, strength, *aspect_radios, rationale, notice]
+        demo.load(app.load, inputs=[show_diff], outputs=[*view, guidelines, admin_tab], api_name="load",
+                  concurrency_limit=concurrency_limit)  # fmt: skip
+        for answer, button in buttons.items():  # one handler, bound per answer
+            button.click(
+                app.vote_handler(answer),
+                inputs=[token, strength, *aspect_radios, rationale, show_diff, state],
+                outputs=view,
+                api_name=f"vote_{answer}",
+                concurrency_limit=concurrency_limit,
+            )
+        skip.click(app.skip, [show_diff, state], view, api_name="skip", concurrency_limit=concurrency_limit)
+        undo.click(app.undo, [show_diff, state], view, api_name="undo", concurrency_limit=concurrency_limit)
+        show_diff.change(app.redraw, [show_diff, state], view, api_name="redraw", concurrency_limit=concurrency_limit)
+        admin_outputs = [people, agreement, board, votes_plot, board_plot]
+        refresh.click(app.admin_refresh, None, admin_outputs, api_name="admin_stats")
+        admin_tab.select(app.admin_refresh, None, admin_outputs, api_name=False)
+        export_btn.click(app.admin_export, [fmt, aggregate], [export_file, export_msg], api_name="admin_export")
+    demo.storypref_media_root = media_root  # for launch(): the only directory served besides the app
+    return demo
+
+
+def launch(demo: gr.Blocks, session_factory, *, host: str = "127.0.0.1", port: int = 7860, concurrency_limit: int = 16, **kwargs):
+    """Serve `demo` with login against the annotator table. Binds to 127.0.0.1 unless told otherwise."""
+
+    def check_login(username: str, password: str) -> bool:
+        with session_factory() as s:
+            return authenticate(s, username, password) is not None
+
+    demo.queue(default_concurrency_limit=concurrency_limit)
+    return demo.launch(
+        server_name=host,
+        server_port=port,
+        auth=check_login,
+        auth_message="Log in with the account your project admin gave you.",
+        allowed_paths=[str(demo.storypref_media_root)],
+        css=CSS,
+        head=KEYS_JS,
+        footer_links=[],
+        **kwargs,
+    )

@@ -1,0 +1,104 @@
+"""One real-browser test of the labeling page: Debian's chromium driven by Playwright.
+
+It logs in, votes with a click and with a keyboard shortcut, undoes, checks the database, and
+checks that a candidate made of XSS payloads rendered as inert text. A screenshot of the
+comparison view is saved in the test's tmp dir.
+"""
+
+from __future__ import annotations
+
+import json
+import shutil
+
+import pytest
+from sqlalchemy import select
+
+from annotate.ingest import ingest
+from annotate.users import add_user
+from db import Annotator, Vote, open_db
+from tests.conftest import make_image
+from tests.server import AppServer
+
+CHROMIUM = "/usr/bin/chromium"
+ARGS = ["--no-sandbox", "--disable-gpu", "--disable-background-networking", "--disable-component-update", "--disable-sync"]
+XSS = ('<script>window.__xss = 1</script> <img src=x onerror="window.__xss = 2"> '
+       '<a href="javascript:window.__xss = 3">click</a> <gdo char1>Pip</gdo> the red circle.')  # fmt: skip
+
+pytestmark = pytest.mark.browser
+
+
+@pytest.fixture
+def server(tmp_path):
+    pytest.importorskip("playwright")
+    if not shutil.which(CHROMIUM):
+        pytest.skip("Debian's chromium is not installed (apt-get install chromium)")
+    src = tmp_path / "src"
+    lines = []
+    for i in range(4):
+        frames = [make_image(src / f"i{i}_{k}.png", (60 * k, 40 * i, 200)) for k in range(2)]
+        lines.append({"external_id": f"x{i}", "image_paths": [p.name for p in frames], "instruction": f"Tell a story {i}.",
+                      "style": "calm", "candidates": [XSS, f"<gdi image1>A calm scene {i}.</gdi><gdi image2>It rests.</gdi>"]})  # fmt: skip
+    (src / "items.jsonl").write_text("".join(json.dumps(x) + "\n" for x in lines))
+    url = f"sqlite:///{tmp_path}/browser.db"
+    _, factory = open_db(url)
+    ingest(factory, str(src / "items.jsonl"), "xss", media_root=tmp_path / "media")
+    with factory.begin() as s:
+        add_user(s, "ann", "ann-password")
+    app = AppServer(url, tmp_path / "app.log", project="xss").start()
+    yield app, factory
+    app.stop()
+
+
+def test_login_vote_click_and_key_undo_and_xss_inert(server, tmp_path):
+    from playwright.sync_api import sync_playwright
+
+    app, factory = server
+    with sync_playwright() as p:
+        browser = p.chromium.launch(executable_path=CHROMIUM, args=ARGS)
+        page = browser.new_page(viewport={"width": 1300, "height": 900})
+        page.goto(app.url)
+        page.get_by_label("username").fill("ann")
+        page.get_by_label("password").fill("ann-password")
+        page.get_by_role("button", name="Login").click()
+        page.wait_for_selector(".sp-compare img", timeout=30_000)
+        page.screenshot(path=str(tmp_path / "comparison.png"), full_page=True)
+
+        # The payloads are visible as text, and none of them ran.
+        assert "<script>window.__xss = 1</script>" in page.inner_text("#sp-compare")
+        assert page.evaluate("window.__xss") is None
+        assert page.locator("#sp-compare script").count() == 0 and page.locator("#sp-compare a").count() == 0
+        assert page.locator(".sp-entity").count() >= 1  # <gdo> became a highlight
+        assert page.locator("#sp-compare img").count() == 2  # the two frames, not the payload's img
+
+        def wait_votes(n):
+            for _ in range(100):
+                with factory() as s:
+                    votes = s.scalars(select(Vote).order_by(Vote.id)).all()
+                if len(votes) == n:
+                    return votes
+                page.wait_for_timeout(100)
+            raise AssertionError(f"expected {n} votes, have {len(votes)}")
+
+        page.click("#sp-a")  # a click
+        first = wait_votes(1)[0]
+        with factory() as s:
+            ann_id = s.scalar(select(Annotator.id).where(Annotator.username == "ann"))
+        assert first.annotator_id == ann_id and first.choice == first.shown_left  # A = the left story
+        page.wait_for_timeout(500)
+        page.locator("body").click(position={"x": 5, "y": 5})  # focus the page, not a text field
+        page.keyboard.press("0")  # a keyboard shortcut: tie
+        assert wait_votes(2)[1].choice == "tie"
+        page.wait_for_timeout(500)
+        page.keyboard.press("u")  # undo the tie
+        for _ in range(50):
+            with factory() as s:
+                if not s.scalars(select(Vote).order_by(Vote.id)).all()[1].active:
+                    break
+            page.wait_for_timeout(100)
+        with factory() as s:
+            votes = s.scalars(select(Vote).order_by(Vote.id)).all()
+            assert [v.active for v in votes] == [True, False]  # withdrawn, kept
+        assert "withdrawn" in page.inner_text("#sp-notice")
+        assert page.evaluate("window.__xss") is None
+        browser.close()
+    assert (tmp_path / "comparison.png").stat().st_size > 10_000

@@ -1,0 +1,68 @@
+"""annotate.stats against hand-computed values."""
+
+import math
+
+import pytest
+
+from annotate.stats import (
+    VoteFact,
+    agreement_report,
+    annotator_report,
+    bradley_terry,
+    cohen_kappa,
+    krippendorff_alpha,
+)
+
+
+def test_krippendorff_alpha_by_hand():
+    # Units (1,1) (0,0) (-1,-1) (1,0): coincidences o_11=o_00=o_-1-1=2, o_10=o_01=1, n=8,
+    # marginals n_1=3, n_0=3, n_-1=2. D_o = 2/8; D_e = (2·9·1 + 2·6·4 + 2·6·1) / (8·7) = 78/56.
+    assert krippendorff_alpha([[1, 1], [0, 0], [-1, -1], [1, 0]]) == pytest.approx(1 - (2 / 8) / (78 / 56))
+    assert krippendorff_alpha([[1, 1, 1], [-1, -1, None], [0, 0]]) == pytest.approx(1.0)
+    assert krippendorff_alpha([[1], [0, None]]) != krippendorff_alpha([[1], [0, None]])  # nan: nothing pairable
+
+
+def test_cohen_kappa_by_hand():
+    # p_o = 3/4; p_e = (2·3 + 2·1)/16 = 1/2; κ = (3/4 − 1/2)/(1/2) = 1/2.
+    assert cohen_kappa(list("aabb"), list("aaba")) == pytest.approx(0.5)
+    assert cohen_kappa(list("abab"), list("abab")) == pytest.approx(1.0)
+    assert math.isnan(cohen_kappa(list("aa"), list("aa")))  # no variation: undefined
+
+
+def test_bradley_terry_by_hand():
+    # x beats y 3 times, y beats x once: p_x/p_y = 3, centered log-strengths ±ln(3)/2.
+    board = bradley_terry([("x", "y", 1.0)] * 3 + [("x", "y", 0.0)], bootstrap=100)
+    assert [b.name for b in board] == ["x", "y"]
+    assert board[0].strength == pytest.approx(math.log(3) / 2, abs=1e-3)
+    assert board[0].low <= board[0].strength <= board[0].high and board[0].games == 4
+    # A tie counts half a win each: 1 win + 2 ties = 2 of 3 → ratio 2.
+    tied = bradley_terry([("x", "y", 1.0), ("x", "y", 0.5), ("x", "y", 0.5)], bootstrap=0)
+    assert tied[0].strength - tied[1].strength == pytest.approx(math.log(2), abs=1e-3)
+
+
+def test_annotator_report_by_hand():
+    votes = [
+        VoteFact("ann", 1, "a", "a", 4000),  # left chosen
+        VoteFact("ann", 2, "b", "a", 6000),  # right chosen
+        VoteFact("ann", 3, "a", "a", 2000, gold_choice="a"),  # left, gold right
+        VoteFact("ann", 4, "tie", "b", None, gold_choice="b"),  # gold wrong
+        VoteFact("ann", 1, "a", "b", 3000, is_repeat=True),  # repeat agrees (now chosen on the right)
+        VoteFact("ann", 2, "a", "b", 3000, is_repeat=True),  # repeat disagrees
+    ]
+    (row,) = annotator_report(votes)
+    assert row["votes"] == 4 and row["median_seconds"] == 3.0
+    assert row["gold_accuracy"] == 0.5 and row["gold_votes"] == 2
+    assert row["left_share"] == pytest.approx(round(2 / 5, 3))  # decisive: 1,2,3 + two repeats; left in 1, 3
+    assert row["self_consistency"] == 0.5 and row["repeats"] == 2
+
+
+def test_agreement_report():
+    # x and y always agree; z disagrees on two of six comparisons.
+    answers = {"x": "abaabt", "y": "abaabt", "z": "abbbbt"}
+    votes = [VoteFact(name, c, {"t": "tie"}.get(ch, ch), "a", 1000) for name, row in answers.items() for c, ch in enumerate(row)]
+    report = agreement_report(votes)
+    assert report["units_with_2plus_votes"] == 6
+    kappa = report["kappa_per_annotator"]
+    assert kappa["x"] == kappa["y"] > kappa["z"]
+    # Pairs: κ(x,y) = 1; κ(x,z) = κ(y,z): p_o = 4/6, p_e = (3·1 + 2·4 + 1·1)/36 = 1/3 → κ = 1/2.
+    assert report["mean_pairwise_kappa"] == pytest.approx((1 + 0.5 + 0.5) / 3, abs=1e-3)

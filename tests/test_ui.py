@@ -1,0 +1,152 @@
+"""The labeling app's handlers, called directly with a gr.Request, as Gradio would call them."""
+
+import gradio as gr
+import pytest
+from sqlalchemy import select
+
+from annotate.demo import DEMO_PROJECT, ensure_admin, seed_demo
+from annotate.ui import STRENGTHS, LabelingApp, Session, build_app
+from annotate.users import add_user
+from db import Comparison, Vote, open_db
+
+# view = (state, token, header, progress, compare, strength, *aspects, rationale, notice)
+TOKEN, HEADER, COMPARE, NOTICE = 1, 2, 4, -1
+
+
+@pytest.fixture
+def app(tmp_path):
+    _, factory = open_db(f"sqlite:///{tmp_path}/ui.db")
+    assert seed_demo(factory, tmp_path / "data", n_items=12, media_root=tmp_path / "media") == DEMO_PROJECT
+    with factory.begin() as s:
+        add_user(s, "ann", "ann-password")
+        add_user(s, "bob", "bob-password")
+        add_user(s, "boss", "boss-password", admin=True)
+    demo = build_app(factory)
+    return LabelingApp(factory, DEMO_PROJECT, demo.storypref_media_root), factory
+
+
+def req(name):
+    return gr.Request(username=name)
+
+
+def _vote(app, view, answer, name, strength=None, aspects=(None,) * 4, rationale=""):
+    return app.vote_handler(answer)(view[TOKEN], strength, *aspects, rationale, False, view[0], request=req(name))
+
+
+def test_load_shows_a_comparison_with_frames(app):
+    app, _ = app
+    *view, guidelines, admin_tab = app.load(request=req("ann"))
+    assert view[COMPARE].startswith('<table class="sp-compare">') and "/gradio_api/file=" in view[COMPARE]
+    assert view[HEADER].startswith("### Tell ") and "Which story is better" in guidelines
+    assert admin_tab["visible"] is False
+    assert app.load(request=req("boss"))[-1]["visible"] is True
+
+
+def test_vote_uses_the_login_identity_and_maps_sides(app):
+    app, factory = app
+    *view, _, _ = app.load(request=req("ann"))
+    a = view[0].assignment
+    nxt = _vote(app, view, "right", "ann", strength=STRENGTHS[3], aspects=("left", None, "tie", None), rationale="B is grounded")
+    with factory() as s:
+        vote = s.scalar(select(Vote))
+        assert vote.annotator.username == "ann" and vote.comparison_id == a.comparison_id
+        assert vote.choice == ("b" if a.shown_left == "a" else "a")  # "right" is the one not on the left
+        assert vote.strength == 4 and vote.rationale == "B is grounded" and vote.time_spent_ms is not None
+        assert vote.aspects == {"grounding": a.shown_left, "style": "tie"}
+        assert s.get(Comparison, a.comparison_id).n_votes == 1
+    assert nxt[0].assignment.comparison_id != a.comparison_id and nxt[TOKEN] != view[TOKEN]
+
+
+def test_double_submit_records_one_vote(app):
+    app, factory = app
+    *view, _, _ = app.load(request=req("ann"))
+    after_first = _vote(app, view, "left", "ann")
+    # The second click of a double click carries the same token; the server state has moved on.
+    again = app.vote_handler("left")(view[TOKEN], None, *(None,) * 4, "", False, after_first[0], request=req("ann"))
+    with factory() as s:
+        assert len(s.scalars(select(Vote)).all()) == 1
+    assert again[0].assignment == after_first[0].assignment  # nothing advanced
+
+
+def test_unauthenticated_and_disabled_users_are_refused(app):
+    app, factory = app
+    with pytest.raises(gr.Error, match="not logged in"):
+        app.load(request=gr.Request())
+    with pytest.raises(gr.Error, match="not logged in"):
+        app.vote_handler("left")("tok", None, *(None,) * 4, "", False, Session(), request=req("mallory"))
+    with factory.begin() as s:
+        from annotate.users import set_active
+
+        set_active(s, "bob", False)
+    with pytest.raises(gr.Error):
+        app.load(request=req("bob"))
+
+
+def test_one_annotator_cannot_vote_with_anothers_state(app):
+    """Even holding ann's state and token, bob's request records a vote for bob, never for ann."""
+    app, factory = app
+    *ann_view, _, _ = app.load(request=req("ann"))
+    _vote(app, ann_view, "left", "bob")
+    with factory() as s:
+        assert [v.annotator.username for v in s.scalars(select(Vote))] == ["bob"]
+
+
+def test_skip_and_undo(app):
+    app, factory = app
+    *view, _, _ = app.load(request=req("ann"))
+    first = view[0].assignment
+    skipped = app.skip(False, view[0], request=req("ann"))
+    assert skipped[0].assignment.comparison_id != first.comparison_id
+    assert first.comparison_id in skipped[0].skipped
+    voted = _vote(app, skipped, "left", "ann")
+    undone = app.undo(False, voted[0], request=req("ann"))
+    assert undone[0].assignment.comparison_id == skipped[0].assignment.comparison_id
+    assert "withdrawn" in undone[NOTICE]
+    redo = _vote(app, undone, "tie", "ann")
+    with factory() as s:
+        votes = s.scalars(select(Vote).order_by(Vote.id)).all()
+        assert [(v.choice, v.active) for v in votes][-1] == ("tie", True) and not votes[0].active
+        assert votes[0].superseded_by_id == votes[1].id
+    assert "Nothing to undo" in app.undo(False, redo[0], request=req("bob"))[NOTICE]
+
+
+def test_admin_views_return_nothing_to_annotators(app, tmp_path):
+    app, _ = app
+    *view, _, _ = app.load(request=req("ann"))
+    for k in range(3):
+        view = _vote(app, view, "left", "ann")
+    assert app.admin_refresh(request=req("ann")) == (None, "", None, None, None)
+    assert app.admin_export("pairs", "none", request=req("ann")) == (None, "")
+    people, summary, board, _, _ = app.admin_refresh(request=req("boss"))
+    assert list(people["annotator"]) == ["ann"] and int(people["votes"][0]) == 3
+    assert "Krippendorff" in summary and set(board.columns) >= {"origin", "strength", "ci_low", "ci_high"}
+    path, message = app.admin_export("pairs", "none", request=req("boss"))
+    assert "3 rows" in message and sum(1 for _ in open(path)) == 3
+
+
+def test_first_run_creates_one_admin(tmp_path):
+    _, factory = open_db(f"sqlite:///{tmp_path}/first.db")
+    password = ensure_admin(factory)
+    assert password and len(password) >= 12
+    assert ensure_admin(factory) is None  # only once
+    from annotate.auth import authenticate
+
+    with factory() as s:
+        assert authenticate(s, "admin", password).role == "admin"
+        assert authenticate(s, "admin", "wrong") is None
+
+
+
+def test_every_handler_gets_the_request(app):
+    """Gradio injects gr.Request only into parameters it can see typed as such: check every event."""
+    from gradio.utils import get_type_hints
+
+    _, factory = app
+    demo = build_app(factory)
+    for fn in demo.fns.values():
+        if fn.fn is None:
+            continue
+        import inspect
+
+        if "request" in inspect.signature(fn.fn).parameters:
+            assert get_type_hints(fn.fn).get("request") in (gr.Request, gr.Request | None), fn.name
