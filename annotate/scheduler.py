@@ -290,7 +290,8 @@ class Progress:
         return self.done / self.target if self.target else 1.0
 
 
-def progress(session: Session, annotator_id: int, project: Project) -> Progress:
+def project_progress(session: Session, project: Project) -> tuple[int, int]:
+    """(votes done towards the target, target): a scan of the project's comparisons."""
     wanted = func.coalesce(Comparison.overlap, project.overlap)
     capped = case((Comparison.n_votes < wanted, Comparison.n_votes), else_=wanted)
     done, target = session.execute(
@@ -298,12 +299,18 @@ def progress(session: Session, annotator_id: int, project: Project) -> Progress:
             Comparison.project_id == project.id, ~Comparison.is_gold
         )
     ).one()
+    return int(done or 0), int(target or 0)
+
+
+def progress(session: Session, annotator_id: int, project: Project, project_totals: tuple[int, int] | None = None) -> Progress:
+    """My answers, and the project's progress (pass `project_totals` to reuse a recent scan)."""
+    done, target = project_totals or project_progress(session, project)
     mine = session.scalar(
         select(func.count(Vote.id))
         .join(Comparison, Vote.comparison_id == Comparison.id)
         .where(Vote.annotator_id == annotator_id, Vote.active, ~Vote.is_repeat, Comparison.project_id == project.id)
     )
-    return Progress(int(mine or 0), int(done or 0), int(target or 0))
+    return Progress(int(mine or 0), done, target)
 
 
 def annotator_by_name(session: Session, username: str | None) -> Annotator | None:
@@ -314,5 +321,5 @@ def annotator_by_name(session: Session, username: str | None) -> Annotator | Non
     return user if user is not None and user.active else None
 
 
-__all__ = ["CHOICES", "Assignment", "Leases", "Progress", "VoteError", "annotator_by_name", "next_assignment", "progress",
+__all__ = ["CHOICES", "Assignment", "Leases", "Progress", "VoteError", "annotator_by_name", "next_assignment", "progress", "project_progress",
            "record_vote", "shown_left_for", "to_canonical", "undo_last"]  # fmt: skip

@@ -38,11 +38,24 @@ from annotate.scheduler import (
     annotator_by_name,
     next_assignment,
     progress,
+    project_progress,
     record_vote,
     undo_last,
 )
-from db import ASPECTS, DEFAULT_MEDIA_ROOT, Annotator, Candidate, Comparison, Item, Project, Vote, get_meta
+from db import (
+    ASPECTS,
+    DEFAULT_MEDIA_ROOT,
+    Annotator,
+    Candidate,
+    Comparison,
+    Item,
+    Project,
+    Vote,
+    get_meta,
+    read_session_factory,
+)
 
+PROGRESS_TTL_SECONDS = 5.0  # the project-wide progress bar may lag this much
 STRENGTHS = ["Negligibly better / unsure", "Slightly better", "Better", "Significantly better"]  # Llama 2 scale
 ASPECT_CHOICES = [("A", "left"), ("B", "right"), ("Same", "tie")]
 ANSWERS = {"left": "sp-a", "right": "sp-b", "tie": "sp-tie", "both_bad": "sp-bad"}
@@ -83,6 +96,8 @@ class LabelingApp:
         self.project_name = project
         self.media_root = media_root
         self.leases = Leases()  # shared by all users on purpose: what is handed out, not who holds it
+        self.reads = read_session_factory(session_factory)  # choosing and rendering never block voting
+        self._totals: tuple[float, tuple[int, int]] = (0.0, (0, 0))  # project progress, refreshed every few s
 
     # -- helpers ------------------------------------------------------------------------------
 
@@ -106,8 +121,15 @@ class LabelingApp:
                 self.leases.take(token, assignment.comparison_id)
         return replace(state, assignment=assignment, token=token, served_at=time.time())
 
+    def _project_totals(self, s, project: Project) -> tuple[int, int]:
+        at, totals = self._totals
+        if time.monotonic() - at > PROGRESS_TTL_SECONDS:  # a scan of every comparison: not on every click
+            totals = project_progress(s, project)
+            self._totals = (time.monotonic(), totals)
+        return totals
+
     def _view(self, s, user: Annotator, project: Project, state: Session, show_diff: bool, notice: str = "") -> tuple:
-        prog = progress(s, user.id, project)
+        prog = progress(s, user.id, project, self._project_totals(s, project))
         bar = (
             f'<div class="sp-progress">You: <b>{prog.mine}</b> answers · project: <b>{prog.done}</b> / {prog.target} votes '
             f'<progress max="{max(prog.target, 1)}" value="{prog.done}" style="width:40%"></progress> {prog.fraction:.0%}</div>'
@@ -131,7 +153,7 @@ class LabelingApp:
     # -- events -------------------------------------------------------------------------------
 
     def load(self, show_diff: bool = False, request: gr.Request | None = None):
-        with self.sessions.begin() as s:
+        with self.reads() as s:
             user = self._user(s, request)
             project = self._project(s)
             state = self._serve(s, user, project, Session())
@@ -151,13 +173,14 @@ class LabelingApp:
         request: gr.Request | None = None,
     ):
         state = state or Session()
-        with self.sessions.begin() as s:
+        if state.assignment is None or token != state.token:
+            # A second click on an answer already recorded, or a stale page: show where we are.
+            with self.reads() as s:
+                user = self._user(s, request)
+                return self._view(s, user, self._project(s), state, show_diff)
+        a = state.assignment
+        with self.sessions.begin() as s:  # the write: one short transaction
             user = self._user(s, request)
-            project = self._project(s)
-            if state.assignment is None or token != state.token:
-                # A second click on an answer already recorded, or a stale page: show where we are.
-                return self._view(s, user, project, state, show_diff)
-            a = state.assignment
             try:
                 _, created = record_vote(
                     s,
@@ -174,10 +197,11 @@ class LabelingApp:
             except VoteError as e:
                 gr.Warning(str(e))
                 notice = f"⚠️ {e}"
-            state = self._serve(s, user, project, replace(state, last_item_id=a.item_id))
-            view = self._view(s, user, project, state, show_diff, notice)
         self.leases.release(token)  # after the commit: until then the lease stands in for the vote
-        return view
+        with self.reads() as s:
+            project = self._project(s)
+            state = self._serve(s, user, project, replace(state, last_item_id=a.item_id))
+            return self._view(s, user, project, state, show_diff, notice)
 
     def vote_handler(self, answer: str):
         """`vote` bound to one answer, as a plain function with type hints. (A functools.partial hides
@@ -192,7 +216,7 @@ class LabelingApp:
 
     def skip(self, show_diff: bool, state: Session | None, request: gr.Request | None = None):
         state = state or Session()
-        with self.sessions.begin() as s:
+        with self.reads() as s:
             user = self._user(s, request)
             project = self._project(s)
             a = state.assignment
@@ -218,7 +242,7 @@ class LabelingApp:
         return view
 
     def redraw(self, show_diff: bool, state: Session | None, request: gr.Request | None = None):
-        with self.sessions() as s:
+        with self.reads() as s:
             user = self._user(s, request)
             return self._view(s, user, self._project(s), state or Session(), show_diff)
 

@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import argparse
 import json
+from collections import Counter
 import random
 import statistics
 import sys
@@ -20,7 +21,7 @@ import time
 from pathlib import Path
 
 import pandas as pd
-from sqlalchemy import insert, select
+from sqlalchemy import insert, select, update
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
@@ -60,6 +61,8 @@ def seed(session_factory, n_items: int, n_votes: int, media_root: str) -> None:
                          "strength": rng.randint(1, 4), "aspects": {}, "shown_left": rng.choice("ab"), "client_token": f"t{k}"})  # fmt: skip
             k += 1
         s.execute(insert(Vote), rows)
+        per_comparison = Counter(r["comparison_id"] for r in rows)
+        s.execute(update(Comparison), [{"id": c, "n_votes": n} for c, n in per_comparison.items()])
 
 
 PANDAS_SQL = """

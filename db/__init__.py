@@ -14,6 +14,7 @@ from db.engine import (
     make_engine,
     make_session_factory,
     open_db,
+    read_session_factory,
     set_meta,
 )
 from db.models import (
@@ -52,5 +53,6 @@ __all__ = [
     "make_engine",
     "make_session_factory",
     "open_db",
+    "read_session_factory",
     "set_meta",
 ]

@@ -70,6 +70,13 @@ def make_session_factory(engine: Engine) -> sessionmaker[Session]:
     return sessionmaker(engine, expire_on_commit=False)
 
 
+def read_session_factory(session_factory: sessionmaker[Session]) -> sessionmaker[Session]:
+    """Sessions for reads only. On SQLite they begin DEFERRED, so under WAL they neither wait for
+    nor block writers; elsewhere they are ordinary sessions."""
+    engine = session_factory.kw["bind"]
+    return sessionmaker(engine.execution_options(sqlite_begin="DEFERRED"), expire_on_commit=False)
+
+
 def check_schema(engine: Engine) -> None:
     """Raise SchemaVersionError unless `engine` holds storypref schema version SCHEMA_VERSION."""
     url = engine.url.render_as_string(hide_password=True)
