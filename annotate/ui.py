@@ -354,8 +354,8 @@ def build_app(session_factory, project: str | None = None, *, concurrency_limit:
             agreement = gr.Markdown()
             board = gr.Dataframe(label="Bradley–Terry leaderboard of candidate origins (log-strength, 95% bootstrap CI)")
             with gr.Row():
-                votes_plot = gr.BarPlot(x="annotator", y="votes", title="Votes per annotator")
-                board_plot = gr.BarPlot(x="origin", y="strength", title="Origin strength (Bradley–Terry)")
+                votes_plot = gr.BarPlot(x="annotator", y="votes", title="Votes per annotator", y_lim=[0, None])
+                board_plot = gr.BarPlot(x="origin", y="strength", title="Origin strength (Bradley–Terry)", sort="-y")
             with gr.Row():
                 fmt = gr.Dropdown(["pairs", "trl", "hf"], value="trl", label="Export format")
                 aggregate = gr.Dropdown(["none", "majority"], value="majority", label="Aggregate")

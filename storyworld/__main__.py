@@ -36,9 +36,16 @@ def build_parser() -> argparse.ArgumentParser:
     make.add_argument("--frames", type=_frames, default=(1, 4), help="frames per scene: N or LO-HI (default 1-4)")
     make.add_argument("--image-size", type=_size, default=(128, 96), help="frame size WxH (default 128x96)")
 
-    ann = sub.add_parser("annotate", help="simulated annotators vote on the world's candidate pairs (pairs JSONL)")
+    ann = sub.add_parser(
+        "annotate",
+        help="simulated annotators vote: into a pairs JSONL (--out), or through the running app (--app)",
+    )
     ann.add_argument("--world", required=True, type=Path, help="a directory written by `make`")
-    ann.add_argument("--out", required=True, type=Path, help="pairs JSONL to write (one line per vote)")
+    where = ann.add_mutually_exclusive_group(required=True)
+    where.add_argument("--out", type=Path, help="pairs JSONL to write (one line per vote)")
+    where.add_argument("--app", help="URL of a running labeling app to vote through, e.g. http://127.0.0.1:7860")
+    ann.add_argument("--users", type=Path, help="with --app: a file of name:password lines, one account each")
+    ann.add_argument("--votes-per-user", type=int, default=50, help="with --app: votes per account")
     ann.add_argument("--pairs-per-item", type=int, default=None, help="sample K of the 6 pairs per item (default all)")
     ann.add_argument("--annotators", type=int, default=5, help="size of the simulated pool")
     ann.add_argument("--votes-per-pair", type=int, default=3, help="annotators per pair")
@@ -68,6 +75,15 @@ def main(argv: list[str] | None = None) -> int:
         make_world(args.out, args.items, seed=args.seed, frames=args.frames, image_size=args.image_size, progress=True)
         print(f"wrote {args.items} items to {args.out} in {time.perf_counter() - start:.1f}s")
         print(f"next: python -m annotate.ingest {args.out / 'items.jsonl'} --project storyworld")
+    elif args.command == "annotate" and args.app:
+        from storyworld.app_client import annotate_app
+
+        if not args.users:
+            print("error: --app needs --users FILE (name:password lines)", file=sys.stderr)
+            return 2
+        stats = annotate_app(args.world, args.app, args.users, args.votes_per_user, args.seed)
+        print(json.dumps(stats, indent=1))
+        return 1 if stats["errors"] else 0
     elif args.command == "annotate":
         from storyworld.world import annotate_world
 

@@ -119,3 +119,37 @@ def test_load_16_annotators_then_kill_9_loses_no_acknowledged_vote(database):
         assert client.predict(False, api_name="/load")[0]  # and the app serves again
     finally:
         server.stop()
+
+
+def test_storyworld_annotators_vote_through_the_app(tmp_path):
+    """`python -m storyworld annotate --app URL --users FILE`: simulated annotators as real clients."""
+    from storyworld.__main__ import main as storyworld_main
+
+    make_world(tmp_path / "w", 12, seed=21)
+    url = f"sqlite:///{tmp_path}/sim.db"
+    _, factory = open_db(url)
+    ingest(factory, str(tmp_path / "w" / "items.jsonl"), "sim", media_root=tmp_path / "media")
+    with factory.begin() as s:
+        for i in range(3):
+            add_user(s, f"sim{i}", f"sim-password-{i}")
+    (tmp_path / "users.txt").write_text("".join(f"sim{i}:sim-password-{i}\n" for i in range(3)))
+    server = AppServer(url, tmp_path / "sim.log", project="sim").start()
+    try:
+        code = storyworld_main(["annotate", "--world", str(tmp_path / "w"), "--app", server.url,
+                                "--users", str(tmp_path / "users.txt"), "--votes-per-user", "8"])  # fmt: skip
+        assert code == 0
+    finally:
+        server.stop()
+    world = {c["text"]: c["utility"] for line in (tmp_path / "w" / "world.jsonl").open() for c in json.loads(line)["candidates"]}
+    with factory() as s:
+        votes = s.scalars(select(Vote)).all()
+        assert len(votes) == 24
+        # The simulated annotators mostly prefer the higher-utility story, as their model says.
+        agree = decided = 0
+        for v in votes:
+            comp = s.get(Comparison, v.comparison_id)
+            ua, ub = world[comp.candidate_a.text], world[comp.candidate_b.text]
+            if v.choice in ("a", "b") and abs(ua - ub) > 1:
+                decided += 1
+                agree += (v.choice == "a") == (ua > ub)
+        assert decided >= 5 and agree / decided >= 0.7
