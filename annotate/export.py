@@ -38,6 +38,7 @@ from typing import Any, NamedTuple
 from sqlalchemy import Text, cast, select
 from sqlalchemy.orm import Session, aliased
 
+from annotate.formats import STRENGTH_MARGIN, format_prompt
 from db import (
     DEFAULT_MEDIA_ROOT,
     Annotator,
@@ -52,8 +53,6 @@ from db import (
 )
 
 FORMATS = ("pairs", "trl", "hf")
-# Llama 2's "margin small": strength 1 (negligibly better) .. 4 (significantly better).
-STRENGTH_MARGIN = {1: 0.0, 2: 1 / 3, 3: 2 / 3, 4: 1.0}
 PREFERENCE = {"a": "response_a", "b": "response_b", "tie": "tie", "both_bad": "both_bad"}
 
 
@@ -75,20 +74,6 @@ class ExportStats:
             f"{self.rows} rows{split}; skipped {self.skipped_ties} ties/both-bad and "
             f"{self.skipped_min_votes} comparisons under --min-votes"
         )
-
-
-def format_prompt(instruction: str, style: str | None = None, context: str | None = None) -> str:
-    """The text a model sees besides the images.
-
-    >>> format_prompt("Tell a story.", "spooky", "A cat left home.")
-    'Tell a story.\\nStyle: spooky\\nStory so far: A cat left home.'
-    """
-    parts = [instruction]
-    if style:
-        parts.append(f"Style: {style}")
-    if context:
-        parts.append(f"Story so far: {context}")
-    return "\n".join(parts)
 
 
 # ------------------------------------------------------------------------------------------------

@@ -15,53 +15,17 @@ import difflib
 import hashlib
 import html
 import re
-from dataclasses import dataclass
+from annotate.formats import plain_text, split_frames
 
-_FRAME = re.compile(r"<gdi\s+image(\d+)\s*>(.*?)</gdi>", re.S | re.I)
 _ENTITY = re.compile(r"<(gdo|gda|gdl)\s+([\w-]{1,40})\s*>(.*?)</\1>", re.S | re.I)
 _ANY_TAG = re.compile(r"</?gd[a-z]\b[^>]*>", re.I)
-_SENTENCE = re.compile(r"(?<=[.!?])\s+")
 PALETTE = ("#ffd6a5", "#caffbf", "#9bf6ff", "#bdb2ff", "#ffc6ff", "#fdffb6", "#a0c4ff", "#ffadad")
 KIND_LABEL = {"gdo": "object", "gda": "action", "gdl": "location"}
-
-
-@dataclass
-class Segment:
-    text: str  # raw text, still possibly holding entity tags
-    frame: int  # 0-based frame index
 
 
 def entity_color(entity_id: str) -> str:
     """The same entity id always gets the same color (in both stories, on every page)."""
     return PALETTE[int(hashlib.sha256(entity_id.lower().encode()).hexdigest(), 16) % len(PALETTE)]
-
-
-def split_frames(story: str, n_frames: int) -> list[list[str]]:
-    """The story's parts per frame, as raw text. `<gdi>` tags win; otherwise sentences in order.
-
-    >>> split_frames("One. Two. Three. Four.", 2)
-    [['One.', 'Two.'], ['Three.', 'Four.']]
-    >>> split_frames("<gdi image2>Later.</gdi><gdi image1>First.</gdi>", 2)
-    [['First.'], ['Later.']]
-    """
-    n_frames = max(1, n_frames)
-    parts: list[list[str]] = [[] for _ in range(n_frames)]
-    tagged = _FRAME.findall(story)
-    if tagged:
-        for index, text in tagged:
-            parts[min(max(int(index) - 1, 0), n_frames - 1)].append(text.strip())
-        leftover = _FRAME.sub(" ", story).strip()
-        if leftover:  # text outside any frame tag goes with the last frame
-            parts[-1].append(leftover)
-        return parts
-    sentences = [s for s in _SENTENCE.split(story.strip()) if s]
-    for i, sentence in enumerate(sentences):
-        parts[i * n_frames // max(len(sentences), 1)].append(sentence)
-    return parts
-
-
-def plain_text(story: str) -> str:
-    return re.sub(r"\s+", " ", _ANY_TAG.sub(" ", story)).strip()
 
 
 def _words(text: str) -> list[str]:
