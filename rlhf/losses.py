@@ -14,26 +14,27 @@ def bradley_terry_loss(
     margin: torch.Tensor | None = None,
     tie: torch.Tensor | None = None,
     center_coef: float = 0.0,
+    target: torch.Tensor | None = None,
 ) -> torch.Tensor:
     """Mean Bradley-Terry loss −log σ(r_c − r_r − m) over a batch (Ouyang et al. 2022; Llama 2 margin).
 
     A tie is a soft target of 0.5: −½ log σ(Δ) − ½ log σ(−Δ), with no margin, so the two rewards
-    are pulled together. `center_coef` adds c·mean((r_c + r_r)²), which keeps rewards centered on
-    zero (Eisenstein et al. 2023). Shapes: all (B,).
+    are pulled together. More generally `target` gives P(chosen ≻ rejected) per pair (e.g. the
+    share of annotators who preferred it); the margin applies only to decisive pairs (target 1).
+    `center_coef` adds c·mean((r_c + r_r)²), which keeps rewards centered on zero
+    (Eisenstein et al. 2023). Shapes: all (B,).
 
     >>> bradley_terry_loss(torch.tensor([0.0]), torch.tensor([0.0])).item()  # ln 2
     0.6931471824645996
     """
     delta = chosen_rewards - rejected_rewards  # (B,)
-    target = torch.ones_like(delta)
-    if tie is not None:
-        tie = tie.to(delta.dtype)
-        target = target - 0.5 * tie
-    if margin is not None:
-        margin = margin.to(delta.dtype)
+    if target is None:
+        target = torch.ones_like(delta)
         if tie is not None:
-            margin = margin * (1 - tie)  # a tie has no margin
-        delta = delta - margin
+            target = target - 0.5 * tie.to(delta.dtype)
+    target = target.to(delta.dtype)
+    if margin is not None:
+        delta = delta - margin.to(delta.dtype) * (target >= 1)  # ties and soft labels have no margin
     loss = F.binary_cross_entropy_with_logits(delta, target, reduction="mean")
     if center_coef:
         loss = loss + center_coef * ((chosen_rewards + rejected_rewards) ** 2).mean()

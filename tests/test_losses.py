@@ -53,3 +53,9 @@ def test_bt_gradient_pushes_chosen_up():
 def test_accuracy_leaves_ties_out():
     acc = preference_accuracy(torch.tensor([1.0, 0.0, 5.0]), torch.tensor([0.0, 1.0, 0.0]), tie=torch.tensor([False, False, True]))
     assert acc.item() == pytest.approx(0.5)
+
+
+def test_bt_soft_target():
+    # target 0.75 at Δ = 1: −0.75 log σ(1) − 0.25 log σ(−1); the margin is ignored for soft labels.
+    loss = bradley_terry_loss(torch.tensor([1.0]), torch.tensor([0.0]), margin=torch.tensor([1.0]), target=torch.tensor([0.75]))
+    assert loss.item() == pytest.approx(-0.75 * math.log(sig(1.0)) - 0.25 * math.log(sig(-1.0)), rel=1e-6)

@@ -1,0 +1,253 @@
+"""Read preference data for reward-model training, in any of the formats `annotate.export` writes.
+
+`load_preferences(path)` detects the format and says which it found:
+
+* TRL preference JSONL: a directory with `train.jsonl` (and `test.jsonl`), or one such file;
+* pairs JSONL: one line per vote (`response_a, response_b, preference`), aggregated by comparison
+  with `aggregate="majority"` (ties become soft 0.5 targets), `"soft"` (the target is the share of
+  votes for the winner, ties counting half) or `"none"` (every vote is a pair);
+* a Hugging Face `DatasetDict` saved with `save_to_disk` (images as `datasets.Image`).
+
+Everything becomes `PreferencePair`s. Without a test split the data is split by item
+(deterministically, by the item's images), so no image is on both sides. Bad data stops with the
+file, the line and the fix: an empty set, a set without a single decisive pair, a missing image.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import io
+import json
+from collections import Counter, defaultdict
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+from annotate.formats import STRENGTH_MARGIN, format_prompt
+
+TEST_FRACTION = 0.1
+
+
+class DataError(ValueError):
+    """Unusable preference data; the message names the file and the fix."""
+
+
+class ImageRef:
+    """An image by path or in memory, with a content key (sha256) for caching its embedding."""
+
+    def __init__(self, path: str | Path | None = None, image: Any = None):
+        self.path = Path(path) if path is not None else None
+        self.image = image
+        self._key: str | None = None
+
+    @property
+    def key(self) -> str:
+        if self._key is None:
+            if self.path is not None:
+                data = self.path.read_bytes()
+            else:
+                buf = io.BytesIO()
+                self.image.save(buf, format="PNG")
+                data = buf.getvalue()
+            self._key = hashlib.sha256(data).hexdigest()
+        return self._key
+
+    def load(self):
+        from PIL import Image
+
+        return (Image.open(self.path) if self.path is not None else self.image).convert("RGB")
+
+    def __repr__(self) -> str:
+        return f"ImageRef({self.path or 'in-memory'})"
+
+
+@dataclass
+class PreferencePair:
+    images: list[ImageRef]
+    prompt: str  # instruction, style and context, as annotate.formats.format_prompt writes them
+    chosen: str
+    rejected: str
+    target: float = 1.0  # P(chosen ≻ rejected): 1 decisive, 0.5 tie, in between for soft labels
+    margin: float = 0.0
+    aspects: dict[str, str] = field(default_factory=dict)  # aspect -> chosen | rejected | tie
+    item_id: str = ""
+    where: str = ""
+
+    @property
+    def tie(self) -> bool:
+        return self.target == 0.5
+
+
+def _message_text(value: Any) -> str:
+    """A TRL field is a string (standard) or a list of chat messages (conversational)."""
+    if isinstance(value, str):
+        return value
+    if isinstance(value, list):
+        return "\n".join(m["content"] if isinstance(m.get("content"), str) else
+                         " ".join(c.get("text", "") for c in m.get("content", []) if isinstance(c, dict))
+                         for m in value)  # fmt: skip
+    raise TypeError(f"expected a string or a list of messages, got {type(value).__name__}")
+
+
+def _images(paths: list, base: Path, where: str) -> list[ImageRef]:
+    refs = []
+    for p in paths or []:
+        if not isinstance(p, str):  # a PIL image (HF datasets with an Image feature)
+            refs.append(ImageRef(image=p))
+            continue
+        path = Path(p) if Path(p).is_absolute() else base / p
+        if not path.is_file():
+            raise DataError(f"{where}: image not found: {p}. Re-export with the media root that holds it, or fix the path.")
+        refs.append(ImageRef(path))
+    return refs
+
+
+def _jsonl(path: Path):
+    with path.open(encoding="utf-8") as f:
+        for lineno, line in enumerate(f, 1):
+            if line.strip():
+                try:
+                    yield lineno, json.loads(line)
+                except json.JSONDecodeError as e:
+                    raise DataError(f"{path}:{lineno}: malformed JSON ({e.msg}); each line must be one JSON object") from None
+
+
+def _trl_row(row: dict, base: Path, where: str) -> PreferencePair:
+    for key in ("prompt", "chosen", "rejected"):
+        if key not in row:
+            raise DataError(f"{where}: missing `{key}`; TRL preference rows need prompt, chosen and rejected")
+    tie = bool(row.get("tie"))
+    return PreferencePair(
+        images=_images(row.get("images") or ([row["image"]] if row.get("image") else []), base, where),
+        prompt=_message_text(row["prompt"]),
+        chosen=_message_text(row["chosen"]),
+        rejected=_message_text(row["rejected"]),
+        target=0.5 if tie else 1.0,
+        margin=float(row.get("margin") or 0.0),
+        aspects=row["aspects"] if isinstance(row.get("aspects"), dict) else json.loads(row.get("aspects") or "{}"),
+        item_id=str(row.get("item_id") or ""),
+        where=where,
+    )
+
+
+def _pairs(path: Path, aggregate: str) -> list[PreferencePair]:
+    groups: dict[Any, list[tuple[int, dict]]] = defaultdict(list)
+    for lineno, row in _jsonl(path):
+        for key in ("instruction", "response_a", "response_b", "preference"):
+            if key not in row:
+                raise DataError(f"{path}:{lineno}: missing `{key}`; pairs lines need instruction, response_a, response_b, preference")
+        key = row.get("comparison_id") or (row.get("item_id"), row["response_a"], row["response_b"])
+        groups[key if aggregate != "none" else (key, lineno)].append((lineno, row))
+    out = []
+    for votes in groups.values():
+        lineno, first = votes[0]
+        where = f"{path}:{lineno}"
+        counts = Counter(r["preference"] for _, r in votes if r["preference"] in ("response_a", "response_b", "tie"))
+        n = sum(counts.values())
+        if not n:
+            continue  # only both-bad answers: no preference to learn
+        wins_a = counts["response_a"] + 0.5 * counts["tie"]
+        a_first = wins_a >= n - wins_a
+        chosen, rejected = ("response_a", "response_b") if a_first else ("response_b", "response_a")
+        if aggregate == "soft":
+            target = max(wins_a, n - wins_a) / n
+        else:  # majority (or a single vote): an a-b draw or a tie majority is a tie
+            top = counts.most_common()
+            tied_top = len(top) > 1 and top[0][1] == top[1][1]
+            target = 0.5 if tied_top or top[0][0] == "tie" else 1.0
+        agreeing = [r for _, r in votes if r["preference"] == chosen]
+        strengths = [r["strength"] for r in agreeing if r.get("strength") in STRENGTH_MARGIN]
+        aspects: dict[str, str] = {}
+        for aspect in {k for _, r in votes for k in (r.get("aspects") or {})}:
+            said = Counter((r.get("aspects") or {}).get(aspect) for _, r in votes if (r.get("aspects") or {}).get(aspect))
+            winner = said.most_common(1)[0][0]
+            aspects[aspect] = "tie" if winner == "tie" else "chosen" if winner == chosen else "rejected"
+        paths = first.get("image_paths") or ([first["image_path"]] if first.get("image_path") else [])
+        out.append(
+            PreferencePair(
+                images=_images(paths, path.parent, where),
+                prompt=format_prompt(first["instruction"], first.get("style"), first.get("context")),
+                chosen=first[chosen],
+                rejected=first[rejected],
+                target=target,
+                margin=sum(STRENGTH_MARGIN[s] for s in strengths) / len(strengths) if strengths and target > 0.5 else 0.0,
+                aspects=aspects,
+                item_id=str(first.get("item_id") or ""),
+                where=where,
+            )
+        )
+    return out
+
+
+def detect_format(path: Path) -> str:
+    if path.is_dir():
+        if (path / "dataset_dict.json").exists() or (path / "state.json").exists():
+            return "hf"
+        if (path / "train.jsonl").exists():
+            return "trl"
+        raise DataError(f"{path}: a directory without train.jsonl or a saved dataset; pass an export of annotate.export")
+    if not path.is_file():
+        raise DataError(f"{path}: no such file or directory")
+    first = next((row for _, row in _jsonl(path)), None)
+    if first is None:
+        raise DataError(f"{path}: empty file; export some votes first (python -m annotate.export)")
+    if {"response_a", "response_b"} <= set(first):
+        return "pairs"
+    if {"chosen", "rejected"} <= set(first):
+        return "trl"
+    raise DataError(f"{path}:1: neither a pairs line (response_a/response_b) nor a TRL row (chosen/rejected)")
+
+
+def split_key(pair: PreferencePair) -> str:
+    return pair.item_id or "|".join(sorted(i.key for i in pair.images)) or pair.prompt
+
+
+def split_by_item(pairs: list[PreferencePair], test_fraction: float = TEST_FRACTION) -> tuple[list, list]:
+    """Deterministic: an item (and so its images) is always on the same side."""
+    train, test = [], []
+    for p in pairs:
+        bucket = int(hashlib.sha256(split_key(p).encode()).hexdigest()[:8], 16) / 0xFFFFFFFF
+        (test if bucket < test_fraction else train).append(p)
+    return train, test
+
+
+def _check(pairs: list[PreferencePair], source: str) -> None:
+    if not pairs:
+        raise DataError(f"{source}: no preference pairs. Export votes first: python -m annotate.export --format trl")
+    if all(p.tie for p in pairs):
+        raise DataError(
+            f"{source}: all {len(pairs)} pairs are ties, so there is nothing to learn which story is better. "
+            "Collect decisive votes, or export without --include-ties."
+        )
+
+
+def load_preferences(
+    path: str | Path, aggregate: str = "majority", test_fraction: float = TEST_FRACTION
+) -> tuple[list[PreferencePair], list[PreferencePair], str]:
+    """(train, test, message about the format found and the split)."""
+    path = Path(path)
+    if aggregate not in ("majority", "soft", "none"):
+        raise DataError(f"unknown aggregate rule {aggregate!r}; use majority, soft or none")
+    fmt = detect_format(path)
+    test: list[PreferencePair] | None = None
+    if fmt == "trl":
+        files = [path / "train.jsonl", path / "test.jsonl"] if path.is_dir() else [path]
+        loaded = [[_trl_row(row, f.parent, f"{f}:{n}") for n, row in _jsonl(f)] if f.exists() else None for f in files]
+        train, test = loaded[0], (loaded[1] if len(loaded) > 1 else None)
+    elif fmt == "pairs":
+        train = _pairs(path, aggregate)
+    else:
+        import datasets
+
+        dd = datasets.load_from_disk(str(path))
+        splits = dd if isinstance(dd, datasets.DatasetDict) else {"train": dd}
+        rows = {name: [_trl_row(r, path, f"{path}[{name}][{i}]") for i, r in enumerate(ds)] for name, ds in splits.items()}
+        train, test = rows.get("train", []), rows.get("test")
+    message = f"found {fmt} data in {path}"
+    if fmt == "pairs":
+        message += f" (votes aggregated by comparison: {aggregate})"
+    if not test:
+        train, test = split_by_item(train, test_fraction)
+        message += f"; no test split, so {len(test)} pairs of {test_fraction:.0%} of the items were held out"
+    _check(train, str(path))
+    return train, test, message

