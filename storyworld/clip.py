@@ -78,7 +78,6 @@ def train_clip(
     """Train the tiny CLIP on `world_dir`, save it to `out`, and return its report (also saved)."""
     import open_clip
     import torch
-    from safetensors.torch import save_file
     from tqdm import tqdm
 
     torch.manual_seed(seed)
@@ -148,10 +147,19 @@ def train_clip(
         "final_loss": round(sum(losses[-10:]) / len(losses[-10:]), 4),
         "minutes": round((time.perf_counter() - start) / 60, 2),
     }
-    out.mkdir(parents=True, exist_ok=True)
-    config = {"model_cfg": TINY_CLIP_CONFIG, "preprocess_cfg": {**PREPROCESS_CFG, "mean": list(open_clip.OPENAI_DATASET_MEAN),
-                                                                "std": list(open_clip.OPENAI_DATASET_STD)}}  # fmt: skip
-    (out / "open_clip_config.json").write_text(json.dumps(config, indent=1))
-    save_file({k: v.contiguous() for k, v in model.state_dict().items()}, out / "open_clip_model.safetensors")
+    save_clip(model, out)
     (out / "report.json").write_text(json.dumps(report, indent=1))
     return report
+
+
+def save_clip(model, out: str | Path) -> Path:
+    """Write `model` (of TINY_CLIP_CONFIG) where open_clip's `local-dir:` loader finds it."""
+    import open_clip
+    from safetensors.torch import save_file
+
+    out = Path(out)
+    out.mkdir(parents=True, exist_ok=True)
+    preprocess = {**PREPROCESS_CFG, "mean": list(open_clip.OPENAI_DATASET_MEAN), "std": list(open_clip.OPENAI_DATASET_STD)}
+    (out / "open_clip_config.json").write_text(json.dumps({"model_cfg": TINY_CLIP_CONFIG, "preprocess_cfg": preprocess}, indent=1))
+    save_file({k: v.contiguous() for k, v in model.state_dict().items()}, out / "open_clip_model.safetensors")
+    return out
