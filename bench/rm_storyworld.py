@@ -73,7 +73,9 @@ def main() -> None:
 
     out = args.out
     out.mkdir(parents=True, exist_ok=True)
-    report: dict = {"items": args.items, "epochs": args.epochs, "date": time.strftime("%Y-%m-%d")}
+    previous = out / "report.json"  # ablations may run separately: keep what earlier runs reported
+    report: dict = json.loads(previous.read_text()) if previous.exists() else {}
+    report |= {"items": args.items, "date": time.strftime("%Y-%m-%d")}
     started = time.perf_counter()
 
     def save():
@@ -120,6 +122,7 @@ def main() -> None:
             "train_pairs": metrics["train_pairs"],
             "eval_pairs": metrics["eval_pairs"],
             "minutes": round((time.perf_counter() - t0) / 60, 1),
+            "epochs": args.epochs,
         }
         save()
         print(json.dumps({name: report[name]}, indent=1), flush=True)
