@@ -113,7 +113,10 @@ class LabelingApp:
     def _serve(self, s, user: Annotator, project: Project, state: Session, assignment: Assignment | None = None) -> Session:
         token = secrets.token_hex(16)
         with self.leases.lock:  # choose and lease in one step, so concurrent annotators spread out
+            # A fresh snapshot: votes are committed before their leases are released, so inside the
+            # lock every released lease's vote is visible and nothing is counted zero times.
             if assignment is None:
+                s.commit()  # (undo re-serves a known comparison inside its write; it chooses nothing)
                 assignment = next_assignment(
                     s, user.id, project, last_item_id=state.last_item_id, skipped=state.skipped, in_flight=self.leases.counts()
                 )

@@ -98,7 +98,7 @@ def test_login_vote_click_and_key_undo_and_xss_inert(server, tmp_path):
         with factory() as s:
             votes = s.scalars(select(Vote).order_by(Vote.id)).all()
             assert [v.active for v in votes] == [True, False]  # withdrawn, kept
-        assert "withdrawn" in page.inner_text("#sp-notice")
+        page.wait_for_function("document.querySelector('#sp-notice').innerText.includes('withdrawn')", timeout=10_000)
         assert page.evaluate("window.__xss") is None
         browser.close()
     assert (tmp_path / "comparison.png").stat().st_size > 10_000
