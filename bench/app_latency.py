@@ -29,7 +29,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 from annotate.users import add_user  # noqa: E402
 from bench.export import seed  # noqa: E402
 from db import open_db  # noqa: E402
-from tests.server import AppServer, free_port  # noqa: E402
+from tests.server import AppServer  # noqa: E402
 
 N_USERS = 16
 NOOP_APP = textwrap.dedent('''

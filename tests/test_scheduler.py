@@ -138,7 +138,7 @@ def test_concurrent_annotators_respect_overlap_and_never_repeat(project):
     """16 threads vote at once; overlap 2 may only be exceeded by in-flight slack, never twice by one."""
     with project.begin() as s:
         s.add_all([Annotator(username=f"c{i}", password_hash="x") for i in range(16)])
-    errors, served_while_full = [], Counter()
+    errors = []
 
     def worker(name: str, seed: int):
         rng = random.Random(seed)
