@@ -289,23 +289,46 @@ class RewardModel:
         """Model inputs for len(stories) (images, prompt, story) triples."""
         if self.cfg.backbone == "vlm":
             return self._vlm_batch(images, prompts, stories)
-        out: dict[str, torch.Tensor] = {}
+        return self.collate(self.encode(images, prompts, stories))
+
+    def encode(self, images: list[list[ImageRef]], prompts: list[str], stories: list[str]) -> list[dict[str, torch.Tensor]]:
+        """clip-fusion: one unpadded example per triple (token ids, CLIP features), for `collate`.
+
+        Training encodes its whole dataset once with this, as TRL's trainers tokenize up front, so a
+        step only pads and stacks.
+        """
+        examples: list[dict[str, torch.Tensor]] = [{} for _ in stories]
         if self.tokenizer is not None:
-            enc = self.tokenizer(prompts, [plain_text(s) for s in stories], truncation=True, max_length=self.cfg.max_length,
-                                 padding=True, return_tensors="pt")  # fmt: skip
-            out["input_ids"], out["attention_mask"] = enc["input_ids"], enc["attention_mask"]
+            enc = self.tokenizer(prompts, [plain_text(s) for s in stories], truncation=True, max_length=self.cfg.max_length)
+            for ex, ids in zip(examples, enc["input_ids"]):
+                ex["input_ids"] = torch.tensor(ids)
         if self.features is not None:
-            n = max(1, min(self.cfg.max_frames, max((len(i) for i in images), default=1)))
-            d = self.features.dim
-            image_emb, frame_text, frame_mask = torch.zeros(len(stories), n, d), torch.zeros(len(stories), n, d), torch.zeros(len(stories), n)
-            story_text = torch.zeros(len(stories), d)
-            for b, (refs, story) in enumerate(zip(images, stories)):
+            for ex, refs, story in zip(examples, images, stories):
                 refs = refs[: self.cfg.max_frames]
                 k = max(1, len(refs))
-                if refs:
-                    image_emb[b, : len(refs)] = self.features.images(refs)
                 frames, whole = self.features.story(story, k)
-                frame_text[b, :k], story_text[b], frame_mask[b, :k] = frames, whole, 1
+                ex["image_emb"] = self.features.images(refs) if refs else torch.zeros(1, self.features.dim)  # (k, D)
+                ex["frame_text_emb"], ex["story_text_emb"] = frames, whole  # (k, D), (D,)
+        return examples
+
+    def collate(self, examples: list[dict[str, torch.Tensor]]) -> dict[str, torch.Tensor]:
+        """Pad and stack `encode` outputs: token ids to the longest (right), frames to the most frames."""
+        out: dict[str, torch.Tensor] = {}
+        b = len(examples)
+        if self.tokenizer is not None:
+            length = max(len(ex["input_ids"]) for ex in examples)
+            ids = torch.full((b, length), self.tokenizer.pad_token_id, dtype=torch.long)
+            mask = torch.zeros(b, length, dtype=torch.long)
+            for i, ex in enumerate(examples):
+                ids[i, : len(ex["input_ids"])], mask[i, : len(ex["input_ids"])] = ex["input_ids"], 1
+            out["input_ids"], out["attention_mask"] = ids, mask
+        if self.features is not None:
+            n, d = max(len(ex["image_emb"]) for ex in examples), self.features.dim
+            image_emb, frame_text, frame_mask = torch.zeros(b, n, d), torch.zeros(b, n, d), torch.zeros(b, n)
+            for i, ex in enumerate(examples):
+                k = len(ex["image_emb"])
+                image_emb[i, :k], frame_text[i, :k], frame_mask[i, :k] = ex["image_emb"], ex["frame_text_emb"], 1
+            story_text = torch.stack([ex["story_text_emb"] for ex in examples])
             out.update(image_emb=image_emb, frame_text_emb=frame_text, frame_mask=frame_mask, story_text_emb=story_text)
         return out
 

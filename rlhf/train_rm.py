@@ -88,6 +88,29 @@ def pair_batch(rm: RewardModel, pairs: list[PreferencePair]) -> tuple[dict, dict
     return rm.batch(images, prompts, stories), targets
 
 
+class PairEncoder:
+    """Model inputs for batches of pairs; clip-fusion encodes every pair once, up front."""
+
+    def __init__(self, rm: RewardModel, pairs: list[PreferencePair], chunk: int = 256):
+        self.rm, self.pairs = rm, pairs
+        self.encoded = None
+        if rm.cfg.backbone == "clip-fusion":
+            self.encoded = []
+            for k in range(0, len(pairs), chunk):
+                part = pairs[k : k + chunk]
+                ex = rm.encode([p.images for p in part] * 2, [p.prompt for p in part] * 2,
+                               [p.chosen for p in part] + [p.rejected for p in part])  # fmt: skip
+                self.encoded += list(zip(ex[: len(part)], ex[len(part) :]))
+
+    def __call__(self, indices: list[int]) -> tuple[dict, dict]:
+        chunk = [self.pairs[i] for i in indices]
+        targets = {"target": torch.tensor([p.target for p in chunk]), "margin": torch.tensor([p.margin for p in chunk])}
+        if self.encoded is None:
+            return pair_batch(self.rm, chunk)
+        rows = [self.encoded[i] for i in indices]
+        return self.rm.collate([c for c, _ in rows] + [r for _, r in rows]), targets
+
+
 def epoch_order(n: int, seed: int, epoch: int, rank: int, world: int) -> list[int]:
     """The pairs one process visits in one epoch: a seeded permutation, sharded evenly."""
     order = torch.randperm(n, generator=torch.Generator().manual_seed(seed * 100_003 + epoch)).tolist()
@@ -185,6 +208,7 @@ def train(cfg: TrainRMConfig) -> tuple[RewardModel, dict]:
                     for story in (p.chosen, p.rejected):
                         rm.features.story(story, max(1, min(len(p.images), rm.cfg.max_frames)))
         log(f"CLIP features ready: {rm.features.encoded_images} images encoded, the rest from {cache}")
+    encoder = PairEncoder(rm, train)
 
     # 3. Optimizer over the trained weights only (LoRA and head), schedule, accelerate.
     params = [p for p in rm.module.parameters() if p.requires_grad]
@@ -227,8 +251,8 @@ def train(cfg: TrainRMConfig) -> tuple[RewardModel, dict]:
         t0 = time.perf_counter()
         window = {"loss": [], "accuracy": [], "margin": []}
         for b in bar:
-            chunk = [train[i] for i in order[b * cfg.batch_size : (b + 1) * cfg.batch_size]]
-            batch, t = pair_batch(rm, chunk)
+            chunk = order[b * cfg.batch_size : (b + 1) * cfg.batch_size]
+            batch, t = encoder(chunk)
             with accelerator.accumulate(ddp_module):
                 scores = ddp_module(**{k: v.to(accelerator.device) for k, v in batch.items()}).float()  # (2B,)
                 chosen, rejected = scores[: len(chunk)], scores[len(chunk) :]
