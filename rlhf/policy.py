@@ -1,0 +1,534 @@
+"""Vision-language story policies behind one interface, `StoryPolicy`.
+
+    policy = load_policy("Qwen/Qwen2-VL-2B-Instruct", lora=LoraSpec(r=16), dtype="bfloat16")
+    batch = policy.batch(images=[[frame1, frame2]], instructions=["Tell a story about these images."])
+    out = policy.generate(batch, max_new_tokens=96, temperature=0.7)    # ids, text, log-probs
+    with policy.reference():                                             # the adapter switched off
+        ref = policy.forward(batch, out.response_ids, out.response_mask, temperature=0.7)
+
+Three families, each through a small adapter that builds the prompt, batches the images with the
+right processor and runs the model:
+
+* **vision-encoder-decoder** (ViT-GPT2, the comic-narration seed). Each frame goes through the
+  image encoder on its own; the frames' patch states are concatenated (missing frames masked) and
+  the text decoder cross-attends to all of them. The instruction, style and story so far are a
+  decoder prefix, so the model continues after `Story:`.
+* **llava** (LLaVA 1.5 and its kin) and **qwen2-vl** (Qwen2-VL, Qwen2.5-VL): decoder-only chat
+  models. One image placeholder per frame, the processor expands them, prompts are left-padded.
+
+Log-probabilities are always those of the sampling distribution, `log_softmax(logits / T)`, the
+same in `generate` and `forward`, so PPO's ratio starts at exactly 1. Sampling is plain
+temperature sampling (top-k and top-p off) unless asked otherwise, because PPO needs the true
+sampling probabilities.
+
+LoRA comes from peft. `policy.reference()` disables the adapter, so the reference model costs no
+second copy. An SFT adapter given at load time is merged into the base weights first, so that the
+reference is the SFT model and not the raw base.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import hashlib
+import json
+from collections.abc import Iterator, Sequence
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Any
+
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+
+from annotate.formats import format_prompt
+from rlhf.reward_model import ModelLoadError, load_pretrained
+
+POLICY_CONFIG = "storypref_policy.json"
+STORY_CUE = "Story:"
+# model_type of the loaded config -> family.
+FAMILIES = {
+    "vision-encoder-decoder": "vision-encoder-decoder",
+    "llava": "llava",
+    "qwen2_vl": "qwen2-vl",
+    "qwen2_5_vl": "qwen2-vl",
+}
+# LoRA targets: the language model only (the vision tower keeps its features).
+LORA_TARGETS = {
+    "vision-encoder-decoder": r".*decoder.*\.(c_attn|q_attn|c_proj|c_fc)$",
+    "llava": r".*language_model.*\.(q_proj|k_proj|v_proj|o_proj|gate_proj|up_proj|down_proj)$",
+    "qwen2-vl": r".*language_model.*\.(q_proj|k_proj|v_proj|o_proj|gate_proj|up_proj|down_proj)$",
+}
+
+
+class UnsupportedPolicyError(ModelLoadError):
+    """A model whose family storypref cannot drive."""
+
+
+@dataclass
+class LoraSpec:
+    r: int = 16
+    alpha: int = 32
+    dropout: float = 0.0
+    target_modules: str | list[str] | None = None  # default: the family's language-model projections
+
+
+@dataclass
+class PolicyBatch:
+    """Prompt inputs for B stories. `inputs` go to the model; `prompt_ids`/`prompt_mask` are the text prompt."""
+
+    inputs: dict[str, torch.Tensor]
+    prompt_ids: torch.Tensor  # (B, P), left-padded
+    prompt_mask: torch.Tensor  # (B, P)
+    n_frames: list[int]
+
+    def __len__(self) -> int:
+        return self.prompt_ids.shape[0]
+
+    def to(self, device) -> PolicyBatch:
+        move = lambda v: v.to(device) if isinstance(v, torch.Tensor) else v  # noqa: E731
+        return PolicyBatch({k: move(v) for k, v in self.inputs.items()}, self.prompt_ids.to(device), self.prompt_mask.to(device), self.n_frames)
+
+    def repeat(self, k: int) -> PolicyBatch:
+        """Each row k times in a row (for K samples per prompt): row i becomes rows i*k … i*k+k-1."""
+        if k == 1:
+            return self
+        per_image = {"pixel_values", "image_grid_thw", "image_sizes"}  # chat families: one entry (or patch run) per image
+        inputs = {key: v.repeat_interleave(k, 0) for key, v in self.inputs.items() if key not in per_image}
+        grid = self.inputs.get("image_grid_thw")
+        sizes = grid.prod(-1).tolist() if grid is not None else [1] * sum(self.n_frames)  # entries per image
+        for key in per_image & self.inputs.keys():
+            v = self.inputs[key]
+            chunks = list(torch.split(v, sizes)) if key == "pixel_values" else list(v.split(1))
+            rows, start = [], 0
+            for n in self.n_frames:
+                rows.append(chunks[start : start + n])
+                start += n
+            inputs[key] = torch.cat([c for row in rows for _ in range(k) for c in row])
+        return PolicyBatch(inputs, self.prompt_ids.repeat_interleave(k, 0), self.prompt_mask.repeat_interleave(k, 0),
+                           [n for n in self.n_frames for _ in range(k)])  # fmt: skip
+
+
+@dataclass
+class Generation:
+    response_ids: torch.Tensor  # (B, T), pad after the first EOS
+    response_mask: torch.Tensor  # (B, T), 1 up to and including the first EOS
+    logprobs: torch.Tensor  # (B, T), log p at the sampling temperature, 0 where masked
+    texts: list[str]
+    ended: torch.Tensor  # (B,) bool: the row produced an EOS
+
+
+@dataclass
+class ForwardOutput:
+    logprobs: torch.Tensor  # (B, T) of response_ids at `temperature`
+    logits: torch.Tensor  # (B, T, V) divided by the temperature
+    hidden: torch.Tensor  # (B, T, C): the last hidden state that predicts each response token
+
+
+@dataclass
+class PolicyInfo:
+    """What `save_pretrained` writes next to the adapter, so `load_policy(dir)` can rebuild the policy."""
+
+    base: str
+    family: str
+    sft_adapter: str | None = None
+    lora: dict | None = None
+    extra: dict[str, Any] = field(default_factory=dict)
+
+
+# ------------------------------------------------------------------------------------------------
+# Family adapters.
+# ------------------------------------------------------------------------------------------------
+
+
+class _Adapter:
+    family = ""
+
+    def __init__(self, model, processor, tokenizer):
+        self.model, self.processor, self.tokenizer = model, processor, tokenizer
+
+    # the prompt --------------------------------------------------------------------------------
+    def prompt_text(self, n_frames: int, instruction: str, style: str | None, context: str | None) -> str:
+        raise NotImplementedError
+
+    def batch(self, images: Sequence[Sequence], prompts: list[str]) -> PolicyBatch:
+        raise NotImplementedError
+
+    # the model ---------------------------------------------------------------------------------
+    def generate(self, model, batch: PolicyBatch, **kwargs) -> Any:
+        raise NotImplementedError
+
+    def forward(self, model, batch: PolicyBatch, ids: torch.Tensor, mask: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """Logits and last hidden states over the full sequence `ids` (prompt + response)."""
+        raise NotImplementedError
+
+
+def _positions(mask: torch.Tensor) -> torch.Tensor:
+    """Position ids from a left-padded attention mask, as `generate` computes them."""
+    return (mask.long().cumsum(-1) - 1).clamp(min=0)
+
+
+class _ChatAdapter(_Adapter):
+    """LLaVA and Qwen2-VL: a chat template with one image placeholder per frame, left padding."""
+
+    def prompt_text(self, n_frames, instruction, style, context):
+        messages = [{"role": "user", "content": [*({"type": "image"} for _ in range(n_frames)),
+                                                 {"type": "text", "text": format_prompt(instruction, style, context)}]}]  # fmt: skip
+        return self.processor.apply_chat_template(messages, add_generation_prompt=True, tokenize=False)
+
+    def batch(self, images, prompts):
+        self.processor.tokenizer.padding_side = "left"
+        flat = [img for frames in images for img in frames]
+        enc = self.processor(text=prompts, images=flat or None, padding=True, return_tensors="pt")
+        inputs = {k: v for k, v in enc.items() if k not in ("input_ids", "attention_mask")}
+        return PolicyBatch(inputs, enc["input_ids"], enc["attention_mask"], [len(f) for f in images])
+
+    def generate(self, model, batch, **kwargs):
+        return model.generate(input_ids=batch.prompt_ids, attention_mask=batch.prompt_mask, **batch.inputs, **kwargs)
+
+    def forward(self, model, batch, ids, mask):
+        inputs = dict(batch.inputs)
+        for key in ("mm_token_type_ids", "token_type_ids"):  # per-token inputs: the response is text (0)
+            if key in inputs:
+                inputs[key] = F.pad(inputs[key], (0, ids.shape[1] - inputs[key].shape[1]))
+        if self.family != "qwen2-vl":  # Qwen computes its M-RoPE positions from the mask itself
+            inputs["position_ids"] = _positions(mask)
+        out = model(input_ids=ids, attention_mask=mask, **inputs, output_hidden_states=True, use_cache=False)
+        return out.logits, out.hidden_states[-1]
+
+
+class _LlavaAdapter(_ChatAdapter):
+    family = "llava"
+
+
+class _QwenAdapter(_ChatAdapter):
+    family = "qwen2-vl"
+
+
+class _VisionEncoderDecoderAdapter(_Adapter):
+    """ViT-GPT2: frames encoded one by one, patch states concatenated, the prompt as a decoder prefix."""
+
+    family = "vision-encoder-decoder"
+
+    def prompt_text(self, n_frames, instruction, style, context):
+        return format_prompt(instruction, style, context) + "\n" + STORY_CUE
+
+    def batch(self, images, prompts):
+        tok = self.tokenizer
+        k = max(len(f) for f in images)
+        flat = [img for frames in images for img in frames]
+        pixels = self.processor(images=flat, return_tensors="pt")["pixel_values"]  # (N, 3, H, W)
+        frames = torch.zeros(len(images), k, *pixels.shape[1:], dtype=pixels.dtype)
+        frame_mask = torch.zeros(len(images), k, dtype=torch.long)
+        start = 0
+        for b, f in enumerate(images):
+            frames[b, : len(f)], frame_mask[b, : len(f)] = pixels[start : start + len(f)], 1
+            start += len(f)
+        start_id = tok.bos_token_id if tok.bos_token_id is not None else self.model_config.decoder_start_token_id
+        rows = [[start_id] + tok(p, add_special_tokens=False)["input_ids"] for p in prompts]
+        width = max(len(r) for r in rows)
+        ids = torch.full((len(rows), width), tok.pad_token_id, dtype=torch.long)
+        mask = torch.zeros(len(rows), width, dtype=torch.long)
+        for b, r in enumerate(rows):  # left padding
+            ids[b, width - len(r) :], mask[b, width - len(r) :] = torch.tensor(r), 1
+        return PolicyBatch({"frames": frames, "frame_mask": frame_mask}, ids, mask, [len(f) for f in images])
+
+    @property
+    def model_config(self):
+        return self.model.config
+
+    @staticmethod
+    def _parts(model):
+        """The VisionEncoderDecoderModel under any peft wrapping."""
+        inner = model
+        while not hasattr(inner, "encoder") or not hasattr(inner, "decoder"):
+            inner = inner.model if hasattr(inner, "model") else inner.base_model
+        return inner
+
+    def encode(self, model, batch: PolicyBatch) -> tuple[torch.Tensor, torch.Tensor]:
+        ved = self._parts(model)
+        frames, frame_mask = batch.inputs["frames"], batch.inputs["frame_mask"]
+        b, k = frame_mask.shape
+        hidden = ved.encoder(pixel_values=frames.flatten(0, 1).to(ved.encoder.dtype)).last_hidden_state  # (B·K, P, C)
+        if getattr(ved, "enc_to_dec_proj", None) is not None:
+            hidden = ved.enc_to_dec_proj(hidden)
+        p = hidden.shape[1]
+        hidden = hidden.view(b, k * p, -1)  # (B, K·P, C)
+        mask = frame_mask.repeat_interleave(p, 1)  # (B, K·P)
+        return hidden, mask
+
+    def generate(self, model, batch, **kwargs):
+        ved = self._parts(model)
+        hidden, enc_mask = self.encode(model, batch)
+        return ved.decoder.generate(input_ids=batch.prompt_ids, attention_mask=batch.prompt_mask,
+                                    encoder_hidden_states=hidden, encoder_attention_mask=enc_mask, **kwargs)  # fmt: skip
+
+    def forward(self, model, batch, ids, mask):
+        ved = self._parts(model)
+        hidden, enc_mask = self.encode(model, batch)
+        out = ved.decoder(input_ids=ids, attention_mask=mask, position_ids=_positions(mask), encoder_hidden_states=hidden,
+                          encoder_attention_mask=enc_mask, output_hidden_states=True, use_cache=False)  # fmt: skip
+        return out.logits, out.hidden_states[-1]
+
+
+ADAPTERS = {a.family: a for a in (_VisionEncoderDecoderAdapter, _LlavaAdapter, _QwenAdapter)}
+
+
+# ------------------------------------------------------------------------------------------------
+# The policy.
+# ------------------------------------------------------------------------------------------------
+
+
+class StoryPolicy(nn.Module):
+    """A vision-language story model with an optional LoRA adapter; see the module docstring."""
+
+    def __init__(self, model: nn.Module, adapter: _Adapter, info: PolicyInfo):
+        super().__init__()
+        self.model, self.adapter, self.info = model, adapter, info
+        self.tokenizer = adapter.tokenizer
+
+    @property
+    def family(self) -> str:
+        return self.adapter.family
+
+    @property
+    def has_adapter(self) -> bool:
+        from peft import PeftModel
+
+        return isinstance(self.model, PeftModel)
+
+    @property
+    def device(self) -> torch.device:
+        return next(self.model.parameters()).device
+
+    @property
+    def hidden_size(self) -> int:
+        config = self.adapter._parts(self.model).decoder.config if self.family == "vision-encoder-decoder" else self.base_config.get_text_config()
+        return config.hidden_size if hasattr(config, "hidden_size") else config.n_embd
+
+    @property
+    def base_config(self):
+        return self.model.get_base_model().config if self.has_adapter else self.model.config
+
+    @property
+    def eos_token_id(self) -> int:
+        return self.tokenizer.eos_token_id
+
+    @property
+    def suppressed_ids(self) -> list[int]:
+        """Tokens a story must never contain: image placeholders, vision markers, padding, BOS."""
+        tok, config = self.tokenizer, self.base_config
+        ids = {tok.pad_token_id, tok.bos_token_id, getattr(self.adapter.processor, "image_token_id", None)}
+        ids |= {getattr(config, k, None) for k in ("image_token_id", "image_token_index", "video_token_id", "vision_start_token_id", "vision_end_token_id")}
+        return sorted(i for i in ids if i is not None and i != self.eos_token_id)
+
+    def _suppress(self, logits: torch.Tensor) -> torch.Tensor:
+        """Mask the suppressed tokens (finite, so that entropies and log-probs stay NaN-free)."""
+        idx = torch.tensor(self.suppressed_ids, dtype=torch.long, device=logits.device)
+        return logits.index_fill(-1, idx, -1e9) if len(idx) else logits
+
+    @property
+    def pad_token_id(self) -> int:
+        return self.tokenizer.pad_token_id if self.tokenizer.pad_token_id is not None else self.tokenizer.eos_token_id
+
+    def adapter_hash(self) -> str | None:
+        """A short hash of the trained adapter weights (None without an adapter): the candidates' origin."""
+        if not self.has_adapter:
+            return None
+        h = hashlib.sha256()
+        for name, p in sorted((n, p) for n, p in self.model.named_parameters() if "lora_" in n):
+            h.update(name.encode())
+            h.update(p.detach().float().cpu().numpy().tobytes())
+        return h.hexdigest()[:12]
+
+    # -- prompts and batches ------------------------------------------------------------------
+
+    def prompt(self, n_frames: int, instruction: str, style: str | None = None, context: str | None = None) -> str:
+        return self.adapter.prompt_text(n_frames, instruction, style, context)
+
+    def batch(self, images: Sequence[Sequence], instructions: Sequence[str] | str, styles=None, contexts=None) -> PolicyBatch:
+        """Prompt inputs for len(images) stories; each entry of `images` is the frames (PIL or paths) of one story."""
+        from PIL import Image
+
+        n = len(images)
+        as_list = lambda v: [v] * n if v is None or isinstance(v, str) else list(v)  # noqa: E731
+        frames = [[Image.open(i).convert("RGB") if isinstance(i, (str, Path)) else i.convert("RGB") for i in f] for f in images]
+        if any(not f for f in frames):
+            raise ValueError("every story needs at least one image")
+        prompts = [self.prompt(len(f), i, s, c) for f, i, s, c in zip(frames, as_list(instructions), as_list(styles), as_list(contexts))]
+        return self.adapter.batch(frames, prompts).to(self.device)
+
+    # -- generation and log-probs -------------------------------------------------------------
+
+    @torch.no_grad()
+    def generate(self, batch: PolicyBatch, max_new_tokens: int = 96, temperature: float = 1.0, top_k: int = 0,
+                 top_p: float = 1.0, do_sample: bool = True, min_new_tokens: int = 0) -> Generation:  # fmt: skip
+        """Sample one story per row. Log-probs are of the sampling distribution at `temperature`."""
+        from transformers import GenerationConfig
+
+        config = GenerationConfig(max_new_tokens=max_new_tokens, do_sample=do_sample, temperature=temperature if do_sample else 1.0,
+                                  top_k=top_k if do_sample else None, top_p=top_p if do_sample else None, min_new_tokens=min_new_tokens,
+                                  eos_token_id=self.eos_token_id, pad_token_id=self.pad_token_id, bos_token_id=self.tokenizer.bos_token_id,
+                                  suppress_tokens=self.suppressed_ids)  # fmt: skip
+        out = self.adapter.generate(self.model, batch, generation_config=config, output_logits=True, return_dict_in_generate=True)
+        response = out.sequences[:, batch.prompt_ids.shape[1] :]  # (B, T)
+        logits = self._suppress(torch.stack(out.logits, 1).float())  # (B, T, V), raw but for the suppressed tokens
+        scale = temperature if do_sample else 1.0
+        logprobs = torch.gather(F.log_softmax(logits / scale, -1), 2, response.unsqueeze(-1)).squeeze(-1)  # (B, T)
+        mask, ended = self.response_mask(response)
+        response = response.masked_fill(mask == 0, self.pad_token_id)
+        return Generation(response, mask, logprobs.masked_fill(mask == 0, 0.0), self.decode(response, mask), ended)
+
+    def response_mask(self, response: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """(mask up to and including the first EOS, whether an EOS came) for (B, T) token ids."""
+        is_eos = response == self.eos_token_id
+        ended = is_eos.any(1)
+        first = torch.where(ended, is_eos.int().argmax(1), torch.full_like(ended, response.shape[1], dtype=torch.long))
+        mask = (torch.arange(response.shape[1], device=response.device)[None] <= first[:, None]).long()
+        return mask, ended
+
+    def decode(self, response: torch.Tensor, mask: torch.Tensor) -> list[str]:
+        return [self.tokenizer.decode(r[m.bool()].tolist(), skip_special_tokens=True).strip() for r, m in zip(response, mask)]
+
+    def forward(self, batch: PolicyBatch, response_ids: torch.Tensor, response_mask: torch.Tensor,
+                temperature: float = 1.0) -> ForwardOutput:  # fmt: skip
+        """Log-probs (at `temperature`) and last hidden states of `response_ids` given the prompt."""
+        ids = torch.cat([batch.prompt_ids, response_ids], 1)
+        mask = torch.cat([batch.prompt_mask, response_mask.to(batch.prompt_mask.dtype)], 1)
+        logits, hidden = self.adapter.forward(self.model, batch, ids, mask)
+        p = batch.prompt_ids.shape[1]
+        logits = self._suppress(logits[:, p - 1 : -1].float()) / temperature  # position t predicts token t+1
+        hidden = hidden[:, p - 1 : -1]
+        logprobs = torch.gather(F.log_softmax(logits, -1), 2, response_ids.unsqueeze(-1)).squeeze(-1)
+        return ForwardOutput(logprobs.masked_fill(response_mask == 0, 0.0), logits, hidden)
+
+    def tokenize_responses(self, texts: Sequence[str]) -> tuple[torch.Tensor, torch.Tensor]:
+        """Stories as response ids ending in EOS (right-padded), for SFT and for scoring given texts."""
+        rows = [self.tokenizer(t, add_special_tokens=False)["input_ids"] + [self.eos_token_id] for t in texts]
+        width = max(len(r) for r in rows)
+        ids = torch.full((len(rows), width), self.pad_token_id, dtype=torch.long)
+        mask = torch.zeros(len(rows), width, dtype=torch.long)
+        for b, r in enumerate(rows):
+            ids[b, : len(r)], mask[b, : len(r)] = torch.tensor(r), 1
+        return ids.to(self.device), mask.to(self.device)
+
+    # -- the reference and training -----------------------------------------------------------
+
+    @contextlib.contextmanager
+    def reference(self) -> Iterator[None]:
+        """Run as the reference model: the LoRA adapter disabled (the merged SFT weights remain)."""
+        if not self.has_adapter:
+            raise RuntimeError("this policy has no LoRA adapter, so it has no built-in reference; load it with lora=LoraSpec()")
+        with self.model.disable_adapter():
+            yield
+
+    def enable_gradient_checkpointing(self) -> None:
+        """Non-reentrant checkpointing that works with peft (inputs that require grad)."""
+        base = self.model.get_base_model() if self.has_adapter else self.model
+        base.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+        if hasattr(base, "enable_input_require_grads"):
+            base.enable_input_require_grads()
+        base.config.use_cache = False
+
+    def trainable_parameters(self) -> list[nn.Parameter]:
+        return [p for p in self.model.parameters() if p.requires_grad]
+
+    def save_pretrained(self, path: str | Path) -> None:
+        """The adapter (or the full model without one), the processor, and storypref_policy.json."""
+        path = Path(path)
+        path.mkdir(parents=True, exist_ok=True)
+        self.model.save_pretrained(path)
+        proc = self.adapter.processor
+        if proc is not None:
+            proc.save_pretrained(path)
+        self.tokenizer.save_pretrained(path)
+        info = self.info if self.has_adapter else PolicyInfo(base=str(path), family=self.family)
+        (path / POLICY_CONFIG).write_text(json.dumps(asdict(info), indent=1))
+
+
+# ------------------------------------------------------------------------------------------------
+# Loading.
+# ------------------------------------------------------------------------------------------------
+
+
+def _dtype(dtype: str | torch.dtype | None):
+    if dtype is None or isinstance(dtype, torch.dtype):
+        return dtype
+    return {"float32": torch.float32, "fp32": torch.float32, "bfloat16": torch.bfloat16, "bf16": torch.bfloat16,
+            "float16": torch.float16, "fp16": torch.float16, "auto": "auto"}[dtype]  # fmt: skip
+
+
+def family_of(name_or_path: str) -> str:
+    from transformers import AutoConfig
+
+    config = load_pretrained(AutoConfig, name_or_path, "policy config")
+    family = FAMILIES.get(config.model_type)
+    if family is None:
+        raise UnsupportedPolicyError(
+            f"{name_or_path!r} is a {config.model_type!r} model; storypref policies are VisionEncoderDecoder "
+            "(ViT-GPT2), LLaVA, Qwen2-VL or Qwen2.5-VL"
+        )
+    return family
+
+
+def load_policy(name_or_path: str, lora: LoraSpec | dict | None = None, *, sft_adapter: str | None = None,
+                dtype: str | torch.dtype | None = None, device_map=None, device: str | None = None,
+                trainable: bool = True) -> StoryPolicy:  # fmt: skip
+    """A `StoryPolicy` for an HF id or path, or a directory that `StoryPolicy.save_pretrained` wrote.
+
+    `sft_adapter` (a peft adapter dir) is merged into the base first; `lora` then adds a fresh
+    trainable adapter on top. A saved policy dir with an adapter loads the base it names, merges its
+    own SFT adapter, and loads the adapter (trainable if `trainable`).
+    """
+    from peft import LoraConfig, PeftModel, get_peft_model
+
+    saved = Path(name_or_path) / POLICY_CONFIG
+    if saved.exists():
+        info = PolicyInfo(**json.loads(saved.read_text()))
+        if info.base != str(Path(name_or_path)) and (Path(name_or_path) / "adapter_config.json").exists():
+            base = _load_base(info.base, info.family, info.sft_adapter, dtype, device_map, device)
+            model = PeftModel.from_pretrained(base.model, name_or_path, is_trainable=trainable)
+            base.model, base.info = model, info
+            base.adapter.model = model
+            return base
+        name_or_path = str(Path(name_or_path))
+    family = family_of(name_or_path)
+    policy = _load_base(name_or_path, family, sft_adapter, dtype, device_map, device)
+    if lora is not None:
+        spec = lora if isinstance(lora, LoraSpec) else LoraSpec(**lora)
+        config = LoraConfig(r=spec.r, lora_alpha=spec.alpha, lora_dropout=spec.dropout,
+                            target_modules=spec.target_modules or LORA_TARGETS[family])  # fmt: skip
+        policy.model = get_peft_model(policy.model, config)
+        policy.adapter.model = policy.model
+        policy.info.lora = asdict(spec)
+    return policy
+
+
+def _load_base(name_or_path, family, sft_adapter, dtype, device_map, device) -> StoryPolicy:
+    from transformers import AutoImageProcessor, AutoModelForImageTextToText, AutoProcessor, AutoTokenizer
+
+    kwargs = {"dtype": _dtype(dtype)} if dtype else {}
+    if device_map is not None:
+        kwargs["device_map"] = device_map
+    if family == "vision-encoder-decoder":
+        from transformers import VisionEncoderDecoderModel
+
+        model = load_pretrained(VisionEncoderDecoderModel, name_or_path, "policy", **kwargs)
+        processor = load_pretrained(AutoImageProcessor, name_or_path, "image processor")
+        tokenizer = load_pretrained(AutoTokenizer, name_or_path, "tokenizer")
+    else:
+        model = load_pretrained(AutoModelForImageTextToText, name_or_path, "policy", **kwargs)
+        processor = load_pretrained(AutoProcessor, name_or_path, "processor")
+        tokenizer = processor.tokenizer
+    if tokenizer.pad_token_id is None:
+        tokenizer.pad_token = tokenizer.eos_token
+    if sft_adapter:
+        from peft import PeftModel
+
+        if not (Path(sft_adapter) / "adapter_config.json").exists():
+            raise ModelLoadError(f"--sft_adapter {sft_adapter}: no adapter_config.json there; pass the directory rlhf.sft wrote")
+        model = PeftModel.from_pretrained(model, sft_adapter).merge_and_unload()
+    if device is not None and device_map is None:
+        model = model.to(device)
+    model.eval()  # dropout off: generation and PPO's log-probs must agree
+    adapter = ADAPTERS[family](model, processor, tokenizer)
+    return StoryPolicy(model, adapter, PolicyInfo(base=str(name_or_path), family=family, sft_adapter=sft_adapter))
