@@ -577,7 +577,8 @@ def write_records(
                 stats.votes_added += 1
         else:
             for i, j in _sample_pairs(len(ids), pairs_per_item, f"{source}/{record.external_id}"):
-                comparison(i, j)
+                if ids[i] != ids[j]:  # the same story listed twice is one candidate, never compared with itself
+                    comparison(i, j)
         for better, worse in record.gold:  # gold: served at the project's gold rate, scored against the answer
             comp = comparison(better, worse)
             comp.is_gold, comp.gold_choice = True, "a" if ids[better] < ids[worse] else "b"

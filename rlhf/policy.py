@@ -368,8 +368,8 @@ class StoryPolicy(nn.Module):
         config = GenerationConfig(max_new_tokens=max_new_tokens, do_sample=do_sample, temperature=temperature if do_sample else 1.0,
                                   top_k=top_k if do_sample else None, top_p=top_p if do_sample else None, min_new_tokens=min_new_tokens,
                                   eos_token_id=self.eos_token_id, pad_token_id=self.pad_token_id, bos_token_id=self.tokenizer.bos_token_id,
-                                  suppress_tokens=self.suppressed_ids)  # fmt: skip
-        out = self.adapter.generate(self.model, batch, generation_config=config, output_logits=True, return_dict_in_generate=True)
+                                  suppress_tokens=self.suppressed_ids, output_logits=True, return_dict_in_generate=True)  # fmt: skip
+        out = self.adapter.generate(self.model, batch, generation_config=config)
         response = out.sequences[:, batch.prompt_ids.shape[1] :]  # (B, T)
         logits = self._suppress(torch.stack(out.logits, 1).float())  # (B, T, V), raw but for the suppressed tokens
         scale = temperature if do_sample else 1.0

@@ -66,7 +66,7 @@ def _item(seed: int, index: int, frames: tuple[int, int], image_size: tuple[int,
     worst = min(range(len(truth)), key=lambda k: truth[k]["utility"])
     if truth[best]["utility"] - truth[worst]["utility"] >= GOLD_GAP:
         item["gold"] = [[best, worst]]  # an answer any careful annotator gives: for quality control
-    sft = {"image_paths": paths, "instruction": instruction, "style": style, "story": write_story(scene, style, sft_knobs, rng)}
+    sft = {"item_id": item_id, "image_paths": paths, "instruction": instruction, "style": style, "story": write_story(scene, style, sft_knobs, rng)}
     world = {"external_id": item_id, "image_paths": paths, "instruction": instruction, "style": style,
              "scene": scene.to_dict(), "candidates": truth}  # fmt: skip
     return item, sft, world

@@ -1,0 +1,133 @@
+"""Evaluate a story policy: CLIPScore, BLEU, distinct-n and length, as a JSON report.
+
+    python -m rlhf.evaluate --policy runs/sft --items world/sft.jsonl --clip_model ViT-B-32 --out report.json
+
+The helpers are plain functions, so PPO's reward signals and the benchmarks use the same ones:
+
+* `clip_score`: CLIPScore (Hessel et al., 2021), 2.5·max(cos(image, text), 0), computed per frame
+  and per sentence (each frame's sentences against that frame's image, so long stories are never
+  cut at CLIP's 77 tokens), averaged over the sentences of a frame and then over the frames.
+* `bleu`: corpus BLEU with sacrebleu against the items' reference stories, where they have one.
+* `distinct_n`: distinct n-grams over all n-grams of a set of stories (Li et al., 2016).
+* `mean_length`: words per story.
+"""
+
+from __future__ import annotations
+
+import json
+import sys
+from collections.abc import Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import torch
+
+from annotate.formats import plain_text, split_frames, split_sentences
+
+
+def distinct_n(texts: Sequence[str], n: int = 2) -> float:
+    """Unique word n-grams / all word n-grams over `texts`: ["a b a b"], n=2 → 2/3."""
+    grams = [tuple(words[i : i + n]) for t in texts for words in [plain_text(t).lower().split()] for i in range(len(words) - n + 1)]
+    return len(set(grams)) / len(grams) if grams else 0.0
+
+
+def mean_length(texts: Sequence[str]) -> float:
+    return sum(len(plain_text(t).split()) for t in texts) / len(texts) if texts else 0.0
+
+
+def bleu(hypotheses: Sequence[str], references: Sequence[str]) -> float:
+    import sacrebleu
+
+    return sacrebleu.corpus_bleu([plain_text(h) for h in hypotheses], [[plain_text(r) for r in references]]).score
+
+
+@torch.no_grad()
+def clip_score(features, images: Sequence[Sequence], stories: Sequence[str]) -> torch.Tensor:
+    """(B,) CLIPScore per story; `features` is a `ClipFeatures`, images are paths, PIL images or ImageRefs."""
+    from rlhf.data import ImageRef
+
+    scores = []
+    for frames, story in zip(images, stories):
+        refs = [f if isinstance(f, ImageRef) else ImageRef(f) if isinstance(f, (str, Path)) else ImageRef(image=f) for f in frames]
+        image_emb = features.images(refs)  # (F, D), normalized
+        per_frame = []
+        for f, part in enumerate(split_frames(story, len(refs))):
+            sentences = [s for p in part for s in split_sentences(plain_text(p))]
+            if not sentences:
+                per_frame.append(0.0)  # a frame the story says nothing about scores 0
+                continue
+            cos = features.sentences(sentences) @ image_emb[f]  # (S,)
+            per_frame.append((2.5 * cos.clamp(min=0)).mean().item())
+        scores.append(sum(per_frame) / len(per_frame) if per_frame else 0.0)
+    return torch.tensor(scores)
+
+
+@dataclass
+class EvaluateConfig:
+    policy: str = field(metadata={"help": "the policy to evaluate: HF id or path, or a dir from rlhf.sft / rlhf.ppo"})
+    items: str = field(metadata={"help": "items JSONL (image_paths, instruction, [style, context, story]) or an HF dataset"})
+    out: str = field(default="eval_report.json", metadata={"help": "where the JSON report goes"})
+    sft_adapter: str | None = field(default=None, metadata={"help": "an SFT adapter to merge into --policy first"})
+    clip_model: str | None = field(default="ViT-B-32", metadata={"help": "open_clip model name or local dir for CLIPScore; empty to skip"})
+    clip_pretrained: str | None = field(default="laion2b_s34b_b79k", metadata={"help": "open_clip pretrained tag (ignored for a local dir)"})
+    limit: int | None = field(default=200, metadata={"help": "evaluate the first N items"})
+    temperature: float = field(default=0.0, metadata={"help": "0 for greedy stories, else the sampling temperature"})
+    max_new_tokens: int = field(default=160, metadata={"help": "story length limit"})
+    batch_size: int = field(default=16, metadata={"help": "prompts per generate call"})
+    seed: int = field(default=0, metadata={"help": "sampling seed"})
+
+
+def main(cfg: EvaluateConfig) -> dict:
+    from tqdm import tqdm
+
+    from rlhf.policy import load_policy
+    from rlhf.stories import read_examples
+
+    # 1. Items and models.
+    examples = read_examples(cfg.items, limit=cfg.limit)
+    device = "cuda" if torch.cuda.is_available() else "cpu"
+    policy = load_policy(cfg.policy, sft_adapter=cfg.sft_adapter, device=device, trainable=False)
+    features = None
+    if cfg.clip_model:
+        from rlhf.reward_model import ClipFeatures
+
+        features = ClipFeatures(cfg.clip_model, cfg.clip_pretrained, device=device)
+    # 2. Stories.
+    torch.manual_seed(cfg.seed)
+    stories: list[str] = []
+    for k in tqdm(range(0, len(examples), cfg.batch_size), desc="evaluate", unit="batch"):
+        chunk = examples[k : k + cfg.batch_size]
+        batch = policy.batch([e.load_images() for e in chunk], [e.instruction for e in chunk], [e.style for e in chunk],
+                             [e.context for e in chunk])  # fmt: skip
+        sampling = {"do_sample": False} if cfg.temperature == 0 else {"temperature": cfg.temperature}
+        stories += policy.generate(batch, max_new_tokens=cfg.max_new_tokens, **sampling).texts
+    # 3. Metrics.
+    report = {"policy": cfg.policy, "items": len(examples), "mean_length": mean_length(stories),
+              "distinct_1": distinct_n(stories, 1), "distinct_2": distinct_n(stories, 2)}  # fmt: skip
+    refs = [(s, e.story) for s, e in zip(stories, examples) if e.story]
+    if refs:
+        report["bleu"] = bleu([s for s, _ in refs], [r for _, r in refs])
+    if features is not None:
+        report["clip_score"] = clip_score(features, [e.images for e in examples], stories).mean().item()
+    report["samples"] = [{"item_id": e.item_id, "story": s} for e, s in zip(examples, stories)]
+    Path(cfg.out).write_text(json.dumps(report, indent=1))
+    print(json.dumps({k: v for k, v in report.items() if k != "samples"}, indent=1))
+    return report
+
+
+def parse_args(argv: list[str] | None = None) -> EvaluateConfig:
+    from trl import TrlParser
+
+    (cfg,) = TrlParser(dataclass_types=[EvaluateConfig], description=__doc__.split("\n\n")[0]).parse_args_and_config(argv)
+    return cfg
+
+
+if __name__ == "__main__":
+    from rlhf.policy import ModelLoadError
+    from rlhf.stories import StoryDataError
+
+    try:
+        main(parse_args())
+    except (StoryDataError, ModelLoadError) as e:
+        print(f"error: {e}", file=sys.stderr)
+        sys.exit(1)

@@ -1,0 +1,238 @@
+"""rlhf.sft, rlhf.generate and rlhf.evaluate on a tiny storyworld and tiny models."""
+
+from __future__ import annotations
+
+import json
+import random
+
+import pytest
+import torch
+from safetensors.torch import load_file
+from sqlalchemy import func, select
+
+from rlhf import evaluate as ev
+from rlhf.generate import GenerateConfig
+from rlhf.generate import main as generate_main
+from rlhf.policy import load_policy
+from rlhf.sft import SFTConfig, train, word_tokenizer
+from rlhf.stories import StoryDataError, read_examples
+from storyworld.world import make_world
+from tests.fixtures import make_tiny
+
+
+@pytest.fixture(scope="module")
+def world(tmp_path_factory):
+    return make_world(tmp_path_factory.mktemp("world"), 24, seed=3, frames=(1, 2), image_size=(48, 32))
+
+
+@pytest.fixture(autouse=True)
+def _fresh_accelerate_state():
+    from accelerate.state import AcceleratorState, PartialState
+
+    AcceleratorState._reset_state(True)
+    PartialState._reset_state()
+    yield
+
+
+@pytest.fixture(scope="module")
+def sft_policy(world, tmp_path_factory):
+    """tiny-vit-gpt2 trained 4 epochs on the world: (output dir, metrics)."""
+    from accelerate.state import AcceleratorState
+
+    AcceleratorState._reset_state(True)
+    out = tmp_path_factory.mktemp("sft")
+    cfg = SFTConfig(data=str(world / "sft.jsonl"), init="tiny-vit-gpt2", output_dir=str(out), epochs=4, batch_size=4, lr=3e-3,
+                    image_size=32, samples=3, max_new_tokens=20, logging_steps=1)  # fmt: skip
+    _, metrics = train(cfg)
+    return out, metrics
+
+
+def test_word_tokenizer_round_trips_the_world_text(tmp_path):
+    text = "Bravely, one sunny day in the forest, Bo the blue star charged ahead bravely. Momo met Bo."
+    tok = word_tokenizer([text], tmp_path)
+    ids = tok(text, add_special_tokens=False)["input_ids"]
+    assert tok.unk_token_id not in ids
+    assert tok.decode(ids) == text
+    assert len(ids) == len(text.replace(",", " ,").replace(".", " .").split())  # a token per word and per mark
+
+
+def test_sft_from_scratch_learns_and_writes_everything(sft_policy):
+    out, metrics = sft_policy
+    for name in ("metrics.json", "metrics.jsonl", "samples.jsonl", "storypref_policy.json", "checkpoint-last/state.pt"):
+        assert (out / name).exists(), name
+    losses = [json.loads(x) for x in (out / "metrics.jsonl").open()]
+    train_losses = [r["sft/loss"] for r in losses if "sft/loss" in r]
+    assert train_losses[-1] < train_losses[0] - 1.0, train_losses  # a from-scratch model learns the grammar fast
+    assert metrics["lora"] is False and metrics["family"] == "vision-encoder-decoder"
+    assert metrics["eval_loss"] < 7.0
+    policy = load_policy(str(out))
+    assert policy.family == "vision-encoder-decoder" and not policy.has_adapter
+    assert len([json.loads(x) for x in (out / "samples.jsonl").open()]) == 1  # 24 items, 5% held out
+
+
+def test_lora_sft_changes_only_the_adapter_and_resume_is_exact(world, tmp_path):
+    make_tiny.tiny_llava(tmp_path / "llava")
+    base = {k: v.clone() for k, v in load_policy(str(tmp_path / "llava")).model.state_dict().items()}
+    common = dict(data=str(world / "sft.jsonl"), policy=str(tmp_path / "llava"), epochs=2, batch_size=4, samples=0, lr=5e-3)
+    full, _ = train(SFTConfig(output_dir=str(tmp_path / "full"), **common))
+    from accelerate.state import AcceleratorState
+
+    AcceleratorState._reset_state(True)
+    train(SFTConfig(output_dir=str(tmp_path / "split"), stop_after_epochs=1, **common))
+    AcceleratorState._reset_state(True)
+    resumed, _ = train(SFTConfig(output_dir=str(tmp_path / "split"), resume=True, **common))
+    state = full.model.state_dict()
+    lora = [k for k in state if "lora_" in k]
+    assert lora and all(not torch.equal(state[k], torch.zeros_like(state[k])) for k in lora if "lora_B" in k)
+    frozen = [k for k in state if "lora_" not in k]
+    for k in frozen:  # every base weight as loaded
+        name = k.replace("base_model.model.", "").replace(".base_layer", "")
+        torch.testing.assert_close(state[k], base[name], msg=k)
+    for k, v in resumed.model.state_dict().items():  # 1 epoch + resume 1 epoch == 2 epochs straight
+        torch.testing.assert_close(v, state[k], msg=k)
+    saved = load_file(tmp_path / "full" / "adapter_model.safetensors")
+    assert saved and all("lora_" in k for k in saved)
+
+
+def test_sft_data_errors_name_the_line(tmp_path, world):
+    lines = (world / "sft.jsonl").read_text().splitlines()
+    bad = json.loads(lines[1])
+    bad["image_paths"] = ["images/nope.png"]
+    (tmp_path / "images").symlink_to(world / "images")
+    (tmp_path / "sft.jsonl").write_text(lines[0] + "\n" + json.dumps(bad) + "\n")
+    with pytest.raises(StoryDataError, match=r"sft.jsonl:2: image 'images/nope.png' not found"):
+        read_examples(str(tmp_path / "sft.jsonl"), need_story=True)
+    del bad["story"]
+    bad["image_paths"] = json.loads(lines[0])["image_paths"]
+    (tmp_path / "sft.jsonl").write_text(json.dumps(bad) + "\n")
+    with pytest.raises(StoryDataError, match=r"sft.jsonl:1: needs a non-empty `story`"):
+        read_examples(str(tmp_path / "sft.jsonl"), need_story=True)
+
+
+def test_generate_writes_an_ingestable_file_with_origins(sft_policy, world, tmp_path):
+    out, _ = sft_policy
+    result = generate_main(GenerateConfig(policy=str(out), items=str(world / "items.jsonl"), per_item=2, limit=3,
+                                          out=str(tmp_path / "new.jsonl"), max_new_tokens=16, device="cpu"))  # fmt: skip
+    rows = [json.loads(x) for x in (tmp_path / "new.jsonl").open()]
+    assert len(rows) == 3 and result["new_candidates"] == sum(1 for r in rows for c in r["candidates"] if c["origin"].startswith("policy:"))
+    original = [json.loads(x) for x in (world / "items.jsonl").open()][:3]
+    for row, item in zip(rows, original):
+        assert row["candidates"][: len(item["candidates"])] == item["candidates"]  # the old ones kept, in order
+        new = row["candidates"][len(item["candidates"]) :]
+        assert new and all(c["gen_params"]["temperature"] == 0.9 and c["gen_params"]["style"] == item["style"] for c in new)
+    from annotate.ingest import read_source
+
+    _, records = read_source(str(tmp_path / "new.jsonl"), image_root=world)
+    assert len(records) == 3
+
+
+def test_generate_into_the_database_shows_up_as_new_comparisons(sft_policy, world, tmp_path):
+    from annotate.ingest import ingest
+    from annotate.scheduler import next_assignment
+    from db import Annotator, Candidate, Comparison, Project, open_db
+
+    url = f"sqlite:///{tmp_path / 'prefs.db'}"
+    _, factory = open_db(url)
+    ingest(factory, str(world / "items.jsonl"), "demo", media_root=tmp_path / "media")
+    with factory() as s:
+        before = s.scalar(select(func.count(Comparison.id)))
+    out, _ = sft_policy
+    result = generate_main(GenerateConfig(policy=str(out), db=url, project="demo", per_item=1, limit=4, max_new_tokens=16, device="cpu"))
+    assert result["candidates_added"] >= 1 and result["items_added"] == 0  # new stories on the existing items
+    with factory.begin() as s:
+        new_ids = set(s.scalars(select(Candidate.id).where(Candidate.origin.like("policy:%"))))
+        fresh = s.scalars(select(Comparison).where(Comparison.candidate_a_id.in_(new_ids) | Comparison.candidate_b_id.in_(new_ids))).all()
+        assert len(fresh) == s.scalar(select(func.count(Comparison.id))) - before > 0
+        # The app's scheduler serves them: answer everything else first and they remain.
+        user = Annotator(username="ann", password_hash=None, role="annotator")
+        s.add(user)
+        s.flush()
+        project = s.scalar(select(Project).where(Project.name == "demo"))
+        served = set()
+        for _ in range(500):
+            a = next_assignment(s, user.id, project, rng=random.Random(0), skipped=frozenset(served))
+            if a is None:
+                break
+            served.add(a.comparison_id)
+        assert {c.id for c in fresh} <= served
+    # Generating again from the same policy and seed adds nothing twice.
+    again = generate_main(GenerateConfig(policy=str(out), db=url, project="demo", per_item=1, limit=4, max_new_tokens=16, device="cpu"))
+    assert again["candidates_added"] == 0
+
+
+def test_best_of_needs_a_reward_model(sft_policy, world, tmp_path):
+    from rlhf.policy import ModelLoadError
+
+    out, _ = sft_policy
+    with pytest.raises(ModelLoadError, match="--best_of needs --reward"):
+        generate_main(GenerateConfig(policy=str(out), items=str(world / "items.jsonl"), best_of=4, out=str(tmp_path / "x.jsonl")))
+    assert not (tmp_path / "x.jsonl").exists()
+
+
+def test_best_of_keeps_the_highest_reward(sft_policy, world, tmp_path):
+    from rlhf.reward_model import RewardModel, RewardModelConfig
+
+    make_tiny.tiny_text_encoder(tmp_path / "enc")
+    make_tiny.tiny_clip(tmp_path / "clip")
+    rm = RewardModel.build(RewardModelConfig(text_model=str(tmp_path / "enc"), clip_model=str(tmp_path / "clip"), clip_pretrained=None))
+    rm.save_pretrained(tmp_path / "rm")
+    out, _ = sft_policy
+    cfg = GenerateConfig(policy=str(out), items=str(world / "items.jsonl"), per_item=1, best_of=4, reward=str(tmp_path / "rm"), limit=2,
+                         out=str(tmp_path / "best.jsonl"), max_new_tokens=16, temperature=1.5, device="cpu")  # fmt: skip
+    generate_main(cfg)
+    rows = [json.loads(x) for x in (tmp_path / "best.jsonl").open()]
+    # Re-draw the same samples (same seed) and score them all: the kept one must be the best.
+    from rlhf.generate import items_from_file
+
+    torch.manual_seed(cfg.seed)
+    policy = load_policy(str(out))
+    items = items_from_file(cfg.items, 2)
+    batch = policy.batch([e.load_images() for e, _ in items], [e.instruction for e, _ in items], [e.style for e, _ in items])
+    samples = policy.generate(batch.repeat(4), max_new_tokens=16, temperature=1.5).texts
+    scores = RewardModel.from_pretrained(tmp_path / "rm").score([e.images for e, _ in items for _ in range(4)],
+                                                                 [e.instruction for e, _ in items for _ in range(4)], samples,
+                                                                 style=[e.style for e, _ in items for _ in range(4)])  # fmt: skip
+    for i, row in enumerate(rows):
+        kept = row["candidates"][-1]
+        best = max(range(i * 4, i * 4 + 4), key=lambda j: scores[j].item())
+        assert kept["text"] == samples[best] and kept["gen_params"]["reward"] == pytest.approx(scores[best].item(), abs=1e-3)
+
+
+def test_distinct_n_and_length_by_hand():
+    assert ev.distinct_n(["a b a b"], 2) == pytest.approx(2 / 3)  # ab, ba, ab
+    assert ev.distinct_n(["a b", "a b"], 1) == pytest.approx(2 / 4)
+    assert ev.distinct_n(["one"], 2) == 0.0
+    assert ev.mean_length(["one two", "three four five six"]) == 3.0
+    assert ev.bleu(["the red circle rolled away"], ["the red circle rolled away"]) == pytest.approx(100.0)
+    assert ev.bleu(["blue square"], ["the red circle rolled away"]) < 10
+
+
+def test_clip_score_is_hessels_formula_per_frame_and_sentence(tmp_path):
+    from PIL import Image
+
+    from rlhf.reward_model import ClipFeatures
+
+    make_tiny.tiny_clip(tmp_path / "clip")
+    features = ClipFeatures(str(tmp_path / "clip"), None)
+    images = [Image.new("RGB", (32, 32), c) for c in ("red", "blue")]
+    story = "A red circle. It rolled.\n\nA blue square."  # frame 1: two sentences; frame 2: one
+    got = ev.clip_score(features, [images], [story])[0].item()
+    from rlhf.data import ImageRef
+
+    img = features.images([ImageRef(image=i) for i in images])
+    first, second = features.sentences(["A red circle.", "It rolled."]), features.sentences(["A blue square."])
+    frame1 = (2.5 * (first @ img[0]).clamp(min=0)).mean().item()
+    frame2 = (2.5 * (second @ img[1]).clamp(min=0)).mean().item()
+    assert got == pytest.approx((frame1 + frame2) / 2, abs=1e-5)
+
+
+def test_evaluate_writes_a_report(sft_policy, world, tmp_path):
+    out, _ = sft_policy
+    make_tiny.tiny_clip(tmp_path / "clip")
+    report = ev.main(ev.EvaluateConfig(policy=str(out), items=str(world / "sft.jsonl"), out=str(tmp_path / "r.json"),
+                                       clip_model=str(tmp_path / "clip"), clip_pretrained=None, limit=4, max_new_tokens=16))  # fmt: skip
+    saved = json.loads((tmp_path / "r.json").read_text())
+    assert saved["items"] == 4 and len(saved["samples"]) == 4
+    for key in ("clip_score", "bleu", "distinct_1", "distinct_2", "mean_length"):
+        assert isinstance(report[key], float), key
+    assert report["distinct_2"] == pytest.approx(ev.distinct_n([s["story"] for s in saved["samples"]], 2))
