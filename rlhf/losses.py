@@ -1,5 +1,11 @@
-"""Pure loss functions for reward modeling (and, later, PPO). Only torch; every one is tested
-against hand-computed numbers in tests/test_losses.py.
+"""Pure functions for reward modeling and PPO. Only torch; every one is tested against
+hand-computed numbers (and GAE against a plain loop) in tests/test_losses.py.
+
+Reward model: the Bradley-Terry loss and accuracy. PPO, following "The N Implementation Details of
+RLHF with PPO" (Huang et al., 2022) and Ziegler et al. (2019): masked mean and whitening, the KL
+estimators k1/k2/k3 (Schulman, 2020), the adaptive and fixed KL controllers, per-token rewards
+with the score at EOS, GAE (Schulman et al., 2016), and the clipped policy and value losses
+(Schulman et al., 2017). Shapes: (B, T) per token, with a (B, T) mask of real response tokens.
 """
 
 from __future__ import annotations
@@ -47,3 +53,142 @@ def preference_accuracy(chosen_rewards: torch.Tensor, rejected_rewards: torch.Te
     if not decisive.any():
         return torch.tensor(float("nan"))
     return (chosen_rewards[decisive] > rejected_rewards[decisive]).float().mean()
+
+
+# ------------------------------------------------------------------------------------------------
+# PPO.
+# ------------------------------------------------------------------------------------------------
+
+
+def masked_mean(x: torch.Tensor, mask: torch.Tensor, dim: int | None = None) -> torch.Tensor:
+    """Mean of x where mask is 1: masked_mean([1, 2, 9], [1, 1, 0]) = 1.5."""
+    mask = mask.to(x.dtype)
+    if dim is None:
+        return (x * mask).sum() / mask.sum().clamp(min=1)
+    return (x * mask).sum(dim) / mask.sum(dim).clamp(min=1)
+
+
+def masked_var(x: torch.Tensor, mask: torch.Tensor, unbiased: bool = True) -> torch.Tensor:
+    mean = masked_mean(x, mask)
+    var = masked_mean((x - mean) ** 2, mask)
+    n = mask.sum()
+    return var * n / (n - 1) if unbiased and n > 1 else var
+
+
+def masked_whiten(x: torch.Tensor, mask: torch.Tensor, shift_mean: bool = True, eps: float = 1e-8) -> torch.Tensor:
+    """(x − mean) / std over the masked entries (keep the mean when `shift_mean` is False); 0 where masked."""
+    mean, var = masked_mean(x, mask), masked_var(x, mask)
+    white = (x - mean) * torch.rsqrt(var + eps)
+    if not shift_mean:
+        white = white + mean
+    return white * mask.to(x.dtype)
+
+
+def kl_estimate(logprobs: torch.Tensor, ref_logprobs: torch.Tensor, kind: str = "k1") -> torch.Tensor:
+    """Per-token estimate of KL(π ‖ π_ref) from samples of π (Schulman, "Approximating KL Divergence").
+
+    With log r = log π_ref − log π:  k1 = −log r (unbiased, can be negative);
+    k2 = ½ (log r)² (biased, low variance);  k3 = (r − 1) − log r (unbiased, always ≥ 0).
+    """
+    log_ratio = logprobs - ref_logprobs  # log π − log π_ref = −log r
+    if kind == "k1":
+        return log_ratio
+    if kind == "k2":
+        return 0.5 * log_ratio**2
+    if kind == "k3":
+        return torch.expm1(-log_ratio) + log_ratio
+    raise ValueError(f"unknown KL estimator {kind!r}; use k1, k2 or k3")
+
+
+class AdaptiveKLController:
+    """β_{t+1} = β_t · (1 + clip(KL/target − 1, −0.2, 0.2) · n/horizon)  (Ziegler et al. 2019, §2.2)."""
+
+    def __init__(self, init_kl_coef: float = 0.2, target: float = 6.0, horizon: int = 10_000):
+        self.value, self.target, self.horizon = init_kl_coef, target, horizon
+
+    def update(self, current_kl: float, n_steps: int) -> float:
+        error = min(max(current_kl / self.target - 1.0, -0.2), 0.2)
+        self.value *= 1.0 + error * n_steps / self.horizon
+        return self.value
+
+
+class FixedKLController:
+    """A constant β."""
+
+    def __init__(self, kl_coef: float = 0.2):
+        self.value = kl_coef
+
+    def update(self, current_kl: float, n_steps: int) -> float:
+        return self.value
+
+
+def kl_penalized_rewards(scores: torch.Tensor, logprobs: torch.Tensor, ref_logprobs: torch.Tensor, mask: torch.Tensor,
+                         kl_coef: float, kind: str = "k1") -> tuple[torch.Tensor, torch.Tensor]:  # fmt: skip
+    """Per-token rewards −β·KL_t, plus the sequence score on its last real token (the EOS).
+
+    Returns (rewards (B, T), kl (B, T)), both 0 where masked.
+    """
+    mask = mask.to(logprobs.dtype)
+    kl = kl_estimate(logprobs, ref_logprobs, kind) * mask  # (B, T)
+    rewards = -kl_coef * kl
+    last = (mask.sum(1).long() - 1).clamp(min=0)  # (B,) index of the last real token
+    rewards[torch.arange(len(scores)), last] += scores.to(rewards.dtype) * (mask.sum(1) > 0)
+    return rewards, kl
+
+
+def gae(rewards: torch.Tensor, values: torch.Tensor, mask: torch.Tensor, gamma: float = 1.0, lam: float = 0.95) -> tuple[torch.Tensor, torch.Tensor]:
+    """Generalized advantage estimation (Schulman et al. 2016) over right-padded responses.
+
+    δ_t = r_t + γ V_{t+1} − V_t,  A_t = δ_t + γλ A_{t+1}, with V and r zero past the last real token.
+    Returns (advantages, returns = advantages + values), both (B, T) and 0 where masked.
+    """
+    mask = mask.to(values.dtype)
+    values, rewards = values * mask, rewards * mask
+    T = rewards.shape[1]
+    advantages = torch.zeros_like(rewards)
+    last = torch.zeros_like(rewards[:, 0])
+    for t in reversed(range(T)):
+        next_value = values[:, t + 1] if t + 1 < T else torch.zeros_like(last)
+        delta = rewards[:, t] + gamma * next_value - values[:, t]
+        last = delta + gamma * lam * last
+        advantages[:, t] = last
+    advantages = advantages * mask
+    return advantages, (advantages + values) * mask
+
+
+def ppo_policy_loss(logprobs: torch.Tensor, old_logprobs: torch.Tensor, advantages: torch.Tensor, mask: torch.Tensor,
+                    cliprange: float = 0.2) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:  # fmt: skip
+    """The clipped surrogate: mean over tokens of max(−A·ρ, −A·clip(ρ, 1−ε, 1+ε)), ρ = π/π_old.
+
+    Also returns the clip fraction and approx-KL ½·mean((log ρ)²) as diagnostics.
+    """
+    log_ratio = logprobs - old_logprobs
+    ratio = torch.exp(log_ratio)
+    loss_unclipped = -advantages * ratio
+    loss_clipped = -advantages * torch.clamp(ratio, 1.0 - cliprange, 1.0 + cliprange)
+    loss = masked_mean(torch.max(loss_unclipped, loss_clipped), mask)
+    with torch.no_grad():
+        stats = {
+            "clipfrac": masked_mean((loss_clipped > loss_unclipped).float(), mask),
+            "approx_kl": 0.5 * masked_mean(log_ratio**2, mask),
+            "ratio": masked_mean(ratio, mask),
+        }
+    return loss, stats
+
+
+def ppo_value_loss(values: torch.Tensor, old_values: torch.Tensor, returns: torch.Tensor, mask: torch.Tensor,
+                   cliprange_value: float = 0.2) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:  # fmt: skip
+    """½·mean(max((V − R)², (V_old + clip(V − V_old, ±ε) − R)²)), and the value clip fraction."""
+    clipped = old_values + torch.clamp(values - old_values, -cliprange_value, cliprange_value)
+    loss_unclipped = (values - returns) ** 2
+    loss_clipped = (clipped - returns) ** 2
+    loss = 0.5 * masked_mean(torch.max(loss_unclipped, loss_clipped), mask)
+    with torch.no_grad():
+        stats = {"vf_clipfrac": masked_mean((loss_clipped > loss_unclipped).float(), mask)}
+    return loss, stats
+
+
+def explained_variance(values: torch.Tensor, returns: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
+    """1 − Var(R − V) / Var(R): 1 for a perfect value function, 0 for a constant one."""
+    var = masked_var(returns, mask, unbiased=False)
+    return 1 - masked_var(returns - values, mask, unbiased=False) / var.clamp(min=1e-8)

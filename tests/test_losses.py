@@ -59,3 +59,137 @@ def test_bt_soft_target():
     # target 0.75 at Δ = 1: −0.75 log σ(1) − 0.25 log σ(−1); the margin is ignored for soft labels.
     loss = bradley_terry_loss(torch.tensor([1.0]), torch.tensor([0.0]), margin=torch.tensor([1.0]), target=torch.tensor([0.75]))
     assert loss.item() == pytest.approx(-0.75 * math.log(sig(1.0)) - 0.25 * math.log(sig(-1.0)), rel=1e-6)
+
+
+# ------------------------------------------------------------------------------------------------
+# PPO pieces.
+# ------------------------------------------------------------------------------------------------
+
+from rlhf.losses import (  # noqa: E402
+    AdaptiveKLController,
+    FixedKLController,
+    explained_variance,
+    gae,
+    kl_estimate,
+    kl_penalized_rewards,
+    masked_mean,
+    masked_var,
+    masked_whiten,
+    ppo_policy_loss,
+    ppo_value_loss,
+)
+
+
+def test_masked_mean_var_whiten_by_hand():
+    x, m = torch.tensor([[1.0, 2.0, 9.0], [3.0, 100.0, 100.0]]), torch.tensor([[1, 1, 0], [1, 0, 0]])
+    assert masked_mean(x, m).item() == pytest.approx(2.0)  # (1 + 2 + 3) / 3
+    assert masked_mean(x, m, dim=1).tolist() == pytest.approx([1.5, 3.0])
+    assert masked_var(x, m).item() == pytest.approx(1.0)  # ((−1)² + 0 + 1²) / 2
+    assert masked_var(x, m, unbiased=False).item() == pytest.approx(2 / 3)
+    w = masked_whiten(x, m)
+    close(w, [[-1.0, 0.0, 0.0], [1.0, 0.0, 0.0]])
+    assert masked_whiten(x, m, shift_mean=False)[0, :2].tolist() == pytest.approx([1.0, 2.0], abs=1e-6)
+
+
+def test_kl_estimators_by_hand():
+    lp, ref = torch.tensor([-1.0, -2.0]), torch.tensor([-1.5, -1.0])  # log π − log π_ref = 0.5, −1
+    assert kl_estimate(lp, ref, "k1").tolist() == pytest.approx([0.5, -1.0])
+    assert kl_estimate(lp, ref, "k2").tolist() == pytest.approx([0.125, 0.5])
+    # k3 = (r − 1) − log r with r = π_ref/π = e^{−0.5}, e^{1}
+    assert kl_estimate(lp, ref, "k3").tolist() == pytest.approx([math.exp(-0.5) - 1 + 0.5, math.e - 1 - 1], rel=1e-6)
+    assert (kl_estimate(lp, lp, "k3") == 0).all()
+    with pytest.raises(ValueError, match="k1, k2 or k3"):
+        kl_estimate(lp, ref, "k4")
+
+
+def test_k1_and_k3_are_unbiased_for_the_true_kl():
+    g = torch.Generator().manual_seed(0)
+    p, q = torch.tensor([0.7, 0.2, 0.1]), torch.tensor([0.4, 0.4, 0.2])
+    true_kl = (p * (p / q).log()).sum().item()
+    x = torch.multinomial(p, 200_000, replacement=True, generator=g)
+    for kind in ("k1", "k3"):
+        assert kl_estimate(p.log()[x], q.log()[x], kind).mean().item() == pytest.approx(true_kl, abs=0.01)
+
+
+def test_adaptive_kl_controller_by_hand():
+    c = AdaptiveKLController(0.2, target=6.0, horizon=10_000)
+    # KL 9: error clip(9/6 − 1) = 0.2 (clipped from 0.5); β = 0.2 · (1 + 0.2 · 256/10000)
+    assert c.update(9.0, 256) == pytest.approx(0.2 * (1 + 0.2 * 256 / 10_000))
+    before = c.value
+    assert c.update(3.0, 100) == pytest.approx(before * (1 - 0.5 * 100 / 10_000 * 0.4))  # error −0.5 → −0.2
+    assert FixedKLController(0.1).update(100.0, 1000) == 0.1
+
+
+def test_kl_penalized_rewards_put_the_score_on_the_last_real_token():
+    lp = torch.tensor([[-1.0, -1.0, -1.0], [-2.0, -2.0, 0.0]])
+    ref = torch.tensor([[-1.5, -1.0, -0.5], [-1.0, -2.0, 0.0]])
+    mask = torch.tensor([[1, 1, 1], [1, 1, 0]])
+    rewards, kl = kl_penalized_rewards(torch.tensor([2.0, -1.0]), lp, ref, mask, kl_coef=0.1)
+    close(kl, [[0.5, 0.0, -0.5], [-1.0, 0.0, 0.0]])
+    close(rewards, [[-0.05, 0.0, 0.05 + 2.0], [0.1, -1.0, 0.0]])
+
+
+def close(actual: torch.Tensor, expected) -> None:
+    torch.testing.assert_close(actual.float(), torch.tensor(expected, dtype=torch.float32), atol=1e-5, rtol=1e-5)
+
+
+def gae_reference(rewards, values, mask, gamma, lam):
+    """Straight from the paper, one sequence at a time, over its real tokens only."""
+    adv = torch.zeros_like(rewards)
+    for b in range(rewards.shape[0]):
+        n = int(mask[b].sum())
+        for t in range(n):
+            total = 0.0
+            for k in range(t, n):
+                next_v = values[b, k + 1].item() if k + 1 < n else 0.0
+                delta = rewards[b, k].item() + gamma * next_v - values[b, k].item()
+                total += (gamma * lam) ** (k - t) * delta
+            adv[b, t] = total
+    return adv
+
+
+def test_gae_by_hand_and_against_a_plain_loop():
+    # One step: A = r − V. Two steps, γ=1, λ=0.5: δ1 = 1 − 0.5 = 0.5, δ0 = 0 + 0.5 − 1 = −0.5, A0 = −0.5 + 0.5·0.5.
+    adv, ret = gae(torch.tensor([[0.0, 1.0]]), torch.tensor([[1.0, 0.5]]), torch.tensor([[1, 1]]), gamma=1.0, lam=0.5)
+    close(adv, [[-0.25, 0.5]])
+    close(ret, [[0.75, 1.0]])
+    g = torch.Generator().manual_seed(1)
+    rewards, values = torch.randn(4, 7, generator=g), torch.randn(4, 7, generator=g)
+    mask = (torch.arange(7)[None] < torch.tensor([[7], [3], [1], [5]])).long()
+    for gamma, lam in ((1.0, 0.95), (0.9, 0.8)):
+        adv, _ = gae(rewards, values, mask, gamma, lam)
+        torch.testing.assert_close(adv, gae_reference(rewards, values, mask, gamma, lam), atol=1e-5, rtol=1e-5)
+        assert (adv[mask == 0] == 0).all()
+
+
+def test_ppo_policy_loss_by_hand():
+    old = torch.zeros(1, 3)
+    lp = torch.log(torch.tensor([[1.5, 0.5, 1.1]]))  # ratios 1.5, 0.5, 1.1
+    adv = torch.tensor([[1.0, -1.0, 2.0]])
+    loss, stats = ppo_policy_loss(lp, old, adv, torch.ones(1, 3), cliprange=0.2)
+    # token 1: max(−1.5, −1.2) = −1.2 (clipped); token 2: max(0.5, 0.8) = 0.8 (clipped); token 3: max(−2.2, −2.2)
+    assert loss.item() == pytest.approx((-1.2 + 0.8 - 2.2) / 3)
+    assert stats["clipfrac"].item() == pytest.approx(2 / 3)
+    assert stats["approx_kl"].item() == pytest.approx(0.5 * sum(math.log(r) ** 2 for r in (1.5, 0.5, 1.1)) / 3)
+    # At ratio 1 the loss is −mean(A) and its gradient is −A per token.
+    lp0 = torch.zeros(1, 3, requires_grad=True)
+    ppo_policy_loss(lp0, old, adv, torch.ones(1, 3))[0].backward()
+    close(lp0.grad, [[-1 / 3, 1 / 3, -2 / 3]])
+
+
+def test_ppo_value_loss_by_hand():
+    values, old, ret = torch.tensor([[1.0, 0.0]]), torch.tensor([[0.5, 0.0]]), torch.tensor([[0.0, 1.0]])
+    loss, stats = ppo_value_loss(values, old, ret, torch.ones(1, 2), cliprange_value=0.2)
+    # token 1: unclipped (1−0)² = 1, clipped (0.7−0)² = 0.49 → 1; token 2: (0−1)² both → 1
+    assert loss.item() == pytest.approx(0.5 * (1 + 1) / 2)
+    assert stats["vf_clipfrac"].item() == 0.0
+    values = torch.tensor([[0.0, 0.0]])  # token 1: unclipped 0, clipped (0.3)² = 0.09 → takes 0.09
+    loss, stats = ppo_value_loss(values, old, ret, torch.ones(1, 2), cliprange_value=0.2)
+    assert loss.item() == pytest.approx(0.5 * (0.09 + 1) / 2)
+    assert stats["vf_clipfrac"].item() == pytest.approx(0.5)
+
+
+def test_explained_variance():
+    ret, mask = torch.tensor([[1.0, 2.0, 3.0]]), torch.ones(1, 3)
+    assert explained_variance(ret, ret, mask).item() == pytest.approx(1.0)
+    assert explained_variance(torch.full((1, 3), 2.0), ret, mask).item() == pytest.approx(0.0)
