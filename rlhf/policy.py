@@ -90,22 +90,25 @@ class PolicyBatch:
 
     def repeat(self, k: int) -> PolicyBatch:
         """Each row k times in a row (for K samples per prompt): row i becomes rows i*k … i*k+k-1."""
-        if k == 1:
-            return self
+        return self if k == 1 else self.select([i for i in range(len(self)) for _ in range(k)])
+
+    def select(self, rows: Sequence[int]) -> PolicyBatch:
+        """The given rows (in that order, repeats allowed), with their own images: minibatches, repeats."""
+        idx = torch.as_tensor(list(rows), dtype=torch.long)
         per_image = {"pixel_values", "image_grid_thw", "image_sizes"}  # chat families: one entry (or patch run) per image
-        inputs = {key: v.repeat_interleave(k, 0) for key, v in self.inputs.items() if key not in per_image}
+        inputs = {key: v[idx.to(v.device)] for key, v in self.inputs.items() if key not in per_image}
         grid = self.inputs.get("image_grid_thw")
         sizes = grid.prod(-1).tolist() if grid is not None else [1] * sum(self.n_frames)  # entries per image
         for key in per_image & self.inputs.keys():
             v = self.inputs[key]
             chunks = list(torch.split(v, sizes)) if key == "pixel_values" else list(v.split(1))
-            rows, start = [], 0
+            by_row, start = [], 0
             for n in self.n_frames:
-                rows.append(chunks[start : start + n])
+                by_row.append(chunks[start : start + n])
                 start += n
-            inputs[key] = torch.cat([c for row in rows for _ in range(k) for c in row])
-        return PolicyBatch(inputs, self.prompt_ids.repeat_interleave(k, 0), self.prompt_mask.repeat_interleave(k, 0),
-                           [n for n in self.n_frames for _ in range(k)])  # fmt: skip
+            inputs[key] = torch.cat([c for r in idx.tolist() for c in by_row[r]])
+        return PolicyBatch(inputs, self.prompt_ids[idx.to(self.prompt_ids.device)], self.prompt_mask[idx.to(self.prompt_mask.device)],
+                           [self.n_frames[r] for r in idx.tolist()])  # fmt: skip
 
 
 @dataclass

@@ -393,6 +393,12 @@ class RewardModel:
         missing = set(model.trained_state()) - set(state := load_file(path / WEIGHTS_NAME))
         if missing:
             raise ModelLoadError(f"{path}: weights missing for {sorted(missing)[:3]}…; the file does not match its config")
-        model.module.load_state_dict(state, strict=False)
+        try:
+            model.module.load_state_dict(state, strict=False)
+        except RuntimeError as e:
+            raise ModelLoadError(
+                f"{path}: its weights do not fit the backbone its config names ({cfg.backbone}, {cfg.text_model}); it was "
+                f"trained on another backbone. Retrain it, or fix {CONFIG_NAME}. ({str(e).splitlines()[-1].strip()[:200]})"
+            ) from None
         model.module.eval()
         return model

@@ -1,0 +1,348 @@
+"""PPO on a vision-language story policy, with LoRA, KL control and a composite reward.
+
+    python -m rlhf.ppo --policy runs/sft --reward_model runs/rm --prompts world/items.jsonl --output_dir runs/ppo
+    python -m rlhf.ppo --config ppo.yaml
+    accelerate launch --num_processes 8 -m rlhf.ppo --config ppo.yaml        (DDP; FSDP or DeepSpeed configs too)
+
+TRL 1.x has no PPO trainer, so this is our loop, following "The N Implementation Details of RLHF
+with PPO" (Huang et al. 2022). Each iteration reads top to bottom:
+
+1. rollout: sample stories for a batch of prompts (images + instruction + style + context);
+2. score: the composite reward (`rlhf.rewards`), minus a penalty where no EOS came;
+3. per-token KL against the reference in the reward, with the score at EOS;
+4. GAE (γ, λ);
+5. whiten the advantages;
+6. PPO epochs over minibatches: clipped policy and value losses, gradient clipping, and an early
+   stop of the epoch when the approximate KL to the rollout policy spikes;
+7. log: `ppo/*`, `reward/*`, lengths; a sample table every `--sample_every` iterations.
+
+The policy carries a fresh LoRA adapter; the reference is the same weights with the adapter off
+(`policy.reference()`), so no second copy is held. An `--sft_adapter` is merged first, so the
+reference is the SFT model. The value head is a linear layer on the policy's last hidden state,
+trained alone for the first `--value_warmup_steps` iterations. Dropout is off everywhere, and
+log-probs are taken at the sampling temperature.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import random
+import sys
+import time
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+
+import torch
+from torch import nn
+
+from rlhf import losses
+from rlhf.policy import LoraSpec, ModelLoadError, PolicyBatch, StoryPolicy, load_policy
+from rlhf.rewards import SIGNALS, CompositeReward, build_reward, parse_weights
+from rlhf.stories import StoryDataError, StoryExample, read_examples
+
+
+@dataclass
+class PPOConfig:
+    # Models.
+    policy: str = field(metadata={"help": "the policy: HF id or path (ViT-GPT2, LLaVA, Qwen2-VL), or a dir from rlhf.sft"})
+    prompts: str = field(default="", metadata={"help": "prompts: items JSONL (image_paths, instruction, style, context) or an HF dataset"})
+    output_dir: str = field(default="runs/ppo", metadata={"help": "adapter, value head, checkpoints and logs"})
+    sft_adapter: str | None = field(default=None, metadata={"help": "an SFT LoRA adapter to merge first (it becomes the reference)"})
+    reward_model: str | None = field(default=None, metadata={"help": "reward model dir (rlhf.train_rm) for the `human` signal"})
+    reward_weights: str = field(default="human=1,clip=0.3,coherence=0.2,repetition=0.1,style=0.2",
+                                metadata={"help": f"signal=weight list; signals: {', '.join(SIGNALS)}"})  # fmt: skip
+    clip_model: str | None = field(default="ViT-B-32", metadata={"help": "open_clip name or local dir for the `clip` signal"})
+    clip_pretrained: str | None = field(default="laion2b_s34b_b79k", metadata={"help": "open_clip pretrained tag (ignored for a local dir)"})
+    sentence_model: str | None = field(default="sentence-transformers/all-MiniLM-L6-v2", metadata={"help": "sentence encoder for coherence and style"})
+    style_descriptions: str | None = field(default=None, metadata={"help": "JSON file {style: description} for the `style` signal"})
+    # KL control.
+    kl_coef: float = field(default=0.2, metadata={"help": "initial β of the per-token KL penalty"})
+    adaptive_kl: bool = field(default=True, metadata={"help": "adapt β toward --kl_target (Ziegler et al. 2019); off: fixed β"})
+    kl_target: float = field(default=6.0, metadata={"help": "target KL to the reference, in nats per story"})
+    kl_horizon: int = field(default=10_000, metadata={"help": "adaptive controller horizon, in episodes"})
+    kl_estimator: str = field(default="k1", metadata={"help": "per-token KL estimator in the reward: k1 | k2 | k3"})
+    # PPO.
+    gamma: float = field(default=1.0, metadata={"help": "discount"})
+    lam: float = field(default=0.95, metadata={"help": "GAE λ"})
+    cliprange: float = field(default=0.2, metadata={"help": "policy ratio clip ε"})
+    cliprange_value: float = field(default=0.2, metadata={"help": "value clip"})
+    vf_coef: float = field(default=0.1, metadata={"help": "value loss weight"})
+    ppo_epochs: int = field(default=4, metadata={"help": "passes over each rollout batch"})
+    rollout_batch_size: int = field(default=32, metadata={"help": "stories sampled per iteration and process"})
+    mini_batch_size: int = field(default=8, metadata={"help": "stories per gradient step"})
+    iterations: int = field(default=50, metadata={"help": "PPO iterations (rollout + update)"})
+    max_new_tokens: int = field(default=96, metadata={"help": "story length limit in tokens"})
+    temperature: float = field(default=1.0, metadata={"help": "sampling temperature (log-probs are taken at it too)"})
+    missing_eos_penalty: float = field(default=1.0, metadata={"help": "subtracted from the score of a story without EOS"})
+    max_grad_norm: float = field(default=1.0, metadata={"help": "gradient clipping"})
+    kl_spike: float = field(default=0.5, metadata={"help": "stop an iteration's PPO epochs when approx-KL to the rollout policy exceeds this"})
+    value_warmup_steps: int = field(default=2, metadata={"help": "iterations that train only the value head"})
+    whiten_rewards: bool = field(default=False, metadata={"help": "also whiten the per-token rewards before GAE"})
+    # LoRA and optimization.
+    lora_r: int = field(default=16, metadata={"help": "LoRA rank of the PPO adapter"})
+    lora_alpha: int = field(default=32, metadata={"help": "LoRA alpha"})
+    lr: float = field(default=1e-4, metadata={"help": "AdamW learning rate (LoRA and value head)"})
+    dtype: str | None = field(default=None, metadata={"help": "load dtype: float32 | bfloat16 | float16 | auto"})
+    bf16: bool = field(default=False, metadata={"help": "bfloat16 autocast"})
+    gradient_checkpointing: bool = field(default=False, metadata={"help": "trade compute for memory"})
+    # Bookkeeping.
+    save_every: int = field(default=10, metadata={"help": "checkpoint every N iterations"})
+    sample_every: int = field(default=5, metadata={"help": "log a sample table every M iterations"})
+    resume: bool = field(default=False, metadata={"help": "continue from output_dir/checkpoint-last"})
+    stop_after: int | None = field(default=None, metadata={"help": "end this run after N iterations (continue with --resume)"})
+    seed: int = field(default=0, metadata={"help": "seed for the prompt order and sampling"})
+    cache_dir: str | None = field(default=None, metadata={"help": "CLIP embedding cache (default: ~/.cache/storypref/clip)"})
+    world_size: int = field(default=1, init=False, metadata={"help": "(derived)"})
+    episodes_per_iteration: int = field(default=0, init=False, metadata={"help": "(derived)"})
+
+
+class ValueHead(nn.Module):
+    """V(s_t) from the policy's last hidden state: (B, T, C) → (B, T)."""
+
+    def __init__(self, hidden_size: int):
+        super().__init__()
+        self.linear = nn.Linear(hidden_size, 1)
+        nn.init.zeros_(self.linear.weight)
+        nn.init.zeros_(self.linear.bias)
+
+    def forward(self, hidden: torch.Tensor) -> torch.Tensor:
+        return self.linear(hidden.to(self.linear.weight.dtype)).squeeze(-1)
+
+
+class PolicyAndValue(nn.Module):
+    """One module for accelerate to wrap: (batch, ids, mask) → (log-probs, values, logits)."""
+
+    def __init__(self, policy: StoryPolicy, value_head: ValueHead):
+        super().__init__()
+        self.policy, self.value_head = policy, value_head
+
+    def forward(self, batch: PolicyBatch, ids: torch.Tensor, mask: torch.Tensor, temperature: float):
+        out = self.policy(batch, ids, mask, temperature)
+        return out.logprobs, self.value_head(out.hidden), out.logits
+
+
+def check_prompts(cfg: PPOConfig) -> list[StoryExample]:
+    if not cfg.prompts:
+        raise StoryDataError("--prompts is required: an items JSONL (image_paths, instruction, style) or an HF dataset")
+    return read_examples(cfg.prompts)
+
+
+def trained_state(model: PolicyAndValue) -> dict[str, torch.Tensor]:
+    return {n: p.detach().cpu().clone() for n, p in model.named_parameters() if p.requires_grad}
+
+
+def save_checkpoint(path: Path, model: PolicyAndValue, optimizer, kl_ctl, reward: CompositeReward, state: dict) -> None:
+    import shutil
+
+    tmp = path.with_name(path.name + ".tmp")
+    tmp.mkdir(parents=True, exist_ok=True)
+    torch.save({"trained": trained_state(model), "optimizer": optimizer.state_dict(), "kl_coef": kl_ctl.value,
+                "reward_stats": reward.state_dict(), "torch_rng": torch.get_rng_state(), **state}, tmp / "state.pt")  # fmt: skip
+    if path.exists():
+        shutil.rmtree(path)
+    tmp.rename(path)  # whole, or not at all
+
+
+def log_metrics(writer, jsonl: Path, step: int, metrics: dict) -> None:
+    with jsonl.open("a") as f:
+        f.write(json.dumps({"step": step, **metrics}) + "\n")
+    if writer is not None:
+        for k, v in metrics.items():
+            if isinstance(v, (int, float)) and math.isfinite(v):
+                writer.add_scalar(k, v, step)
+
+
+def sample_table(examples: list[StoryExample], texts: list[str], total: torch.Tensor, components: dict, n: int = 4) -> list[dict]:
+    rows = []
+    for i in range(min(n, len(texts))):
+        rows.append({"images": [Path(str(p)).name for p in examples[i].images], "style": examples[i].style, "story": texts[i],
+                     "reward": round(total[i].item(), 3), **{k: round(v[i].item(), 3) for k, v in components.items()}})  # fmt: skip
+    return rows
+
+
+def train(cfg: PPOConfig) -> tuple[StoryPolicy, dict]:
+    from accelerate import Accelerator
+    from accelerate.utils import set_seed
+    from tqdm import tqdm
+    from trl.trainer.utils import disable_dropout_in_model, entropy_from_logits
+
+    accelerator = Accelerator(mixed_precision="bf16" if cfg.bf16 else "no")
+    set_seed(cfg.seed)
+    device = str(accelerator.device)
+    out = Path(cfg.output_dir)
+    ckpt = out / "checkpoint-last"
+    log = accelerator.print
+
+    # 0. Everything that can be wrong is checked before any compute: weights, prompts, models.
+    weights = parse_weights(cfg.reward_weights)
+    if cfg.kl_estimator not in ("k1", "k2", "k3"):
+        raise ValueError(f"--kl_estimator {cfg.kl_estimator!r}: use k1, k2 or k3")
+    if cfg.rollout_batch_size % cfg.mini_batch_size:
+        raise ValueError(f"--rollout_batch_size {cfg.rollout_batch_size} must be a multiple of --mini_batch_size {cfg.mini_batch_size}")
+    prompts = check_prompts(cfg)
+    descriptions = json.loads(Path(cfg.style_descriptions).read_text()) if cfg.style_descriptions else None
+    reward = build_reward(weights, reward_model=cfg.reward_model, clip_model=cfg.clip_model, clip_pretrained=cfg.clip_pretrained,
+                          sentence_model=cfg.sentence_model, style_descriptions=descriptions, device=device,
+                          cache_dir=cfg.cache_dir or str(Path.home() / ".cache" / "storypref" / "clip"))  # fmt: skip
+    policy = load_policy(cfg.policy, lora=LoraSpec(r=cfg.lora_r, alpha=cfg.lora_alpha), sft_adapter=cfg.sft_adapter,
+                         dtype=cfg.dtype, device=device)  # fmt: skip
+    disable_dropout_in_model(policy.model)  # dropout off: rollout and update log-probs must agree
+    if cfg.gradient_checkpointing:
+        policy.enable_gradient_checkpointing()
+    value_head = ValueHead(policy.hidden_size).to(device)
+    model = PolicyAndValue(policy, value_head)
+    cfg.world_size = accelerator.num_processes
+    cfg.episodes_per_iteration = cfg.rollout_batch_size * cfg.world_size
+    params = [p for p in model.parameters() if p.requires_grad]
+    optimizer = torch.optim.AdamW(params, lr=cfg.lr, eps=1e-5, weight_decay=0.0)  # no decay: frozen-by-warm-up LoRA must not drift
+    wrapped, optimizer = accelerator.prepare(model, optimizer)
+    kl_ctl = losses.AdaptiveKLController(cfg.kl_coef, cfg.kl_target, cfg.kl_horizon) if cfg.adaptive_kl else losses.FixedKLController(cfg.kl_coef)
+    start = 0
+    if cfg.resume:
+        if not (ckpt / "state.pt").exists():
+            raise FileNotFoundError(f"--resume: no checkpoint in {ckpt}; run without --resume first")
+        state = torch.load(ckpt / "state.pt", weights_only=False)
+        named = dict(model.named_parameters())
+        with torch.no_grad():
+            for n, v in state["trained"].items():
+                named[n].copy_(v)
+        optimizer.load_state_dict(state["optimizer"])
+        kl_ctl.value = state["kl_coef"]
+        reward.load_state_dict(state["reward_stats"])
+        torch.set_rng_state(state["torch_rng"])
+        start = state["iteration"]
+        log(f"resumed from {ckpt} at iteration {start}")
+    writer = None
+    if accelerator.is_main_process:
+        from torch.utils.tensorboard import SummaryWriter
+
+        out.mkdir(parents=True, exist_ok=True)
+        writer = SummaryWriter(str(out / "tb"))
+        (out / "ppo_config.json").write_text(json.dumps(asdict(cfg), indent=1))
+    jsonl = out / "metrics.jsonl"
+    log(f"PPO on {policy.family} {cfg.policy}: {sum(p.numel() for p in params):,} trainable parameters (LoRA + value head); "
+        f"signals {weights}; {len(prompts)} prompts")  # fmt: skip
+
+    last = cfg.iterations if cfg.stop_after is None else min(cfg.iterations, start + cfg.stop_after)
+    bar = tqdm(range(start, last), desc="ppo", disable=not accelerator.is_main_process)
+    metrics: dict = {}
+    t0 = time.perf_counter()
+    for iteration in bar:
+        # 1. Rollout: a seeded prompt batch per (iteration, process), sampled with the current policy.
+        rng = random.Random(f"{cfg.seed}:{iteration}:{accelerator.process_index}")
+        chunk = [prompts[rng.randrange(len(prompts))] for _ in range(cfg.rollout_batch_size)]
+        batch = policy.batch([e.load_images() for e in chunk], [e.instruction for e in chunk], [e.style for e in chunk],
+                             [e.context for e in chunk])  # fmt: skip
+        gen = policy.generate(batch, max_new_tokens=cfg.max_new_tokens, temperature=cfg.temperature)
+        ids, mask = gen.response_ids, gen.response_mask  # (B, T)
+
+        # 2. Score: the composite reward, and a penalty for a story that never ended.
+        with torch.no_grad():
+            scores, components = reward([e.images for e in chunk], [e.instruction for e in chunk], [e.context for e in chunk],
+                                        [e.style for e in chunk], gen.texts)  # fmt: skip
+            scores = scores.to(device) - cfg.missing_eos_penalty * (~gen.ended).float()
+
+            # 3. Per-token KL in the reward: old log-probs and values, and the reference (adapter off).
+            old_logprobs, old_values, _ = wrapped(batch, ids, mask, cfg.temperature)
+            with policy.reference():
+                ref_logprobs = policy(batch, ids, mask, cfg.temperature).logprobs
+            rewards, kl = losses.kl_penalized_rewards(scores, old_logprobs, ref_logprobs, mask, kl_ctl.value, cfg.kl_estimator)
+            if cfg.whiten_rewards:
+                rewards = losses.masked_whiten(rewards, mask, shift_mean=False)
+
+            # 4. GAE, and 5. whitened advantages.
+            advantages, returns = losses.gae(rewards, old_values, mask, cfg.gamma, cfg.lam)
+            advantages = losses.masked_whiten(advantages, mask)
+
+        # 6. PPO epochs over minibatches; value head only during the warm-up.
+        warmup = iteration < cfg.value_warmup_steps
+        stats: dict[str, list[float]] = {k: [] for k in ("policy_loss", "value_loss", "clipfrac", "approx_kl", "entropy", "vf_clipfrac", "ratio")}
+        stopped_early = False
+        for _epoch in range(cfg.ppo_epochs):
+            order = torch.randperm(cfg.rollout_batch_size, generator=torch.Generator().manual_seed(rng.randrange(2**31))).tolist()
+            for k in range(0, cfg.rollout_batch_size, cfg.mini_batch_size):
+                rows = order[k : k + cfg.mini_batch_size]
+                mb_mask = mask[rows]
+                width = int(mb_mask.sum(1).max())  # drop the all-padding tail of this minibatch
+                mb_ids, mb_mask = ids[rows, :width], mb_mask[:, :width]
+                logprobs, values, logits = wrapped(batch.select(rows), mb_ids, mb_mask, cfg.temperature)
+                vf_loss, vf_stats = losses.ppo_value_loss(values, old_values[rows, :width], returns[rows, :width], mb_mask, cfg.cliprange_value)
+                pg_loss, pg_stats = losses.ppo_policy_loss(logprobs, old_logprobs[rows, :width], advantages[rows, :width], mb_mask, cfg.cliprange)
+                loss = cfg.vf_coef * vf_loss + (0.0 if warmup else 1.0) * pg_loss  # every parameter in the graph, for DDP
+                accelerator.backward(loss)
+                accelerator.clip_grad_norm_(params, cfg.max_grad_norm)
+                optimizer.step()
+                optimizer.zero_grad()
+                with torch.no_grad():
+                    entropy = losses.masked_mean(entropy_from_logits(logits.float()), mb_mask)
+                for name, value in {"policy_loss": pg_loss, "value_loss": vf_loss, "entropy": entropy, **pg_stats, **vf_stats}.items():
+                    stats[name].append(float(value))
+            approx_kl = accelerator.reduce(torch.tensor(stats["approx_kl"][-1], device=device), "mean").item()
+            if not warmup and approx_kl > cfg.kl_spike:  # the policy moved too far from the rollout policy: stop this update
+                stopped_early = True
+                break
+
+        # 7. Log, adapt β, checkpoint.
+        mean_kl = accelerator.reduce(kl.sum(1).mean().to(device), "mean").item()  # nats per story
+        kl_ctl.update(mean_kl, cfg.episodes_per_iteration)
+        metrics = {f"ppo/{k}": sum(v) / len(v) for k, v in stats.items() if v}
+        metrics |= {
+            "ppo/kl": mean_kl,
+            "ppo/kl_coef": kl_ctl.value,
+            "ppo/explained_variance": losses.explained_variance(old_values, returns, mask).item(),
+            "ppo/early_stop": float(stopped_early),
+            "ppo/value_warmup": float(warmup),
+            "reward/total": scores.mean().item(),
+            "reward/score": (scores + cfg.missing_eos_penalty * (~gen.ended).float()).mean().item(),
+            "reward/missing_eos": (~gen.ended).float().mean().item(),
+            "response/length": mask.sum(1).float().mean().item(),
+            "time/minutes": (time.perf_counter() - t0) / 60,
+        }
+        metrics |= {f"reward/{k}": v.mean().item() for k, v in components.items()}
+        if accelerator.is_main_process:
+            log_metrics(writer, jsonl, iteration + 1, metrics)
+            bar.set_postfix(reward=f"{metrics['reward/total']:.2f}", kl=f"{mean_kl:.2f}")
+            if (iteration + 1) % cfg.sample_every == 0:
+                table = sample_table(chunk, gen.texts, scores, components)
+                with (out / "samples.jsonl").open("a") as f:
+                    f.write(json.dumps({"iteration": iteration + 1, "samples": table}) + "\n")
+                header = "| images | story | " + " | ".join(k for k in table[0] if k not in ("images", "story")) + " |"
+                lines = [header, "|" + " --- |" * (header.count("|") - 1)]
+                lines += ["| " + ", ".join(r["images"]) + " | " + r["story"].replace("|", "/") + " | "
+                          + " | ".join(str(v) for k, v in r.items() if k not in ("images", "story")) + " |" for r in table]  # fmt: skip
+                writer.add_text("samples", "\n".join(lines), iteration + 1)
+            if (iteration + 1) % cfg.save_every == 0 or iteration + 1 == last:
+                save_checkpoint(ckpt, model, optimizer, kl_ctl, reward, {"iteration": iteration + 1})
+        accelerator.wait_for_everyone()
+
+    # 8. Save the adapter (loadable with load_policy), the value head and the final metrics.
+    result: dict = {}
+    if accelerator.is_main_process:
+        policy.save_pretrained(out)
+        torch.save(value_head.state_dict(), out / "value_head.pt")
+        result = {**metrics, "iterations": last, "episodes": last * cfg.episodes_per_iteration, "world_size": cfg.world_size}
+        (out / "metrics.json").write_text(json.dumps(result, indent=1))
+        if writer is not None:
+            writer.close()
+    accelerator.wait_for_everyone()
+    return policy, result
+
+
+def main(cfg: PPOConfig) -> dict:
+    return train(cfg)[1]
+
+
+def parse_args(argv: list[str] | None = None) -> PPOConfig:
+    from trl import TrlParser
+
+    (cfg,) = TrlParser(dataclass_types=[PPOConfig], description=__doc__.split("\n\n")[0]).parse_args_and_config(argv)
+    return cfg
+
+
+if __name__ == "__main__":
+    try:
+        main(parse_args())
+    except (StoryDataError, ModelLoadError, FileNotFoundError, ValueError) as e:
+        print(f"error: {e}", file=sys.stderr)
+        sys.exit(1)

@@ -1,0 +1,159 @@
+"""rlhf.ppo and rlhf.rewards on tiny models: what trains, KL at the start, resume, bad input, 2 processes."""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+
+from rlhf.policy import UnsupportedPolicyError, load_policy
+from rlhf.ppo import PPOConfig, train
+from rlhf.reward_model import ModelLoadError, RewardModel, RewardModelConfig
+from rlhf.rewards import CompositeReward, RunningStats, parse_weights
+from rlhf.stories import StoryDataError
+from storyworld.world import make_world
+from tests.fixtures import make_tiny
+
+REPO = Path(__file__).resolve().parents[1]
+
+
+@pytest.fixture(autouse=True)
+def _fresh_accelerate_state():
+    from accelerate.state import AcceleratorState, PartialState
+
+    AcceleratorState._reset_state(True)
+    PartialState._reset_state()
+    yield
+
+
+@pytest.fixture(scope="module")
+def setup(tmp_path_factory):
+    """A tiny world, a tiny ViT-GPT2 policy, a tiny reward model, a tiny CLIP."""
+    root = tmp_path_factory.mktemp("ppo")
+    world = make_world(root / "world", 12, seed=5, frames=(1, 2), image_size=(32, 32))
+    torch.manual_seed(0)
+    make_tiny.tiny_vit_gpt2(root / "policy")
+    make_tiny.tiny_text_encoder(root / "enc")
+    make_tiny.tiny_clip(root / "clip")
+    rm = RewardModel.build(RewardModelConfig(text_model=str(root / "enc"), clip_model=str(root / "clip"), clip_pretrained=None))
+    with torch.no_grad():  # a reward model with opinions: a random head
+        for p in rm.module.head.parameters():
+            p.normal_(0, 0.5)
+    rm.save_pretrained(root / "rm")
+    return root, world
+
+
+def config(root: Path, world: Path, out: str, **kw) -> PPOConfig:
+    base = dict(policy=str(root / "policy"), prompts=str(world / "items.jsonl"), output_dir=str(root / out),
+                reward_model=str(root / "rm"), reward_weights="human=1,repetition=0.5,clip=0.3", clip_model=str(root / "clip"),
+                clip_pretrained=None, sentence_model=None, iterations=3, rollout_batch_size=4, mini_batch_size=2, ppo_epochs=2,
+                max_new_tokens=8, value_warmup_steps=1, lr=1e-2, cache_dir=str(root / "cache"), save_every=100, sample_every=1)  # fmt: skip
+    return PPOConfig(**{**base, **kw})
+
+
+def test_ppo_trains_lora_and_value_head_only_and_kl_starts_at_zero(setup):
+    root, world = setup
+    base = {k: v.clone() for k, v in load_policy(str(root / "policy")).model.state_dict().items()}
+    policy, result = train(config(root, world, "run"))
+    rows = [json.loads(x) for x in (root / "run" / "metrics.jsonl").open()]
+    assert rows[0]["ppo/kl"] == pytest.approx(0.0, abs=1e-6)  # a fresh adapter is the reference
+    assert rows[0]["ppo/value_warmup"] == 1.0 and rows[1]["ppo/value_warmup"] == 0.0
+    for key in ("ppo/kl", "ppo/kl_coef", "ppo/approx_kl", "ppo/clipfrac", "ppo/entropy", "ppo/value_loss", "ppo/explained_variance",
+                "reward/human", "reward/clip", "reward/repetition", "reward/total", "response/length"):  # fmt: skip
+        assert all(key in r for r in rows), key
+    state = policy.model.state_dict()
+    lora = [k for k in state if "lora_B" in k]
+    assert lora and any(state[k].abs().sum() > 0 for k in lora), "the LoRA adapter trained"
+    for k, v in state.items():
+        if "lora_" not in k:
+            name = k.replace("base_model.model.", "").replace(".base_layer", "")
+            torch.testing.assert_close(v, base[name], msg=k)  # the base weights did not move
+    head = torch.load(root / "run" / "value_head.pt")
+    assert head["linear.weight"].abs().sum() > 0, "the value head trained (it starts at zero)"
+    assert (root / "run" / "samples.jsonl").exists() and result["iterations"] == 3
+    again = load_policy(str(root / "run"))  # the saved adapter loads as a policy
+    assert again.has_adapter and again.adapter_hash() == policy.adapter_hash()
+
+
+def test_resume_continues_exactly(setup):
+    root, world = setup
+    straight, _ = train(config(root, world, "straight", iterations=4))
+    from accelerate.state import AcceleratorState
+
+    AcceleratorState._reset_state(True)
+    train(config(root, world, "split", iterations=4, stop_after=2))
+    AcceleratorState._reset_state(True)
+    resumed, _ = train(config(root, world, "split", iterations=4, resume=True))
+    for k, v in resumed.model.state_dict().items():
+        torch.testing.assert_close(v, straight.model.state_dict()[k], msg=k)
+    a = [json.loads(x) for x in (root / "straight" / "metrics.jsonl").open()]
+    b = [json.loads(x) for x in (root / "split" / "metrics.jsonl").open()]
+    assert [r["step"] for r in b] == [1, 2, 3, 4]
+    assert [r["reward/total"] for r in b] == pytest.approx([r["reward/total"] for r in a], abs=1e-5)
+
+
+def test_bad_input_is_refused_before_any_compute(setup, tmp_path):
+    root, world = setup
+    with pytest.raises(ValueError, match=r"unknown signal\(s\) \['humour'\]"):
+        train(config(root, world, "bad", reward_weights="human=1,humour=2"))
+    lines = (world / "items.jsonl").read_text().splitlines()
+    broken = json.loads(lines[0]) | {"image_paths": ["images/missing.png"]}
+    (tmp_path / "images").symlink_to(world / "images")
+    (tmp_path / "items.jsonl").write_text(lines[1] + "\n" + json.dumps(broken) + "\n")
+    with pytest.raises(StoryDataError, match=r"items.jsonl:2: image 'images/missing.png' not found"):
+        train(config(root, world, "bad", prompts=str(tmp_path / "items.jsonl")))
+    make_tiny.tiny_text_encoder(tmp_path / "bert")
+    with pytest.raises(UnsupportedPolicyError, match="'bert' model"):
+        train(config(root, world, "bad", policy=str(tmp_path / "bert")))
+    # A reward model whose weights come from another backbone than its config names.
+    make_tiny.tiny_text_encoder(tmp_path / "enc-other")
+    other = json.loads((root / "rm" / "reward_config.json").read_text())
+    wider = RewardModelConfig(**{**other, "text_model": str(root / "enc"), "hidden_size": 64})
+    RewardModel.build(wider).save_pretrained(tmp_path / "rm-other")
+    cfg_file = tmp_path / "rm-other" / "reward_config.json"
+    cfg_file.write_text(json.dumps({**json.loads(cfg_file.read_text()), "hidden_size": other["hidden_size"]}))
+    with pytest.raises(ModelLoadError, match="trained on another backbone"):
+        train(config(root, world, "bad", reward_model=str(tmp_path / "rm-other")))
+    assert not (root / "bad").exists(), "nothing was written"
+
+
+def test_parse_weights_and_composite_normalization():
+    assert parse_weights("human=1, clip=0.3,repetition") == {"human": 1.0, "clip": 0.3, "repetition": 1.0}
+    with pytest.raises(ValueError, match="not name=number"):
+        parse_weights("human=lots")
+    signals = {"a": lambda *args: torch.tensor([1.0, 3.0]), "b": lambda *args: torch.tensor([100.0, 100.0])}
+    total, parts = CompositeReward({"a": 2.0, "b": 1.0}, signals)(None, None, None, None, ["x", "y"])
+    # a: mean 2, std 1 → (−1, 1) · 2; b: constant, std 0 → 0 (its scale does not leak in)
+    assert total.tolist() == pytest.approx([-2.0, 2.0])
+    assert parts["b"].tolist() == [100.0, 100.0]
+
+
+def test_running_stats_match_the_batch_formula():
+    s = RunningStats()
+    data = torch.tensor([1.0, 2.0, 4.0, 8.0, 16.0])
+    s.update(data[:2])
+    s.update(data[2:])
+    assert s.mean == pytest.approx(data.mean().item())
+    assert s.std == pytest.approx(data.std(unbiased=False).item())
+
+
+@pytest.mark.timeout(600)
+def test_two_processes_with_accelerate(setup):
+    root, world = setup
+    out = root / "ddp"
+    cfg = {"policy": str(root / "policy"), "prompts": str(world / "items.jsonl"), "output_dir": str(out), "reward_weights": "repetition=1",
+           "iterations": 2, "rollout_batch_size": 2, "mini_batch_size": 1, "ppo_epochs": 1, "max_new_tokens": 6, "value_warmup_steps": 0,
+           "clip_model": None, "sentence_model": None}  # fmt: skip
+    (root / "ppo.yaml").write_text("".join(f"{k}: {json.dumps(v)}\n" for k, v in cfg.items()))
+    env = {**os.environ, "ACCELERATE_USE_CPU": "1", "PYTHONPATH": str(REPO)}
+    cmd = [sys.executable, "-m", "accelerate.commands.launch", "--multi_gpu", "--num_processes", "2", "--num_machines", "1",
+           "--mixed_precision", "no", "--dynamo_backend", "no", "-m", "rlhf.ppo", "--config", str(root / "ppo.yaml")]  # fmt: skip
+    run = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=580)
+    assert run.returncode == 0, run.stderr[-3000:]
+    metrics = json.loads((out / "metrics.json").read_text())
+    assert metrics["world_size"] == 2 and metrics["episodes"] == 2 * 2 * 2
