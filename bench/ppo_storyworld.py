@@ -30,9 +30,9 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-FULL = {"items": 1200, "sft_epochs": 6, "gen_items": 800, "pairs_per_item": 4, "rm_epochs": 1, "iterations": 60, "held_out": 150,
+FULL = {"items": 1200, "sft_epochs": 6, "gen_items": 500, "samples_per_item": 4, "rm_epochs": 1, "iterations": 60, "held_out": 150,
         "clip_minutes": 1.5, "rollout": 32, "mini": 8}  # fmt: skip
-SMOKE = {"items": 60, "sft_epochs": 2, "gen_items": 30, "pairs_per_item": 2, "rm_epochs": 1, "iterations": 3, "held_out": 12,
+SMOKE = {"items": 60, "sft_epochs": 2, "gen_items": 30, "samples_per_item": 3, "rm_epochs": 1, "iterations": 3, "held_out": 12,
          "clip_minutes": 0.2, "rollout": 8, "mini": 4}  # fmt: skip
 WEIGHTS = "human=1,clip=0.3,coherence=0.2,repetition=0.1,style=0.2"
 
@@ -95,6 +95,7 @@ def main() -> None:
     p.add_argument("--ablations", action="store_true", help="also PPO with human only, and with a fixed KL coefficient")
     p.add_argument("--iterations", type=int, help="PPO iterations (overrides the setting)")
     p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--reuse", action="store_true", help="keep the world, CLIP and SFT policy already in --out (for tuning later phases)")
     args = p.parse_args()
     s = dict(SMOKE if args.smoke else FULL)
     if args.iterations:
@@ -134,8 +135,11 @@ def main() -> None:
 
     # 1. The world and its tiny CLIP. Held-out scenes are set aside for the final comparison.
     t0 = time.perf_counter()
-    world_dir = make_world(out / "world", s["items"], seed=args.seed)
-    train_clip(world_dir, out / "clip", epochs=8, max_minutes=s["clip_minutes"])
+    reuse = args.reuse and (out / "sft" / "metrics.json").exists()
+    world_dir = (out / "world").resolve()
+    if not reuse:
+        make_world(world_dir, s["items"], seed=args.seed)
+        train_clip(world_dir, out / "clip", epochs=8, max_minutes=s["clip_minutes"])
     world = {json.loads(x)["external_id"]: json.loads(x) for x in (world_dir / "world.jsonl").open()}
     examples = read_examples(str(world_dir / "sft.jsonl"), need_story=True)
     fraction = s["held_out"] / s["items"]
@@ -146,8 +150,9 @@ def main() -> None:
     # 2. SFT from scratch.
     t0 = time.perf_counter()
     sft_dir = out / "sft"
-    sft(SFTConfig(data=str(world_dir / "sft.jsonl"), init="tiny-vit-gpt2", output_dir=str(sft_dir), epochs=s["sft_epochs"],
-                  eval_fraction=fraction, samples=0, seed=args.seed))  # fmt: skip
+    if not reuse:
+        sft(SFTConfig(data=str(world_dir / "sft.jsonl"), init="tiny-vit-gpt2", output_dir=str(sft_dir), epochs=s["sft_epochs"],
+                      eval_fraction=fraction, samples=0, seed=args.seed))  # fmt: skip
     phase("sft", t0)
 
     # 3. New candidates from the SFT policy, on training scenes only.
@@ -156,11 +161,12 @@ def main() -> None:
     train_items = [i for i in items if i["external_id"] not in held_ids][: s["gen_items"]]
     (out / "gen-items.jsonl").write_text("".join(json.dumps({**i, "image_paths": [str(world_dir / p) for p in i["image_paths"]]}) + "\n"
                                                  for i in train_items))  # fmt: skip
-    generate(GenerateConfig(policy=str(sft_dir), items=str(out / "gen-items.jsonl"), per_item=2, temperature=1.0,
+    generate(GenerateConfig(policy=str(sft_dir), items=str(out / "gen-items.jsonl"), per_item=s["samples_per_item"], temperature=1.0,
                             out=str(out / "generated.jsonl"), device="cpu", seed=args.seed))  # fmt: skip
     phase("generate", t0)
 
-    # 4. Simulated annotation of every candidate, the grammar's and the policy's (their utility is the hidden truth).
+    # 4. Simulated annotation of the policy's own samples, every pair per item (as InstructGPT ranks K samples per
+    # prompt): the reward model must rank what PPO will sample. Their utility is the hidden truth.
     t0 = time.perf_counter()
     aug = out / "world-aug"
     aug.mkdir(exist_ok=True)
@@ -169,12 +175,12 @@ def main() -> None:
     generated = {json.loads(x)["external_id"]: json.loads(x) for x in (out / "generated.jsonl").open()}
     with (aug / "world.jsonl").open("w") as f:
         for item_id, g in generated.items():
-            w = dict(world[item_id])
-            known = {c["text"] for c in w["candidates"]}
-            new = [{"text": c["text"], "origin": c["origin"], "utility": hidden_utility(world, item_id, c["text"])}
-                   for c in g["candidates"] if c["text"] not in known]  # fmt: skip
-            f.write(json.dumps({**w, "candidates": w["candidates"] + new}) + "\n")
-    votes = annotate_world(aug, out / "prefs.jsonl", pairs_per_item=s["pairs_per_item"], votes_per_pair=3, seed=args.seed)
+            known = {c["text"] for c in world[item_id]["candidates"]}
+            samples = [{"text": c["text"], "origin": c["origin"], "utility": hidden_utility(world, item_id, c["text"])}
+                       for c in g["candidates"] if c["text"] not in known]  # fmt: skip
+            if len(samples) > 1:
+                f.write(json.dumps({**world[item_id], "candidates": samples}) + "\n")
+    votes = annotate_world(aug, out / "prefs.jsonl", votes_per_pair=3, seed=args.seed)
     report["votes"] = votes["votes"]
     phase("annotate", t0)
 
@@ -193,9 +199,16 @@ def main() -> None:
     t0 = time.perf_counter()
     rm_dir = out / "rm"
     _, rm_metrics = train_rm(TrainRMConfig(data=str(out / "trl"), output_dir=str(rm_dir), text_model=minilm, clip_model=str(out / "clip"),
-                                           clip_pretrained=None, epochs=s["rm_epochs"], batch_size=32, max_length=160, lr=1e-3,
+                                           clip_pretrained=None, epochs=s["rm_epochs"], batch_size=32, max_length=128, lr=1e-3,
                                            cache_dir=str(out / "clip-cache"), bf16=not args.smoke, seed=args.seed))  # fmt: skip
     report["rm"] = {k: rm_metrics[k] for k in ("eval_accuracy", "train_pairs", "eval_pairs", "pairs_per_second")}
+    from bench.rm_storyworld import hidden_utility_accuracy
+    from rlhf.data import load_preferences
+    from rlhf.reward_model import RewardModel
+
+    utilities = {(w["external_id"], c["text"]): c["utility"] for w in map(json.loads, (aug / "world.jsonl").open()) for c in w["candidates"]}
+    rm = RewardModel.from_pretrained(rm_dir, cache_dir=str(out / "clip-cache"))
+    report["rm"] |= hidden_utility_accuracy(rm, load_preferences(out / "trl")[1], utilities)  # on the policy's own held-out samples
     phase("reward_model", t0)
 
     # 7. PPO, and the comparison on held-out scenes.
@@ -207,11 +220,12 @@ def main() -> None:
 
     def run_ppo(name: str, **overrides) -> dict:
         t0 = time.perf_counter()
-        cfg = PPOConfig(policy=str(sft_dir), prompts=str(prompts), output_dir=str(out / name), reward_model=str(rm_dir),
+        settings = dict(policy=str(sft_dir), prompts=str(prompts), output_dir=str(out / name), reward_model=str(rm_dir),
                         reward_weights=WEIGHTS, clip_model=str(out / "clip"), clip_pretrained=None, sentence_model=minilm,
                         style_descriptions=str(out / "styles.json"), iterations=s["iterations"], rollout_batch_size=s["rollout"],
-                        mini_batch_size=s["mini"], ppo_epochs=4, max_new_tokens=160, lr=3e-4, kl_coef=0.05, kl_target=6.0,
-                        cache_dir=str(out / "clip-cache"), seed=args.seed, save_every=1000, sample_every=10, **overrides)  # fmt: skip
+                        mini_batch_size=s["mini"], ppo_epochs=4, max_new_tokens=160, lr=3e-4, kl_coef=0.1, kl_target=6.0,
+                        kl_horizon=2000, cache_dir=str(out / "clip-cache"), seed=args.seed, save_every=1000, sample_every=10)  # fmt: skip
+        cfg = PPOConfig(**(settings | overrides))
         _, metrics = ppo(cfg)
         ppo_stories = greedy(str(out / name), held_out, 160)
         result = {

@@ -26,7 +26,6 @@ log-probs are taken at the sampling temperature.
 from __future__ import annotations
 
 import json
-import math
 import random
 import sys
 import time
@@ -39,6 +38,7 @@ from torch import nn
 from rlhf import losses
 from rlhf.policy import LoraSpec, ModelLoadError, PolicyBatch, StoryPolicy, load_policy
 from rlhf.rewards import SIGNALS, CompositeReward, build_reward, parse_weights
+from rlhf.runlog import checkpoint_dir, log_metrics
 from rlhf.stories import StoryDataError, StoryExample, read_examples
 
 
@@ -133,24 +133,9 @@ def trained_state(model: PolicyAndValue) -> dict[str, torch.Tensor]:
 
 
 def save_checkpoint(path: Path, model: PolicyAndValue, optimizer, kl_ctl, reward: CompositeReward, state: dict) -> None:
-    import shutil
-
-    tmp = path.with_name(path.name + ".tmp")
-    tmp.mkdir(parents=True, exist_ok=True)
-    torch.save({"trained": trained_state(model), "optimizer": optimizer.state_dict(), "kl_coef": kl_ctl.value,
-                "reward_stats": reward.state_dict(), "torch_rng": torch.get_rng_state(), **state}, tmp / "state.pt")  # fmt: skip
-    if path.exists():
-        shutil.rmtree(path)
-    tmp.rename(path)  # whole, or not at all
-
-
-def log_metrics(writer, jsonl: Path, step: int, metrics: dict) -> None:
-    with jsonl.open("a") as f:
-        f.write(json.dumps({"step": step, **metrics}) + "\n")
-    if writer is not None:
-        for k, v in metrics.items():
-            if isinstance(v, (int, float)) and math.isfinite(v):
-                writer.add_scalar(k, v, step)
+    with checkpoint_dir(path) as tmp:
+        torch.save({"trained": trained_state(model), "optimizer": optimizer.state_dict(), "kl_coef": kl_ctl.value,
+                    "reward_stats": reward.state_dict(), "torch_rng": torch.get_rng_state(), **state}, tmp / "state.pt")  # fmt: skip
 
 
 def sample_table(examples: list[StoryExample], texts: list[str], total: torch.Tensor, components: dict, n: int = 4) -> list[dict]:

@@ -30,7 +30,7 @@ from typing import Any
 import torch
 import torch.nn as nn
 
-from annotate.formats import format_prompt, split_frames, split_sentences, plain_text
+from annotate.formats import format_prompt, plain_text, split_frames, split_sentences
 from rlhf.data import ImageRef
 
 DEFAULT_TEXT_MODEL = "sentence-transformers/all-MiniLM-L6-v2"

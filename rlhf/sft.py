@@ -28,6 +28,7 @@ import torch
 
 from annotate.formats import format_prompt
 from rlhf.policy import STORY_CUE, LoraSpec, ModelLoadError, StoryPolicy, load_policy
+from rlhf.runlog import checkpoint_dir, log_metrics
 from rlhf.stories import StoryDataError, StoryExample, read_examples
 
 INITS = ("tiny-vit-gpt2",)
@@ -153,16 +154,10 @@ def sample_stories(policy: StoryPolicy, examples: list[StoryExample], max_new_to
 
 
 def _save_checkpoint(path: Path, policy: StoryPolicy, optimizer, scheduler, state: dict) -> None:
-    import shutil
-
-    tmp = path.with_name(path.name + ".tmp")
-    tmp.mkdir(parents=True, exist_ok=True)
     trained = {n: p.detach().cpu() for n, p in policy.model.named_parameters() if p.requires_grad}
-    torch.save({"trained": trained, "optimizer": optimizer.state_dict(), "scheduler": scheduler.state_dict(),
-                "torch_rng": torch.get_rng_state(), **state}, tmp / "state.pt")  # fmt: skip
-    if path.exists():
-        shutil.rmtree(path)
-    tmp.rename(path)  # whole, or not at all
+    with checkpoint_dir(path) as tmp:
+        torch.save({"trained": trained, "optimizer": optimizer.state_dict(), "scheduler": scheduler.state_dict(),
+                    "torch_rng": torch.get_rng_state(), **state}, tmp / "state.pt")  # fmt: skip
 
 
 # ------------------------------------------------------------------------------------------------
@@ -266,13 +261,13 @@ def train(cfg: SFTConfig) -> tuple[StoryPolicy, dict]:
                 step += 1
                 if step % cfg.logging_steps == 0 and accelerator.is_main_process:
                     m = {"sft/loss": sum(window) / len(window), "sft/lr": scheduler.get_last_lr()[0], "sft/epoch": epoch + b / n_batches}
-                    _log(writer, jsonl, step, m)
+                    log_metrics(writer, jsonl, step, m)
                     bar.set_postfix(loss=f"{m['sft/loss']:.3f}")
                     window = []
         accelerator.wait_for_everyone()
         if accelerator.is_main_process:
             metrics = {"eval_loss": eval_loss(policy, eval_set, cfg.batch_size), "epoch": epoch + 1}
-            _log(writer, jsonl, step, {f"sft/{k}": v for k, v in metrics.items()})
+            log_metrics(writer, jsonl, step, {f"sft/{k}": v for k, v in metrics.items()})
             log(f"epoch {epoch + 1}: held-out loss {metrics['eval_loss']:.4f}")
             _save_checkpoint(ckpt, policy, optimizer, scheduler, {"epoch": epoch, "step": step})
         accelerator.wait_for_everyone()
@@ -301,15 +296,6 @@ def train(cfg: SFTConfig) -> tuple[StoryPolicy, dict]:
         log(json.dumps(result, indent=1))
     accelerator.wait_for_everyone()
     return policy, result
-
-
-def _log(writer, jsonl: Path, step: int, metrics: dict) -> None:
-    with jsonl.open("a") as f:
-        f.write(json.dumps({"step": step, **metrics}) + "\n")
-    if writer is not None:
-        for k, v in metrics.items():
-            if isinstance(v, (int, float)) and math.isfinite(v):
-                writer.add_scalar(k, v, step)
 
 
 def main(cfg: SFTConfig) -> dict:

@@ -71,7 +71,7 @@ def _read_jsonl(path: Path, need_story: bool) -> list[StoryExample]:
             full = Path(p) if Path(p).is_absolute() else path.parent / p
             if not full.is_file():
                 raise StoryDataError(f"{where}: image {p!r} not found (looked for {full}); paths are relative to the JSONL file")
-            images.append(str(full))
+            images.append(str(full.resolve()))
         if not isinstance(d.get("instruction"), str) or not d["instruction"].strip():
             raise StoryDataError(f"{where}: needs an `instruction` string")
         story = d.get("story")

@@ -14,7 +14,6 @@ Writes: the model, `metrics.jsonl` (per logged step), `metrics.json` (final), Te
 from __future__ import annotations
 
 import json
-import math
 import time
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
@@ -24,6 +23,7 @@ import torch
 from rlhf.data import DataError, PreferencePair, load_preferences
 from rlhf.losses import bradley_terry_loss, preference_accuracy
 from rlhf.reward_model import DEFAULT_TEXT_MODEL, ModelLoadError, RewardModel, RewardModelConfig
+from rlhf.runlog import checkpoint_dir, log_metrics
 
 
 @dataclass
@@ -151,26 +151,11 @@ def evaluate(rm: RewardModel, pairs: list[PreferencePair], batch_size: int = 64)
 def _save_checkpoint(path: Path, rm: RewardModel, optimizer, scheduler, state: dict) -> None:
     from safetensors.torch import save_file
 
-    tmp = path.with_name(path.name + ".tmp")
-    tmp.mkdir(parents=True, exist_ok=True)
-    save_file(rm.trained_state(), tmp / "trained.safetensors")
-    torch.save({"optimizer": optimizer.state_dict(), "scheduler": scheduler.state_dict(),
-                "torch_rng": torch.get_rng_state()}, tmp / "optimizer.pt")  # fmt: skip
-    (tmp / "trainer_state.json").write_text(json.dumps(state, indent=1, default=str))
-    if path.exists():
-        import shutil
-
-        shutil.rmtree(path)
-    tmp.rename(path)  # a checkpoint appears whole, or not at all
-
-
-def _log(writer, jsonl: Path, step: int, metrics: dict) -> None:
-    with jsonl.open("a") as f:
-        f.write(json.dumps({"step": step, **metrics}) + "\n")
-    if writer is not None:
-        for k, v in metrics.items():
-            if isinstance(v, (int, float)) and math.isfinite(v):
-                writer.add_scalar(k, v, step)
+    with checkpoint_dir(path) as tmp:
+        save_file(rm.trained_state(), tmp / "trained.safetensors")
+        torch.save({"optimizer": optimizer.state_dict(), "scheduler": scheduler.state_dict(),
+                    "torch_rng": torch.get_rng_state()}, tmp / "optimizer.pt")  # fmt: skip
+        (tmp / "trainer_state.json").write_text(json.dumps(state, indent=1, default=str))
 
 
 def train(cfg: TrainRMConfig) -> tuple[RewardModel, dict]:
@@ -280,14 +265,14 @@ def train(cfg: TrainRMConfig) -> tuple[RewardModel, dict]:
                     m = {f"rm/{k}": sum(v) / len(v) for k, v in window.items() if v}
                     m["rm/lr"] = scheduler.get_last_lr()[0]
                     m["rm/epoch"] = epoch + b / n_batches
-                    _log(writer, jsonl, step, m)
+                    log_metrics(writer, jsonl, step, m)
                     bar.set_postfix(loss=f"{m['rm/loss']:.3f}", acc=f"{m['rm/accuracy']:.2f}")
                     window = {k: [] for k in window}
         train_seconds += time.perf_counter() - t0
         accelerator.wait_for_everyone()
         if accelerator.is_main_process:
             metrics = evaluate(rm, test)
-            _log(writer, jsonl, step, {f"rm/{k}": v for k, v in metrics.items()} | {"rm/epoch": epoch + 1})
+            log_metrics(writer, jsonl, step, {f"rm/{k}": v for k, v in metrics.items()} | {"rm/epoch": epoch + 1})
             log(f"epoch {epoch + 1}: " + ", ".join(f"{k} {v:.4f}" for k, v in metrics.items() if isinstance(v, float)))
             _save_checkpoint(ckpt, rm, optimizer, scheduler, {"epoch": epoch, "step": step, "config": asdict(cfg)})
         accelerator.wait_for_everyone()
