@@ -52,8 +52,8 @@ def greedy(policy_dir: str, examples, max_new_tokens: int) -> list[str]:
     return [r["story"] for r in sample_stories(load_policy(policy_dir), examples, max_new_tokens)]
 
 
-def kl_to_reference(policy_dir: str, examples, max_new_tokens: int, seed: int = 0) -> float:
-    """k1 KL(π ‖ π_ref) in nats per story, on stories sampled from π at temperature 1."""
+def kl_to_reference(policy_dir: str, examples, max_new_tokens: int, seed: int = 0, samples: int = 2) -> float:
+    """k1 KL(π ‖ π_ref) in nats per story, on `samples` stories per example sampled from π at temperature 1."""
     import torch
 
     from rlhf.policy import load_policy
@@ -63,12 +63,12 @@ def kl_to_reference(policy_dir: str, examples, max_new_tokens: int, seed: int = 
     total, n = 0.0, 0
     for k in range(0, len(examples), 16):
         chunk = examples[k : k + 16]
-        batch = policy.batch([e.load_images() for e in chunk], [e.instruction for e in chunk], [e.style for e in chunk])
+        batch = policy.batch([e.load_images() for e in chunk], [e.instruction for e in chunk], [e.style for e in chunk]).repeat(samples)
         out = policy.generate(batch, max_new_tokens=max_new_tokens, temperature=1.0)
         with torch.no_grad(), policy.reference():
             ref = policy.forward(batch, out.response_ids, out.response_mask).logprobs
         total += (out.logprobs - ref).sum().item()
-        n += len(chunk)
+        n += len(chunk) * samples
     return total / n
 
 
@@ -223,8 +223,8 @@ def main() -> None:
         settings = dict(policy=str(sft_dir), prompts=str(prompts), output_dir=str(out / name), reward_model=str(rm_dir),
                         reward_weights=WEIGHTS, clip_model=str(out / "clip"), clip_pretrained=None, sentence_model=minilm,
                         style_descriptions=str(out / "styles.json"), iterations=s["iterations"], rollout_batch_size=s["rollout"],
-                        mini_batch_size=s["mini"], ppo_epochs=4, max_new_tokens=160, lr=3e-4, kl_coef=0.1, kl_target=6.0,
-                        kl_horizon=2000, cache_dir=str(out / "clip-cache"), seed=args.seed, save_every=1000, sample_every=10)  # fmt: skip
+                        mini_batch_size=s["mini"], ppo_epochs=4, max_new_tokens=160, lr=3e-4, kl_coef=0.12, kl_target=6.0,
+                        kl_horizon=1000, cache_dir=str(out / "clip-cache"), seed=args.seed, save_every=1000, sample_every=10)  # fmt: skip
         cfg = PPOConfig(**(settings | overrides))
         _, metrics = ppo(cfg)
         ppo_stories = greedy(str(out / name), held_out, 160)

@@ -206,6 +206,9 @@ def train(cfg: PPOConfig) -> tuple[StoryPolicy, dict]:
         writer = SummaryWriter(str(out / "tb"))
         (out / "ppo_config.json").write_text(json.dumps(asdict(cfg), indent=1))
     jsonl = out / "metrics.jsonl"
+    if not cfg.resume and accelerator.is_main_process:
+        jsonl.unlink(missing_ok=True)  # a fresh run starts fresh logs; --resume appends
+        (out / "samples.jsonl").unlink(missing_ok=True)
     log(f"PPO on {policy.family} {cfg.policy}: {sum(p.numel() for p in params):,} trainable parameters (LoRA + value head); "
         f"signals {weights}; {len(prompts)} prompts")  # fmt: skip
 

@@ -233,6 +233,8 @@ def train(cfg: SFTConfig) -> tuple[StoryPolicy, dict]:
         out.mkdir(parents=True, exist_ok=True)
         (out / "sft_config.json").write_text(json.dumps(asdict(cfg), indent=1))
     jsonl = out / "metrics.jsonl"
+    if not cfg.resume and accelerator.is_main_process:
+        jsonl.unlink(missing_ok=True)  # a fresh run starts a fresh log; --resume appends
 
     # 4. Train: a seeded order per epoch, sharded; held-out loss and a checkpoint after each epoch.
     t_start, metrics, window = time.perf_counter(), {}, []

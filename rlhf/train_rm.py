@@ -224,6 +224,8 @@ def train(cfg: TrainRMConfig) -> tuple[RewardModel, dict]:
         writer = SummaryWriter(str(out / "tb"))
         (out / "train_config.json").write_text(json.dumps(asdict(cfg), indent=1, default=str))
     jsonl = out / "metrics.jsonl"
+    if not cfg.resume and accelerator.is_main_process:
+        jsonl.unlink(missing_ok=True)  # a fresh run starts a fresh log; --resume appends
 
     # 4. Train: a fixed order per epoch, evaluation and a checkpoint after each.
     ddp_module.train()
