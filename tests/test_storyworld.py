@@ -41,7 +41,8 @@ def test_world_files(tmp_path):
         assert [c["text"] for c in item["candidates"]] == [c["text"] for c in truth["candidates"]]
     utilities = [c["utility"] for t in world for c in t["candidates"]]
     assert max(utilities) - min(utilities) > 3  # varied quality
-    assert set(sft[0]) == {"image_paths", "instruction", "style", "story"}
+    assert set(sft[0]) == {"item_id", "image_paths", "instruction", "style", "story"}
+    assert [s["item_id"] for s in sft] == [i["external_id"] for i in items]  # so stories can be scored against the world
 
 
 FLAWS = {
