@@ -95,3 +95,13 @@ def count_rows(session_factory) -> dict[str, int]:
 
 
 __all__ = ["count_rows", "make_image", "make_session_factory"]
+
+
+@pytest.fixture
+def fresh_accelerate_state():
+    """Each training run builds its own Accelerator; an earlier one (ours or TRL's) leaves its state behind."""
+    from accelerate.state import AcceleratorState, PartialState
+
+    AcceleratorState._reset_state(True)
+    PartialState._reset_state()
+    yield

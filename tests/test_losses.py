@@ -127,6 +127,7 @@ def test_kl_penalized_rewards_put_the_score_on_the_last_real_token():
     rewards, kl = kl_penalized_rewards(torch.tensor([2.0, -1.0]), lp, ref, mask, kl_coef=0.1)
     close(kl, [[0.5, 0.0, -0.5], [-1.0, 0.0, 0.0]])
     close(rewards, [[-0.05, 0.0, 0.05 + 2.0], [0.1, -1.0, 0.0]])
+    assert rewards[0, 2].item() == pytest.approx(2.05)  # the score lands on the EOS, the last real token
 
 
 def close(actual: torch.Tensor, expected) -> None:

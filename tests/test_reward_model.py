@@ -21,13 +21,7 @@ from tests.fixtures.make_tiny import tiny_clip, tiny_llava, tiny_text_encoder
 ROOT = Path(__file__).resolve().parents[1]
 
 
-@pytest.fixture(autouse=True)
-def fresh_accelerate_state():
-    """Each training run builds its own Accelerator; earlier tests (TRL's trainers) leave one behind."""
-    from accelerate.state import AcceleratorState
-
-    AcceleratorState._reset_state(True)
-    yield
+pytestmark = pytest.mark.usefixtures("fresh_accelerate_state")
 
 
 @pytest.fixture(scope="module")

@@ -25,13 +25,7 @@ def world(tmp_path_factory):
     return make_world(tmp_path_factory.mktemp("world"), 24, seed=3, frames=(1, 2), image_size=(48, 32))
 
 
-@pytest.fixture(autouse=True)
-def _fresh_accelerate_state():
-    from accelerate.state import AcceleratorState, PartialState
-
-    AcceleratorState._reset_state(True)
-    PartialState._reset_state()
-    yield
+pytestmark = pytest.mark.usefixtures("fresh_accelerate_state")
 
 
 @pytest.fixture(scope="module")
