@@ -479,34 +479,45 @@ def load_policy(name_or_path: str, lora: LoraSpec | dict | None = None, *, sft_a
     """A `StoryPolicy` for an HF id or path, or a directory that `StoryPolicy.save_pretrained` wrote.
 
     `sft_adapter` (a peft adapter dir) is merged into the base first; `lora` then adds a fresh
-    trainable adapter on top. A saved policy dir with an adapter loads the base it names, merges its
-    own SFT adapter, and loads the adapter (trainable if `trainable`).
+    trainable adapter on top. A saved policy dir with an adapter loads the base it names and merges
+    the SFT adapter recorded with it; then, without `lora`, it loads the adapter as it is (trainable
+    if `trainable`), and with `lora` it merges that adapter too and adds a fresh one (PPO after a
+    LoRA SFT: the reference is the SFT model).
     """
-    from peft import LoraConfig, PeftModel, get_peft_model
+    from peft import PeftModel
 
     saved = Path(name_or_path) / POLICY_CONFIG
-    if saved.exists():
+    if saved.exists() and (Path(name_or_path) / "adapter_config.json").exists():  # an adapter saved by save_pretrained
         info = PolicyInfo(**json.loads(saved.read_text()))
-        if info.base != str(Path(name_or_path)) and (Path(name_or_path) / "adapter_config.json").exists():
-            base = _load_base(info.base, info.family, info.sft_adapter, dtype, device_map, device)
+        merged = [a for a in (info.sft_adapter,) if a]
+        if lora is None and sft_adapter is None:  # use it as it is (generate, evaluate, or more training of it)
+            base = _load_base(info.base, info.family, merged, dtype, device_map, device)
             model = PeftModel.from_pretrained(base.model, name_or_path, is_trainable=trainable)
-            base.model, base.info = model, info
-            base.adapter.model = model
+            base.model, base.info, base.adapter.model = model, info, model
             return base
-        name_or_path = str(Path(name_or_path))
+        # Fine-tuning on top of it (PPO after LoRA SFT): it is merged, so it is part of the reference.
+        merged += [str(Path(name_or_path).resolve())] + ([sft_adapter] if sft_adapter else [])
+        policy = _load_base(info.base, info.family, merged, dtype, device_map, device)
+        return _add_lora(policy, lora)
     family = family_of(name_or_path)
-    policy = _load_base(name_or_path, family, sft_adapter, dtype, device_map, device)
-    if lora is not None:
-        spec = lora if isinstance(lora, LoraSpec) else LoraSpec(**lora)
-        config = LoraConfig(r=spec.r, lora_alpha=spec.alpha, lora_dropout=spec.dropout,
-                            target_modules=spec.target_modules or LORA_TARGETS[family])  # fmt: skip
-        policy.model = get_peft_model(policy.model, config)
-        policy.adapter.model = policy.model
-        policy.info.lora = asdict(spec)
+    return _add_lora(_load_base(name_or_path, family, [sft_adapter] if sft_adapter else [], dtype, device_map, device), lora)
+
+
+def _add_lora(policy: StoryPolicy, lora: LoraSpec | dict | None) -> StoryPolicy:
+    """A fresh trainable LoRA adapter on the family's language-model projections."""
+    from peft import LoraConfig, get_peft_model
+
+    if lora is None:
+        return policy
+    spec = lora if isinstance(lora, LoraSpec) else LoraSpec(**lora)
+    config = LoraConfig(r=spec.r, lora_alpha=spec.alpha, lora_dropout=spec.dropout,
+                        target_modules=spec.target_modules or LORA_TARGETS[policy.family])  # fmt: skip
+    policy.model = policy.adapter.model = get_peft_model(policy.model, config)
+    policy.info.lora = asdict(spec)
     return policy
 
 
-def _load_base(name_or_path, family, sft_adapter, dtype, device_map, device) -> StoryPolicy:
+def _load_base(name_or_path, family, merged: list[str], dtype, device_map, device) -> StoryPolicy:
     from transformers import AutoImageProcessor, AutoModelForImageTextToText, AutoProcessor, AutoTokenizer
 
     kwargs = {"dtype": _dtype(dtype)} if dtype else {}
@@ -524,7 +535,7 @@ def _load_base(name_or_path, family, sft_adapter, dtype, device_map, device) -> 
         tokenizer = processor.tokenizer
     if tokenizer.pad_token_id is None:
         tokenizer.pad_token = tokenizer.eos_token
-    if sft_adapter:
+    for sft_adapter in merged:  # SFT adapters, merged in order: they become part of the base (and of the reference)
         from peft import PeftModel
 
         if not (Path(sft_adapter) / "adapter_config.json").exists():
@@ -534,4 +545,7 @@ def _load_base(name_or_path, family, sft_adapter, dtype, device_map, device) -> 
         model = model.to(device)
     model.eval()  # dropout off: generation and PPO's log-probs must agree
     adapter = ADAPTERS[family](model, processor, tokenizer)
-    return StoryPolicy(model, adapter, PolicyInfo(base=str(name_or_path), family=family, sft_adapter=sft_adapter))
+    local = lambda p: str(Path(p).resolve()) if Path(p).exists() else p  # noqa: E731  (a saved policy must load from any cwd)
+    if len(merged) > 1:
+        raise ModelLoadError(f"{name_or_path}: only one merged SFT adapter can be recorded, got {merged}; merge and save the SFT model first")
+    return StoryPolicy(model, adapter, PolicyInfo(base=local(name_or_path), family=family, sft_adapter=local(merged[0]) if merged else None))

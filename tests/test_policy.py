@@ -117,6 +117,10 @@ def test_an_sft_adapter_is_merged_so_the_reference_is_the_sft_model(tiny_model, 
     policy = load_policy(tiny_model, sft_adapter=str(tmp_path / "sft"), lora=LoraSpec(r=4))
     with policy.reference():
         torch.testing.assert_close(policy.forward(batch, ids, mask).logprobs, expected, atol=1e-5, rtol=1e-4)
+    on_top = load_policy(str(tmp_path / "sft"), lora=LoraSpec(r=4))  # the SFT output dir as --policy: the same
+    assert on_top.info.sft_adapter == str((tmp_path / "sft").resolve())
+    with on_top.reference():
+        torch.testing.assert_close(on_top.forward(batch, ids, mask).logprobs, expected, atol=1e-5, rtol=1e-4)
 
 
 def test_unsupported_family_is_named(tmp_path):
