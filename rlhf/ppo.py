@@ -265,7 +265,7 @@ def train(cfg: PPOConfig) -> tuple[StoryPolicy, dict]:
                 with torch.no_grad():
                     entropy = losses.masked_mean(entropy_from_logits(logits.float()), mb_mask)
                 for name, value in {"policy_loss": pg_loss, "value_loss": vf_loss, "entropy": entropy, **pg_stats, **vf_stats}.items():
-                    stats[name].append(float(value))
+                    stats[name].append(value.detach().item() if isinstance(value, torch.Tensor) else float(value))
             approx_kl = accelerator.reduce(torch.tensor(stats["approx_kl"][-1], device=device), "mean").item()
             if not warmup and approx_kl > cfg.kl_spike:  # the policy moved too far from the rollout policy: stop this update
                 stopped_early = True
