@@ -32,6 +32,9 @@ class DataError(ValueError):
     """Unusable preference data; the message names the file and the fix."""
 
 
+_PATH_KEYS: dict[tuple[str, int, int], str] = {}  # (path, size, mtime) -> sha256: hash each file once per process
+
+
 class ImageRef:
     """An image by path or in memory, with a content key (sha256) for caching its embedding."""
 
@@ -42,14 +45,16 @@ class ImageRef:
 
     @property
     def key(self) -> str:
-        if self._key is None:
-            if self.path is not None:
-                data = self.path.read_bytes()
-            else:
-                buf = io.BytesIO()
-                self.image.save(buf, format="PNG")
-                data = buf.getvalue()
-            self._key = hashlib.sha256(data).hexdigest()
+        if self._key is None and self.path is not None:  # PPO scores the same frames every iteration: hash each once
+            st = self.path.stat()
+            stamp = (str(self.path), st.st_size, st.st_mtime_ns)
+            if stamp not in _PATH_KEYS:
+                _PATH_KEYS[stamp] = hashlib.sha256(self.path.read_bytes()).hexdigest()
+            self._key = _PATH_KEYS[stamp]
+        elif self._key is None:
+            buf = io.BytesIO()
+            self.image.save(buf, format="PNG")
+            self._key = hashlib.sha256(buf.getvalue()).hexdigest()
         return self._key
 
     def load(self):

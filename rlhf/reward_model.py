@@ -38,6 +38,16 @@ CONFIG_NAME = "reward_config.json"
 WEIGHTS_NAME = "reward_weights.safetensors"
 
 
+SENTENCE_CACHE_LIMIT = 100_000  # sentence embeddings kept in memory; PPO scores new sentences forever
+
+
+def trim_cache(cache: dict, limit: int = SENTENCE_CACHE_LIMIT) -> None:
+    """Drop the older half of an insertion-ordered cache once it outgrows `limit`."""
+    if len(cache) > limit:
+        for key in list(cache)[: len(cache) // 2]:
+            del cache[key]
+
+
 class ModelLoadError(ValueError):
     """A model that cannot be loaded or does not fit the backbone; the message says what to pass."""
 
@@ -147,6 +157,7 @@ class ClipFeatures:
     @torch.no_grad()
     def sentences(self, texts: list[str], batch_size: int = 256) -> torch.Tensor:
         """(N, D) normalized CLIP text embeddings, one per sentence (each well under 77 tokens)."""
+        trim_cache(self._sentences)
         new = list(dict.fromkeys(t for t in texts if t not in self._sentences))
         for i in range(0, len(new), batch_size):
             chunk = new[i : i + batch_size]

@@ -24,7 +24,7 @@ import torch
 
 from annotate.formats import plain_text, split_sentences
 from rlhf.evaluate import clip_score, distinct_n
-from rlhf.reward_model import ModelLoadError
+from rlhf.reward_model import ModelLoadError, trim_cache
 
 SIGNALS = ("human", "clip", "coherence", "repetition", "style")
 Signal = Callable[..., torch.Tensor]
@@ -87,6 +87,7 @@ class SentenceEncoder:
         self._cache: dict[str, torch.Tensor] = {}
 
     def __call__(self, texts: Sequence[str]) -> torch.Tensor:
+        trim_cache(self._cache)
         new = [t for t in dict.fromkeys(texts) if t not in self._cache]
         if new:
             emb = self.model.encode(new, convert_to_tensor=True, normalize_embeddings=True, show_progress_bar=False).float().cpu()

@@ -48,3 +48,32 @@ def test_draw_is_a_tie_and_none_keeps_each_vote(tmp_path):
     pairs, _ = _only(path, "none")
     assert len(pairs) == 4 and all(p.target == 1.0 for p in pairs)
     assert [p.chosen for p in pairs] == ["Story A.", "Story B.", "Story A.", "Story B."]
+
+
+def test_image_keys_are_content_hashes_computed_once_per_file(tmp_path):
+    import hashlib
+
+    from PIL import Image
+
+    from rlhf.data import ImageRef
+
+    path = tmp_path / "a.png"
+    Image.new("RGB", (4, 4), "red").save(path)
+    first = ImageRef(path).key
+    assert first == hashlib.sha256(path.read_bytes()).hexdigest()
+    assert ImageRef(path).key == first  # from the per-process cache
+    Image.new("RGB", (4, 4), "blue").save(path)  # the file changed: a new key
+    import os
+
+    os.utime(path, ns=(1, 1))
+    assert ImageRef(path).key == hashlib.sha256(path.read_bytes()).hexdigest() != first
+
+
+def test_trim_cache_keeps_the_newer_half():
+    from rlhf.reward_model import trim_cache
+
+    cache = {i: i for i in range(10)}
+    trim_cache(cache, limit=8)
+    assert list(cache) == [5, 6, 7, 8, 9]
+    trim_cache(cache, limit=8)
+    assert len(cache) == 5
