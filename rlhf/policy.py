@@ -160,8 +160,8 @@ class _Adapter:
     def generate(self, model, batch: PolicyBatch, **kwargs) -> Any:
         raise NotImplementedError
 
-    def forward(self, model, batch: PolicyBatch, ids: torch.Tensor, mask: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        """Logits and last hidden states over the full sequence `ids` (prompt + response)."""
+    def forward(self, model, batch: PolicyBatch, ids: torch.Tensor, mask: torch.Tensor, keep: int) -> tuple[torch.Tensor, torch.Tensor]:
+        """Logits of the last `keep` positions of `ids` (prompt + response), and the last hidden states of all."""
         raise NotImplementedError
 
 
@@ -188,14 +188,14 @@ class _ChatAdapter(_Adapter):
     def generate(self, model, batch, **kwargs):
         return model.generate(input_ids=batch.prompt_ids, attention_mask=batch.prompt_mask, **batch.inputs, **kwargs)
 
-    def forward(self, model, batch, ids, mask):
+    def forward(self, model, batch, ids, mask, keep):
         inputs = dict(batch.inputs)
         for key in ("mm_token_type_ids", "token_type_ids"):  # per-token inputs: the response is text (0)
             if key in inputs:
                 inputs[key] = F.pad(inputs[key], (0, ids.shape[1] - inputs[key].shape[1]))
         if self.family != "qwen2-vl":  # Qwen computes its M-RoPE positions from the mask itself
             inputs["position_ids"] = _positions(mask)
-        out = model(input_ids=ids, attention_mask=mask, **inputs, output_hidden_states=True, use_cache=False)
+        out = model(input_ids=ids, attention_mask=mask, **inputs, output_hidden_states=True, use_cache=False, logits_to_keep=keep)
         return out.logits, out.hidden_states[-1]
 
 
@@ -265,11 +265,11 @@ class _VisionEncoderDecoderAdapter(_Adapter):
         return ved.decoder.generate(input_ids=batch.prompt_ids, attention_mask=batch.prompt_mask,
                                     encoder_hidden_states=hidden, encoder_attention_mask=enc_mask, **kwargs)  # fmt: skip
 
-    def forward(self, model, batch, ids, mask):
+    def forward(self, model, batch, ids, mask, keep):
         ved = self._parts(model)
         hidden, enc_mask = self.encode(model, batch)
         out = ved.decoder(input_ids=ids, attention_mask=mask, position_ids=_positions(mask), encoder_hidden_states=hidden,
-                          encoder_attention_mask=enc_mask, output_hidden_states=True, use_cache=False)  # fmt: skip
+                          encoder_attention_mask=enc_mask, output_hidden_states=True, use_cache=False, logits_to_keep=keep)  # fmt: skip
         return out.logits, out.hidden_states[-1]
 
 
@@ -288,6 +288,7 @@ class StoryPolicy(nn.Module):
         super().__init__()
         self.model, self.adapter, self.info = model, adapter, info
         self.tokenizer = adapter.tokenizer
+        self._checkpointed_layers: list[nn.Module] = []  # see enable_gradient_checkpointing
 
     @property
     def family(self) -> str:
@@ -397,10 +398,12 @@ class StoryPolicy(nn.Module):
         """Log-probs (at `temperature`) and last hidden states of `response_ids` given the prompt."""
         ids = torch.cat([batch.prompt_ids, response_ids], 1)
         mask = torch.cat([batch.prompt_mask, response_mask.to(batch.prompt_mask.dtype)], 1)
-        logits, hidden = self.adapter.forward(self.model, batch, ids, mask)
-        p = batch.prompt_ids.shape[1]
-        logits = self._suppress(logits[:, p - 1 : -1].float()) / temperature  # position t predicts token t+1
-        hidden = hidden[:, p - 1 : -1]
+        t = response_ids.shape[1]
+        with self._checkpointing():
+            # Logits only where they are used: the prompt's (hundreds of image tokens × the vocabulary) are never built.
+            logits, hidden = self.adapter.forward(self.model, batch, ids, mask, keep=t + 1)
+        logits = self._suppress(logits[:, -t - 1 : -1].float()) / temperature  # position t predicts token t+1
+        hidden = hidden[:, -t - 1 : -1]
         logprobs = torch.gather(F.log_softmax(logits, -1), 2, response_ids.unsqueeze(-1)).squeeze(-1)
         return ForwardOutput(logprobs.masked_fill(response_mask == 0, 0.0), logits, hidden)
 
@@ -425,12 +428,32 @@ class StoryPolicy(nn.Module):
             yield
 
     def enable_gradient_checkpointing(self) -> None:
-        """Non-reentrant checkpointing that works with peft (inputs that require grad)."""
+        """Non-reentrant checkpointing that works with peft (inputs that require grad).
+
+        transformers checkpoints a layer only in train mode, and PPO keeps the model in eval mode
+        (dropout off), so `forward` turns the checkpointed layers, and only them, to train mode while
+        gradients are on. Generation and no-grad passes run as before, with the KV cache.
+        """
+        from transformers.modeling_layers import GradientCheckpointingLayer
+
         base = self.model.get_base_model() if self.has_adapter else self.model
         base.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
         if hasattr(base, "enable_input_require_grads"):
             base.enable_input_require_grads()
         base.config.use_cache = False
+        self._checkpointed_layers = [m for m in base.modules() if isinstance(m, GradientCheckpointingLayer) and m.gradient_checkpointing]
+
+    @contextlib.contextmanager
+    def _checkpointing(self) -> Iterator[None]:
+        layers = self._checkpointed_layers if torch.is_grad_enabled() else []
+        modes = [m.training for m in layers]
+        for m in layers:
+            m.training = True  # the layer's own flag only: its dropout modules keep theirs
+        try:
+            yield
+        finally:
+            for m, mode in zip(layers, modes):
+                m.training = mode
 
     def trainable_parameters(self) -> list[nn.Parameter]:
         return [p for p in self.model.parameters() if p.requires_grad]
@@ -512,7 +535,7 @@ def _add_lora(policy: StoryPolicy, lora: LoraSpec | dict | None) -> StoryPolicy:
     spec = lora if isinstance(lora, LoraSpec) else LoraSpec(**lora)
     config = LoraConfig(r=spec.r, lora_alpha=spec.alpha, lora_dropout=spec.dropout,
                         target_modules=spec.target_modules or LORA_TARGETS[policy.family])  # fmt: skip
-    policy.model = policy.adapter.model = get_peft_model(policy.model, config)
+    policy.model = policy.adapter.model = get_peft_model(policy.model, config).eval()  # peft's new modules start in train mode
     policy.info.lora = asdict(spec)
     return policy
 

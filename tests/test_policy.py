@@ -96,6 +96,40 @@ def test_lora_training_step_with_gradient_checkpointing(tiny_model):
     assert any("lora_B" in n for n in changed)
 
 
+def test_gradient_checkpointing_takes_effect_in_eval_mode(tiny_model):
+    """PPO keeps the model in eval mode (dropout off); transformers checkpoints only in train mode."""
+    policy = load_policy(tiny_model, lora=LoraSpec(r=4))
+    perturb_lora(policy)
+    batch = policy.batch([frames(2, 4), frames(1, 7)], ["Tell a story.", "Tell a story."])
+    ids, mask = policy.tokenize_responses(["a red circle rolled by the sea at night", "the blue square"])
+
+    def saved_bytes_and_grads() -> tuple[int, dict[str, torch.Tensor]]:
+        saved = []
+
+        def pack(t):
+            saved.append(t.numel() * t.element_size())
+            return t
+
+        with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
+            loss = -policy.forward(batch, ids, mask).logprobs.sum()
+        loss.backward()
+        grads = {n: p.grad.clone() for n, p in policy.model.named_parameters() if p.grad is not None}
+        policy.model.zero_grad(set_to_none=True)
+        return sum(saved), grads
+
+    assert not policy.model.training
+    plain, plain_grads = saved_bytes_and_grads()
+    policy.enable_gradient_checkpointing()
+    checkpointed, grads = saved_bytes_and_grads()
+    assert checkpointed < 0.5 * plain, (checkpointed, plain)
+    assert grads.keys() == plain_grads.keys() and grads
+    for name in grads:
+        torch.testing.assert_close(grads[name], plain_grads[name], atol=1e-5, rtol=1e-4)
+    assert not any(m.training for m in policy.model.modules()), "the layers go back to eval mode"
+    out = policy.generate(batch, max_new_tokens=6)  # no-grad passes are not checkpointed, and keep the KV cache
+    assert out.response_ids.shape[0] == 2
+
+
 def test_save_and_reload_an_adapter_gives_identical_logprobs(tiny_model, tmp_path):
     policy = load_policy(tiny_model, lora=LoraSpec(r=4))
     perturb_lora(policy)
