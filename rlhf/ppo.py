@@ -8,7 +8,8 @@ TRL 1.x has no PPO trainer, so this is our loop, following "The N Implementation
 with PPO" (Huang et al. 2022). Each iteration reads top to bottom:
 
 1. rollout: sample stories for a batch of prompts (images + instruction + style + context);
-2. score: the composite reward (`rlhf.rewards`), minus a penalty where no EOS came;
+2. score: the composite reward (`rlhf.rewards`), minus penalties where no EOS came or the story
+   stops mid-sentence;
 3. per-token KL against the reference in the reward, with the score at EOS;
 4. GAE (γ, λ);
 5. whiten the advantages;
@@ -37,7 +38,7 @@ from torch import nn
 
 from rlhf import losses
 from rlhf.policy import LoraSpec, ModelLoadError, PolicyBatch, StoryPolicy, load_policy
-from rlhf.rewards import SIGNALS, CompositeReward, build_reward, parse_weights
+from rlhf.rewards import SIGNALS, CompositeReward, build_reward, ends_a_sentence, parse_weights
 from rlhf.runlog import checkpoint_dir, log_metrics
 from rlhf.stories import StoryDataError, StoryExample, read_examples
 
@@ -60,7 +61,9 @@ class PPOConfig:
     kl_coef: float = field(default=0.2, metadata={"help": "initial β of the per-token KL penalty"})
     adaptive_kl: bool = field(default=True, metadata={"help": "adapt β toward --kl_target (Ziegler et al. 2019); off: fixed β"})
     kl_target: float = field(default=6.0, metadata={"help": "target KL to the reference, in nats per story"})
-    kl_horizon: int = field(default=10_000, metadata={"help": "adaptive controller horizon, in episodes"})
+    kl_horizon: int = field(default=10_000, metadata={"help": "adaptive controller horizon, in episodes: β moves by up to "
+                                                               "20%% × episodes per iteration / horizon each iteration, so keep it well "
+                                                               "below a short run's episode count"})  # fmt: skip
     kl_estimator: str = field(default="k1", metadata={"help": "per-token KL estimator in the reward: k1 | k2 | k3"})
     # PPO.
     gamma: float = field(default=1.0, metadata={"help": "discount"})
@@ -75,6 +78,8 @@ class PPOConfig:
     max_new_tokens: int = field(default=96, metadata={"help": "story length limit in tokens"})
     temperature: float = field(default=1.0, metadata={"help": "sampling temperature (log-probs are taken at it too)"})
     missing_eos_penalty: float = field(default=1.0, metadata={"help": "subtracted from the score of a story without EOS"})
+    unfinished_penalty: float = field(default=0.0, metadata={"help": "subtracted from the score of a story that ends mid-sentence "
+                                                                     "(EOS after text with no closing . ! ? or quote): a truncation hack"})  # fmt: skip
     max_grad_norm: float = field(default=1.0, metadata={"help": "gradient clipping"})
     kl_spike: float = field(default=0.5, metadata={"help": "stop an iteration's PPO epochs when approx-KL to the rollout policy exceeds this"})
     value_warmup_steps: int = field(default=2, metadata={"help": "iterations that train only the value head"})
@@ -229,7 +234,9 @@ def train(cfg: PPOConfig) -> tuple[StoryPolicy, dict]:
         with torch.no_grad():
             scores, components = reward([e.images for e in chunk], [e.instruction for e in chunk], [e.context for e in chunk],
                                         [e.style for e in chunk], gen.texts)  # fmt: skip
-            scores = scores.to(device) - cfg.missing_eos_penalty * (~gen.ended).float()
+            unfinished = torch.tensor([bool(e) and not ends_a_sentence(t) for e, t in zip(gen.ended.tolist(), gen.texts)])
+            penalty = cfg.missing_eos_penalty * (~gen.ended).float().cpu() + cfg.unfinished_penalty * unfinished.float()
+            scores = scores.to(device) - penalty.to(device)
 
             # 3. Per-token KL in the reward: old log-probs and values, and the reference (adapter off).
             old_logprobs, old_values, _ = wrapped(batch, ids, mask, cfg.temperature)
@@ -282,8 +289,9 @@ def train(cfg: PPOConfig) -> tuple[StoryPolicy, dict]:
             "ppo/early_stop": float(stopped_early),
             "ppo/value_warmup": float(warmup),
             "reward/total": scores.mean().item(),
-            "reward/score": (scores + cfg.missing_eos_penalty * (~gen.ended).float()).mean().item(),
+            "reward/score": (scores + penalty.to(device)).mean().item(),
             "reward/missing_eos": (~gen.ended).float().mean().item(),
+            "reward/unfinished": unfinished.float().mean().item(),
             "response/length": mask.sum(1).float().mean().item(),
             "time/minutes": (time.perf_counter() - t0) / 60,
         }

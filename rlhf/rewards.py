@@ -50,6 +50,14 @@ def parse_weights(spec: str | dict) -> dict[str, float]:
     return {k: v for k, v in weights.items() if v}
 
 
+def ends_a_sentence(story: str) -> bool:
+    """Whether the story's last sentence is finished: its text ends in . ! ? … (or a quote or bracket after one)."""
+    text = plain_text(story).rstrip()
+    while text and text[-1] in "\"'”’)]»":
+        text = text[:-1].rstrip()
+    return bool(text) and text[-1] in ".!?…"
+
+
 class HumanReward:
     """The human-preference reward model; scores are already normalized on its train split."""
 

@@ -14,7 +14,7 @@ import torch
 from rlhf.policy import UnsupportedPolicyError, load_policy
 from rlhf.ppo import PPOConfig, train
 from rlhf.reward_model import ModelLoadError, RewardModel, RewardModelConfig
-from rlhf.rewards import CompositeReward, RunningStats, parse_weights
+from rlhf.rewards import CompositeReward, RunningStats, ends_a_sentence, parse_weights
 from rlhf.stories import StoryDataError
 from storyworld.world import make_world
 from tests.fixtures import make_tiny
@@ -53,8 +53,10 @@ def config(root: Path, world: Path, out: str, **kw) -> PPOConfig:
 def test_ppo_trains_lora_and_value_head_only_and_kl_starts_at_zero(setup):
     root, world = setup
     base = {k: v.clone() for k, v in load_policy(str(root / "policy")).model.state_dict().items()}
-    policy, result = train(config(root, world, "run"))
+    policy, result = train(config(root, world, "run", unfinished_penalty=0.5, gradient_checkpointing=True))
     rows = [json.loads(x) for x in (root / "run" / "metrics.jsonl").open()]
+    for r in rows:  # the score less the penalties for a missing EOS (1.0) and for an unfinished last sentence (0.5)
+        assert r["reward/total"] == pytest.approx(r["reward/score"] - 1.0 * r["reward/missing_eos"] - 0.5 * r["reward/unfinished"], abs=1e-5)
     assert rows[0]["ppo/kl"] == pytest.approx(0.0, abs=1e-6)  # a fresh adapter is the reference
     assert rows[0]["ppo/value_warmup"] == 1.0 and rows[1]["ppo/value_warmup"] == 0.0
     for key in ("ppo/kl", "ppo/kl_coef", "ppo/approx_kl", "ppo/clipfrac", "ppo/entropy", "ppo/value_loss", "ppo/explained_variance",
@@ -125,6 +127,13 @@ def test_parse_weights_and_composite_normalization():
     # a: mean 2, std 1 → (−1, 1) · 2; b: constant, std 0 → 0 (its scale does not leak in)
     assert total.tolist() == pytest.approx([-2.0, 2.0])
     assert parts["b"].tolist() == [100.0, 100.0]
+
+
+def test_ends_a_sentence():
+    assert ends_a_sentence("Pip the red circle rolled home.") and ends_a_sentence("Who goes there?") and ends_a_sentence("Run!")
+    assert ends_a_sentence('Pip said "goodbye."') and ends_a_sentence("<gdo char1>Pip</gdo> slept .  ") and ends_a_sentence("(the end.)")
+    assert not ends_a_sentence("On a daring quest, one sunny day in the meadow,")
+    assert not ends_a_sentence("Then night fell, and") and not ends_a_sentence("") and not ends_a_sentence('"Hello')
 
 
 def test_running_stats_match_the_batch_formula():
