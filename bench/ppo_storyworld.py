@@ -16,7 +16,8 @@ Then, on held-out scenes that no step trained on: the hidden utility of the PPO 
 policy's greedy stories (mean, and the pairwise win rate of PPO over SFT, ties counting half), the
 KL of the PPO policy to the SFT reference (k1, nats per sampled story), the reward components and
 the minutes. Only this bench reads the hidden utility; `rlhf/` never does. With `--ablations` it
-also runs PPO with `human` alone and with a fixed KL coefficient. Writes DIR/report.json.
+also runs PPO with `human` alone, with a fixed KL coefficient, with `--unfinished_penalty 1` (stories
+that stop mid-sentence penalized), and the main run again with another seed. Writes DIR/report.json.
 """
 
 from __future__ import annotations
@@ -35,6 +36,7 @@ FULL = {"items": 1200, "sft_epochs": 6, "gen_items": 500, "samples_per_item": 4,
 SMOKE = {"items": 60, "sft_epochs": 2, "gen_items": 30, "samples_per_item": 3, "rm_epochs": 1, "iterations": 3, "held_out": 12,
          "clip_minutes": 0.2, "rollout": 8, "mini": 4}  # fmt: skip
 WEIGHTS = "human=1,clip=0.3,coherence=0.2,repetition=0.1,style=0.2"
+KL_COEF, KL_HORIZON = 0.12, 300  # a horizon of 1,920 episodes / ~6, so that β can act within the run
 
 
 def hidden_utility(world: dict, item_id: str, story: str, style: str | None = None) -> float:
@@ -223,8 +225,8 @@ def main() -> None:
         settings = dict(policy=str(sft_dir), prompts=str(prompts), output_dir=str(out / name), reward_model=str(rm_dir),
                         reward_weights=WEIGHTS, clip_model=str(out / "clip"), clip_pretrained=None, sentence_model=minilm,
                         style_descriptions=str(out / "styles.json"), iterations=s["iterations"], rollout_batch_size=s["rollout"],
-                        mini_batch_size=s["mini"], ppo_epochs=4, max_new_tokens=160, lr=3e-4, kl_coef=0.12, kl_target=6.0,
-                        kl_horizon=1000, cache_dir=str(out / "clip-cache"), seed=args.seed, save_every=1000, sample_every=10)  # fmt: skip
+                        mini_batch_size=s["mini"], ppo_epochs=4, max_new_tokens=160, lr=3e-4, kl_coef=KL_COEF, kl_target=6.0,
+                        kl_horizon=KL_HORIZON, cache_dir=str(out / "clip-cache"), seed=args.seed, save_every=1000, sample_every=10)  # fmt: skip
         cfg = PPOConfig(**(settings | overrides))
         _, metrics = ppo(cfg)
         ppo_stories = greedy(str(out / name), held_out, 160)
@@ -253,6 +255,12 @@ def main() -> None:
         t0 = time.perf_counter()
         report["ablation_fixed_kl"] = run_ppo("ppo-fixed-kl", adaptive_kl=False)
         phase("ablation_fixed_kl", t0)
+        t0 = time.perf_counter()  # the truncation check: the same run, with stories that stop mid-sentence penalized
+        report["ablation_unfinished_penalty"] = run_ppo("ppo-unfinished", unfinished_penalty=1.0)
+        phase("ablation_unfinished_penalty", t0)
+        t0 = time.perf_counter()  # run-to-run spread: the main run with another PPO seed (same world, SFT and reward model)
+        report["ppo_seed_1"] = run_ppo("ppo-seed-1", seed=args.seed + 1)
+        phase("ablation_seed_1", t0)
     print(json.dumps({k: v for k, v in report.items() if k not in ("ppo",)}, indent=1))
 
 
