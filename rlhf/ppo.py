@@ -234,9 +234,9 @@ def train(cfg: PPOConfig) -> tuple[StoryPolicy, dict]:
         with torch.no_grad():
             scores, components = reward([e.images for e in chunk], [e.instruction for e in chunk], [e.context for e in chunk],
                                         [e.style for e in chunk], gen.texts)  # fmt: skip
-            unfinished = torch.tensor([bool(e) and not ends_a_sentence(t) for e, t in zip(gen.ended.tolist(), gen.texts)])
-            penalty = cfg.missing_eos_penalty * (~gen.ended).float().cpu() + cfg.unfinished_penalty * unfinished.float()
-            scores = scores.to(device) - penalty.to(device)
+            unfinished = torch.tensor([bool(e) and not ends_a_sentence(t) for e, t in zip(gen.ended.tolist(), gen.texts)], device=device)
+            penalty = cfg.missing_eos_penalty * (~gen.ended).float().to(device) + cfg.unfinished_penalty * unfinished.float()
+            scores = scores.to(device) - penalty
 
             # 3. Per-token KL in the reward: old log-probs and values, and the reference (adapter off).
             old_logprobs, old_values, _ = wrapped(batch, ids, mask, cfg.temperature)
@@ -289,7 +289,7 @@ def train(cfg: PPOConfig) -> tuple[StoryPolicy, dict]:
             "ppo/early_stop": float(stopped_early),
             "ppo/value_warmup": float(warmup),
             "reward/total": scores.mean().item(),
-            "reward/score": (scores + penalty.to(device)).mean().item(),
+            "reward/score": (scores + penalty).mean().item(),
             "reward/missing_eos": (~gen.ended).float().mean().item(),
             "reward/unfinished": unfinished.float().mean().item(),
             "response/length": mask.sum(1).float().mean().item(),
