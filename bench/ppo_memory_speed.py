@@ -116,13 +116,11 @@ def measure_memory(model_dir: str, mode: str) -> dict:
             with policy.reference():
                 ref = policy.forward(batch, gen.response_ids, gen.response_mask).logprobs
         else:
-            hidden, enc_mask = policy.adapter.encode(reference, batch)
             ids = torch.cat([batch.prompt_ids, gen.response_ids], 1)
             mask = torch.cat([batch.prompt_mask, gen.response_mask], 1)
             t = gen.response_ids.shape[1]
-            logits = reference.decoder(input_ids=ids, attention_mask=mask, encoder_hidden_states=hidden, encoder_attention_mask=enc_mask,
-                                       logits_to_keep=t + 1).logits  # fmt: skip
-            ref = torch.log_softmax(logits[:, -t - 1 : -1].float(), -1).gather(2, gen.response_ids.unsqueeze(-1)).squeeze(-1)
+            logits, _ = policy.adapter.forward(reference, batch, ids, mask, keep=t + 1)  # the policy's own forward, on the copy
+            ref = torch.log_softmax(policy._suppress(logits[:, -t - 1 : -1].float()), -1).gather(2, gen.response_ids.unsqueeze(-1)).squeeze(-1)
         old = policy.forward(batch, gen.response_ids, gen.response_mask)
         old_values = value_head(old.hidden)
     rewards, _ = losses.kl_penalized_rewards(torch.zeros(BATCH, device=device), old.logprobs, ref, gen.response_mask, 0.1)
