@@ -39,7 +39,7 @@ from torch import nn
 from rlhf import losses
 from rlhf.policy import LoraSpec, ModelLoadError, PolicyBatch, StoryPolicy, load_policy
 from rlhf.rewards import SIGNALS, CompositeReward, build_reward, ends_a_sentence, parse_weights
-from rlhf.runlog import checkpoint_dir, log_metrics
+from rlhf.runlog import checkpoint_dir, latest_checkpoint, log_metrics
 from rlhf.stories import StoryDataError, StoryExample, read_examples
 
 
@@ -88,6 +88,8 @@ class PPOConfig:
     lora_r: int = field(default=16, metadata={"help": "LoRA rank of the PPO adapter"})
     lora_alpha: int = field(default=32, metadata={"help": "LoRA alpha"})
     lr: float = field(default=1e-4, metadata={"help": "AdamW learning rate (LoRA and value head)"})
+    lr_scheduler_type: str = field(default="linear", metadata={"help": "learning-rate schedule over the iterations: linear (to 0 at the "
+                                                                       "last iteration, as TRL's PPO did) | cosine | constant"})  # fmt: skip
     dtype: str | None = field(default=None, metadata={"help": "load dtype: float32 | bfloat16 | float16 | auto"})
     bf16: bool = field(default=False, metadata={"help": "bfloat16 autocast"})
     gradient_checkpointing: bool = field(default=False, metadata={"help": "trade compute for memory"})
@@ -137,9 +139,9 @@ def trained_state(model: PolicyAndValue) -> dict[str, torch.Tensor]:
     return {n: p.detach().cpu().clone() for n, p in model.named_parameters() if p.requires_grad}
 
 
-def save_checkpoint(path: Path, model: PolicyAndValue, optimizer, kl_ctl, reward: CompositeReward, state: dict) -> None:
+def save_checkpoint(path: Path, model: PolicyAndValue, optimizer, scheduler, kl_ctl, reward: CompositeReward, state: dict) -> None:
     with checkpoint_dir(path) as tmp:
-        torch.save({"trained": trained_state(model), "optimizer": optimizer.state_dict(), "kl_coef": kl_ctl.value,
+        torch.save({"trained": trained_state(model), "optimizer": optimizer.state_dict(), "scheduler": scheduler.state_dict(), "kl_coef": kl_ctl.value,
                     "reward_stats": reward.state_dict(), "torch_rng": torch.get_rng_state(), **state}, tmp / "state.pt")  # fmt: skip
 
 
@@ -155,6 +157,7 @@ def train(cfg: PPOConfig) -> tuple[StoryPolicy, dict]:
     from accelerate import Accelerator
     from accelerate.utils import set_seed
     from tqdm import tqdm
+    from transformers import get_scheduler
     from trl.trainer.utils import disable_dropout_in_model, entropy_from_logits
 
     accelerator = Accelerator(mixed_precision="bf16" if cfg.bf16 else "no")
@@ -168,6 +171,8 @@ def train(cfg: PPOConfig) -> tuple[StoryPolicy, dict]:
     weights = parse_weights(cfg.reward_weights)
     if cfg.kl_estimator not in ("k1", "k2", "k3"):
         raise ValueError(f"--kl_estimator {cfg.kl_estimator!r}: use k1, k2 or k3")
+    if cfg.lr_scheduler_type not in ("linear", "cosine", "constant"):
+        raise ValueError(f"--lr_scheduler_type {cfg.lr_scheduler_type!r}: use linear, cosine or constant")
     if cfg.rollout_batch_size % cfg.mini_batch_size:
         raise ValueError(f"--rollout_batch_size {cfg.rollout_batch_size} must be a multiple of --mini_batch_size {cfg.mini_batch_size}")
     prompts = check_prompts(cfg)
@@ -187,22 +192,26 @@ def train(cfg: PPOConfig) -> tuple[StoryPolicy, dict]:
     params = [p for p in model.parameters() if p.requires_grad]
     optimizer = torch.optim.AdamW(params, lr=cfg.lr, eps=1e-5, weight_decay=0.0)  # no decay: frozen-by-warm-up LoRA must not drift
     wrapped, optimizer = accelerator.prepare(model, optimizer)
+    # Stepped once per iteration on every process alike, so not handed to accelerate (which would step it per process).
+    scheduler = get_scheduler(cfg.lr_scheduler_type, optimizer, num_warmup_steps=0, num_training_steps=cfg.iterations)
     kl_ctl = losses.AdaptiveKLController(cfg.kl_coef, cfg.kl_target, cfg.kl_horizon) if cfg.adaptive_kl else losses.FixedKLController(cfg.kl_coef)
     start = 0
     if cfg.resume:
-        if not (ckpt / "state.pt").exists():
-            raise FileNotFoundError(f"--resume: no checkpoint in {ckpt}; run without --resume first")
-        state = torch.load(ckpt / "state.pt", weights_only=False)
+        found = latest_checkpoint(ckpt)
+        if not (found / "state.pt").exists():
+            raise FileNotFoundError(f"--resume: no checkpoint in {found}; run without --resume first")
+        state = torch.load(found / "state.pt", weights_only=False)
         named = dict(model.named_parameters())
         with torch.no_grad():
             for n, v in state["trained"].items():
                 named[n].copy_(v)
         optimizer.load_state_dict(state["optimizer"])
+        scheduler.load_state_dict(state["scheduler"])
         kl_ctl.value = state["kl_coef"]
         reward.load_state_dict(state["reward_stats"])
         torch.set_rng_state(state["torch_rng"])
         start = state["iteration"]
-        log(f"resumed from {ckpt} at iteration {start}")
+        log(f"resumed from {found} at iteration {start}")
     writer = None
     if accelerator.is_main_process:
         from torch.utils.tensorboard import SummaryWriter
@@ -281,10 +290,13 @@ def train(cfg: PPOConfig) -> tuple[StoryPolicy, dict]:
         # 7. Log, adapt β, checkpoint.
         mean_kl = accelerator.reduce(kl.sum(1).mean().to(device), "mean").item()  # nats per story
         kl_ctl.update(mean_kl, cfg.episodes_per_iteration)
+        lr = scheduler.get_last_lr()[0]  # the rate this iteration's update used
+        scheduler.step()
         metrics = {f"ppo/{k}": sum(v) / len(v) for k, v in stats.items() if v}
         metrics |= {
             "ppo/kl": mean_kl,
             "ppo/kl_coef": kl_ctl.value,
+            "ppo/lr": lr,
             "ppo/explained_variance": losses.explained_variance(old_values, returns, mask).item(),
             "ppo/early_stop": float(stopped_early),
             "ppo/value_warmup": float(warmup),
@@ -309,7 +321,7 @@ def train(cfg: PPOConfig) -> tuple[StoryPolicy, dict]:
                           + " | ".join(str(v) for k, v in r.items() if k not in ("images", "story")) + " |" for r in table]  # fmt: skip
                 writer.add_text("samples", "\n".join(lines), iteration + 1)
             if (iteration + 1) % cfg.save_every == 0 or iteration + 1 == last:
-                save_checkpoint(ckpt, model, optimizer, kl_ctl, reward, {"iteration": iteration + 1})
+                save_checkpoint(ckpt, model, optimizer, scheduler, kl_ctl, reward, {"iteration": iteration + 1})
         accelerator.wait_for_everyone()
 
     # 8. Save the adapter (loadable with load_policy), the value head and the final metrics.

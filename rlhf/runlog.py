@@ -22,12 +22,26 @@ def log_metrics(writer, jsonl: Path, step: int, metrics: dict) -> None:
 
 @contextlib.contextmanager
 def checkpoint_dir(path: Path) -> Iterator[Path]:
-    """Write a checkpoint into a temporary sibling, then swap it in: it appears whole, or not at all."""
-    tmp = path.with_name(path.name + ".tmp")
+    """Write a checkpoint into a temporary sibling, then swap it in: it appears whole, or not at all.
+
+    The swap is two renames (the old checkpoint aside to `<path>.old`, the new one in), so at every
+    instant one whole checkpoint exists under `path` or `<path>.old`; `latest_checkpoint` finds it.
+    """
+    tmp, old = path.with_name(path.name + ".tmp"), path.with_name(path.name + ".old")
     if tmp.exists():
         shutil.rmtree(tmp)
     tmp.mkdir(parents=True)
     yield tmp
     if path.exists():
-        shutil.rmtree(path)
+        if old.exists():
+            shutil.rmtree(old)
+        path.rename(old)
     tmp.rename(path)
+    if old.exists():
+        shutil.rmtree(old)
+
+
+def latest_checkpoint(path: Path) -> Path:
+    """`path`, or `<path>.old` when a crash came between `checkpoint_dir`'s two renames."""
+    old = path.with_name(path.name + ".old")
+    return old if not path.exists() and old.exists() else path

@@ -28,7 +28,7 @@ import torch
 
 from annotate.formats import format_prompt
 from rlhf.policy import STORY_CUE, LoraSpec, ModelLoadError, StoryPolicy, load_policy
-from rlhf.runlog import checkpoint_dir, log_metrics
+from rlhf.runlog import checkpoint_dir, latest_checkpoint, log_metrics
 from rlhf.stories import StoryDataError, StoryExample, read_examples
 
 INITS = ("tiny-vit-gpt2",)
@@ -216,9 +216,10 @@ def train(cfg: SFTConfig) -> tuple[StoryPolicy, dict]:
     model, optimizer, scheduler = accelerator.prepare(policy, optimizer, scheduler)
     start_epoch, step = 0, 0
     if cfg.resume:
-        if not (ckpt / "state.pt").exists():
-            raise FileNotFoundError(f"--resume: no checkpoint in {ckpt}; run without --resume first")
-        state = torch.load(ckpt / "state.pt", weights_only=False)
+        found = latest_checkpoint(ckpt)
+        if not (found / "state.pt").exists():
+            raise FileNotFoundError(f"--resume: no checkpoint in {found}; run without --resume first")
+        state = torch.load(found / "state.pt", weights_only=False)
         named = dict(policy.model.named_parameters())
         with torch.no_grad():
             for n, v in state["trained"].items():
@@ -227,7 +228,7 @@ def train(cfg: SFTConfig) -> tuple[StoryPolicy, dict]:
         scheduler.load_state_dict(state["scheduler"])
         torch.set_rng_state(state["torch_rng"])
         start_epoch, step = state["epoch"] + 1, state["step"]
-        log(f"resumed from {ckpt}: epoch {start_epoch}, step {step}")
+        log(f"resumed from {found}: epoch {start_epoch}, step {step}")
     writer = SummaryWriter(str(out / "tb")) if accelerator.is_main_process else None
     if accelerator.is_main_process:
         out.mkdir(parents=True, exist_ok=True)

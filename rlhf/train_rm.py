@@ -23,7 +23,7 @@ import torch
 from rlhf.data import DataError, PreferencePair, load_preferences
 from rlhf.losses import bradley_terry_loss, preference_accuracy
 from rlhf.reward_model import DEFAULT_TEXT_MODEL, ModelLoadError, RewardModel, RewardModelConfig
-from rlhf.runlog import checkpoint_dir, log_metrics
+from rlhf.runlog import checkpoint_dir, latest_checkpoint, log_metrics
 
 
 @dataclass
@@ -205,18 +205,19 @@ def train(cfg: TrainRMConfig) -> tuple[RewardModel, dict]:
     ddp_module, optimizer, scheduler = accelerator.prepare(rm.module, optimizer, scheduler)
     start_epoch, step = 0, 0
     if cfg.resume:
-        if not (ckpt / "trainer_state.json").exists():
-            raise FileNotFoundError(f"--resume: no checkpoint in {ckpt}; run without --resume first")
+        found = latest_checkpoint(ckpt)
+        if not (found / "trainer_state.json").exists():
+            raise FileNotFoundError(f"--resume: no checkpoint in {found}; run without --resume first")
         from safetensors.torch import load_file
 
-        rm.module.load_state_dict(load_file(ckpt / "trained.safetensors"), strict=False)
-        saved = torch.load(ckpt / "optimizer.pt", weights_only=False)
+        rm.module.load_state_dict(load_file(found / "trained.safetensors"), strict=False)
+        saved = torch.load(found / "optimizer.pt", weights_only=False)
         optimizer.load_state_dict(saved["optimizer"])
         scheduler.load_state_dict(saved["scheduler"])
         torch.set_rng_state(saved["torch_rng"])
-        state = json.loads((ckpt / "trainer_state.json").read_text())
+        state = json.loads((found / "trainer_state.json").read_text())
         start_epoch, step = state["epoch"] + 1, state["step"]
-        log(f"resumed from {ckpt}: epoch {start_epoch}, step {step}")
+        log(f"resumed from {found}: epoch {start_epoch}, step {step}")
     writer = None
     if accelerator.is_main_process:
         from torch.utils.tensorboard import SummaryWriter

@@ -59,6 +59,7 @@ def test_ppo_trains_lora_and_value_head_only_and_kl_starts_at_zero(setup):
         assert r["reward/total"] == pytest.approx(r["reward/score"] - 1.0 * r["reward/missing_eos"] - 0.5 * r["reward/unfinished"], abs=1e-5)
     assert rows[0]["ppo/kl"] == pytest.approx(0.0, abs=1e-6)  # a fresh adapter is the reference
     assert rows[0]["ppo/value_warmup"] == 1.0 and rows[1]["ppo/value_warmup"] == 0.0
+    assert [r["ppo/lr"] for r in rows] == pytest.approx([1e-2, 1e-2 * 2 / 3, 1e-2 / 3])  # linear to 0 over 3 iterations
     for key in ("ppo/kl", "ppo/kl_coef", "ppo/approx_kl", "ppo/clipfrac", "ppo/entropy", "ppo/value_loss", "ppo/explained_variance",
                 "reward/human", "reward/clip", "reward/repetition", "reward/total", "response/length"):  # fmt: skip
         assert all(key in r for r in rows), key
@@ -91,12 +92,15 @@ def test_resume_continues_exactly(setup):
     b = [json.loads(x) for x in (root / "split" / "metrics.jsonl").open()]
     assert [r["step"] for r in b] == [1, 2, 3, 4]
     assert [r["reward/total"] for r in b] == pytest.approx([r["reward/total"] for r in a], abs=1e-5)
+    assert [r["ppo/lr"] for r in b] == pytest.approx([r["ppo/lr"] for r in a])  # the schedule resumed where it stopped
 
 
 def test_bad_input_is_refused_before_any_compute(setup, tmp_path):
     root, world = setup
     with pytest.raises(ValueError, match=r"unknown signal\(s\) \['humour'\]"):
         train(config(root, world, "bad", reward_weights="human=1,humour=2"))
+    with pytest.raises(ValueError, match="--lr_scheduler_type 'warmup': use linear, cosine or constant"):
+        train(config(root, world, "bad", lr_scheduler_type="warmup"))
     lines = (world / "items.jsonl").read_text().splitlines()
     broken = json.loads(lines[0]) | {"image_paths": ["images/missing.png"]}
     (tmp_path / "images").symlink_to(world / "images")
