@@ -225,7 +225,7 @@ def main() -> None:
         settings = dict(policy=str(sft_dir), prompts=str(prompts), output_dir=str(out / name), reward_model=str(rm_dir),
                         reward_weights=WEIGHTS, clip_model=str(out / "clip"), clip_pretrained=None, sentence_model=minilm,
                         style_descriptions=str(out / "styles.json"), iterations=s["iterations"], rollout_batch_size=s["rollout"],
-                        mini_batch_size=s["mini"], ppo_epochs=4, max_new_tokens=160, lr=3e-4, kl_coef=KL_COEF, kl_target=6.0,
+                        mini_batch_size=s["mini"], ppo_epochs=4, max_new_tokens=160, lr=3e-4, lr_scheduler_type="linear", kl_coef=KL_COEF, kl_target=6.0,
                         kl_horizon=KL_HORIZON, cache_dir=str(out / "clip-cache"), seed=args.seed, save_every=1000, sample_every=10)  # fmt: skip
         cfg = PPOConfig(**(settings | overrides))
         _, metrics = ppo(cfg)

@@ -11,6 +11,7 @@ name or color (incoherence), the wrong style, too short or too long, and missing
 from __future__ import annotations
 
 import random
+import re
 from dataclasses import dataclass
 
 from storyworld.scene import COLORS, NAMES, SHAPES, SETTINGS, Entity, Frame, Scene
@@ -217,6 +218,72 @@ def write_story(scene: Scene, style: str, knobs: Knobs | None = None, rng: rando
     return " ".join(parts)
 
 
+_SLOTS = {**{n.lower(): "NAME" for n in NAMES}, **{c: "COLOR" for c in COLORS}, **{x: "SHAPE" for x in SHAPES},
+          **{x: "SETTING" for x in SETTINGS}}  # fmt: skip
+_TOKEN = re.compile(r"[a-z]+|,")
+
+
+def _tokens(text: str) -> list[str]:
+    return [_SLOTS.get(t, t) for t in _TOKEN.findall(text.lower())]
+
+
+def _grammar_bigrams() -> frozenset[tuple[str, str]]:
+    """Every word pair `write_story` can put side by side in a sentence, with names, colors, shapes and settings as slots."""
+    def v(key: str) -> list[str]:
+        return [p.rstrip(".") for voc in VOCAB.values() for p in voc[key]]
+
+    name = ["Pip", "the circle"]
+    shapes = [  # each sentence shape as a sequence of parts, each part a list of alternatives
+        [v("open"), [","], list(TIME_PHRASE.values()), ["in the forest ,"], name, ["the red circle"], v("intro")],
+        [name, ["the red circle"], v("move"), ["across the forest"]],
+        [name, ["met"], name, ["the red circle"], v("meet")],
+        [name, ["picked up the small red circle"], v("pickup")],
+        [list(LIGHTS.values()), [", and"], name, ["the red circle"], v("move"), ["on"]],
+        [name, ["the red circle"], v("present")],
+        [["a small red circle"], v("object")],
+        [v("filler")],
+        [["the forest stayed just as it was"]],
+        [name, ["was there", "was in the forest"]],
+        [["a red circle", "an orange circle"], v("present")],
+        [["then"], name, ["the red circle"], v("move"), ["home"]],
+    ]
+    pairs = set()
+    for parts in shapes:
+        seqs = [[_tokens(alt) for alt in part] for part in parts]
+        ends = [["<s>"]]
+        for alts in seqs:
+            for alt in alts:
+                for last in {e[-1] for e in ends}:
+                    pairs.add((last, alt[0]))
+                pairs.update(zip(alt, alt[1:]))
+            ends = alts
+        pairs.update((e[-1], "</s>") for e in ends)
+    return frozenset(pairs)
+
+
+_BIGRAMS = _grammar_bigrams()
+_PIECE = re.compile(r"[^.!?]+[.!?]*")
+
+
+def sentences_well_formed(text: str) -> list[bool]:
+    """Split `text` (tags already stripped) into sentences; for each, whether it reads as the grammar's language.
+
+    A sentence is well formed when it ends in a full stop and every pair of neighbouring words
+    (names, colors, shapes and settings as slots) is one the grammar writes somewhere: "gleamed like
+    a hidden treasure" passes, recombined from two phrases; "Pip the red gleamed like a silly" does
+    not, nor a trailing piece with no full stop (a story cut off mid-sentence). The facts in the
+    slots do not matter here; grounding judges them.
+    """
+    out = []
+    for piece in _PIECE.findall(text):
+        body = piece.strip()
+        if not body.strip(".!? "):
+            continue
+        words = ["<s>", *_tokens(body), "</s>"]
+        out.append(body.endswith((".", "!", "?")) and all(pair in _BIGRAMS for pair in zip(words, words[1:])))
+    return out
+
+
 def describe_frame(frame: Frame) -> list[str]:
     """Plain factual sentences about one frame: the captions a tiny CLIP learns from."""
     out = [f"A {frame.setting} at {frame.time}."]
@@ -226,4 +293,4 @@ def describe_frame(frame: Frame) -> list[str]:
     return out
 
 
-__all__ = ["STYLES", "STYLE_DESCRIPTIONS", "STYLE_WORDS", "Knobs", "SETTINGS", "describe_frame", "random_knobs", "write_story"]
+__all__ = ["STYLES", "STYLE_DESCRIPTIONS", "STYLE_WORDS", "Knobs", "SETTINGS", "describe_frame", "random_knobs", "sentences_well_formed", "write_story"]

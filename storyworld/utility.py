@@ -1,11 +1,16 @@
 """The hidden utility: how much a simulated human likes a story for a scene, asked in a style.
 
-    utility = 3.0 * grounding_precision   share of things mentioned that are really in the scene
-            + 2.0 * grounding_recall      share of the scene (cast, setting, events) that is mentioned
-            + 1.5 * non_repetition        unique sentences and distinct word trigrams
-            + 1.5 * consistency           no character bound to two different looks
-            + 1.0 * style_match           share of style words that belong to the asked style
-            + 1.0 * length                1 for 10-30 words per frame, falling off outside
+    utility = fluency × ( 3.0 * grounding_precision   share of things mentioned that are really in the scene
+                        + 2.0 * grounding_recall      share of the scene (cast, setting, events) that is mentioned
+                        + 1.5 * non_repetition        unique sentences and distinct word trigrams
+                        + 1.5 * consistency           no character bound to two different looks
+                        + 1.0 * style_match           share of style words that belong to the asked style
+                        + 1.0 * length )              1 for 10-30 words per frame, falling off outside
+
+    fluency: the share of sentences that read as the grammar's language and end in a full stop
+    (`grammar.sentences_well_formed`). Every story the grammar writes has fluency 1, so this
+    factor only judges free text: a reader does not credit a garbled sentence, or a story cut off
+    mid-sentence, for the facts it happens to get right.
 
 Each component lies in [0, 1], so the utility lies in [0, 10]. It reads any text, not only the
 grammar's: mentions are found as "<color> <shape>" pairs, setting and time words, and character
@@ -17,7 +22,7 @@ from __future__ import annotations
 import re
 from dataclasses import asdict, dataclass
 
-from storyworld.grammar import STYLE_WORDS
+from storyworld.grammar import STYLE_WORDS, sentences_well_formed
 from storyworld.scene import COLORS, NAMES, SETTINGS, SHAPES, Scene
 
 WEIGHTS = {
@@ -50,10 +55,11 @@ class Components:
     consistency: float
     style_match: float
     length: float
+    fluency: float = 1.0
 
     @property
     def utility(self) -> float:
-        return sum(WEIGHTS[k] * v for k, v in asdict(self).items())
+        return self.fluency * sum(WEIGHTS[k] * v for k, v in asdict(self).items() if k != "fluency")
 
     def to_dict(self) -> dict[str, float]:
         return {**{k: round(v, 4) for k, v in asdict(self).items()}, "utility": round(self.utility, 4)}
@@ -121,7 +127,9 @@ def components(scene: Scene, story: str, style: str) -> Components:
     per_frame = len(words) / len(scene.frames)
     lo, hi = LENGTH_RANGE
     length = per_frame / lo if per_frame < lo else max(0.0, 1.0 - (per_frame - hi) / hi) if per_frame > hi else 1.0
-    return Components(precision, recall, non_repetition, consistency, style_match, length)
+    well_formed = sentences_well_formed(text)
+    fluency = sum(well_formed) / len(well_formed) if well_formed else 0.0
+    return Components(precision, recall, non_repetition, consistency, style_match, length, fluency)
 
 
 def utility(scene: Scene, story: str, style: str) -> float:

@@ -9,7 +9,8 @@ import pytest
 
 from storyworld import STYLES, Knobs, SimAnnotator, components, default_pool, make_scene, make_world, pairwise_agreement, write_story
 from storyworld.__main__ import main
-from storyworld.utility import strip_tags
+from storyworld.grammar import random_knobs, sentences_well_formed
+from storyworld.utility import WEIGHTS, strip_tags
 
 
 def _digest(root) -> str:
@@ -94,6 +95,27 @@ def test_utility_by_hand_on_free_text():
     assert comp.grounding_precision == pytest.approx(1 / 3)
     assert comp.grounding_recall == pytest.approx(0.6 * 1 / 2 + 0.2 * 0 + 0.2 * 0)
     assert comp.consistency == 0.0  # Bo is bound to a look that is not Bo's
+    assert comp.fluency == 0.0 and comp.utility == 0.0  # "sat" is not in the grammar's language: the one sentence is garbled
+
+
+def test_every_grammar_story_is_fluent_and_broken_text_is_not():
+    for seed in range(400):  # every knob, every style: fluency is 1, so the grammar's candidates keep their utility
+        rng = random.Random(seed)
+        story = write_story(make_scene(seed), STYLES[seed % 4], random_knobs(rng, seed % 3 / 2), rng)
+        assert all(sentences_well_formed(strip_tags(story))), story
+    # Recombined phrases read fine; a missing shape, a cut-off story and word salad do not.
+    assert sentences_well_formed("A small green diamond gleamed like a hidden treasure. Luna the red star was there.") == [True, True]
+    assert sentences_well_formed("Pip the red gleamed like a silly. Bravely, one sunny day in the meadow,") == [False, False]
+    assert sentences_well_formed("Something rather giggling. Then night fell, and") == [False, False]
+    scene = make_scene(3, 3)
+    story = write_story(scene, "spooky")
+    cut = story[: story.rindex(".") + 1] + " Then Bo the"  # one unfinished sentence after the others
+    n = len(sentences_well_formed(story))
+    full, partial = components(scene, story, "spooky"), components(scene, cut, "spooky")
+    assert partial.fluency == pytest.approx(n / (n + 1))
+    assert partial.utility == pytest.approx(partial.fluency * sum(w * getattr(partial, k) for k, w in WEIGHTS.items()))
+    assert full.fluency == 1.0 and partial.utility < full.utility
+    assert components(scene, "In the eerie hush, one moonlit night in the meadow,", "spooky").utility == 0.0  # a fragment alone
 
 
 def _simulate(pool, pairs, rng, per_pair=2):
