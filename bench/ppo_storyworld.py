@@ -31,7 +31,7 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-FULL = {"items": 1200, "sft_epochs": 6, "gen_items": 500, "samples_per_item": 4, "rm_epochs": 1, "iterations": 60, "held_out": 150,
+FULL = {"items": 1200, "sft_epochs": 6, "gen_items": 500, "samples_per_item": 4, "rm_epochs": 2, "iterations": 60, "held_out": 150,
         "clip_minutes": 1.5, "rollout": 32, "mini": 8}  # fmt: skip
 SMOKE = {"items": 60, "sft_epochs": 2, "gen_items": 30, "samples_per_item": 3, "rm_epochs": 1, "iterations": 3, "held_out": 12,
          "clip_minutes": 0.2, "rollout": 8, "mini": 4}  # fmt: skip
@@ -201,7 +201,7 @@ def main() -> None:
     t0 = time.perf_counter()
     rm_dir = out / "rm"
     _, rm_metrics = train_rm(TrainRMConfig(data=str(out / "trl"), output_dir=str(rm_dir), text_model=minilm, clip_model=str(out / "clip"),
-                                           clip_pretrained=None, epochs=s["rm_epochs"], batch_size=32, max_length=128, lr=1e-3,
+                                           clip_pretrained=None, epochs=s["rm_epochs"], batch_size=8, max_length=128, lr=1e-3,
                                            cache_dir=str(out / "clip-cache"), bf16=not args.smoke, seed=args.seed))  # fmt: skip
     report["rm"] = {k: rm_metrics[k] for k in ("eval_accuracy", "train_pairs", "eval_pairs", "pairs_per_second")}
     from bench.rm_storyworld import hidden_utility_accuracy
