@@ -7,7 +7,8 @@ The loop a user runs, in one process:
 1. storyworld make (and its tiny CLIP, for the `clip` signal and the reward model);
 2. SFT: `rlhf.sft --init tiny-vit-gpt2`;
 3. generate: `rlhf.generate`, new candidates from the SFT policy;
-4. simulated annotation of the grammar's and the policy's candidates (3 votes per pair, ~75% agreement);
+4. simulated annotation of the policy's own samples, every pair per scene (3 votes per pair, ~75% agreement;
+   `--smoke` adds the grammar's candidates, since its 30-second SFT policy writes no fluent sentence to prefer);
 5. ingest and export (`annotate.ingest`, `annotate.export --format trl`);
 6. `rlhf.train_rm` (clip-fusion: the tiny CLIP and MiniLM);
 7. `rlhf.ppo` with the composite reward and the adaptive KL controller.
@@ -33,8 +34,8 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 FULL = {"items": 1200, "sft_epochs": 6, "gen_items": 500, "samples_per_item": 4, "rm_epochs": 2, "iterations": 60, "held_out": 150,
         "clip_minutes": 1.5, "rollout": 32, "mini": 8}  # fmt: skip
-SMOKE = {"items": 60, "sft_epochs": 2, "gen_items": 30, "samples_per_item": 3, "rm_epochs": 1, "iterations": 3, "held_out": 12,
-         "clip_minutes": 0.2, "rollout": 8, "mini": 4}  # fmt: skip
+SMOKE = {"items": 60, "sft_epochs": 2, "gen_items": 15, "samples_per_item": 3, "rm_epochs": 1, "iterations": 3, "held_out": 12,
+         "clip_minutes": 0.2, "rollout": 8, "mini": 4, "grammar_pairs": True}  # fmt: skip
 WEIGHTS = "human=1,clip=0.3,coherence=0.2,repetition=0.1,style=0.2"
 KL_COEF, KL_HORIZON = 0.12, 300  # a horizon of 1,920 episodes / ~6, so that β can act within the run
 
@@ -180,6 +181,8 @@ def main() -> None:
             known = {c["text"] for c in world[item_id]["candidates"]}
             samples = [{"text": c["text"], "origin": c["origin"], "utility": hidden_utility(world, item_id, c["text"])}
                        for c in g["candidates"] if c["text"] not in known]  # fmt: skip
+            if s.get("grammar_pairs"):
+                samples += [{k: c[k] for k in ("text", "origin", "utility")} for c in world[item_id]["candidates"]]
             if len(samples) > 1:
                 f.write(json.dumps({**world[item_id], "candidates": samples}) + "\n")
     votes = annotate_world(aug, out / "prefs.jsonl", votes_per_pair=3, seed=args.seed)
