@@ -10,6 +10,7 @@ name or color (incoherence), the wrong style, too short or too long, and missing
 
 from __future__ import annotations
 
+import functools
 import random
 import re
 from dataclasses import dataclass
@@ -227,6 +228,7 @@ def _tokens(text: str) -> list[str]:
     return [_SLOTS.get(t, t) for t in _TOKEN.findall(text.lower())]
 
 
+@functools.cache
 def _grammar_bigrams() -> frozenset[tuple[str, str]]:
     """Every word pair `write_story` can put side by side in a sentence, with names, colors, shapes and settings as slots."""
     def v(key: str) -> list[str]:
@@ -261,7 +263,6 @@ def _grammar_bigrams() -> frozenset[tuple[str, str]]:
     return frozenset(pairs)
 
 
-_BIGRAMS = _grammar_bigrams()
 _PIECE = re.compile(r"[^.!?]+[.!?]*")
 
 
@@ -274,13 +275,13 @@ def sentences_well_formed(text: str) -> list[bool]:
     not, nor a trailing piece with no full stop (a story cut off mid-sentence). The facts in the
     slots do not matter here; grounding judges them.
     """
-    out = []
+    bigrams, out = _grammar_bigrams(), []
     for piece in _PIECE.findall(text):
         body = piece.strip()
         if not body.strip(".!? "):
             continue
         words = ["<s>", *_tokens(body), "</s>"]
-        out.append(body.endswith((".", "!", "?")) and all(pair in _BIGRAMS for pair in zip(words, words[1:])))
+        out.append(body.endswith((".", "!", "?")) and all(pair in bigrams for pair in zip(words, words[1:])))
     return out
 
 
