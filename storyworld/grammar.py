@@ -234,7 +234,7 @@ def _grammar_bigrams() -> frozenset[tuple[str, str]]:
     def v(key: str) -> list[str]:
         return [p.rstrip(".") for voc in VOCAB.values() for p in voc[key]]
 
-    name = ["Pip", "the circle"]
+    name = ["Pip", "the circle"]  # one of each kind stands for all: _tokens turns names, colors, shapes, settings into slots
     shapes = [  # each sentence shape as a sequence of parts, each part a list of alternatives
         [v("open"), [","], list(TIME_PHRASE.values()), ["in the forest ,"], name, ["the red circle"], v("intro")],
         [name, ["the red circle"], v("move"), ["across the forest"]],

@@ -55,7 +55,7 @@ class Components:
     consistency: float
     style_match: float
     length: float
-    fluency: float = 1.0
+    fluency: float
 
     @property
     def utility(self) -> float:
