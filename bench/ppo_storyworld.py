@@ -143,6 +143,7 @@ def main() -> None:
     if not reuse:
         make_world(world_dir, s["items"], seed=args.seed)
         train_clip(world_dir, out / "clip", epochs=8, max_minutes=s["clip_minutes"])
+    report["clip"] = json.loads((out / "clip" / "report.json").read_text())
     world = {json.loads(x)["external_id"]: json.loads(x) for x in (world_dir / "world.jsonl").open()}
     examples = read_examples(str(world_dir / "sft.jsonl"), need_story=True)
     fraction = s["held_out"] / s["items"]

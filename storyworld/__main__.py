@@ -62,6 +62,8 @@ def build_parser() -> argparse.ArgumentParser:
     clip.add_argument("--batch-size", type=int, default=128)
     clip.add_argument("--lr", type=float, default=2e-3)
     clip.add_argument("--max-minutes", type=float, default=5.0, help="stop training after this long")
+    clip.add_argument("--hard-negatives", action=argparse.BooleanOptionalAction, default=True,
+                      help="also contrast each frame with its caption with one color, shape, setting or time swapped")  # fmt: skip
     clip.add_argument("--seed", type=int, default=0)
     return p
 
@@ -97,7 +99,7 @@ def main(argv: list[str] | None = None) -> int:
         from storyworld.clip import train_clip
 
         report = train_clip(args.world, args.out, epochs=args.epochs, batch_size=args.batch_size, lr=args.lr,
-                            max_minutes=args.max_minutes, seed=args.seed)  # fmt: skip
+                            max_minutes=args.max_minutes, seed=args.seed, hard_negatives=args.hard_negatives)  # fmt: skip
         print(json.dumps(report, indent=1))
     return 0
 

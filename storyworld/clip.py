@@ -2,11 +2,11 @@
 
 Real CLIP weights cannot be downloaded here, so the CLIP reward signal and the reward model's image
 tower need a CLIP that knows this world. `train_clip` builds an open_clip model of the standard
-architecture (a small ViT and text transformer), trains it with the symmetric InfoNCE loss of
+architecture (a small ResNet and text transformer), trains it with the symmetric InfoNCE loss of
 Radford et al. (2021) on the world's frames and factual captions, and writes `open_clip_config.json`
 plus `open_clip_model.safetensors`: the layout open_clip loads with `create_model_and_transforms(
-"local-dir:DIR")`, exactly as a user would load a hub model. Retrieval accuracy on held-out items is
-reported against chance.
+"local-dir:DIR")`, exactly as a user would load a hub model. On held-out items it reports retrieval
+accuracy and how often the true color (shape) of an entity beats the swapped ones, against chance.
 """
 
 from __future__ import annotations
@@ -15,11 +15,18 @@ import json
 import math
 import random
 import time
+from dataclasses import replace
 from pathlib import Path
 
+from storyworld.grammar import describe_frame
+from storyworld.scene import COLORS, SETTINGS, SHAPES, TIMES, Frame
+
+# The image tower is open_clip's ModifiedResNet (the RN50 architecture, one block per stage, width
+# 16): on this world's frames and a CPU-minute budget it reads colors where a ViT of the same cost
+# does not (the color of a lone held-out shape: 0.91 against 0.24; docs/BENCHMARKS.md, storyworld).
 TINY_CLIP_CONFIG = {
     "embed_dim": 64,
-    "vision_cfg": {"image_size": 64, "layers": 3, "width": 128, "patch_size": 8, "head_width": 32},
+    "vision_cfg": {"image_size": 64, "layers": [1, 1, 1, 1], "width": 16, "head_width": 32},
     "text_cfg": {"context_length": 32, "vocab_size": 49408, "width": 128, "heads": 4, "layers": 3},
 }
 PREPROCESS_CFG = {"resize_mode": "squash", "interpolation": "bicubic"}  # keep the whole frame, no crop
@@ -35,17 +42,70 @@ def load_clip(path_or_name: str, pretrained: str | None = None, device: str = "c
     return model.eval(), preprocess, open_clip.get_tokenizer(name)
 
 
-def _frame_captions(world_dir: Path) -> tuple[list[tuple[Path, list[str]]], list[tuple[Path, list[str]]]]:
-    from storyworld.grammar import describe_frame
+def _frame_captions(world_dir: Path) -> tuple[list[tuple[Path, Frame]], list[tuple[Path, Frame]]]:
+    """(image path, frame) rows of the world, split into train and held-out items."""
     from storyworld.scene import Scene
     from storyworld.world import read_world
 
     train, held = [], []
     for i, item in enumerate(read_world(world_dir)):
         scene = Scene.from_dict(item["scene"])
-        rows = [(world_dir / p, describe_frame(f)) for p, f in zip(item["image_paths"], scene.frames)]
+        rows = [(world_dir / p, f) for p, f in zip(item["image_paths"], scene.frames)]
         (held if (i % int(1 / HELD_OUT)) == 0 else train).extend(rows)
     return train, held
+
+
+def swapped_caption(frame: Frame, k: int, rng: random.Random, attribute: str | None = None) -> str:
+    """A hard negative for caption `k` of `describe_frame(frame)`: one attribute changed, so it is false.
+
+    The setting caption (k = 0) gets another setting or time; an entity caption another color or
+    shape that no entity of the frame has in that combination. `attribute` picks which (random if None).
+    """
+    if k == 0:
+        if (attribute or rng.choice(["setting", "time"])) == "setting":
+            return describe_frame(replace(frame, setting=rng.choice([s for s in SETTINGS if s != frame.setting])))[0]
+        return describe_frame(replace(frame, time=next(t for t in TIMES if t != frame.time)))[0]
+    e = frame.entities[k - 1]
+    present = {(x.color, x.shape) for x in frame.entities}
+    attribute = attribute or rng.choice(["color", "shape"])
+    if attribute == "color":
+        other = replace(e, color=rng.choice([c for c in COLORS if (c, e.shape) not in present]))
+    else:
+        other = replace(e, shape=rng.choice([s for s in SHAPES if (e.color, s) not in present]))
+    return describe_frame(replace(frame, entities=[other]))[1]
+
+
+def attribute_accuracy(model, tokenizer, images, frames: list[Frame]) -> dict[str, float]:
+    """How often the true entity caption beats every caption that differs only in color (or shape).
+
+    This is what a story reward needs from a CLIP: "a red circle" must score above "a black
+    circle" on a frame with a red circle. Chance is 1 / (number of options) averaged over entities.
+    `<attribute>_alone` counts frames with one entity only; with several, a caption may also pair one
+    entity's color with another's shape (binding, which small CLIPs are known to do poorly).
+    """
+    import torch
+
+    out: dict[str, float] = {}
+    with torch.no_grad():
+        img = torch.nn.functional.normalize(model.encode_image(images), dim=-1)  # (N, D)
+        for attribute, values in (("color", COLORS), ("shape", SHAPES)):
+            hits, alone, chance = [], [], []
+            for i, frame in enumerate(frames):
+                present = {(x.color, x.shape) for x in frame.entities}
+                for e in frame.entities:
+                    options = [v for v in values if v == getattr(e, attribute)
+                               or ((v, e.shape) if attribute == "color" else (e.color, v)) not in present]  # fmt: skip
+                    captions = [describe_frame(replace(frame, entities=[replace(e, **{attribute: v})]))[1] for v in options]
+                    txt = torch.nn.functional.normalize(model.encode_text(tokenizer(captions)), dim=-1)  # (V, D)
+                    hits.append(options[int((txt @ img[i]).argmax())] == getattr(e, attribute))
+                    chance.append(1 / len(options))
+                    if len(frame.entities) == 1:
+                        alone.append(hits[-1])
+            out[attribute] = sum(hits) / len(hits)
+            out[f"{attribute}_alone"] = sum(alone) / len(alone) if alone else float("nan")
+            out[f"{attribute}_chance"] = sum(chance) / len(chance)
+    out["entities"] = len(hits)
+    return out
 
 
 def retrieval_accuracy(model, tokenizer, images, captions: list[str]) -> dict[str, float]:
@@ -74,8 +134,14 @@ def train_clip(
     max_minutes: float = 5.0,
     seed: int = 0,
     eval_candidates: int = 100,
+    hard_negatives: bool = True,
 ) -> dict:
-    """Train the tiny CLIP on `world_dir`, save it to `out`, and return its report (also saved)."""
+    """Train the tiny CLIP on `world_dir`, save it to `out`, and return its report (also saved).
+
+    With `hard_negatives`, each image is also contrasted with its own caption with one attribute
+    swapped (`swapped_caption`), as NegCLIP does (Yuksekgonul et al., 2023): in-batch negatives
+    almost never differ in color alone, so without them a CLIP learns scenes and shapes before colors.
+    """
     import open_clip
     import torch
     from tqdm import tqdm
@@ -111,12 +177,16 @@ def train_clip(
         order = torch.randperm(len(train))
         for b in range(steps_per_epoch):
             idx = order[b * batch_size : (b + 1) * batch_size]
-            captions = [rng.choice(train[i][1]) for i in idx.tolist()]
-            img_f, txt_f, scale = model(train_images[idx], tokenizer(captions))  # (B, D), (B, D), ()
-            logits = scale * img_f @ txt_f.T  # (B, B)
+            frames = [train[i][1] for i in idx.tolist()]
+            picks = [rng.randrange(len(f.entities) + 1) for f in frames]
+            captions = [describe_frame(f)[k] for f, k in zip(frames, picks)]
+            if hard_negatives:
+                captions += [swapped_caption(f, k, rng) for f, k in zip(frames, picks)]
+            img_f, txt_f, scale = model(train_images[idx], tokenizer(captions))  # (B, D), (B or 2B, D), ()
+            logits = scale * img_f @ txt_f.T  # (B, B) or (B, 2B): the hard negatives as extra columns
             target = torch.arange(len(idx))
-            # Symmetric InfoNCE (Radford et al., 2021).
-            loss = (torch.nn.functional.cross_entropy(logits, target) + torch.nn.functional.cross_entropy(logits.T, target)) / 2
+            # Symmetric InfoNCE (Radford et al., 2021); text→image over the true captions only.
+            loss = (torch.nn.functional.cross_entropy(logits, target) + torch.nn.functional.cross_entropy(logits[:, : len(idx)].T, target)) / 2
             opt.zero_grad()
             loss.backward()
             opt.step()
@@ -135,12 +205,15 @@ def train_clip(
     bar.close()
     model.eval()
 
-    # Held-out retrieval: each frame against `eval_candidates` others, one entity caption each.
+    # Held-out retrieval: each frame against `eval_candidates` others, one entity caption each;
+    # attributes: every held-out entity against its color- and shape-swapped captions.
     n = min(eval_candidates, len(held))
-    pick = rng.sample(range(len(held)), n)
-    captions = [held[i][1][1] if len(held[i][1]) > 1 else held[i][1][0] for i in pick]
+    pick = random.Random(f"eval:{seed}").sample(range(len(held)), n)  # the same frames whatever the training
+    captions = [describe_frame(held[i][1])[1] for i in pick]  # every frame has an entity
     report = {
         "retrieval": retrieval_accuracy(model, tokenizer, held_images[pick], captions),
+        "attributes": attribute_accuracy(model, tokenizer, held_images, [f for _, f in held]),
+        "hard_negatives": hard_negatives,
         "train_pairs": len(train),
         "held_out_frames": len(held),
         "steps": step,
