@@ -4,8 +4,9 @@
     python bench/ppo_storyworld.py --smoke --out /tmp/ppo-smoke            (a few minutes; CI runs it)
 
 The loop a user runs, in one process:
-1. storyworld make (and its tiny CLIP, for the `clip` signal and the reward model);
-2. SFT: `rlhf.sft --init tiny-vit-gpt2`;
+1. storyworld make, its tiny CLIP (for the `clip` signal and the reward model) and its pretrained
+   ViT (`storyworld.vision`, the policy's ImageNet: a ViT trained on stories alone is color-blind);
+2. SFT: `rlhf.sft --init tiny-vit-gpt2 --vision_encoder VIT`;
 3. generate: `rlhf.generate`, new candidates from the SFT policy;
 4. simulated annotation of the policy's own samples, every pair per scene (3 votes per pair, ~75% agreement;
    `--smoke` adds the grammar's candidates, since its 30-second SFT policy writes no fluent sentence to prefer);
@@ -33,9 +34,9 @@ from pathlib import Path
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 FULL = {"items": 1200, "sft_epochs": 6, "gen_items": 500, "samples_per_item": 4, "rm_epochs": 2, "iterations": 60, "held_out": 150,
-        "clip_minutes": 1.5, "rollout": 32, "mini": 8}  # fmt: skip
+        "clip_minutes": 1.5, "vit_minutes": 1.25, "rollout": 32, "mini": 8}  # fmt: skip
 SMOKE = {"items": 60, "sft_epochs": 2, "gen_items": 15, "samples_per_item": 3, "rm_epochs": 1, "iterations": 3, "held_out": 12,
-         "clip_minutes": 0.2, "rollout": 8, "mini": 4, "grammar_pairs": True}  # fmt: skip
+         "clip_minutes": 0.2, "vit_minutes": 0.1, "rollout": 8, "mini": 4, "grammar_pairs": True}  # fmt: skip
 WEIGHTS = "human=1,clip=0.3,coherence=0.2,repetition=0.1,style=0.2"
 KL_COEF, KL_HORIZON = 0.12, 300  # a horizon of 1,920 episodes / ~6, so that β can act within the run
 
@@ -121,6 +122,7 @@ def main() -> None:
     from rlhf.train_rm import train as train_rm
     from storyworld import annotate_world, make_world
     from storyworld.clip import train_clip
+    from storyworld.vision import train_vit
     from storyworld.grammar import STYLE_DESCRIPTIONS
 
     out = args.out
@@ -143,7 +145,9 @@ def main() -> None:
     if not reuse:
         make_world(world_dir, s["items"], seed=args.seed)
         train_clip(world_dir, out / "clip", epochs=8, max_minutes=s["clip_minutes"])
+        train_vit(world_dir, out / "vit", max_minutes=s["vit_minutes"])
     report["clip"] = json.loads((out / "clip" / "report.json").read_text())
+    report["vit"] = json.loads((out / "vit" / "report.json").read_text())
     world = {json.loads(x)["external_id"]: json.loads(x) for x in (world_dir / "world.jsonl").open()}
     examples = read_examples(str(world_dir / "sft.jsonl"), need_story=True)
     fraction = s["held_out"] / s["items"]
@@ -156,7 +160,7 @@ def main() -> None:
     sft_dir = out / "sft"
     if not reuse:
         sft(SFTConfig(data=str(world_dir / "sft.jsonl"), init="tiny-vit-gpt2", output_dir=str(sft_dir), epochs=s["sft_epochs"],
-                      eval_fraction=fraction, samples=0, seed=args.seed))  # fmt: skip
+                      eval_fraction=fraction, samples=0, seed=args.seed, vision_encoder=str(out / "vit")))  # fmt: skip
     phase("sft", t0)
 
     # 3. New candidates from the SFT policy, on training scenes only.

@@ -52,7 +52,8 @@ class SFTConfig:
     eval_fraction: float = field(default=0.05, metadata={"help": "share of the examples held out for the eval loss and samples"})
     samples: int = field(default=16, metadata={"help": "held-out examples to write sample stories for at the end"})
     max_new_tokens: int = field(default=160, metadata={"help": "sample length limit"})
-    image_size: int = field(default=64, metadata={"help": "--init: the ViT input size"})
+    image_size: int = field(default=64, metadata={"help": "--init: the ViT input size (a --vision_encoder brings its own)"})
+    vision_encoder: str | None = field(default=None, metadata={"help": "--init: start from this pretrained ViT (HF id or path, e.g. google/vit-base-patch16-224-in21k, or storyworld train-vit's output) instead of a random one"})
     dtype: str | None = field(default=None, metadata={"help": "load dtype: float32 | bfloat16 | float16 | auto"})
     bf16: bool = field(default=False, metadata={"help": "bfloat16 autocast (GPUs that support it)"})
     gradient_checkpointing: bool = field(default=False, metadata={"help": "trade compute for memory (non-reentrant, peft-safe)"})
@@ -84,24 +85,47 @@ def word_tokenizer(texts: list[str], out_dir: Path):
     return AutoTokenizer.from_pretrained(out_dir)
 
 
-def build_tiny_vit_gpt2(examples: list[StoryExample], out_dir: Path, image_size: int = 64, seed: int = 0) -> Path:
-    """A ~3M-parameter ViT-GPT2 VisionEncoderDecoder with a tokenizer on the examples' own words."""
-    from transformers import GPT2Config, VisionEncoderDecoderConfig, VisionEncoderDecoderModel, ViTConfig, ViTImageProcessor
+def build_tiny_vit_gpt2(examples: list[StoryExample], out_dir: Path, image_size: int = 64, seed: int = 0,
+                        vision_encoder: str | None = None) -> Path:  # fmt: skip
+    """A ~3M-parameter ViT-GPT2 VisionEncoderDecoder with a tokenizer on the examples' own words.
+
+    The ViT is random, or `vision_encoder`'s pretrained weights (and image processor), as the real
+    ViT-GPT2 starts from an ImageNet ViT; the GPT-2 decoder is always new, for the new vocabulary.
+    """
+    from transformers import AutoImageProcessor, AutoModel, GPT2Config, VisionEncoderDecoderConfig, VisionEncoderDecoderModel, ViTConfig, ViTImageProcessor
 
     torch.manual_seed(seed)
     out_dir.mkdir(parents=True, exist_ok=True)
     texts = [format_prompt(e.instruction, e.style, e.context) + "\n" + STORY_CUE + " " + (e.story or "") for e in examples]
     tokenizer = word_tokenizer(texts, out_dir)
     longest = max(len(tokenizer(t)["input_ids"]) for t in texts)
-    ViTImageProcessor(size={"height": image_size, "width": image_size}).save_pretrained(out_dir)
-    encoder = ViTConfig(hidden_size=128, num_hidden_layers=3, num_attention_heads=4, intermediate_size=256,
-                        image_size=image_size, patch_size=8, hidden_dropout_prob=0.0, attention_probs_dropout_prob=0.0)  # fmt: skip
+    pretrained = None
+    if vision_encoder:
+        try:
+            pretrained = AutoModel.from_pretrained(vision_encoder)
+            processor = AutoImageProcessor.from_pretrained(vision_encoder)
+        except (OSError, ValueError) as e:
+            raise ModelLoadError(f"--vision_encoder {vision_encoder!r}: cannot load a vision model and its image processor there "
+                                 f"(a hub id, or a directory with config.json and preprocessor_config.json): {str(e)[:200]}") from None  # fmt: skip
+        if not hasattr(pretrained.config, "image_size"):
+            raise ModelLoadError(f"--vision_encoder {vision_encoder}: a {type(pretrained).__name__} is not a vision encoder; pass a ViT")
+        processor.save_pretrained(out_dir)
+        encoder = pretrained.config
+    else:
+        ViTImageProcessor(size={"height": image_size, "width": image_size}).save_pretrained(out_dir)
+        encoder = ViTConfig(hidden_size=128, num_hidden_layers=3, num_attention_heads=4, intermediate_size=256,
+                            image_size=image_size, patch_size=8, hidden_dropout_prob=0.0, attention_probs_dropout_prob=0.0)  # fmt: skip
     decoder = GPT2Config(vocab_size=len(tokenizer), n_embd=128, n_layer=3, n_head=4, n_positions=max(256, 2 * longest),
                          resid_pdrop=0.0, embd_pdrop=0.0, attn_pdrop=0.0, bos_token_id=tokenizer.bos_token_id,
                          eos_token_id=tokenizer.eos_token_id, pad_token_id=tokenizer.pad_token_id)  # fmt: skip
     config = VisionEncoderDecoderConfig.from_encoder_decoder_configs(encoder, decoder)
     config.decoder_start_token_id, config.pad_token_id, config.eos_token_id = tokenizer.bos_token_id, tokenizer.pad_token_id, tokenizer.eos_token_id
-    VisionEncoderDecoderModel(config=config).save_pretrained(out_dir)
+    model = VisionEncoderDecoderModel(config=config)
+    if pretrained is not None:
+        missing, _ = model.encoder.load_state_dict(pretrained.state_dict(), strict=False)  # a pooler either side may lack
+        if [k for k in missing if not k.startswith("pooler.")]:
+            raise ModelLoadError(f"--vision_encoder {vision_encoder}: its weights do not fit the encoder (missing {missing[:3]})")
+    model.save_pretrained(out_dir)
     return out_dir
 
 
@@ -194,7 +218,7 @@ def train(cfg: SFTConfig) -> tuple[StoryPolicy, dict]:
             raise ModelLoadError(f"--init {cfg.init!r}: choose one of {', '.join(INITS)}")
         base_dir = out / "init"
         if accelerator.is_main_process and not (base_dir / "config.json").exists():
-            build_tiny_vit_gpt2(examples, base_dir, cfg.image_size, cfg.seed)
+            build_tiny_vit_gpt2(examples, base_dir, cfg.image_size, cfg.seed, cfg.vision_encoder)
         accelerator.wait_for_everyone()
         base = str(base_dir)
     else:

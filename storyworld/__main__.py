@@ -1,4 +1,4 @@
-"""python -m storyworld {make, annotate, score, train-clip}: the synthetic world from the command line."""
+"""python -m storyworld {make, annotate, score, train-clip, train-vit}: the synthetic world from the command line."""
 
 from __future__ import annotations
 
@@ -65,6 +65,15 @@ def build_parser() -> argparse.ArgumentParser:
     clip.add_argument("--hard-negatives", action=argparse.BooleanOptionalAction, default=True,
                       help="also contrast each frame with its caption with one color, shape, setting or time swapped")  # fmt: skip
     clip.add_argument("--seed", type=int, default=0)
+
+    vit = sub.add_parser("train-vit", help="pretrain the tiny ViT of rlhf.sft --init tiny-vit-gpt2 on the world's frames "
+                                           "(then pass it as --vision_encoder)")  # fmt: skip
+    vit.add_argument("--world", required=True, type=Path)
+    vit.add_argument("--out", required=True, type=Path, help="directory for the Hugging Face ViTModel and image processor")
+    vit.add_argument("--max-minutes", type=float, default=1.5, help="stop training after this long")
+    vit.add_argument("--max-steps", type=int, default=2000)
+    vit.add_argument("--lr", type=float, default=1e-3)
+    vit.add_argument("--seed", type=int, default=0)
     return p
 
 
@@ -95,6 +104,12 @@ def main(argv: list[str] | None = None) -> int:
         from storyworld.world import score_stories
 
         print(json.dumps(score_stories(args.world, args.stories), indent=1))
+    elif args.command == "train-vit":
+        from storyworld.vision import train_vit
+
+        report = train_vit(args.world, args.out, lr=args.lr, max_minutes=args.max_minutes, max_steps=args.max_steps, seed=args.seed)
+        print(json.dumps(report, indent=1))
+        print(f"next: python -m rlhf.sft --init tiny-vit-gpt2 --vision_encoder {args.out} --data {args.world / 'sft.jsonl'}")
     else:
         from storyworld.clip import train_clip
 

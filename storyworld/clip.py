@@ -30,7 +30,6 @@ TINY_CLIP_CONFIG = {
     "text_cfg": {"context_length": 32, "vocab_size": 49408, "width": 128, "heads": 4, "layers": 3},
 }
 PREPROCESS_CFG = {"resize_mode": "squash", "interpolation": "bicubic"}  # keep the whole frame, no crop
-HELD_OUT = 0.1  # share of items kept out of training for the retrieval report
 
 
 def load_clip(path_or_name: str, pretrained: str | None = None, device: str = "cpu"):
@@ -40,19 +39,6 @@ def load_clip(path_or_name: str, pretrained: str | None = None, device: str = "c
     name = f"local-dir:{path_or_name}" if Path(path_or_name).is_dir() else path_or_name
     model, _, preprocess = open_clip.create_model_and_transforms(name, pretrained=pretrained, device=device)
     return model.eval(), preprocess, open_clip.get_tokenizer(name)
-
-
-def _frame_captions(world_dir: Path) -> tuple[list[tuple[Path, Frame]], list[tuple[Path, Frame]]]:
-    """(image path, frame) rows of the world, split into train and held-out items."""
-    from storyworld.scene import Scene
-    from storyworld.world import read_world
-
-    train, held = [], []
-    for i, item in enumerate(read_world(world_dir)):
-        scene = Scene.from_dict(item["scene"])
-        rows = [(world_dir / p, f) for p, f in zip(item["image_paths"], scene.frames)]
-        (held if (i % int(1 / HELD_OUT)) == 0 else train).extend(rows)
-    return train, held
 
 
 def swapped_caption(frame: Frame, k: int, rng: random.Random, attribute: str | None = None) -> str:
@@ -146,10 +132,12 @@ def train_clip(
     import torch
     from tqdm import tqdm
 
+    from storyworld.world import world_frames
+
     torch.manual_seed(seed)
     rng = random.Random(seed)
     world_dir, out = Path(world_dir), Path(out)
-    train, held = _frame_captions(world_dir)
+    train, held = world_frames(world_dir)  # every 10th item held out for the report
     if not train or not held:
         raise ValueError(f"{world_dir}: too few items to train and evaluate a CLIP; make at least 20")
 

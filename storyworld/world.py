@@ -18,7 +18,7 @@ from pathlib import Path
 
 from storyworld.annotators import SimAnnotator, default_pool
 from storyworld.grammar import STYLES, Knobs, random_knobs, write_story
-from storyworld.scene import Scene, make_scene, render_frame
+from storyworld.scene import Frame, Scene, make_scene, render_frame
 from storyworld.utility import components
 
 CANDIDATES_PER_ITEM = 4
@@ -112,6 +112,21 @@ def read_world(world_dir: str | Path) -> list[dict]:
     return [json.loads(line) for line in path.open()]
 
 
+def world_frames(world_dir: str | Path, held_every: int = 10) -> tuple[list[tuple[Path, Frame]], list[tuple[Path, Frame]]]:
+    """(image path, frame) of every frame of the world, split by item: every `held_every`-th item is held out.
+
+    The split the world's tiny models (its CLIP and ViT) train and report on.
+    """
+    world_dir = Path(world_dir)
+    train: list[tuple[Path, Frame]] = []
+    held: list[tuple[Path, Frame]] = []
+    for i, item in enumerate(read_world(world_dir)):
+        scene = Scene.from_dict(item["scene"])
+        rows = [(world_dir / p, f) for p, f in zip(item["image_paths"], scene.frames)]
+        (held if i % held_every == 0 else train).extend(rows)
+    return train, held
+
+
 def annotate_world(
     world_dir: str | Path,
     out: str | Path,
@@ -188,4 +203,4 @@ def make_demo(out: str | Path, n_items: int = 50, seed: int = 0) -> Path:
     return make_world(out, n_items, seed=seed) / "items.jsonl"
 
 
-__all__ = ["Knobs", "annotate_world", "make_demo", "make_world", "read_world", "score_stories"]
+__all__ = ["Knobs", "annotate_world", "make_demo", "make_world", "read_world", "score_stories", "world_frames"]

@@ -248,3 +248,31 @@ def test_an_hf_dataset_with_the_storyreasoning_schema_reads_as_examples(tmp_path
     datasets.Dataset.from_dict({"story_id": ["s"], "text": ["x"]}).save_to_disk(str(tmp_path / "bad"))
     with pytest.raises(StoryDataError, match=r"missing columns \['images', 'story'\]"):
         read_examples(str(tmp_path / "bad"))
+
+
+def test_init_starts_from_a_pretrained_vision_encoder(world, tmp_path):
+    """--vision_encoder: the encoder-decoder's ViT holds exactly the given ViT's weights and its processor."""
+    from transformers import AutoImageProcessor, ViTConfig, ViTImageProcessor, ViTModel
+
+    from rlhf.policy import ModelLoadError
+    from rlhf.sft import build_tiny_vit_gpt2
+    from storyworld.vision import VIT_CONFIG
+
+    torch.manual_seed(1)
+    vit_dir = tmp_path / "vit"
+    vit = ViTModel(ViTConfig(image_size=32, **VIT_CONFIG), add_pooling_layer=False)
+    vit.save_pretrained(vit_dir)
+    ViTImageProcessor(size={"height": 32, "width": 32}).save_pretrained(vit_dir)
+    examples = read_examples(str(world / "sft.jsonl"), need_story=True)
+    out = build_tiny_vit_gpt2(examples, tmp_path / "init", image_size=64, vision_encoder=str(vit_dir))
+    policy = load_policy(str(out))
+    encoder = policy.model.encoder.state_dict()
+    for name, value in vit.state_dict().items():
+        assert torch.equal(encoder[name], value), name
+    assert AutoImageProcessor.from_pretrained(out).size == {"height": 32, "width": 32}  # the ViT's own, not --image_size
+    random_init = load_policy(str(build_tiny_vit_gpt2(examples, tmp_path / "random", image_size=32)))
+    assert not torch.equal(random_init.model.encoder.state_dict()["embeddings.patch_embeddings.projection.weight"],
+                           vit.state_dict()["embeddings.patch_embeddings.projection.weight"])  # fmt: skip
+
+    with pytest.raises(ModelLoadError, match="--vision_encoder"):
+        build_tiny_vit_gpt2(examples, tmp_path / "bad", vision_encoder=str(tmp_path / "no-such-dir"))

@@ -224,3 +224,36 @@ def test_tiny_clip_beats_chance(tmp_path):
     image = preprocess(Image.open(next((tmp_path / "w" / "images").iterdir()))).unsqueeze(0)
     with torch.no_grad():
         assert model.encode_image(image).shape == (1, 64) and model.encode_text(tokenizer(["a red circle"])).shape == (1, 64)
+
+
+def test_vit_labels_and_color_accuracy_by_hand():
+    import torch
+
+    from storyworld.scene import Entity, Frame
+    from storyworld.vision import LOOKS, color_accuracy, frame_labels
+
+    red_circle = Entity("char1", "character", "circle", "red", "big", 0.3, 0.6, "Pip")
+    blue_star = Entity("obj1", "object", "star", "blue", "small", 0.6, 0.7)
+    frame = Frame("forest", "night", [red_circle, blue_star], "start", ["char1"])
+    # LOOKS is colors x shapes in order: red circle 0, blue (color 1) star (shape 3) 1*5+3; then 6 settings, 2 times.
+    assert frame_labels(frame) == [0, 8, 40, 47]
+    assert len(LOOKS) == 40
+    logits = torch.zeros(1, 48)
+    logits[0, LOOKS.index(("red", "circle"))] = 2.0  # right
+    logits[0, LOOKS.index(("green", "star"))] = 3.0  # beats blue for the star: wrong
+    acc = color_accuracy(logits, [frame])
+    assert acc["color"] == 0.5 and acc["entities"] == 2
+    assert acc["color_chance"] == 1 / 8  # no other entity shares a shape, so all 8 colors are options
+
+
+def test_tiny_vit_reads_colors_and_loads_as_a_hub_vit(tmp_path):
+    from transformers import AutoImageProcessor, AutoModel
+
+    from storyworld.vision import train_vit
+
+    make_world(tmp_path / "w", 300, seed=5)
+    report = train_vit(tmp_path / "w", tmp_path / "vit", max_minutes=1.0, max_steps=300)
+    held = report["held_out"]
+    assert held["color"] >= 1.5 * held["color_chance"] and held["setting"] >= 3 * held["setting_chance"], report
+    model = AutoModel.from_pretrained(tmp_path / "vit")  # the way rlhf.sft --vision_encoder loads it
+    assert type(model).__name__ == "ViTModel" and AutoImageProcessor.from_pretrained(tmp_path / "vit").size["height"] == 64
