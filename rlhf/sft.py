@@ -205,6 +205,8 @@ def train(cfg: SFTConfig) -> tuple[StoryPolicy, dict]:
     # 1. Data, checked before any model work; a held-out share by item.
     if (cfg.policy is None) == (cfg.init is None):
         raise ModelLoadError("pass exactly one of --policy (a model to fine-tune) and --init (tiny-vit-gpt2)")
+    if cfg.vision_encoder and cfg.init is None:
+        raise ModelLoadError("--vision_encoder sets the ViT of a fresh --init model; a --policy brings its own vision encoder")
     examples = read_examples(cfg.data, need_story=True)
     train_set, eval_set = split_examples(examples, cfg.eval_fraction, cfg.seed)
     cfg.train_examples, cfg.eval_examples = len(train_set), len(eval_set)

@@ -4,7 +4,7 @@ Scenes of 1-4 rendered frames (`scene`), a story grammar with flaw knobs (`gramm
 utility (`utility`), simulated annotators (`annotators`), and the files that tie them together
 (`world`). It is the demo content of the labeling app, the fixture data of the tests, and the way
 the learning benchmarks prove that the reward model and PPO learn. It imports nothing else of
-storypref, and only `storyworld.clip` needs torch.
+storypref, and only its tiny models (`storyworld.clip`, `storyworld.vision`) need torch.
 """
 
 from storyworld.annotators import SimAnnotator, default_pool, pairwise_agreement

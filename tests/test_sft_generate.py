@@ -276,3 +276,5 @@ def test_init_starts_from_a_pretrained_vision_encoder(world, tmp_path):
 
     with pytest.raises(ModelLoadError, match="--vision_encoder"):
         build_tiny_vit_gpt2(examples, tmp_path / "bad", vision_encoder=str(tmp_path / "no-such-dir"))
+    with pytest.raises(ModelLoadError, match="--vision_encoder sets the ViT of a fresh --init model"):
+        train(SFTConfig(data=str(world / "sft.jsonl"), policy=str(out), output_dir=str(tmp_path / "x"), vision_encoder=str(vit_dir)))
