@@ -209,7 +209,7 @@ def test_tiny_clip_beats_chance(tmp_path):
     from storyworld.clip import load_clip, train_clip
 
     make_world(tmp_path / "w", 300, seed=5)
-    report = train_clip(tmp_path / "w", tmp_path / "clip", epochs=20, batch_size=64, max_minutes=1.5)
+    report = train_clip(tmp_path / "w", tmp_path / "clip", epochs=20, batch_size=64, max_minutes=10)  # 200 steps
     retrieval, attributes = report["retrieval"], report["attributes"]
     assert retrieval["text_to_image"] >= 5 * retrieval["chance"], report
     # It reads colors, not only the setting: the true color of an entity beats the swapped ones
@@ -252,7 +252,7 @@ def test_tiny_vit_reads_colors_and_loads_as_a_hub_vit(tmp_path):
     from storyworld.vision import train_vit
 
     make_world(tmp_path / "w", 300, seed=5)
-    report = train_vit(tmp_path / "w", tmp_path / "vit", max_minutes=1.0, max_steps=300)
+    report = train_vit(tmp_path / "w", tmp_path / "vit", max_steps=300, max_minutes=10)  # steps, not minutes, set the model
     held = report["held_out"]
     assert held["color"] >= 1.5 * held["color_chance"] and held["setting"] >= 3 * held["setting_chance"], report
     model = AutoModel.from_pretrained(tmp_path / "vit")  # the way rlhf.sft --vision_encoder loads it
