@@ -126,7 +126,7 @@ def train_clip(
 
     With `hard_negatives`, each image is also contrasted with its own caption with one attribute
     swapped (`swapped_caption`), as NegCLIP does (Yuksekgonul et al., 2023): in-batch negatives
-    almost never differ in color alone, so without them a CLIP learns scenes and shapes before colors.
+    almost never differ in color alone, so without them a CLIP learns the setting long before the looks.
     """
     import open_clip
     import torch
