@@ -19,7 +19,7 @@ from dataclasses import replace
 from pathlib import Path
 
 from storyworld.grammar import describe_frame
-from storyworld.scene import COLORS, SETTINGS, SHAPES, TIMES, Frame
+from storyworld.scene import SETTINGS, TIMES, Frame, free_values
 
 # The image tower is open_clip's ModifiedResNet (the RN50 architecture, one block per stage, width
 # 16): on this world's frames and a CPU-minute budget it reads colors where a ViT of the same cost
@@ -52,12 +52,8 @@ def swapped_caption(frame: Frame, k: int, rng: random.Random, attribute: str | N
             return describe_frame(replace(frame, setting=rng.choice([s for s in SETTINGS if s != frame.setting])))[0]
         return describe_frame(replace(frame, time=next(t for t in TIMES if t != frame.time)))[0]
     e = frame.entities[k - 1]
-    present = {(x.color, x.shape) for x in frame.entities}
     attribute = attribute or rng.choice(["color", "shape"])
-    if attribute == "color":
-        other = replace(e, color=rng.choice([c for c in COLORS if (c, e.shape) not in present]))
-    else:
-        other = replace(e, shape=rng.choice([s for s in SHAPES if (e.color, s) not in present]))
+    other = replace(e, **{attribute: rng.choice(free_values(frame, e, attribute))})
     return describe_frame(replace(frame, entities=[other]))[1]
 
 
@@ -74,13 +70,11 @@ def attribute_accuracy(model, tokenizer, images, frames: list[Frame]) -> dict[st
     out: dict[str, float] = {}
     with torch.no_grad():
         img = torch.nn.functional.normalize(model.encode_image(images), dim=-1)  # (N, D)
-        for attribute, values in (("color", COLORS), ("shape", SHAPES)):
+        for attribute in ("color", "shape"):
             hits, alone, chance = [], [], []
             for i, frame in enumerate(frames):
-                present = {(x.color, x.shape) for x in frame.entities}
                 for e in frame.entities:
-                    options = [v for v in values if v == getattr(e, attribute)
-                               or ((v, e.shape) if attribute == "color" else (e.color, v)) not in present]  # fmt: skip
+                    options = [getattr(e, attribute), *free_values(frame, e, attribute)]
                     captions = [describe_frame(replace(frame, entities=[replace(e, **{attribute: v})]))[1] for v in options]
                     txt = torch.nn.functional.normalize(model.encode_text(tokenizer(captions)), dim=-1)  # (V, D)
                     hits.append(options[int((txt @ img[i]).argmax())] == getattr(e, attribute))

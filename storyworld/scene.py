@@ -94,6 +94,14 @@ class Scene:
         return cls(d["id"], frames)
 
 
+def free_values(frame: Frame, e: Entity, attribute: str) -> list[str]:
+    """The colors (attribute "color") or shapes that would give `e` a look no entity of `frame` has."""
+    present = {(x.color, x.shape) for x in frame.entities}
+    if attribute == "color":
+        return [c for c in COLORS if (c, e.shape) not in present]
+    return [s for s in SHAPES if (e.color, s) not in present]
+
+
 def _new_entity(rng: random.Random, eid: str, kind: str, used: set[tuple[str, str]], names: list[str]) -> Entity:
     while True:  # every entity in a scene has its own color+shape, so a mention names exactly one
         color, shape = rng.choice(list(COLORS)), rng.choice(SHAPES)

@@ -17,7 +17,7 @@ import json
 import time
 from pathlib import Path
 
-from storyworld.scene import COLORS, SETTINGS, SHAPES, TIMES, Frame
+from storyworld.scene import COLORS, SETTINGS, SHAPES, TIMES, Frame, free_values
 
 LOOKS = [(c, s) for c in COLORS for s in SHAPES]
 VIT_CONFIG = {"hidden_size": 128, "num_hidden_layers": 3, "num_attention_heads": 4, "intermediate_size": 256, "patch_size": 8,
@@ -34,9 +34,8 @@ def color_accuracy(logits, frames: list[Frame]) -> dict[str, float]:
     """For each entity, whether its true color scores above the colors no entity of its shape has."""
     hits, chance = [], []
     for row, frame in zip(logits, frames):
-        present = {(e.color, e.shape) for e in frame.entities}
         for e in frame.entities:
-            options = [c for c in COLORS if c == e.color or (c, e.shape) not in present]
+            options = [e.color, *free_values(frame, e, "color")]
             best = max(options, key=lambda c: float(row[LOOKS.index((c, e.shape))]))
             hits.append(best == e.color)
             chance.append(1 / len(options))
