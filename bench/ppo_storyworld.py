@@ -7,16 +7,18 @@ The loop a user runs, in one process:
 1. storyworld make, its tiny CLIP (for the `clip` signal and the reward model) and its pretrained
    ViT (`storyworld.vision`, the policy's ImageNet: a ViT trained on stories alone is color-blind);
 2. SFT: `rlhf.sft --init tiny-vit-gpt2 --vision_encoder VIT`;
-3. generate: `rlhf.generate`, new candidates from the SFT policy;
+3. generate: `rlhf.generate`, new candidates from the SFT policy, at the temperature PPO will sample at (0.7: at 1.0
+   the tiny policy's samples are mostly disfluent, and a reward model taught on them ranks fluency and
+   nothing else, at chance among fluent stories);
 4. simulated annotation of the policy's own samples, every pair per scene (3 votes per pair, ~75% agreement;
    `--smoke` adds the grammar's candidates, since its 30-second SFT policy writes no fluent sentence to prefer);
 5. ingest and export (`annotate.ingest`, `annotate.export --format trl`);
 6. `rlhf.train_rm` (clip-fusion: the tiny CLIP and MiniLM);
-7. `rlhf.ppo` with the composite reward and the adaptive KL controller.
+7. `rlhf.ppo` with the composite reward and the adaptive KL controller, sampling at that temperature.
 
 Then, on held-out scenes that no step trained on: the hidden utility of the PPO policy's and the SFT
 policy's greedy stories (mean, and the pairwise win rate of PPO over SFT, ties counting half), the
-KL of the PPO policy to the SFT reference (k1, nats per sampled story), the reward components and
+KL of the PPO policy to the SFT reference (k1, nats per story sampled at PPO's temperature), the reward components and
 the minutes. Only this bench reads the hidden utility; `rlhf/` never does. With `--ablations` it
 also runs PPO with `human` alone, with a fixed KL coefficient, with `--unfinished_penalty 1` (stories
 that stop mid-sentence penalized), and the main run again with another seed. Writes DIR/report.json.
@@ -34,9 +36,9 @@ from pathlib import Path
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 FULL = {"items": 1200, "sft_epochs": 6, "gen_items": 500, "samples_per_item": 4, "rm_epochs": 2, "iterations": 60, "held_out": 150,
-        "clip_epochs": 8, "vit_steps": 360, "rollout": 32, "mini": 8}  # fmt: skip
+        "clip_epochs": 8, "vit_steps": 360, "rollout": 32, "mini": 8, "temperature": 0.7, "ppo_lr": 1e-4}  # fmt: skip
 SMOKE = {"items": 60, "sft_epochs": 2, "gen_items": 15, "samples_per_item": 3, "rm_epochs": 1, "iterations": 3, "held_out": 12,
-         "clip_epochs": 2, "vit_steps": 20, "rollout": 8, "mini": 4, "grammar_pairs": True}  # fmt: skip
+         "clip_epochs": 2, "vit_steps": 20, "rollout": 8, "mini": 4, "temperature": 1.0, "ppo_lr": 3e-4, "grammar_pairs": True}  # fmt: skip
 WEIGHTS = "human=1,clip=0.3,coherence=0.2,repetition=0.1,style=0.2"
 KL_COEF, KL_HORIZON = 0.12, 300  # a horizon of 1,920 episodes / ~6, so that β can act within the run
 
@@ -56,8 +58,8 @@ def greedy(policy_dir: str, examples, max_new_tokens: int) -> list[str]:
     return [r["story"] for r in sample_stories(load_policy(policy_dir), examples, max_new_tokens)]
 
 
-def kl_to_reference(policy_dir: str, examples, max_new_tokens: int, seed: int = 0, samples: int = 2) -> float:
-    """k1 KL(π ‖ π_ref) in nats per story, on `samples` stories per example sampled from π at temperature 1."""
+def kl_to_reference(policy_dir: str, examples, max_new_tokens: int, temperature: float, seed: int = 0, samples: int = 2) -> float:
+    """k1 KL(π ‖ π_ref) in nats per story, on `samples` stories per example sampled from π at `temperature` (both at it)."""
     import torch
 
     from rlhf.policy import load_policy
@@ -68,9 +70,9 @@ def kl_to_reference(policy_dir: str, examples, max_new_tokens: int, seed: int = 
     for k in range(0, len(examples), 16):
         chunk = examples[k : k + 16]
         batch = policy.batch([e.load_images() for e in chunk], [e.instruction for e in chunk], [e.style for e in chunk]).repeat(samples)
-        out = policy.generate(batch, max_new_tokens=max_new_tokens, temperature=1.0)
+        out = policy.generate(batch, max_new_tokens=max_new_tokens, temperature=temperature)
         with torch.no_grad(), policy.reference():
-            ref = policy.forward(batch, out.response_ids, out.response_mask).logprobs
+            ref = policy.forward(batch, out.response_ids, out.response_mask, temperature).logprobs
         total += (out.logprobs - ref).sum().item()
         n += len(chunk) * samples
     return total / n
@@ -90,6 +92,25 @@ def grounding(world: dict, examples, stories: list[str]) -> float:
 
     vals = [components(Scene.from_dict(world[e.item_id]["scene"]), s, world[e.item_id]["style"]).grounding_precision for e, s in zip(examples, stories)]
     return round(sum(vals) / len(vals), 4)
+
+
+def signal_agreement(reward, pairs, examples: dict) -> dict[str, float]:
+    """Each reward signal's agreement with the annotators' majority on held-out exported pairs (ties skipped).
+
+    What a user can measure without any hidden truth, to see which signals deserve their weight.
+    """
+    import torch
+
+    agree = {name: 0 for name in reward.weights}
+    decided = [p for p in pairs if not p.tie]
+    for p in decided:
+        e = examples[p.item_id]
+        images = e.load_images()
+        with torch.no_grad():
+            _, raw = reward([images, images], [e.instruction] * 2, [e.context] * 2, [e.style] * 2, [p.chosen, p.rejected], update=False)
+        for name, v in raw.items():
+            agree[name] += float(v[0] > v[1])
+    return {name: round(n / len(decided), 3) for name, n in agree.items()} | {"pairs": len(decided)}
 
 
 def main() -> None:
@@ -115,6 +136,7 @@ def main() -> None:
     from rlhf.generate import main as generate
     from rlhf.ppo import PPOConfig
     from rlhf.ppo import train as ppo
+    from rlhf.rewards import build_reward, parse_weights
     from rlhf.sft import SFTConfig, split_examples
     from rlhf.sft import train as sft
     from rlhf.stories import read_examples
@@ -171,7 +193,7 @@ def main() -> None:
     train_items = [i for i in items if i["external_id"] not in held_ids][: s["gen_items"]]
     (out / "gen-items.jsonl").write_text("".join(json.dumps({**i, "image_paths": [str(world_dir / p) for p in i["image_paths"]]}) + "\n"
                                                  for i in train_items))  # fmt: skip
-    generate(GenerateConfig(policy=str(sft_dir), items=str(out / "gen-items.jsonl"), per_item=s["samples_per_item"], temperature=1.0,
+    generate(GenerateConfig(policy=str(sft_dir), items=str(out / "gen-items.jsonl"), per_item=s["samples_per_item"], temperature=s["temperature"],
                             out=str(out / "generated.jsonl"), device="cpu", seed=args.seed))  # fmt: skip
     phase("generate", t0)
 
@@ -222,6 +244,10 @@ def main() -> None:
     rm = RewardModel.from_pretrained(rm_dir, cache_dir=str(out / "clip-cache"))
     report["rm"] |= hidden_utility_accuracy(rm, load_preferences(out / "trl")[1], utilities)  # on the policy's own held-out samples
     phase("reward_model", t0)
+    signals = build_reward(parse_weights(WEIGHTS), reward_model=str(rm_dir), clip_model=str(out / "clip"), sentence_model=minilm,
+                           style_descriptions=STYLE_DESCRIPTIONS, cache_dir=str(out / "clip-cache"))  # fmt: skip
+    report["signals_vs_annotators"] = signal_agreement(signals, load_preferences(out / "trl")[1], {e.item_id: e for e in examples})
+    del signals
 
     # 7. PPO, and the comparison on held-out scenes.
     (out / "styles.json").write_text(json.dumps(STYLE_DESCRIPTIONS))
@@ -235,14 +261,14 @@ def main() -> None:
         settings = dict(policy=str(sft_dir), prompts=str(prompts), output_dir=str(out / name), reward_model=str(rm_dir),
                         reward_weights=WEIGHTS, clip_model=str(out / "clip"), clip_pretrained=None, sentence_model=minilm,
                         style_descriptions=str(out / "styles.json"), iterations=s["iterations"], rollout_batch_size=s["rollout"],
-                        mini_batch_size=s["mini"], ppo_epochs=4, max_new_tokens=160, lr=3e-4, lr_scheduler_type="linear", kl_coef=KL_COEF, kl_target=6.0,
+                        mini_batch_size=s["mini"], ppo_epochs=4, max_new_tokens=160, temperature=s["temperature"], lr=s["ppo_lr"], lr_scheduler_type="linear", kl_coef=KL_COEF, kl_target=6.0,
                         kl_horizon=KL_HORIZON, cache_dir=str(out / "clip-cache"), seed=args.seed, save_every=1000, sample_every=10)  # fmt: skip
         cfg = PPOConfig(**(settings | overrides))
         _, metrics = ppo(cfg)
         ppo_stories = greedy(str(out / name), held_out, 160)
         result = {
             **compare(world, held_out, sft_stories, ppo_stories),
-            "kl_to_sft": round(kl_to_reference(str(out / name), held_out, 160, args.seed), 3),
+            "kl_to_sft": round(kl_to_reference(str(out / name), held_out, 160, s["temperature"], args.seed), 3),
             "grounding_precision_sft": grounding(world, held_out, sft_stories),
             "grounding_precision_ppo": grounding(world, held_out, ppo_stories),
             "reward": {k: round(v, 4) for k, v in metrics.items() if k.startswith("reward/")},
