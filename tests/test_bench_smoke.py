@@ -25,5 +25,31 @@ def test_ppo_storyworld_smoke(tmp_path):
     assert 0.0 <= report["win_rate_vs_sft"] <= 1.0
     assert set(report["phases"]) == {"make", "sft", "generate", "annotate", "export", "reward_model", "ppo"}
     assert report["ppo"]["reward"]["reward/human"] == report["ppo"]["reward"]["reward/human"]  # a number, not NaN
+    agreement = report["signals_vs_annotators"]
+    assert agreement["pairs"] > 0 and all(0.0 <= agreement[k] <= 1.0 for k in ("human", "clip", "coherence", "repetition", "style"))
     for part in ("sft/metrics.json", "rm/metrics.json", "ppo/metrics.json", "ppo/adapter_model.safetensors", "trl/train.jsonl"):
         assert (tmp_path / part).exists(), part
+
+
+def test_signal_agreement_by_hand():
+    """Each signal's share of decided pairs where it scores the chosen story above the rejected one; ties skipped."""
+    from types import SimpleNamespace
+
+    import torch
+
+    from bench.ppo_storyworld import signal_agreement
+
+    class Reward:  # two signals: the story's length, and minus it
+        weights = {"long": 1.0, "short": 1.0}
+
+        def __call__(self, images, instructions, contexts, styles, stories, update=True):
+            n = torch.tensor([float(len(s)) for s in stories])
+            return n, {"long": n, "short": -n}
+
+    item = SimpleNamespace(load_images=lambda: [], instruction="Tell a story.", context=None, style="funny")
+
+    def pair(chosen, rejected, tie=False):
+        return SimpleNamespace(item_id="a", chosen=chosen, rejected=rejected, tie=tie)
+
+    pairs = [pair("a long one", "short"), pair("longer still", "tiny"), pair("x", "much longer"), pair("same", "same", tie=True)]
+    assert signal_agreement(Reward(), pairs, {"a": item}) == {"long": round(2 / 3, 3), "short": round(1 / 3, 3), "pairs": 3}
