@@ -7,9 +7,9 @@ The loop a user runs, in one process:
 1. storyworld make, its tiny CLIP (for the `clip` signal and the reward model) and its pretrained
    ViT (`storyworld.vision`, the policy's ImageNet: a ViT trained on stories alone is color-blind);
 2. SFT: `rlhf.sft --init tiny-vit-gpt2 --vision_encoder VIT`;
-3. generate: `rlhf.generate`, new candidates from the SFT policy, at the temperature PPO will sample at (0.7: at 1.0
-   the tiny policy's samples are mostly disfluent, and a reward model taught on them ranks fluency and
-   nothing else, at chance among fluent stories);
+3. generate: `rlhf.generate`, new candidates from the SFT policy, at the temperature PPO will sample at
+   (0.7; `--smoke` 1.0). At 1.0 the SFT policy's samples are mostly disfluent, and a reward model
+   taught on them ranks fluency and nothing else: at chance among fluent stories;
 4. simulated annotation of the policy's own samples, every pair per scene (3 votes per pair, ~75% agreement;
    `--smoke` adds the grammar's candidates, since its 30-second SFT policy writes no fluent sentence to prefer);
 5. ingest and export (`annotate.ingest`, `annotate.export --format trl`);
@@ -103,6 +103,8 @@ def signal_agreement(reward, pairs, examples: dict) -> dict[str, float]:
 
     agree = {name: 0 for name in reward.weights}
     decided = [p for p in pairs if not p.tie]
+    if not decided:
+        return {"pairs": 0}
     for p in decided:
         e = examples[p.item_id]
         images = e.load_images()

@@ -53,3 +53,4 @@ def test_signal_agreement_by_hand():
 
     pairs = [pair("a long one", "short"), pair("longer still", "tiny"), pair("x", "much longer"), pair("same", "same", tie=True)]
     assert signal_agreement(Reward(), pairs, {"a": item}) == {"long": round(2 / 3, 3), "short": round(1 / 3, 3), "pairs": 3}
+    assert signal_agreement(Reward(), pairs[-1:], {"a": item}) == {"pairs": 0}  # ties only: nothing to agree with
