@@ -244,12 +244,13 @@ def main() -> None:
 
     utilities = {(w["external_id"], c["text"]): c["utility"] for w in map(json.loads, (aug / "world.jsonl").open()) for c in w["candidates"]}
     rm = RewardModel.from_pretrained(rm_dir, cache_dir=str(out / "clip-cache"))
-    report["rm"] |= hidden_utility_accuracy(rm, load_preferences(out / "trl")[1], utilities)  # on the policy's own held-out samples
-    phase("reward_model", t0)
+    held_pairs = load_preferences(out / "trl")[1]  # the export's test split: the policy's own samples on held-out pairs
+    report["rm"] |= hidden_utility_accuracy(rm, held_pairs, utilities)
     signals = build_reward(parse_weights(WEIGHTS), reward_model=str(rm_dir), clip_model=str(out / "clip"), sentence_model=minilm,
                            style_descriptions=STYLE_DESCRIPTIONS, cache_dir=str(out / "clip-cache"))  # fmt: skip
-    report["signals_vs_annotators"] = signal_agreement(signals, load_preferences(out / "trl")[1], {e.item_id: e for e in examples})
+    report["signals_vs_annotators"] = signal_agreement(signals, held_pairs, {e.item_id: e for e in examples})
     del signals
+    phase("reward_model", t0)
 
     # 7. PPO, and the comparison on held-out scenes.
     (out / "styles.json").write_text(json.dumps(STYLE_DESCRIPTIONS))
