@@ -113,6 +113,7 @@ def build_tiny_vit_gpt2(examples: list[StoryExample], out_dir: Path, image_size:
         encoder = pretrained.config
     else:
         ViTImageProcessor(size={"height": image_size, "width": image_size}).save_pretrained(out_dir)
+        # storyworld.vision.VIT_CONFIG pretrains this same size (a test keeps them equal).
         encoder = ViTConfig(hidden_size=128, num_hidden_layers=3, num_attention_heads=4, intermediate_size=256,
                             image_size=image_size, patch_size=8, hidden_dropout_prob=0.0, attention_probs_dropout_prob=0.0)  # fmt: skip
     decoder = GPT2Config(vocab_size=len(tokenizer), n_embd=128, n_layer=3, n_head=4, n_positions=max(256, 2 * longest),

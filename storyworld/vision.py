@@ -20,6 +20,8 @@ from pathlib import Path
 from storyworld.scene import COLORS, SETTINGS, SHAPES, TIMES, Frame, free_values
 
 LOOKS = [(c, s) for c in COLORS for s in SHAPES]
+# The size of rlhf.sft's random tiny ViT (build_tiny_vit_gpt2), written twice because storyworld
+# imports nothing of storypref; tests/test_sft_generate.py checks that the two agree.
 VIT_CONFIG = {"hidden_size": 128, "num_hidden_layers": 3, "num_attention_heads": 4, "intermediate_size": 256, "patch_size": 8,
               "hidden_dropout_prob": 0.0, "attention_probs_dropout_prob": 0.0}  # fmt: skip
 

@@ -271,6 +271,8 @@ def test_init_starts_from_a_pretrained_vision_encoder(world, tmp_path):
         assert torch.equal(encoder[name], value), name
     assert AutoImageProcessor.from_pretrained(out).size == {"height": 32, "width": 32}  # the ViT's own, not --image_size
     random_init = load_policy(str(build_tiny_vit_gpt2(examples, tmp_path / "random", image_size=32)))
+    random_config = random_init.model.config.encoder  # storyworld's pretrained ViT is the same size as the random one
+    assert {k: getattr(random_config, k) for k in VIT_CONFIG} == VIT_CONFIG
     assert not torch.equal(random_init.model.encoder.state_dict()["embeddings.patch_embeddings.projection.weight"],
                            vit.state_dict()["embeddings.patch_embeddings.projection.weight"])  # fmt: skip
 
