@@ -73,6 +73,9 @@ def build_parser() -> argparse.ArgumentParser:
     vit.add_argument("--max-minutes", type=float, default=1.5, help="stop training after this long")
     vit.add_argument("--max-steps", type=int, default=2000)
     vit.add_argument("--lr", type=float, default=1e-3)
+    vit.add_argument("--fresh-scenes", type=int, default=0,
+                     help="also train on the frames of this many new random scenes (8000 in the PPO bench): the world's own "
+                          "frames are too few to learn shapes from")  # fmt: skip
     vit.add_argument("--seed", type=int, default=0)
     return p
 
@@ -107,7 +110,8 @@ def main(argv: list[str] | None = None) -> int:
     elif args.command == "train-vit":
         from storyworld.vision import train_vit
 
-        report = train_vit(args.world, args.out, lr=args.lr, max_minutes=args.max_minutes, max_steps=args.max_steps, seed=args.seed)
+        report = train_vit(args.world, args.out, lr=args.lr, max_minutes=args.max_minutes, max_steps=args.max_steps, seed=args.seed,
+                           fresh_scenes=args.fresh_scenes)  # fmt: skip
         print(json.dumps(report, indent=1))
         print(f"next: python -m rlhf.sft --init tiny-vit-gpt2 --vision_encoder {args.out} --data {args.world / 'sft.jsonl'}")
     else:

@@ -16,6 +16,8 @@ from collections.abc import Iterator
 from itertools import combinations
 from pathlib import Path
 
+from PIL import Image
+
 from storyworld.annotators import SimAnnotator, default_pool
 from storyworld.grammar import STYLES, Knobs, random_knobs, write_story
 from storyworld.scene import Frame, Scene, make_scene, render_frame
@@ -127,6 +129,20 @@ def world_frames(world_dir: str | Path, held_every: int = 10) -> tuple[list[tupl
     return train, held
 
 
+def fresh_frames(n_scenes: int, seed: int = 0, image_size: tuple[int, int] = (128, 96)) -> list[tuple[Image.Image, Frame]]:
+    """(image, frame) of every frame of `n_scenes` new random scenes, rendered in memory.
+
+    The world's own frames are few (about 2.3 per item); a tiny model pretrained on them alone
+    memorizes them. These play the part of a real model's web-scale pretraining images: more of the
+    same kind of picture, none of them an item of the world (their scenes have their own seeds).
+    """
+    rows = []
+    for i in range(n_scenes):
+        for frame in make_scene(f"pretrain:{seed}:{i}").frames:
+            rows.append((render_frame(frame, image_size), frame))
+    return rows
+
+
 def annotate_world(
     world_dir: str | Path,
     out: str | Path,
@@ -203,4 +219,4 @@ def make_demo(out: str | Path, n_items: int = 50, seed: int = 0) -> Path:
     return make_world(out, n_items, seed=seed) / "items.jsonl"
 
 
-__all__ = ["Knobs", "annotate_world", "make_demo", "make_world", "read_world", "score_stories", "world_frames"]
+__all__ = ["Knobs", "annotate_world", "fresh_frames", "make_demo", "make_world", "read_world", "score_stories", "world_frames"]

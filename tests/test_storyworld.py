@@ -10,7 +10,9 @@ import pytest
 from storyworld import STYLES, Knobs, SimAnnotator, components, default_pool, make_scene, make_world, pairwise_agreement, write_story
 from storyworld.__main__ import main
 from storyworld.grammar import random_knobs, sentences_well_formed
+from storyworld.scene import render_frame
 from storyworld.utility import WEIGHTS, strip_tags
+from storyworld.world import fresh_frames, world_frames
 
 
 def _digest(root) -> str:
@@ -226,24 +228,36 @@ def test_tiny_clip_beats_chance(tmp_path):
         assert model.encode_image(image).shape == (1, 64) and model.encode_text(tokenizer(["a red circle"])).shape == (1, 64)
 
 
-def test_vit_labels_and_color_accuracy_by_hand():
+def test_vit_labels_and_look_accuracy_by_hand():
     import torch
 
     from storyworld.scene import Entity, Frame
-    from storyworld.vision import LOOKS, color_accuracy, frame_labels
+    from storyworld.vision import LOOKS, frame_labels, look_accuracy
 
     red_circle = Entity("char1", "character", "circle", "red", "big", 0.3, 0.6, "Pip")
     blue_star = Entity("obj1", "object", "star", "blue", "small", 0.6, 0.7)
     frame = Frame("forest", "night", [red_circle, blue_star], "start", ["char1"])
-    # LOOKS is colors x shapes in order: red circle 0, blue (color 1) star (shape 3) 1*5+3; then 6 settings, 2 times.
-    assert frame_labels(frame) == [0, 8, 40, 47]
+    # LOOKS is colors x shapes in order: red circle 0, blue (color 1) star (shape 3) 1*5+3; then 6 settings,
+    # 2 times (40-47); then the 8 colors alone (red 48, blue 49) and the 5 shapes alone (circle 56, star 59).
+    assert frame_labels(frame) == [0, 8, 40, 47, 48, 49, 56, 59]
     assert len(LOOKS) == 40
     logits = torch.zeros(1, 48)
     logits[0, LOOKS.index(("red", "circle"))] = 2.0  # right
-    logits[0, LOOKS.index(("green", "star"))] = 3.0  # beats blue for the star: wrong
-    acc = color_accuracy(logits, [frame])
-    assert acc["color"] == 0.5 and acc["entities"] == 2
+    logits[0, LOOKS.index(("green", "star"))] = 3.0  # beats blue for the star: wrong color
+    logits[0, LOOKS.index(("blue", "square"))] = 1.0  # the star's shape: star (0) loses to square: wrong shape
+    logits[0, LOOKS.index(("red", "diamond"))] = -1.0  # the circle's shape: circle (2) beats every other (0, -1): right
+    acc = look_accuracy(logits, [frame])
+    assert acc["color"] == 0.5 and acc["shape"] == 0.5 and acc["entities"] == 2
     assert acc["color_chance"] == 1 / 8  # no other entity shares a shape, so all 8 colors are options
+    assert acc["shape_chance"] == 1 / 5  # nor a color: all 5 shapes
+
+
+def test_fresh_frames_are_new_scenes_drawn_like_the_world():
+    a, b = fresh_frames(20, seed=1, image_size=(64, 48)), fresh_frames(20, seed=1, image_size=(64, 48))
+    assert len(a) >= 20 and all(im.size == (64, 48) for im, _ in a)
+    assert [f for _, f in a] == [f for _, f in b] and a[0][0].tobytes() == b[0][0].tobytes()  # the seed fixes them
+    assert [f for _, f in fresh_frames(20, seed=2)] != [f for _, f in a]
+    assert a[0][0].tobytes() == render_frame(a[0][1], (64, 48)).tobytes()  # drawn by the world's own renderer
 
 
 def test_tiny_vit_reads_colors_and_loads_as_a_hub_vit(tmp_path):
@@ -252,7 +266,9 @@ def test_tiny_vit_reads_colors_and_loads_as_a_hub_vit(tmp_path):
     from storyworld.vision import train_vit
 
     make_world(tmp_path / "w", 300, seed=5)
-    report = train_vit(tmp_path / "w", tmp_path / "vit", max_steps=300, max_minutes=10)  # steps, not minutes, set the model
+    world_only = len(world_frames(tmp_path / "w")[0])
+    report = train_vit(tmp_path / "w", tmp_path / "vit", max_steps=300, max_minutes=10, fresh_scenes=100)  # steps, not minutes, set the model
+    assert report["train_frames"] == world_only + len(fresh_frames(100, 0)) and report["held_out_frames"] == len(world_frames(tmp_path / "w")[1])
     held = report["held_out"]
     assert held["color"] >= 1.5 * held["color_chance"] and held["setting"] >= 3 * held["setting_chance"], report
     model = AutoModel.from_pretrained(tmp_path / "vit")  # the way rlhf.sft --vision_encoder loads it
