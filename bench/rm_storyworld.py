@@ -38,6 +38,8 @@ def hidden_utility_accuracy(rm, test, utilities: dict[tuple[str, str], float], t
 
 
     keep = [p for p in test if abs(utilities[(p.item_id, p.chosen)] - utilities[(p.item_id, p.rejected)]) > threshold]
+    if not keep:
+        return {"hidden_utility_accuracy": None, "majority_label_vs_hidden_utility": None, "pairs_scored": 0}
     chosen = rm.score([p.images for p in keep], [p.prompt for p in keep], [p.chosen for p in keep])
     rejected = rm.score([p.images for p in keep], [p.prompt for p in keep], [p.rejected for p in keep])
     truth = torch.tensor([utilities[(p.item_id, p.chosen)] > utilities[(p.item_id, p.rejected)] for p in keep])

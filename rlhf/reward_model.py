@@ -364,6 +364,8 @@ class RewardModel:
         single = isinstance(story, str)
         stories = [story] if single else list(story)
         n = len(stories)
+        if n == 0:
+            return torch.zeros(0)
         as_list = lambda v: [v] * n if v is None or isinstance(v, str) else list(v)  # noqa: E731
         if single or (images and not isinstance(images[0], (list, tuple))):
             images = [images] * n if single else [[i] for i in images]

@@ -25,8 +25,9 @@ def test_ppo_storyworld_smoke(tmp_path):
     assert 0.0 <= report["win_rate_vs_sft"] <= 1.0
     assert set(report["phases"]) == {"make", "sft", "generate", "annotate", "export", "reward_model", "ppo"}
     assert report["ppo"]["reward"]["reward/human"] == report["ppo"]["reward"]["reward/human"]  # a number, not NaN
-    agreement = report["signals_vs_annotators"]
+    agreement = report["signals_vs_annotators_all_rounds"]  # the smoke policy's samples all tie: its pairs come from the grammar round
     assert agreement["pairs"] > 0 and all(0.0 <= agreement[k] <= 1.0 for k in ("human", "clip", "coherence", "repetition", "style"))
+    assert report["signals_vs_annotators"]["pairs"] <= agreement["pairs"] and report["rm"]["all_rounds"]["pairs_scored"] > 0
     for part in ("sft/metrics.json", "rm/metrics.json", "ppo/metrics.json", "ppo/adapter_model.safetensors", "trl/train.jsonl"):
         assert (tmp_path / part).exists(), part
 

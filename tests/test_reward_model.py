@@ -76,6 +76,7 @@ def test_training_moves_lora_and_head_only(assets, tmp_path):
     assert abs(chosen.mean().item()) < 1e-3 and abs(chosen.std().item() - 1) < 1e-2
     single = rm.score(sample[0].images, sample[0].prompt, sample[0].chosen)
     assert single.shape == () and single.item() == pytest.approx(chosen[0].item(), abs=1e-5)
+    assert rm.score([], [], []).shape == (0,)  # nothing to score is an empty answer, not an error
 
 
 def test_images_are_cached_across_runs(assets, tmp_path):
