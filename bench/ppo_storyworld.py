@@ -25,8 +25,9 @@ policy's greedy stories (mean, and the pairwise win rate of PPO over SFT, ties c
 KL of the PPO policy to the SFT reference (k1, nats per story sampled at PPO's temperature), the reward components and
 the minutes. Only this bench reads the hidden utility; `rlhf/` never does. With `--ablations` it
 also runs PPO with `human` alone, with a fixed KL coefficient, with `--unfinished_penalty 1` (stories
-that stop mid-sentence penalized), and the main run again with another seed. Writes DIR/report.json; it also holds the reward model's and each reward
-signal's agreement on the export's held-out pairs, of the policy's samples and of both rounds.
+that stop mid-sentence penalized), and the main run again with another seed. Writes DIR/report.json,
+which also holds the reward model's and each reward signal's agreement on the export's held-out
+pairs: those of the policy's samples, and those of both rounds.
 """
 
 from __future__ import annotations

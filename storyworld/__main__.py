@@ -74,8 +74,8 @@ def build_parser() -> argparse.ArgumentParser:
     vit.add_argument("--max-steps", type=int, default=2000)
     vit.add_argument("--lr", type=float, default=1e-3)
     vit.add_argument("--fresh-scenes", type=int, default=0,
-                     help="also train on the frames of this many new random scenes (8000 in the PPO bench): the world's own "
-                          "frames are too few to learn shapes from")  # fmt: skip
+                     help="also train on the frames of this many new random scenes: the world's own frames are too few to "
+                          "learn shapes from (8000 with --max-steps 1000 --max-minutes 8: shape 0.29 against 0.20, chance 0.21)")  # fmt: skip
     vit.add_argument("--seed", type=int, default=0)
     return p
 
