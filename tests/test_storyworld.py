@@ -232,7 +232,7 @@ def test_vit_labels_and_look_accuracy_by_hand():
     import torch
 
     from storyworld.scene import Entity, Frame
-    from storyworld.vision import LOOKS, frame_labels, look_accuracy
+    from storyworld.vision import LABELS, LOOKS, frame_labels, look_accuracy
 
     red_circle = Entity("char1", "character", "circle", "red", "big", 0.3, 0.6, "Pip")
     blue_star = Entity("obj1", "object", "star", "blue", "small", 0.6, 0.7)
@@ -241,7 +241,8 @@ def test_vit_labels_and_look_accuracy_by_hand():
     # 2 times (40-47); then the 8 colors alone (red 48, blue 49) and the 5 shapes alone (circle 56, star 59).
     assert frame_labels(frame) == [0, 8, 40, 47, 48, 49, 56, 59]
     assert len(LOOKS) == 40
-    logits = torch.zeros(1, 48)
+    assert len(LABELS) == 61
+    logits = torch.zeros(1, len(LABELS))  # the head's width; look_accuracy reads the LOOKS columns
     logits[0, LOOKS.index(("red", "circle"))] = 2.0  # right
     logits[0, LOOKS.index(("green", "star"))] = 3.0  # beats blue for the star: wrong color
     logits[0, LOOKS.index(("blue", "square"))] = 1.0  # the star's shape: star (0) loses to square: wrong shape
@@ -266,9 +267,9 @@ def test_tiny_vit_reads_colors_and_loads_as_a_hub_vit(tmp_path):
     from storyworld.vision import train_vit
 
     make_world(tmp_path / "w", 300, seed=5)
-    world_only = len(world_frames(tmp_path / "w")[0])
+    train, held_frames = world_frames(tmp_path / "w")
     report = train_vit(tmp_path / "w", tmp_path / "vit", max_steps=300, max_minutes=10, fresh_scenes=100)  # steps, not minutes, set the model
-    assert report["train_frames"] == world_only + len(fresh_frames(100, 0)) and report["held_out_frames"] == len(world_frames(tmp_path / "w")[1])
+    assert report["train_frames"] == len(train) + len(fresh_frames(100, 0)) and report["held_out_frames"] == len(held_frames)
     held = report["held_out"]
     assert held["color"] >= 1.5 * held["color_chance"] and held["setting"] >= 3 * held["setting_chance"], report
     model = AutoModel.from_pretrained(tmp_path / "vit")  # the way rlhf.sft --vision_encoder loads it
