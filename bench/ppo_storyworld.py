@@ -41,7 +41,7 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-FULL = {"items": 1200, "sft_epochs": 6, "gen_items": 500, "samples_per_item": 4, "rm_epochs": 1, "iterations": 60, "held_out": 150,
+FULL = {"items": 1200, "sft_epochs": 12, "gen_items": 500, "samples_per_item": 4, "rm_epochs": 1, "iterations": 60, "held_out": 150,
         "clip_epochs": 8, "vit_steps": 360, "vit_fresh_scenes": 0, "rollout": 32, "mini": 8, "temperature": 0.7, "ppo_lr": 1e-4,
         "grammar_round": True}  # fmt: skip
 SMOKE = {"items": 60, "sft_epochs": 2, "gen_items": 30, "samples_per_item": 3, "rm_epochs": 1, "iterations": 3, "held_out": 12,
@@ -76,7 +76,8 @@ def kl_to_reference(policy_dir: str, examples, max_new_tokens: int, temperature:
     total, n = 0.0, 0
     for k in range(0, len(examples), 16):
         chunk = examples[k : k + 16]
-        batch = policy.batch([e.load_images() for e in chunk], [e.instruction for e in chunk], [e.style for e in chunk]).repeat(samples)
+        batch = policy.batch([e.load_images() for e in chunk], [e.instruction for e in chunk], [e.style for e in chunk],
+                             [e.context for e in chunk]).repeat(samples)  # fmt: skip
         out = policy.generate(batch, max_new_tokens=max_new_tokens, temperature=temperature)
         with torch.no_grad(), policy.reference():
             ref = policy.forward(batch, out.response_ids, out.response_mask, temperature).logprobs
@@ -291,7 +292,7 @@ def main() -> None:
     # 7. PPO, and the comparison on held-out scenes.
     (out / "styles.json").write_text(json.dumps(STYLE_DESCRIPTIONS))
     prompts = out / "ppo-prompts.jsonl"
-    prompts.write_text("".join(json.dumps({"item_id": e.item_id, "image_paths": e.images, "instruction": e.instruction, "style": e.style}) + "\n"
+    prompts.write_text("".join(json.dumps({"item_id": e.item_id, "image_paths": e.images, "instruction": e.instruction, "style": e.style, "context": e.context}) + "\n"
                                for e in train_examples))  # fmt: skip
     sft_stories = greedy(str(sft_dir), held_out, 160)
 

@@ -33,6 +33,17 @@ def instruction_for(style: str, n_frames: int) -> str:
     return f"Tell {article} {style} story about {'this image' if n_frames == 1 else 'these images'}."
 
 
+def cast_context(scene: Scene) -> str:
+    """The story so far: one sentence that introduces the characters by name, the hero first.
+
+    The pictures cannot show a name, and the utility judges names (a wrong one is a wrong mention),
+    so the item tells them, as a user asking for a story about their own characters would. Which
+    name is which shape is still for the pictures to say: the hero is the character of frame 1.
+    """
+    names = [e.name for _, e in sorted(scene.all_entities().items()) if e.kind == "character" and e.name]
+    return f"{names[0]} and {names[1]} were old friends." if len(names) > 1 else f"{names[0]} set off alone."
+
+
 def quality_band(q: float) -> str:
     return "good" if q > 0.66 else "fair" if q > 0.33 else "poor"
 
@@ -48,6 +59,7 @@ def _item(seed: int, index: int, frames: tuple[int, int], image_size: tuple[int,
         render_frame(frame, image_size).save(images_dir / name, compress_level=1)
         paths.append(f"images/{name}")
     instruction = instruction_for(style, len(scene.frames))
+    context = cast_context(scene)
     candidates, truth = [], []
     for c in range(CANDIDATES_PER_ITEM):
         quality = rng.random() if c else rng.uniform(0.7, 1.0)  # at least one decent candidate
@@ -63,13 +75,15 @@ def _item(seed: int, index: int, frames: tuple[int, int], image_size: tuple[int,
         truth.append({"text": text, "origin": origin, **comp.to_dict(), "flaws": knobs.flaws(style)})
     sft_knobs = random_knobs(rng, SFT_QUALITY)
     sft_knobs.tags = False
-    item = {"external_id": item_id, "image_paths": paths, "instruction": instruction, "style": style, "candidates": candidates}
+    item = {"external_id": item_id, "image_paths": paths, "instruction": instruction, "style": style, "context": context,
+            "candidates": candidates}  # fmt: skip
     best = max(range(len(truth)), key=lambda k: truth[k]["utility"])
     worst = min(range(len(truth)), key=lambda k: truth[k]["utility"])
     if truth[best]["utility"] - truth[worst]["utility"] >= GOLD_GAP:
         item["gold"] = [[best, worst]]  # an answer any careful annotator gives: for quality control
-    sft = {"item_id": item_id, "image_paths": paths, "instruction": instruction, "style": style, "story": write_story(scene, style, sft_knobs, rng)}
-    world = {"external_id": item_id, "image_paths": paths, "instruction": instruction, "style": style,
+    sft = {"item_id": item_id, "image_paths": paths, "instruction": instruction, "style": style, "context": context,
+           "story": write_story(scene, style, sft_knobs, rng)}  # fmt: skip
+    world = {"external_id": item_id, "image_paths": paths, "instruction": instruction, "style": style, "context": context,
              "scene": scene.to_dict(), "candidates": truth}  # fmt: skip
     return item, sft, world
 
@@ -179,6 +193,7 @@ def annotate_world(
                         "image_paths": [os.path.join(rel, p) for p in item["image_paths"]],
                         "instruction": item["instruction"],
                         "style": item["style"],
+                        "context": item.get("context"),  # worlds made before contexts have none
                         "response_a": cands[i]["text"],
                         "response_b": cands[j]["text"],
                         "origin_a": cands[i]["origin"],
@@ -219,4 +234,4 @@ def make_demo(out: str | Path, n_items: int = 50, seed: int = 0) -> Path:
     return make_world(out, n_items, seed=seed) / "items.jsonl"
 
 
-__all__ = ["Knobs", "annotate_world", "fresh_frames", "make_demo", "make_world", "read_world", "score_stories", "world_frames"]
+__all__ = ["Knobs", "annotate_world", "cast_context", "fresh_frames", "make_demo", "make_world", "read_world", "score_stories", "world_frames"]

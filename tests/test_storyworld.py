@@ -10,7 +10,7 @@ import pytest
 from storyworld import STYLES, Knobs, SimAnnotator, components, default_pool, make_scene, make_world, pairwise_agreement, write_story
 from storyworld.__main__ import main
 from storyworld.grammar import random_knobs, sentences_well_formed
-from storyworld.scene import render_frame
+from storyworld.scene import Scene, render_frame
 from storyworld.utility import WEIGHTS, strip_tags
 from storyworld.world import fresh_frames, world_frames
 
@@ -44,7 +44,12 @@ def test_world_files(tmp_path):
         assert [c["text"] for c in item["candidates"]] == [c["text"] for c in truth["candidates"]]
     utilities = [c["utility"] for t in world for c in t["candidates"]]
     assert max(utilities) - min(utilities) > 3  # varied quality
-    assert set(sft[0]) == {"item_id", "image_paths", "instruction", "style", "story"}
+    assert set(sft[0]) == {"item_id", "image_paths", "instruction", "style", "context", "story"}
+    for item, truth, example in zip(items, world, sft):  # the story so far names the cast, the hero first
+        cast = Scene.from_dict(truth["scene"]).all_entities()
+        names = [cast[c].name for c in ("char1", "char2") if c in cast]
+        assert item["context"] == truth["context"] == example["context"]
+        assert item["context"] == (f"{names[0]} set off alone." if len(names) == 1 else f"{names[0]} and {names[1]} were old friends.")
     assert [s["item_id"] for s in sft] == [i["external_id"] for i in items]  # so stories can be scored against the world
 
 
