@@ -76,8 +76,7 @@ def kl_to_reference(policy_dir: str, examples, max_new_tokens: int, temperature:
     total, n = 0.0, 0
     for k in range(0, len(examples), 16):
         chunk = examples[k : k + 16]
-        batch = policy.batch([e.load_images() for e in chunk], [e.instruction for e in chunk], [e.style for e in chunk],
-                             [e.context for e in chunk]).repeat(samples)  # fmt: skip
+        batch = policy.examples_batch(chunk).repeat(samples)
         out = policy.generate(batch, max_new_tokens=max_new_tokens, temperature=temperature)
         with torch.no_grad(), policy.reference():
             ref = policy.forward(batch, out.response_ids, out.response_mask, temperature).logprobs

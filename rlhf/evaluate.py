@@ -97,8 +97,7 @@ def main(cfg: EvaluateConfig) -> dict:
     stories: list[str] = []
     for k in tqdm(range(0, len(examples), cfg.batch_size), desc="evaluate", unit="batch"):
         chunk = examples[k : k + cfg.batch_size]
-        batch = policy.batch([e.load_images() for e in chunk], [e.instruction for e in chunk], [e.style for e in chunk],
-                             [e.context for e in chunk])  # fmt: skip
+        batch = policy.examples_batch(chunk)
         sampling = {"do_sample": False} if cfg.temperature == 0 else {"temperature": cfg.temperature}
         stories += policy.generate(batch, max_new_tokens=cfg.max_new_tokens, **sampling).texts
     # 3. Metrics.

@@ -114,7 +114,7 @@ def generate_candidates(cfg: GenerateConfig, items: list[tuple[StoryExample, dic
     for k in tqdm(range(0, len(items), cfg.batch_size), desc="generate", unit="batch"):
         chunk = items[k : k + cfg.batch_size]
         styles = [cfg.style or e.style for e, _ in chunk]
-        batch = policy.batch([e.load_images() for e, _ in chunk], [e.instruction for e, _ in chunk], styles, [e.context for e, _ in chunk])
+        batch = policy.examples_batch([e for e, _ in chunk], style=cfg.style)
         out = policy.generate(batch.repeat(n), max_new_tokens=cfg.max_new_tokens, temperature=cfg.temperature, top_p=cfg.top_p)
         texts = out.texts  # item i's samples are rows i*n … i*n+n-1
         scores = None

@@ -361,6 +361,11 @@ class StoryPolicy(nn.Module):
         prompts = [self.prompt(len(f), i, s, c) for f, i, s, c in zip(frames, as_list(instructions), as_list(styles), as_list(contexts))]
         return self.adapter.batch(frames, prompts).to(self.device)
 
+    def examples_batch(self, examples: Sequence, style: str | None = None) -> PolicyBatch:
+        """Prompt inputs for `StoryExample`s: each one's frames, instruction, style (or `style` for all) and context."""
+        return self.batch([e.load_images() for e in examples], [e.instruction for e in examples],
+                          [style or e.style for e in examples], [e.context for e in examples])  # fmt: skip
+
     # -- generation and log-probs -------------------------------------------------------------
 
     @torch.no_grad()

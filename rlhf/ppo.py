@@ -234,8 +234,7 @@ def train(cfg: PPOConfig) -> tuple[StoryPolicy, dict]:
         # 1. Rollout: a seeded prompt batch per (iteration, process), sampled with the current policy.
         rng = random.Random(f"{cfg.seed}:{iteration}:{accelerator.process_index}")
         chunk = [prompts[rng.randrange(len(prompts))] for _ in range(cfg.rollout_batch_size)]
-        batch = policy.batch([e.load_images() for e in chunk], [e.instruction for e in chunk], [e.style for e in chunk],
-                             [e.context for e in chunk])  # fmt: skip
+        batch = policy.examples_batch(chunk)
         gen = policy.generate(batch, max_new_tokens=cfg.max_new_tokens, temperature=cfg.temperature)
         ids, mask = gen.response_ids, gen.response_mask  # (B, T)
 

@@ -145,8 +145,7 @@ def split_examples(examples: list[StoryExample], fraction: float, seed: int) -> 
 
 def nll(model, policy: StoryPolicy, chunk: list[StoryExample]) -> torch.Tensor:
     """Mean token NLL of the stories (and their EOS) given images and prompts; `model` may be DDP-wrapped."""
-    batch = policy.batch([e.load_images() for e in chunk], [e.instruction for e in chunk], [e.style for e in chunk],
-                         [e.context for e in chunk])  # fmt: skip
+    batch = policy.examples_batch(chunk)
     ids, mask = policy.tokenize_responses([e.story for e in chunk])
     logprobs = model(batch, ids, mask).logprobs  # (B, T)
     return -(logprobs * mask).sum() / mask.sum()
@@ -171,8 +170,7 @@ def sample_stories(policy: StoryPolicy, examples: list[StoryExample], max_new_to
     rows = []
     for k in range(0, len(examples), batch_size):
         chunk = examples[k : k + batch_size]
-        batch = policy.batch([e.load_images() for e in chunk], [e.instruction for e in chunk], [e.style for e in chunk],
-                             [e.context for e in chunk])  # fmt: skip
+        batch = policy.examples_batch(chunk)
         out = policy.generate(batch, max_new_tokens=max_new_tokens, do_sample=False)
         rows += [{"item_id": e.item_id, "style": e.style, "story": text, "reference": e.story} for e, text in zip(chunk, out.texts)]
     return rows

@@ -181,8 +181,7 @@ def test_best_of_keeps_the_highest_reward(sft_policy, world, tmp_path):
     torch.manual_seed(cfg.seed)
     policy = load_policy(str(out))
     items = items_from_file(cfg.items, 2)
-    batch = policy.batch([e.load_images() for e, _ in items], [e.instruction for e, _ in items], [e.style for e, _ in items],
-                         [e.context for e, _ in items])  # fmt: skip
+    batch = policy.examples_batch([e for e, _ in items])
     samples = policy.generate(batch.repeat(4), max_new_tokens=16, temperature=1.5).texts
     scores = RewardModel.from_pretrained(tmp_path / "rm").score([e.images for e, _ in items for _ in range(4)],
                                                                  [e.instruction for e, _ in items for _ in range(4)], samples,
