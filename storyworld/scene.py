@@ -53,6 +53,12 @@ class Entity:
     def label(self) -> str:
         return f"{self.color} {self.shape}"
 
+    def box(self, w: float, h: float) -> tuple[float, float, float, float]:
+        """(left, top, right, bottom) of the square `render_frame` draws it in on a w x h frame, in pixels."""
+        s = (0.13 if self.size == "big" else 0.07) * h
+        cx, cy = self.x * w, self.y * h
+        return cx - s, cy - s, cx + s, cy + s
+
 
 @dataclass
 class Frame:
@@ -168,6 +174,11 @@ def _shade(rgb: tuple[int, int, int], factor: float) -> tuple[int, int, int]:
     return tuple(int(c * factor) for c in rgb)  # type: ignore[return-value]
 
 
+def drawing_order(frame: Frame) -> list[Entity]:
+    """The entities in the order `render_frame` draws them: characters, then objects on top."""
+    return sorted(frame.entities, key=lambda e: e.kind != "character")
+
+
 def render_frame(frame: Frame, size: tuple[int, int] = (128, 96)) -> Image.Image:
     """Draw `frame`: sky and ground of the setting, darker at night with a moon, then the shapes."""
     w, h = size
@@ -182,16 +193,15 @@ def render_frame(frame: Frame, size: tuple[int, int] = (128, 96)) -> Image.Image
         draw.ellipse([w - 3 * r, r, w - r, 3 * r], fill=(240, 240, 210))
     else:
         draw.ellipse([w - 3 * r, r, w - r, 3 * r], fill=(255, 225, 60))
-    for e in sorted(frame.entities, key=lambda e: e.kind != "character"):
+    for e in drawing_order(frame):
         _draw_shape(draw, e, w, h)
     return img
 
 
 def _draw_shape(draw: ImageDraw.ImageDraw, e: Entity, w: int, h: int) -> None:
-    s = (0.13 if e.size == "big" else 0.07) * h
-    cx, cy = e.x * w, e.y * h
+    box = list(e.box(w, h))
+    s, cx, cy = (box[2] - box[0]) / 2, e.x * w, e.y * h
     color, outline = COLORS[e.color], (255, 255, 255) if e.color == "black" else (0, 0, 0)
-    box = [cx - s, cy - s, cx + s, cy + s]
     if e.shape == "circle":
         draw.ellipse(box, fill=color, outline=outline)
     elif e.shape == "square":

@@ -17,7 +17,7 @@ import json
 import time
 from pathlib import Path
 
-from storyworld.scene import COLORS, SETTINGS, SHAPES, TIMES, Frame, free_values
+from storyworld.scene import COLORS, SETTINGS, SHAPES, TIMES, Frame, drawing_order, free_values
 
 LOOKS = [(c, s) for c in COLORS for s in SHAPES]
 # The size of rlhf.sft's random tiny ViT (build_tiny_vit_gpt2), written twice because storyworld
@@ -27,6 +27,7 @@ VIT_CONFIG = {"hidden_size": 128, "num_hidden_layers": 3, "num_attention_heads":
 
 
 LABELS = [*LOOKS, *SETTINGS, *TIMES, *COLORS, *SHAPES]  # what train_vit teaches, in its head's order
+BACKGROUND = len(LOOKS)  # the patch label of a patch that shows no entity
 
 
 def frame_labels(frame: Frame) -> list[int]:
@@ -41,6 +42,27 @@ def frame_labels(frame: Frame) -> list[int]:
     colors = sorted({base + list(COLORS).index(e.color) for e in frame.entities})
     shapes = sorted({base + len(COLORS) + SHAPES.index(e.shape) for e in frame.entities})
     return [*looks, len(LOOKS) + list(SETTINGS).index(frame.setting), len(LOOKS) + len(SETTINGS) + TIMES.index(frame.time), *colors, *shapes]
+
+
+def patch_labels(frame: Frame, rows: int, cols: int, size: tuple[int, int] = (128, 96)) -> list[int]:
+    """For each patch of a rows x cols grid over the frame, row by row: the index in LOOKS of the
+    entity drawn on top at the patch's centre, or BACKGROUND. `size` is the frame's (width, height)
+    as rendered; the grid stretches over it as the image processor's resize does.
+
+    An entity's own centre patch always carries its look, so that a small object that covers no
+    patch centre is still labeled.
+    """
+    w, h = size
+    out = [BACKGROUND] * (rows * cols)
+    for e in drawing_order(frame):  # later ones are drawn on top
+        look = LOOKS.index((e.color, e.shape))
+        left, top, right, bottom = e.box(w, h)
+        for r in range(rows):
+            for c in range(cols):
+                if top <= (r + 0.5) / rows * h <= bottom and left <= (c + 0.5) / cols * w <= right:
+                    out[r * cols + c] = look
+        out[min(rows - 1, int(e.y * rows)) * cols + min(cols - 1, int(e.x * cols))] = look
+    return out
 
 
 def look_accuracy(logits, frames: list[Frame]) -> dict[str, float]:
@@ -62,12 +84,16 @@ def look_accuracy(logits, frames: list[Frame]) -> dict[str, float]:
 
 
 def train_vit(world_dir: str | Path, out: str | Path, image_size: int | tuple[int, int] = 64, batch_size: int = 128, lr: float = 1e-3,
-              max_minutes: float = 1.5, max_steps: int = 2000, seed: int = 0, fresh_scenes: int = 0) -> dict:  # fmt: skip
+              max_minutes: float = 1.5, max_steps: int = 2000, seed: int = 0, fresh_scenes: int = 0, patch_weight: float = 1.0) -> dict:  # fmt: skip
     """Train the tiny ViT on `world_dir`'s frames, save it to `out` (HF layout), and return its report.
 
     `fresh_scenes` adds the frames of that many new random scenes (`world.fresh_frames`) to the
     training set: the world's own frames are few, and on them alone the ViT memorizes and reads
-    shapes at chance. The report is always on the world's held-out frames.
+    shapes at chance. `patch_weight` weighs a second, dense loss: each patch token says which look
+    is drawn there (`patch_labels`, cross-entropy), as a detector's pretraining teaches where things
+    are; from the frame's labels alone the ViT learns colors but hardly shapes, and the policy's
+    decoder attends to the patch tokens, not to their mean (docs/BENCHMARKS.md, storyworld). 0 turns
+    it off. The report is always on the world's held-out frames.
     """
     import torch
     from PIL import Image
@@ -84,6 +110,8 @@ def train_vit(world_dir: str | Path, out: str | Path, image_size: int | tuple[in
     height, width = (image_size, image_size) if isinstance(image_size, int) else image_size
     processor = ViTImageProcessor(size={"height": height, "width": width})
     n_labels = len(LABELS)
+    grid = (height // VIT_CONFIG["patch_size"], width // VIT_CONFIG["patch_size"])
+    frame_size = Image.open(train[0][0]).size  # as the world rendered it, (width, height)
 
     def load(rows):  # every frame decoded once, up front, 1,000 at a time
         pixels = torch.cat([processor([p if isinstance(p, Image.Image) else Image.open(p).convert("RGB") for p, _ in rows[k : k + 1000]],
@@ -91,18 +119,27 @@ def train_vit(world_dir: str | Path, out: str | Path, image_size: int | tuple[in
         targets = torch.zeros(len(rows), n_labels)
         for i, (_, frame) in enumerate(rows):
             targets[i, frame_labels(frame)] = 1
-        return pixels, targets
+        patches = torch.tensor([patch_labels(frame, *grid, frame_size) for _, frame in rows])  # (N, rows * cols)
+        return pixels, targets, patches
 
     if fresh_scenes:
-        train = train + fresh_frames(fresh_scenes, seed, Image.open(train[0][0]).size)
-    (x_train, y_train), (x_held, y_held) = load(train), load(held)
+        train = train + fresh_frames(fresh_scenes, seed, frame_size)
+    (x_train, y_train, p_train), (x_held, y_held, p_held) = load(train), load(held)
     vit = ViTModel(ViTConfig(image_size=[height, width], **VIT_CONFIG), add_pooling_layer=False)
     head = torch.nn.Linear(VIT_CONFIG["hidden_size"], n_labels)
-    opt = torch.optim.AdamW([*vit.parameters(), *head.parameters()], lr=lr, weight_decay=0.01)
+    patch_head = torch.nn.Linear(VIT_CONFIG["hidden_size"], len(LOOKS) + 1)  # the looks and BACKGROUND
+    opt = torch.optim.AdamW([*vit.parameters(), *head.parameters(), *patch_head.parameters()], lr=lr, weight_decay=0.01)
     sched = torch.optim.lr_scheduler.LambdaLR(opt, lambda s: min(1.0, (s + 1) / 50))
 
-    def logits(x):
-        return head(vit(pixel_values=x).last_hidden_state.mean(1))  # (B, labels)
+    def logits(x):  # (B, labels) from the mean of the tokens; (B, patches, looks + 1) from each patch token
+        hidden = vit(pixel_values=x).last_hidden_state  # (B, 1 + patches, D): [CLS] first
+        return head(hidden.mean(1)), patch_head(hidden[:, 1:])
+
+    def loss_of(frame_logits, patch_logits, y, patches):
+        loss = torch.nn.functional.binary_cross_entropy_with_logits(frame_logits, y)
+        if patch_weight:
+            loss = loss + patch_weight * torch.nn.functional.cross_entropy(patch_logits.flatten(0, 1), patches.flatten())
+        return loss
 
     gen = torch.Generator().manual_seed(seed)
     start, losses = time.perf_counter(), []
@@ -110,7 +147,7 @@ def train_vit(world_dir: str | Path, out: str | Path, image_size: int | tuple[in
     bar = tqdm(total=max_steps, desc="train-vit", unit="step")
     for _ in range(max_steps):
         idx = torch.randint(len(x_train), (batch_size,), generator=gen)
-        loss = torch.nn.functional.binary_cross_entropy_with_logits(logits(x_train[idx]), y_train[idx])
+        loss = loss_of(*logits(x_train[idx]), y_train[idx], p_train[idx])
         opt.zero_grad()
         loss.backward()
         opt.step()
@@ -123,12 +160,15 @@ def train_vit(world_dir: str | Path, out: str | Path, image_size: int | tuple[in
     bar.close()
     vit.eval()
     with torch.no_grad():
-        held_logits = logits(x_held)
-        held_loss = torch.nn.functional.binary_cross_entropy_with_logits(held_logits, y_held).item()
+        held_logits, held_patches = logits(x_held)
+        held_loss = loss_of(held_logits, held_patches, y_held, p_held).item()
+    shown = p_held != BACKGROUND  # patches that show an entity
+    patch_look = (held_patches.argmax(-1)[shown] == p_held[shown]).float().mean().item()
     setting = held_logits[:, len(LOOKS) : len(LOOKS) + len(SETTINGS)].argmax(1) == y_held[:, len(LOOKS) : len(LOOKS) + len(SETTINGS)].argmax(1)
     report = {
         "held_out": {**look_accuracy(held_logits, [f for _, f in held]), "setting": setting.float().mean().item(),
-                     "setting_chance": 1 / len(SETTINGS), "loss": round(held_loss, 4)},  # fmt: skip
+                     "setting_chance": 1 / len(SETTINGS), "patch_look": patch_look, "patch_look_chance": 1 / len(LOOKS),
+                     "loss": round(held_loss, 4)},  # fmt: skip
         "train_frames": len(train),
         "held_out_frames": len(held),
         "steps": len(losses),
@@ -142,4 +182,4 @@ def train_vit(world_dir: str | Path, out: str | Path, image_size: int | tuple[in
     return report
 
 
-__all__ = ["LABELS", "LOOKS", "VIT_CONFIG", "frame_labels", "look_accuracy", "train_vit"]
+__all__ = ["BACKGROUND", "LABELS", "LOOKS", "VIT_CONFIG", "frame_labels", "look_accuracy", "patch_labels", "train_vit"]

@@ -258,6 +258,25 @@ def test_vit_labels_and_look_accuracy_by_hand():
     assert acc["shape_chance"] == 1 / 5  # nor a color: all 5 shapes
 
 
+def test_patch_labels_by_hand():
+    from storyworld.scene import Entity, Frame
+    from storyworld.vision import BACKGROUND, LOOKS, patch_labels
+
+    # On a 128 x 96 frame a 4 x 4 grid has patch centres at x 16, 48, 80, 112 and y 12, 36, 60, 84.
+    # The big red circle's square (half side 0.13 * 96 = 12.48 px) around (38.4, 57.6) holds the centre (48, 60):
+    # patch row 2, column 1. The small blue star's (half side 6.72) around (76.8, 67.2) holds no centre;
+    # its own centre patch (row 2, column 2) carries it.
+    red_circle = Entity("char1", "character", "circle", "red", "big", 0.3, 0.6, "Pip")
+    blue_star = Entity("obj1", "object", "star", "blue", "small", 0.6, 0.7)
+    labels = patch_labels(Frame("forest", "day", [red_circle, blue_star], "start", ["char1"]), 4, 4, (128, 96))
+    expected = [BACKGROUND] * 16
+    expected[2 * 4 + 1], expected[2 * 4 + 2] = LOOKS.index(("red", "circle")), LOOKS.index(("blue", "star"))
+    assert labels == expected
+    # An object is drawn over a character, whatever their order in the frame: the patch shows the object.
+    held = Entity("obj1", "object", "star", "blue", "small", 0.3, 0.6)
+    assert patch_labels(Frame("forest", "day", [held, red_circle], "pickup", ["char1"]), 4, 4, (128, 96))[9] == LOOKS.index(("blue", "star"))
+
+
 def test_fresh_frames_are_new_scenes_drawn_like_the_world():
     a, b = fresh_frames(20, seed=1, image_size=(64, 48)), fresh_frames(20, seed=1, image_size=(64, 48))
     assert len(a) >= 20 and all(im.size == (64, 48) for im, _ in a)
@@ -277,5 +296,6 @@ def test_tiny_vit_reads_colors_and_loads_as_a_hub_vit(tmp_path):
     assert report["train_frames"] == len(train) + len(fresh_frames(100, 0)) and report["held_out_frames"] == len(held_frames)
     held = report["held_out"]
     assert held["color"] >= 1.5 * held["color_chance"] and held["setting"] >= 3 * held["setting_chance"], report
+    assert held["patch_look"] >= 3 * held["patch_look_chance"], report  # the patch tokens say which look is where
     model = AutoModel.from_pretrained(tmp_path / "vit")  # the way rlhf.sft --vision_encoder loads it
     assert type(model).__name__ == "ViTModel" and AutoImageProcessor.from_pretrained(tmp_path / "vit").size["height"] == 64
