@@ -1,6 +1,6 @@
 """Multimodal Bradley-Terry reward models behind one interface, `RewardModel`.
 
-Two backbones:
+Three backbones:
 
 * **clip-fusion** (default, cheap). A frozen open_clip model provides the image embedding of each
   frame (cached on disk by image sha256, so an image is encoded once per run and once across
@@ -11,6 +11,11 @@ Two backbones:
   score, and the scores are averaged over the frames.
 * **vlm**. A LLaVA or Qwen2-VL model with LoRA and a scalar head on the last non-pad token, as in
   LLaVA-RLHF.
+* **policy**. A storypref policy (`rlhf.policy`: ViT-GPT2, LLaVA or Qwen2-VL), usually the SFT one,
+  with LoRA and a scalar head on the hidden state after the story's last token: InstructGPT's reward
+  model, which starts from the SFT model (Ouyang et al., 2022). It reads the frames with the policy's
+  own vision tower and the story with the policy's own tokenizer and prompt, so it sees what the
+  policy sees.
 
 `score(images, instruction, story)` returns normalized scores: after training, the mean and std of
 the chosen stories' scores on the train split are stored with the model, so reference outputs score
@@ -54,8 +59,8 @@ class ModelLoadError(ValueError):
 
 @dataclass
 class RewardModelConfig:
-    backbone: str = "clip-fusion"  # clip-fusion | vlm
-    text_model: str = DEFAULT_TEXT_MODEL  # clip-fusion: AutoModel id or path; vlm: the VLM id or path
+    backbone: str = "clip-fusion"  # clip-fusion | vlm | policy
+    text_model: str = DEFAULT_TEXT_MODEL  # clip-fusion: AutoModel id or path; vlm: the VLM id or path; policy: a policy dir or id
     clip_model: str = "ViT-B-32"  # open_clip model name, or a local dir with open_clip_config.json
     clip_pretrained: str | None = "laion2b_s34b_b79k"
     use_images: bool = True  # False: a text-only ablation (no CLIP at all)
@@ -248,6 +253,20 @@ class VLMScorer(nn.Module):
         return self.head(hidden[torch.arange(hidden.shape[0]), last].to(self.head.weight.dtype)).squeeze(-1)  # (B,)
 
 
+class PolicyScorer(nn.Module):
+    """A StoryPolicy (LoRA on its language model) and a scalar head on the hidden state that has read the whole story."""
+
+    def __init__(self, policy: nn.Module):
+        super().__init__()
+        self.policy = policy
+        self.head = nn.Linear(policy.hidden_size, 1)
+
+    def forward(self, prompt, response_ids: torch.Tensor, response_mask: torch.Tensor) -> torch.Tensor:
+        hidden = self.policy.forward(prompt, response_ids, response_mask).hidden  # (B, T, C): hidden[:, j] predicts token j
+        last = response_mask.sum(1) - 1  # the state that predicts the EOS `tokenize_responses` appends has read every story token
+        return self.head(hidden[torch.arange(hidden.shape[0]), last].to(self.head.weight.dtype)).squeeze(-1)  # (B,)
+
+
 # ------------------------------------------------------------------------------------------------
 # The interface.
 # ------------------------------------------------------------------------------------------------
@@ -265,8 +284,14 @@ class RewardModel:
     def build(cls, cfg: RewardModelConfig, *, cache_dir: str | Path | None = None, device: str = "cpu") -> RewardModel:
         from transformers import AutoConfig
 
-        if cfg.backbone not in ("clip-fusion", "vlm"):
-            raise ModelLoadError(f"unknown backbone {cfg.backbone!r}; use clip-fusion or vlm")
+        if cfg.backbone not in ("clip-fusion", "vlm", "policy"):
+            raise ModelLoadError(f"unknown backbone {cfg.backbone!r}; use clip-fusion, vlm or policy")
+        if cfg.backbone == "policy":
+            from rlhf.policy import LoraSpec, load_policy
+
+            lora = LoraSpec(r=cfg.lora_r, alpha=cfg.lora_alpha, dropout=cfg.lora_dropout, target_modules=cfg.lora_target_modules)
+            policy = load_policy(cfg.text_model, lora=lora, device=device)  # its errors name the family and what to pass
+            return cls(cfg, PolicyScorer(policy).to(device), device=device)
         model_config = load_pretrained(AutoConfig, cfg.text_model, "model config")
         is_vlm = hasattr(model_config, "vision_config")
         if cfg.backbone == "clip-fusion" and is_vlm:
@@ -296,10 +321,15 @@ class RewardModel:
 
     # -- batching -----------------------------------------------------------------------------
 
-    def batch(self, images: list[list[ImageRef]], prompts: list[str], stories: list[str]) -> dict[str, torch.Tensor]:
+    def batch(self, images: list[list[ImageRef]], prompts: list[str], stories: list[str]) -> dict[str, Any]:
         """Model inputs for len(stories) (images, prompt, story) triples."""
         if self.cfg.backbone == "vlm":
             return self._vlm_batch(images, prompts, stories)
+        if self.cfg.backbone == "policy":
+            policy = self.module.policy  # the formatted prompt as its instruction: the policy wraps it as it wraps its own
+            ids, mask = policy.tokenize_responses([plain_text(s) for s in stories])
+            ids, mask = ids[:, : self.cfg.max_length], mask[:, : self.cfg.max_length]  # a longer story is scored on its start
+            return {"prompt": policy.batch([[r.load() for r in refs] for refs in images], prompts), "response_ids": ids, "response_mask": mask}
         return self.collate(self.encode(images, prompts, stories))
 
     def encode(self, images: list[list[ImageRef]], prompts: list[str], stories: list[str]) -> list[dict[str, torch.Tensor]]:

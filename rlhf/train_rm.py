@@ -1,6 +1,6 @@
 """Train a multimodal Bradley-Terry reward model on exported preferences.
 
-    python -m rlhf.train_rm --data prefs/ --output_dir runs/rm [--backbone clip-fusion|vlm] [--config rm.yaml]
+    python -m rlhf.train_rm --data prefs/ --output_dir runs/rm [--backbone clip-fusion|vlm|policy] [--config rm.yaml]
     accelerate launch --num_processes 8 -m rlhf.train_rm --data prefs/ ...     (DDP, FSDP or DeepSpeed configs)
 
 The data is any export of `annotate.export` (TRL JSONL, per-vote pairs JSONL, or an HF dataset dir).
@@ -30,8 +30,8 @@ from rlhf.runlog import checkpoint_dir, latest_checkpoint, log_metrics
 class TrainRMConfig:
     data: str = field(metadata={"help": "TRL preference JSONL (file or dir with train.jsonl/test.jsonl), pairs JSONL, or HF dataset dir"})
     output_dir: str = field(default="runs/rm", metadata={"help": "where the model, checkpoints and logs go"})
-    backbone: str = field(default="clip-fusion", metadata={"help": "clip-fusion (frozen CLIP + text encoder with LoRA) or vlm (LLaVA/Qwen2-VL + LoRA)"})
-    text_model: str = field(default=DEFAULT_TEXT_MODEL, metadata={"help": "clip-fusion: a Hugging Face AutoModel id or path; vlm: the VLM id or path"})
+    backbone: str = field(default="clip-fusion", metadata={"help": "clip-fusion (frozen CLIP + text encoder with LoRA), vlm (LLaVA/Qwen2-VL + LoRA), or policy (a storypref policy dir, usually the SFT one, + LoRA: InstructGPT's reward model)"})
+    text_model: str = field(default=DEFAULT_TEXT_MODEL, metadata={"help": "clip-fusion: a Hugging Face AutoModel id or path; vlm: the VLM id or path; policy: the policy dir or id (e.g. runs/sft)"})
     clip_model: str = field(default="ViT-B-32", metadata={"help": "open_clip model name, or a local dir holding open_clip_config.json (e.g. from storyworld train-clip)"})
     clip_pretrained: str | None = field(default="laion2b_s34b_b79k", metadata={"help": "open_clip pretrained tag for --clip_model (ignored for a local dir)"})
     aggregate: str = field(default="majority", metadata={"help": "pairs JSONL: majority | soft | none (how the votes on one comparison become a training pair)"})
@@ -42,7 +42,7 @@ class TrainRMConfig:
     lora_dropout: float = field(default=0.0, metadata={"help": "LoRA dropout"})
     lora_target_modules: list[str] | None = field(default=None, metadata={"help": "modules to adapt (default: peft's choice for the architecture)"})
     hidden_size: int = field(default=256, metadata={"help": "width of the fusion MLP"})
-    max_length: int = field(default=256, metadata={"help": "text tokens per (prompt, story)"})
+    max_length: int = field(default=256, metadata={"help": "text tokens per (prompt, story); policy: story tokens (a longer story is scored on its start)"})
     epochs: int = field(default=3, metadata={"help": "passes over the train pairs"})
     lr: float = field(default=5e-4, metadata={"help": "peak learning rate (AdamW, linear warmup and decay)"})
     weight_decay: float = field(default=0.0, metadata={"help": "AdamW weight decay"})

@@ -1,5 +1,5 @@
 """rlhf.reward_model and rlhf.train_rm on tiny local models: what trains and what stays frozen,
-save/load, exact resume, two accelerate processes, the vlm backbone, and bad input."""
+save/load, exact resume, two accelerate processes, the vlm and policy backbones, and bad input."""
 
 from __future__ import annotations
 
@@ -16,7 +16,7 @@ from rlhf.data import DataError, load_preferences
 from rlhf.reward_model import ModelLoadError, RewardModel, RewardModelConfig
 from rlhf.train_rm import TrainRMConfig, train
 from storyworld import annotate_world, make_world
-from tests.fixtures.make_tiny import tiny_clip, tiny_llava, tiny_text_encoder
+from tests.fixtures.make_tiny import tiny_clip, tiny_llava, tiny_text_encoder, tiny_vit_gpt2
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -132,6 +132,39 @@ def test_vlm_backbone_trains_lora_and_head(assets, tmp_path):
     pairs, _, _ = load_preferences(cfg.data)
     assert torch.allclose(rm.score(pairs[0].images, pairs[0].prompt, pairs[0].chosen),
                           loaded.score(pairs[0].images, pairs[0].prompt, pairs[0].chosen), atol=1e-4)  # fmt: skip
+
+
+def test_policy_backbone_starts_from_the_policy_and_trains_lora_and_head(assets, tmp_path):
+    """InstructGPT's reward model: the (SFT) policy with LoRA and a scalar head; its vision tower and base weights stay."""
+    from rlhf.policy import load_policy
+
+    tiny_vit_gpt2(tmp_path / "policy")
+    cfg = _cfg(assets, tmp_path / "prm", backbone="policy", text_model=str(tmp_path / "policy"), epochs=1, batch_size=8)
+    from accelerate.utils import set_seed
+
+    set_seed(cfg.seed)
+    before = {k: v.clone() for k, v in RewardModel.build(cfg.model_config()).module.state_dict().items()}
+    rm, metrics = train(cfg)
+    trained = {n for n, p in rm.module.named_parameters() if p.requires_grad}
+    assert any("lora_" in n for n in trained) and any(n.startswith("head.") for n in trained)
+    assert not any("encoder.encoder" in n for n in trained), "the vision tower stays frozen"
+    for name, value in rm.module.state_dict().items():
+        assert torch.equal(value, before[name]) != (name in trained), name
+    # The base weights are the policy's own: the reward model starts from it.
+    base = load_policy(str(tmp_path / "policy")).model.state_dict()
+    frozen = {k.replace("policy.model.base_model.model.", "").replace(".base_layer", ""): v for k, v in rm.module.state_dict().items()
+              if k.startswith("policy.") and "lora_" not in k}  # fmt: skip
+    assert frozen.keys() == base.keys() and all(torch.equal(frozen[k], base[k]) for k in base)
+    loaded = RewardModel.from_pretrained(tmp_path / "prm")
+    pairs, _, _ = load_preferences(cfg.data)
+    one = loaded.score(pairs[0].images, pairs[0].prompt, pairs[0].chosen)
+    assert torch.allclose(rm.score(pairs[0].images, pairs[0].prompt, pairs[0].chosen), one, atol=1e-4)
+    # A batch scores each story as it scores alone: padding does not leak into the score.
+    batch = loaded.score([pairs[0].images, pairs[1].images], [pairs[0].prompt, pairs[1].prompt], [pairs[0].chosen, pairs[1].rejected])
+    assert torch.allclose(batch[0], one, atol=1e-4)
+    assert torch.allclose(batch[1], loaded.score(pairs[1].images, pairs[1].prompt, pairs[1].rejected), atol=1e-4)
+    with pytest.raises(ModelLoadError):
+        RewardModel.build(RewardModelConfig(backbone="policy", text_model=str(assets / "bert")))
 
 
 def _write(path: Path, rows: list[dict]) -> Path:
