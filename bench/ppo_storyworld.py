@@ -7,8 +7,9 @@
 The loop a user runs, in one process:
 1. storyworld make, its tiny CLIP (for the `clip` signal and the reward model) and its pretrained
    ViT (`storyworld.vision`, the policy's ImageNet: a ViT trained on stories alone is color-blind).
-   `--set vit_fresh_scenes=8000 vit_steps=1000` also trains it on 8,000 fresh scenes: it then reads shapes
-   (0.29, chance 0.21; 0.20 without), but PPO won less often over the better SFT policy (docs/BENCHMARKS.md);
+   `--set vit_steps=1000 vit_fresh_scenes=4000 vit_patch_weight=1` also trains it on 4,000 fresh scenes with the
+   patch loss: it then reads shapes (0.53, chance 0.21; 0.22 without), but neither the SFT policy nor PPO
+   got better, and it costs 2 more minutes (docs/BENCHMARKS.md, eighth report);
 2. SFT: `rlhf.sft --init tiny-vit-gpt2 --vision_encoder VIT`;
 3. generate: `rlhf.generate`, new candidates from the SFT policy, at the temperature PPO will sample at
    (0.7; `--smoke` 1.0). At 1.0 the SFT policy's samples are mostly disfluent, and a reward model
@@ -17,7 +18,7 @@ The loop a user runs, in one process:
    pair of the world's own candidates (the grammar's stories and their flaws, as a dataset arrives), then every
    pair of the policy's own samples;
 5. ingest and export (`annotate.ingest`, `annotate.export --format trl`);
-6. `rlhf.train_rm` (clip-fusion: the tiny CLIP and MiniLM);
+6. `rlhf.train_rm` (clip-fusion: the tiny CLIP and MiniLM; `--set rm_backbone='"policy"'`: the SFT policy with LoRA);
 7. `rlhf.ppo` with the composite reward and the adaptive KL controller, sampling at that temperature.
 
 Then, on held-out scenes that no step trained on: the hidden utility of the PPO policy's and the SFT
@@ -42,10 +43,11 @@ from pathlib import Path
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 FULL = {"items": 1200, "sft_epochs": 12, "gen_items": 500, "samples_per_item": 4, "rm_epochs": 1, "iterations": 60, "held_out": 150,
-        "clip_epochs": 8, "vit_steps": 360, "vit_fresh_scenes": 0, "rollout": 32, "mini": 8, "temperature": 0.7, "ppo_lr": 1e-4,
-        "grammar_round": True}  # fmt: skip
+        "clip_epochs": 8, "vit_steps": 360, "vit_fresh_scenes": 0, "vit_patch_weight": 0.0, "rollout": 32, "mini": 8, "temperature": 0.7, "ppo_lr": 1e-4,
+        "grammar_round": True, "rm_backbone": "clip-fusion"}  # fmt: skip
 SMOKE = {"items": 60, "sft_epochs": 2, "gen_items": 30, "samples_per_item": 3, "rm_epochs": 1, "iterations": 3, "held_out": 12,
-         "clip_epochs": 2, "vit_steps": 20, "vit_fresh_scenes": 50, "rollout": 8, "mini": 4, "temperature": 1.0, "ppo_lr": 3e-4, "grammar_round": True}  # fmt: skip
+         "clip_epochs": 2, "vit_steps": 20, "vit_fresh_scenes": 50, "vit_patch_weight": 1.0, "rollout": 8, "mini": 4, "temperature": 1.0, "ppo_lr": 3e-4, "grammar_round": True,
+         "rm_backbone": "clip-fusion"}  # fmt: skip
 WEIGHTS = "human=1,clip=0.3,coherence=0.2,repetition=0.1,style=0.2"
 KL_COEF, KL_HORIZON = 0.12, 300  # a horizon of 1,920 episodes / ~6, so that β can act within the run
 
@@ -188,7 +190,8 @@ def main() -> None:
         # Fixed step counts, so that a busy machine changes the minutes and not the models (the time
         # limits only guard against a runaway); about 1.5 and 1.2 minutes on an idle 2-core CPU.
         train_clip(world_dir, out / "clip", epochs=s["clip_epochs"], max_minutes=5)
-        train_vit(world_dir, out / "vit", max_steps=s["vit_steps"], max_minutes=8, fresh_scenes=s["vit_fresh_scenes"])
+        train_vit(world_dir, out / "vit", max_steps=s["vit_steps"], max_minutes=8, fresh_scenes=s["vit_fresh_scenes"],
+                  patch_weight=s["vit_patch_weight"])  # fmt: skip
     report["clip"] = json.loads((out / "clip" / "report.json").read_text())
     report["vit"] = json.loads((out / "vit" / "report.json").read_text())
     world = {json.loads(x)["external_id"]: json.loads(x) for x in (world_dir / "world.jsonl").open()}
@@ -262,9 +265,14 @@ def main() -> None:
     # 6. The reward model.
     t0 = time.perf_counter()
     rm_dir = out / "rm"
-    _, rm_metrics = train_rm(TrainRMConfig(data=str(out / "trl"), output_dir=str(rm_dir), text_model=minilm, clip_model=str(out / "clip"),
-                                           clip_pretrained=None, epochs=s["rm_epochs"], batch_size=8, max_length=128, lr=1e-3,
-                                           cache_dir=str(out / "clip-cache"), bf16=not args.smoke, seed=args.seed))  # fmt: skip
+    if s["rm_backbone"] == "policy":  # InstructGPT's: the SFT policy with LoRA and a scalar head; it sees with the policy's ViT
+        rm_config = TrainRMConfig(data=str(out / "trl"), output_dir=str(rm_dir), backbone="policy", text_model=str(sft_dir.resolve()),
+                                  epochs=s["rm_epochs"], batch_size=16, max_length=160, lr=1e-3, seed=args.seed)  # fmt: skip
+    else:
+        rm_config = TrainRMConfig(data=str(out / "trl"), output_dir=str(rm_dir), text_model=minilm, clip_model=str(out / "clip"),
+                                  clip_pretrained=None, epochs=s["rm_epochs"], batch_size=8, max_length=128, lr=1e-3,
+                                  cache_dir=str(out / "clip-cache"), bf16=not args.smoke, seed=args.seed)  # fmt: skip
+    _, rm_metrics = train_rm(rm_config)
     report["rm"] = {k: rm_metrics[k] for k in ("eval_accuracy", "train_pairs", "eval_pairs", "pairs_per_second")}
     from bench.rm_storyworld import hidden_utility_accuracy
     from rlhf.data import load_preferences
