@@ -162,8 +162,8 @@ def train_vit(world_dir: str | Path, out: str | Path, image_size: int | tuple[in
     with torch.no_grad():
         held_logits, held_patches = logits(x_held)
         held_loss = loss_of(held_logits, held_patches, y_held, p_held).item()
-    shown = p_held != BACKGROUND  # patches that show an entity
-    patch_look = (held_patches.argmax(-1)[shown] == p_held[shown]).float().mean().item()
+    shown = p_held != BACKGROUND  # patches that show an entity; the patch head is untrained without the patch loss
+    patch_look = (held_patches.argmax(-1)[shown] == p_held[shown]).float().mean().item() if patch_weight else None
     setting = held_logits[:, len(LOOKS) : len(LOOKS) + len(SETTINGS)].argmax(1) == y_held[:, len(LOOKS) : len(LOOKS) + len(SETTINGS)].argmax(1)
     report = {
         "held_out": {**look_accuracy(held_logits, [f for _, f in held]), "setting": setting.float().mean().item(),

@@ -116,18 +116,24 @@ def test_accelerate_two_cpu_processes(assets, tmp_path):
     assert RewardModel.from_pretrained(out, cache_dir=assets / "cache").cfg.norm_std > 0
 
 
-def test_vlm_backbone_trains_lora_and_head(assets, tmp_path):
-    tiny_llava(tmp_path / "llava")
-    cfg = _cfg(assets, tmp_path / "vlm", backbone="vlm", text_model=str(tmp_path / "llava"), epochs=1, batch_size=8)
+def _train_lora_and_head_only(cfg: TrainRMConfig) -> tuple[RewardModel, set[str]]:
+    """Train `cfg`; check that exactly the LoRA and head weights changed. Returns the model and their names."""
     from accelerate.utils import set_seed
 
     set_seed(cfg.seed)
     before = {k: v.clone() for k, v in RewardModel.build(cfg.model_config()).module.state_dict().items()}
-    rm, metrics = train(cfg)
+    rm, _ = train(cfg)
     trained = {n for n, p in rm.module.named_parameters() if p.requires_grad}
     assert any("lora_" in n for n in trained) and any(n.startswith("head.") for n in trained)
     for name, value in rm.module.state_dict().items():
         assert torch.equal(value, before[name]) != (name in trained), name
+    return rm, trained
+
+
+def test_vlm_backbone_trains_lora_and_head(assets, tmp_path):
+    tiny_llava(tmp_path / "llava")
+    cfg = _cfg(assets, tmp_path / "vlm", backbone="vlm", text_model=str(tmp_path / "llava"), epochs=1, batch_size=8)
+    rm, _ = _train_lora_and_head_only(cfg)
     loaded = RewardModel.from_pretrained(tmp_path / "vlm")
     pairs, _, _ = load_preferences(cfg.data)
     assert torch.allclose(rm.score(pairs[0].images, pairs[0].prompt, pairs[0].chosen),
@@ -140,16 +146,8 @@ def test_policy_backbone_starts_from_the_policy_and_trains_lora_and_head(assets,
 
     tiny_vit_gpt2(tmp_path / "policy")
     cfg = _cfg(assets, tmp_path / "prm", backbone="policy", text_model=str(tmp_path / "policy"), epochs=1, batch_size=8)
-    from accelerate.utils import set_seed
-
-    set_seed(cfg.seed)
-    before = {k: v.clone() for k, v in RewardModel.build(cfg.model_config()).module.state_dict().items()}
-    rm, metrics = train(cfg)
-    trained = {n for n, p in rm.module.named_parameters() if p.requires_grad}
-    assert any("lora_" in n for n in trained) and any(n.startswith("head.") for n in trained)
+    rm, trained = _train_lora_and_head_only(cfg)
     assert not any("encoder.encoder" in n for n in trained), "the vision tower stays frozen"
-    for name, value in rm.module.state_dict().items():
-        assert torch.equal(value, before[name]) != (name in trained), name
     # The base weights are the policy's own: the reward model starts from it.
     base = load_policy(str(tmp_path / "policy")).model.state_dict()
     frozen = {k.replace("policy.model.base_model.model.", "").replace(".base_layer", ""): v for k, v in rm.module.state_dict().items()
