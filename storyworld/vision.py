@@ -44,7 +44,7 @@ def frame_labels(frame: Frame) -> list[int]:
     return [*looks, len(LOOKS) + list(SETTINGS).index(frame.setting), len(LOOKS) + len(SETTINGS) + TIMES.index(frame.time), *colors, *shapes]
 
 
-def patch_labels(frame: Frame, rows: int, cols: int, size: tuple[int, int] = (128, 96)) -> list[int]:
+def patch_labels(frame: Frame, rows: int, cols: int, size: tuple[int, int]) -> list[int]:
     """For each patch of a rows x cols grid over the frame, row by row: the index in LOOKS of the
     entity drawn on top at the patch's centre, or BACKGROUND. `size` is the frame's (width, height)
     as rendered; the grid stretches over it as the image processor's resize does.
