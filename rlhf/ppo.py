@@ -153,7 +153,13 @@ def sample_table(examples: list[StoryExample], texts: list[str], total: torch.Te
     return rows
 
 
-def train(cfg: PPOConfig) -> tuple[StoryPolicy, dict]:
+def train(cfg: PPOConfig, reward: CompositeReward | None = None) -> tuple[StoryPolicy, dict]:
+    """Run PPO as `cfg` says; returns the policy (LoRA adapter trained) and the final metrics.
+
+    `reward`, from Python only: a CompositeReward of your own signals (any callable taking
+    `(images, instructions, contexts, styles, stories)` and returning a (B,) tensor) instead of the one
+    `--reward_weights` builds; `--reward_weights` and the reward-model flags are then not read.
+    """
     from accelerate import Accelerator
     from accelerate.utils import set_seed
     from tqdm import tqdm
@@ -168,7 +174,7 @@ def train(cfg: PPOConfig) -> tuple[StoryPolicy, dict]:
     log = accelerator.print
 
     # 0. Everything that can be wrong is checked before any compute: weights, prompts, models.
-    weights = parse_weights(cfg.reward_weights)
+    weights = parse_weights(cfg.reward_weights) if reward is None else reward.weights
     if cfg.kl_estimator not in ("k1", "k2", "k3"):
         raise ValueError(f"--kl_estimator {cfg.kl_estimator!r}: use k1, k2 or k3")
     if cfg.lr_scheduler_type not in ("linear", "cosine", "constant"):
@@ -177,9 +183,10 @@ def train(cfg: PPOConfig) -> tuple[StoryPolicy, dict]:
         raise ValueError(f"--rollout_batch_size {cfg.rollout_batch_size} must be a multiple of --mini_batch_size {cfg.mini_batch_size}")
     prompts = check_prompts(cfg)
     descriptions = json.loads(Path(cfg.style_descriptions).read_text()) if cfg.style_descriptions else None
-    reward = build_reward(weights, reward_model=cfg.reward_model, clip_model=cfg.clip_model, clip_pretrained=cfg.clip_pretrained,
-                          sentence_model=cfg.sentence_model, style_descriptions=descriptions, device=device,
-                          cache_dir=cfg.cache_dir or str(Path.home() / ".cache" / "storypref" / "clip"))  # fmt: skip
+    if reward is None:
+        reward = build_reward(weights, reward_model=cfg.reward_model, clip_model=cfg.clip_model, clip_pretrained=cfg.clip_pretrained,
+                              sentence_model=cfg.sentence_model, style_descriptions=descriptions, device=device,
+                              cache_dir=cfg.cache_dir or str(Path.home() / ".cache" / "storypref" / "clip"))  # fmt: skip
     policy = load_policy(cfg.policy, lora=LoraSpec(r=cfg.lora_r, alpha=cfg.lora_alpha), sft_adapter=cfg.sft_adapter,
                          dtype=cfg.dtype, device=device)  # fmt: skip
     disable_dropout_in_model(policy.model)  # dropout off: rollout and update log-probs must agree

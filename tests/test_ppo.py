@@ -95,6 +95,23 @@ def test_resume_continues_exactly(setup):
     assert [r["ppo/lr"] for r in b] == pytest.approx([r["ppo/lr"] for r in a])  # the schedule resumed where it stopped
 
 
+def test_a_reward_of_ones_own_signals_replaces_the_flags(setup):
+    root, world = setup
+    calls = []
+
+    def words(images, instructions, contexts, styles, stories):
+        calls.append((images, stories))
+        return torch.tensor([float(len(s.split())) for s in stories])
+
+    reward = CompositeReward({"words": 1.0}, {"words": words})
+    _, result = train(config(root, world, "own", iterations=2, reward_model=None, clip_model=None, reward_weights="humour=1"), reward=reward)
+    assert len(calls) == 2 and all(len(i) == len(s) == 4 for i, s in calls)  # one call per rollout of 4
+    assert all(Path(str(p)).exists() for i, _ in calls for frames in i for p in frames)  # the prompts' frames
+    rows = [json.loads(x) for x in (root / "own" / "metrics.jsonl").open()]
+    assert [r["reward/words"] for r in rows] == pytest.approx([sum(len(s.split()) for s in c[1]) / 4 for c in calls])
+    assert "reward/human" not in result
+
+
 def test_bad_input_is_refused_before_any_compute(setup, tmp_path):
     root, world = setup
     with pytest.raises(ValueError, match=r"unknown signal\(s\) \['humour'\]"):
