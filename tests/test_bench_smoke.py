@@ -16,14 +16,16 @@ REPO = Path(__file__).resolve().parents[1]
 @pytest.mark.timeout(900)
 def test_ppo_storyworld_smoke(tmp_path):
     env = {**os.environ, "PYTHONPATH": str(REPO), "TOKENIZERS_PARALLELISM": "false"}
-    run = subprocess.run([sys.executable, str(REPO / "bench" / "ppo_storyworld.py"), "--smoke", "--out", str(tmp_path)],
+    run = subprocess.run([sys.executable, str(REPO / "bench" / "ppo_storyworld.py"), "--smoke", "--oracle", "--out", str(tmp_path)],
                          env=env, capture_output=True, text=True, timeout=880)  # fmt: skip
     assert run.returncode == 0, run.stderr[-3000:]
     report = json.loads((tmp_path / "report.json").read_text())
     for key in ("utility_sft", "utility_ppo", "win_rate_vs_sft", "kl_to_sft", "minutes"):
         assert isinstance(report[key], (int, float)), key
     assert 0.0 <= report["win_rate_vs_sft"] <= 1.0
-    assert set(report["phases"]) == {"make", "sft", "generate", "annotate", "export", "reward_model", "ppo"}
+    assert set(report["phases"]) == {"make", "sft", "generate", "annotate", "export", "reward_model", "ppo", "ablation_oracle"}
+    assert 0.0 <= report["oracle"]["win_rate_vs_sft"] <= 1.0 and "reward/utility" in report["oracle"]["reward"]
+    assert report["ppo"]["components_sft"] == report["oracle"]["components_sft"] and "words" in report["ppo"]["components_ppo"]
     assert report["ppo"]["reward"]["reward/human"] == report["ppo"]["reward"]["reward/human"]  # a number, not NaN
     agreement = report["signals_vs_annotators_all_rounds"]  # the smoke policy's samples all tie: its pairs come from the grammar round
     assert agreement["pairs"] > 0 and all(0.0 <= agreement[k] <= 1.0 for k in ("human", "clip", "coherence", "repetition", "style"))
@@ -55,3 +57,25 @@ def test_signal_agreement_by_hand():
     pairs = [pair("a long one", "short"), pair("longer still", "tiny"), pair("x", "much longer"), pair("same", "same", tie=True)]
     assert signal_agreement(Reward(), pairs, {"a": item}) == {"long": round(2 / 3, 3), "short": round(1 / 3, 3), "pairs": 3}
     assert signal_agreement(Reward(), pairs[-1:], {"a": item}) == {"pairs": 0}  # ties only: nothing to agree with
+
+
+def test_hidden_utility_blind_to_shapes(tmp_path):
+    """The shape-blind judge scores a story with a character's shape wrong as the true story; the whole utility does not."""
+    import re
+
+    from bench.ppo_storyworld import hidden_utility
+    from storyworld.world import make_world
+
+    make_world(tmp_path / "w", 4, seed=3, image_size=(32, 32))
+    world = {w["external_id"]: w for w in map(json.loads, (tmp_path / "w" / "world.jsonl").open())}
+    item = next(iter(world))
+    good = next(c for c in world[item]["candidates"] if c["origin"] == "storyworld/good")
+    scene = world[item]["scene"]
+    looks = {(e["color"], e["shape"]) for f in scene["frames"] for e in f["entities"]}
+    hero = scene["frames"][0]["entities"][0]
+    other = next(s for s in ("circle", "square", "triangle", "star", "diamond") if (hero["color"], s) not in looks)  # a look not drawn
+    wrong = re.sub(rf"\b{hero['color']} {hero['shape']}\b", f"{hero['color']} {other}", good["text"])
+    recorded, good = good["utility"], good["text"]
+    assert wrong != good
+    assert hidden_utility(world, item, wrong) < hidden_utility(world, item, good) == pytest.approx(recorded, abs=1e-4)
+    assert hidden_utility(world, item, wrong, blind_to_shapes=True) == hidden_utility(world, item, good, blind_to_shapes=True)
