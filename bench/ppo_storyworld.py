@@ -40,6 +40,7 @@ from __future__ import annotations
 import argparse
 import json
 import os
+import statistics
 import sys
 import time
 from pathlib import Path
@@ -150,6 +151,8 @@ def main() -> None:
                         "utility blind to shapes (a perfect reward model that cannot tell shapes apart): diagnostics")
     p.add_argument("--ppo-only", action="store_true",
                    help="keep everything up to the reward model already in --out (implies --reuse): redo PPO and its comparisons only")
+    p.add_argument("--ppo-seeds", type=int, default=1, metavar="K",
+                   help="run the main PPO with K seeds (seed, seed+1, ...) on the same reward model; the report gives each and the median win rate")
     p.add_argument("--iterations", type=int, help="PPO iterations (overrides the setting)")
     p.add_argument("--set", nargs="+", default=[], metavar="KEY=VALUE",
                    help="override settings of FULL/SMOKE, e.g. --set gen_items=1000 rm_epochs=1 (values read as JSON)")
@@ -168,6 +171,8 @@ def main() -> None:
         except json.JSONDecodeError:
             p.error(f"--set {item}: {value!r} is not a JSON value (a number, true/false, or a quoted string)")
 
+    if args.ppo_seeds < 1:
+        p.error(f"--ppo-seeds {args.ppo_seeds}: give 1 or more")
     if args.ppo_only and not ((args.out / "rm" / "metrics.json").exists() and (args.out / "report.json").exists()):
         p.error(f"--ppo-only: {args.out} holds no finished run (rm/metrics.json and report.json); run without it first")
 
@@ -361,6 +366,14 @@ def main() -> None:
     report |= {k: main_run[k] for k in ("utility_sft", "utility_ppo", "win_rate_vs_sft", "kl_to_sft")}
     report["ppo"] = main_run
     phase("ppo", t0)
+    seed_runs = {args.seed: main_run}
+    if args.ppo_seeds > 1:  # the main run again with other PPO seeds (same world, SFT policy, reward model, held-out scenes)
+        t0 = time.perf_counter()
+        for k in range(1, args.ppo_seeds):
+            seed_runs[args.seed + k] = run_ppo(f"ppo-seed-{k}", seed=args.seed + k)
+        report["seeds"] = {key: [r[key] for r in seed_runs.values()] for key in ("win_rate_vs_sft", "kl_to_sft", "utility_ppo")}
+        report["seeds"] |= {"seed": list(seed_runs), "win_rate_median": statistics.median(report["seeds"]["win_rate_vs_sft"])}
+        phase("ablation_seeds", t0)
     if args.ablations:
         t0 = time.perf_counter()
         report["ablation_human_only"] = run_ppo("ppo-human", reward_weights="human=1")
@@ -372,7 +385,7 @@ def main() -> None:
         report["ablation_unfinished_penalty"] = run_ppo("ppo-unfinished", unfinished_penalty=1.0)
         phase("ablation_unfinished_penalty", t0)
         t0 = time.perf_counter()  # run-to-run spread: the main run with another PPO seed (same world, SFT and reward model)
-        report["ppo_seed_1"] = run_ppo("ppo-seed-1", seed=args.seed + 1)
+        report["ppo_seed_1"] = seed_runs.get(args.seed + 1) or run_ppo("ppo-seed-1", seed=args.seed + 1)
         phase("ablation_seed_1", t0)
     if args.oracle:  # the hidden utility handed to rlhf.ppo as a signal of its own: what PPO makes of a perfect reward
         import torch

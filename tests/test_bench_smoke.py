@@ -16,14 +16,18 @@ REPO = Path(__file__).resolve().parents[1]
 @pytest.mark.timeout(900)
 def test_ppo_storyworld_smoke(tmp_path):
     env = {**os.environ, "PYTHONPATH": str(REPO), "TOKENIZERS_PARALLELISM": "false"}
-    run = subprocess.run([sys.executable, str(REPO / "bench" / "ppo_storyworld.py"), "--smoke", "--oracle", "--out", str(tmp_path)],
+    run = subprocess.run([sys.executable, str(REPO / "bench" / "ppo_storyworld.py"), "--smoke", "--oracle", "--ppo-seeds", "2", "--out", str(tmp_path)],
                          env=env, capture_output=True, text=True, timeout=880)  # fmt: skip
     assert run.returncode == 0, run.stderr[-3000:]
     report = json.loads((tmp_path / "report.json").read_text())
     for key in ("utility_sft", "utility_ppo", "win_rate_vs_sft", "kl_to_sft", "minutes"):
         assert isinstance(report[key], (int, float)), key
     assert 0.0 <= report["win_rate_vs_sft"] <= 1.0
-    assert set(report["phases"]) == {"make", "sft", "generate", "annotate", "export", "reward_model", "ppo", "ablation_oracle"}
+    assert set(report["phases"]) == {"make", "sft", "generate", "annotate", "export", "reward_model", "ppo", "ablation_seeds", "ablation_oracle",
+                                      "ablation_oracle_blind_to_shapes"}
+    seeds = report["seeds"]
+    assert seeds["seed"] == [0, 1] and seeds["win_rate_vs_sft"][0] == report["win_rate_vs_sft"]
+    assert seeds["win_rate_median"] == pytest.approx(sum(seeds["win_rate_vs_sft"]) / 2)  # the median of two
     assert 0.0 <= report["oracle"]["win_rate_vs_sft"] <= 1.0 and "reward/utility" in report["oracle"]["reward"]
     assert report["ppo"]["components_sft"] == report["oracle"]["components_sft"] and "words" in report["ppo"]["components_ppo"]
     assert report["ppo"]["reward"]["reward/human"] == report["ppo"]["reward"]["reward/human"]  # a number, not NaN
