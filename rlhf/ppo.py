@@ -182,8 +182,8 @@ def train(cfg: PPOConfig, reward: CompositeReward | None = None) -> tuple[StoryP
     if cfg.rollout_batch_size % cfg.mini_batch_size:
         raise ValueError(f"--rollout_batch_size {cfg.rollout_batch_size} must be a multiple of --mini_batch_size {cfg.mini_batch_size}")
     prompts = check_prompts(cfg)
-    descriptions = json.loads(Path(cfg.style_descriptions).read_text()) if cfg.style_descriptions else None
     if reward is None:
+        descriptions = json.loads(Path(cfg.style_descriptions).read_text()) if cfg.style_descriptions else None
         reward = build_reward(weights, reward_model=cfg.reward_model, clip_model=cfg.clip_model, clip_pretrained=cfg.clip_pretrained,
                               sentence_model=cfg.sentence_model, style_descriptions=descriptions, device=device,
                               cache_dir=cfg.cache_dir or str(Path.home() / ".cache" / "storypref" / "clip"))  # fmt: skip
