@@ -57,9 +57,9 @@ WEIGHTS = "human=1,clip=0.3,coherence=0.2,repetition=0.1,style=0.2"
 KL_HORIZON = 300  # a horizon of 1,920 episodes / ~6, so that β can act within the run
 
 
-def hidden_utility(world: dict, item_id: str, story: str, style: str | None = None, blind_to_shapes: bool = False) -> float:
-    """The hidden utility of `story`; `blind_to_shapes`: as if every shape, drawn or written, were a circle (a judge
-    who knows everything about the scene but the shapes)."""
+def utility_components(world: dict, item_id: str, story: str, style: str | None = None, blind_to_shapes: bool = False):
+    """The hidden utility's components for `story`; `blind_to_shapes`: as if every shape, drawn or written, were a
+    circle (a judge who knows everything about the scene but the shapes)."""
     import re
 
     from storyworld.scene import SHAPES, Scene
@@ -70,7 +70,11 @@ def hidden_utility(world: dict, item_id: str, story: str, style: str | None = No
     if blind_to_shapes:
         scene = {**scene, "frames": [{**f, "entities": [{**e, "shape": "circle"} for e in f["entities"]]} for f in scene["frames"]]}
         story = re.sub(r"\b(" + "|".join(SHAPES) + r")\b", "circle", story)
-    return components(Scene.from_dict(scene), story, style or w["style"]).utility
+    return components(Scene.from_dict(scene), story, style or w["style"])
+
+
+def hidden_utility(world: dict, item_id: str, story: str, style: str | None = None, blind_to_shapes: bool = False) -> float:
+    return utility_components(world, item_id, story, style, blind_to_shapes).utility
 
 
 def greedy(policy_dir: str, examples, max_new_tokens: int) -> list[str]:
@@ -112,11 +116,7 @@ def component_means(world: dict, examples, stories: list[str]) -> dict[str, floa
     """The mean of each utility component over `stories`, and their mean length in words."""
     from dataclasses import asdict
 
-    from storyworld.scene import Scene
-    from storyworld.utility import components
-
-    rows = [asdict(components(Scene.from_dict(world[e.item_id]["scene"]), s, world[e.item_id]["style"])) | {"words": len(s.split())}
-            for e, s in zip(examples, stories)]  # fmt: skip
+    rows = [asdict(utility_components(world, e.item_id, s)) | {"words": len(s.split())} for e, s in zip(examples, stories)]
     return {k: round(sum(r[k] for r in rows) / len(rows), 4) for k in rows[0]}
 
 
