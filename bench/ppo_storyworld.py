@@ -58,19 +58,29 @@ KL_HORIZON = 300  # a horizon of 1,920 episodes / ~6, so that β can act within 
 
 
 def utility_components(world: dict, item_id: str, story: str, style: str | None = None, blind_to_shapes: bool = False):
-    """The hidden utility's components for `story`; `blind_to_shapes`: as if every shape, drawn or written, were a
-    circle (a judge who knows everything about the scene but the shapes)."""
+    """The hidden utility's components for `story`.
+
+    `blind_to_shapes`: a judge who knows everything about the scene but which shape each thing is. It
+    reads every shape as a circle, in the frames and in the story. It still reads the words, though, so
+    a character the story gives two looks ("Pip the red circle ... Pip the red star") contradicts
+    itself, and a character given a look of another color is wrong.
+    """
     import re
+    from dataclasses import replace
 
     from storyworld.scene import SHAPES, Scene
-    from storyworld.utility import components
+    from storyworld.utility import components, name_bindings, strip_tags
 
     w = world[item_id]
     scene = w["scene"]
-    if blind_to_shapes:
-        scene = {**scene, "frames": [{**f, "entities": [{**e, "shape": "circle"} for e in f["entities"]]} for f in scene["frames"]]}
-        story = re.sub(r"\b(" + "|".join(SHAPES) + r")\b", "circle", story)
-    return components(Scene.from_dict(scene), story, style or w["style"])
+    if not blind_to_shapes:
+        return components(Scene.from_dict(scene), story, style or w["style"])
+    colors = {e["name"]: e["color"] for f in scene["frames"] for e in f["entities"] if e.get("name")}
+    bindings = name_bindings(strip_tags(story))
+    bad = sum(1 for n, looks in bindings.items() if len(looks) > 1 or (n in colors and colors[n] not in {c for c, _ in looks}))
+    scene = {**scene, "frames": [{**f, "entities": [{**e, "shape": "circle"} for e in f["entities"]]} for f in scene["frames"]]}
+    blind = components(Scene.from_dict(scene), re.sub(r"\b(" + "|".join(SHAPES) + r")\b", "circle", story), style or w["style"])
+    return replace(blind, consistency=1.0 - bad / len(bindings) if bindings else 1.0)
 
 
 def hidden_utility(world: dict, item_id: str, story: str, style: str | None = None, blind_to_shapes: bool = False) -> float:

@@ -69,6 +69,17 @@ def strip_tags(story: str) -> str:
     return re.sub(r"\s+", " ", _TAG.sub(" ", story)).strip()
 
 
+def name_bindings(text: str) -> dict[str, set[tuple[str, str]]]:
+    """Each character name the text writes as "Pip the red circle", and the looks (color, shape) it gives it."""
+    words = _WORD.findall(text)
+    lower = [w.lower() for w in words]
+    out: dict[str, set[tuple[str, str]]] = {}
+    for i in range(2, len(words) - 1):
+        if lower[i] in COLORS and lower[i + 1] in SHAPES and lower[i - 1] == "the" and words[i - 2] in NAMES:
+            out.setdefault(words[i - 2], set()).add((lower[i], lower[i + 1]))
+    return out
+
+
 def components(scene: Scene, story: str, style: str) -> Components:
     """Score `story` against the ground truth of `scene`; see the module docstring."""
     text = strip_tags(story)
@@ -81,15 +92,12 @@ def components(scene: Scene, story: str, style: str) -> Components:
 
     # Grounding: every mention is right or wrong.
     right = wrong = 0
-    seen_looks, seen_names, bindings = set(), set(), {}
+    seen_looks, seen_names = set(), set()
     for i, w in enumerate(lower[:-1]):
         if w in COLORS and lower[i + 1] in SHAPES:
             look = (w, lower[i + 1])
             right, wrong = (right + 1, wrong) if look in looks else (right, wrong + 1)
             seen_looks.add(look)
-            # "Pip the red circle": bind the name to this look.
-            if i >= 2 and lower[i - 1] == "the" and words[i - 2] in NAMES:
-                bindings.setdefault(words[i - 2], set()).add(look)
     for w, lw in zip(words, lower):
         if w in NAMES:
             right, wrong = (right + 1, wrong) if w in names else (right, wrong + 1)
@@ -117,6 +125,7 @@ def components(scene: Scene, story: str, style: str) -> Components:
     )
 
     # Consistency: a name seen with two looks, or with a look that is not its own, contradicts itself.
+    bindings = name_bindings(text)
     bad = sum(1 for n, ls in bindings.items() if len(ls) > 1 or (n in names and names[n] not in ls))
     consistency = 1.0 - bad / len(bindings) if bindings else 1.0
 

@@ -64,10 +64,11 @@ def test_signal_agreement_by_hand():
 
 
 def test_hidden_utility_blind_to_shapes(tmp_path):
-    """The shape-blind judge scores a story with a character's shape wrong as the true story; the whole utility does not."""
+    """The shape-blind judge scores a story with a character's shape wrong as the true story; the whole utility does not.
+    It still catches a character the story itself gives two looks."""
     import re
 
-    from bench.ppo_storyworld import hidden_utility
+    from bench.ppo_storyworld import hidden_utility, utility_components
     from storyworld.world import make_world
 
     make_world(tmp_path / "w", 4, seed=3, image_size=(32, 32))
@@ -83,3 +84,9 @@ def test_hidden_utility_blind_to_shapes(tmp_path):
     assert wrong != good
     assert hidden_utility(world, item, wrong) < hidden_utility(world, item, good) == pytest.approx(recorded, abs=1e-4)
     assert hidden_utility(world, item, wrong, blind_to_shapes=True) == hidden_utility(world, item, good, blind_to_shapes=True)
+    # But it reads the words: a story that gives the hero two looks contradicts itself, whatever the frames show.
+    two_looks = f"{good} {hero['name']} the {hero['color']} {other} waved."
+    blind = {s: utility_components(world, item, s, blind_to_shapes=True) for s in (good, wrong, two_looks)}
+    assert blind[good].consistency == blind[wrong].consistency == 1.0  # one look each, of the hero's own color
+    assert blind[two_looks].consistency == 0.0  # the only named character, with two looks
+    assert utility_components(world, item, two_looks).consistency == 0.0  # as the whole utility judges it
