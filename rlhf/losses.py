@@ -55,6 +55,24 @@ def preference_accuracy(chosen_rewards: torch.Tensor, rejected_rewards: torch.Te
     return (chosen_rewards[decisive] > rejected_rewards[decisive]).float().mean()
 
 
+def shorter_preferred(chosen_rewards: torch.Tensor, rejected_rewards: torch.Tensor, chosen_len: torch.Tensor,
+                      rejected_len: torch.Tensor, tie: torch.Tensor | None = None) -> dict[str, float]:
+    """A length-bias check: on decisive pairs whose two stories differ in length, how often the labels
+    prefer the shorter one (`labels`) and how often the reward model does (`model`).
+
+    A model far from its labels has learned length as a shortcut, and PPO will follow it (Singhal et
+    al., 2023, for the longer-is-better kind). `pairs`: how many pairs it is measured on.
+    """
+    keep = chosen_len != rejected_len
+    if tie is not None:
+        keep &= ~tie.bool()
+    if not keep.any():
+        return {"labels": float("nan"), "model": float("nan"), "pairs": 0}
+    chosen_shorter = (chosen_len < rejected_len)[keep]
+    model_shorter = torch.where(chosen_shorter, chosen_rewards[keep] > rejected_rewards[keep], rejected_rewards[keep] > chosen_rewards[keep])
+    return {"labels": chosen_shorter.float().mean().item(), "model": model_shorter.float().mean().item(), "pairs": int(keep.sum())}
+
+
 # ------------------------------------------------------------------------------------------------
 # PPO.
 # ------------------------------------------------------------------------------------------------

@@ -5,7 +5,7 @@ import math
 import pytest
 import torch
 
-from rlhf.losses import bradley_terry_loss, preference_accuracy
+from rlhf.losses import bradley_terry_loss, preference_accuracy, shorter_preferred
 
 
 def sig(x):
@@ -53,6 +53,18 @@ def test_bt_gradient_pushes_chosen_up():
 def test_accuracy_leaves_ties_out():
     acc = preference_accuracy(torch.tensor([1.0, 0.0, 5.0]), torch.tensor([0.0, 1.0, 0.0]), tie=torch.tensor([False, False, True]))
     assert acc.item() == pytest.approx(0.5)
+
+
+def test_shorter_preferred_by_hand():
+    # Pairs 0, 1, 4 count (2 has equal lengths, 3 is a tie). The labels chose the shorter story in pair 0
+    # only: 1/3. The model scores the shorter one higher in all three: 1 > 0, 1 > 0 (rejected), 3 > 2 (rejected).
+    t = torch.tensor
+    out = shorter_preferred(t([1.0, 0.0, 9.0, 9.0, 2.0]), t([0.0, 1.0, 0.0, 0.0, 3.0]), t([3, 5, 4, 2, 6]), t([5, 3, 4, 4, 2]),
+                            tie=t([False, False, False, True, False]))  # fmt: skip
+    assert out == {"labels": pytest.approx(1 / 3), "model": 1.0, "pairs": 3}
+    flipped = shorter_preferred(t([0.0]), t([1.0]), t([3]), t([5]))  # the labels chose the shorter, the model the longer
+    assert flipped == {"labels": 1.0, "model": 0.0, "pairs": 1}
+    assert shorter_preferred(t([1.0]), t([0.0]), t([4]), t([4]))["pairs"] == 0
 
 
 def test_bt_soft_target():

@@ -60,7 +60,8 @@ def test_training_moves_lora_and_head_only(assets, tmp_path):
             assert torch.equal(value, before[name]), f"frozen {name} changed"
     assert all(torch.equal(v, clip_before[k]) for k, v in rm.features.model.state_dict().items())  # CLIP frozen
     assert metrics["train_pairs"] > 100 and metrics["eval_pairs"] > 0 and metrics["pairs_per_second"] > 0
-    assert set(metrics) >= {"eval_accuracy", "eval_loss", "train_pairs", "eval_pairs", "pairs_per_second"}
+    assert set(metrics) >= {"eval_accuracy", "eval_loss", "train_pairs", "eval_pairs", "pairs_per_second",
+                            "eval_shorter_preferred_labels", "eval_shorter_preferred_model"}  # the length check
     out = tmp_path / "rm"
     assert (out / "metrics.json").exists() and (out / "tb").is_dir() and (out / "checkpoint-last").is_dir()
     logged = [json.loads(x) for x in (out / "metrics.jsonl").open()]
