@@ -266,7 +266,8 @@ class LabelingApp:
         agreement = stats.agreement_report(facts)
         board = pd.DataFrame(
             [{"origin": b.name, "strength": round(b.strength, 3), "ci_low": round(b.low, 3), "ci_high": round(b.high, 3),
-              "games": b.games} for b in stats.bradley_terry(outcomes)]  # fmt: skip
+              "games": b.games} for b in stats.bradley_terry(outcomes)],  # fmt: skip
+            columns=["origin", "strength", "ci_low", "ci_high", "games"],  # an empty board keeps its header
         )
         kappas = "".join(f"<li>{html.escape(k)}: κ = {v}</li>" for k, v in agreement["kappa_per_annotator"].items())
         summary = (
