@@ -20,6 +20,7 @@ from pathlib import Path
 
 import torch
 
+from annotate.formats import plain_text
 from rlhf.data import DataError, PreferencePair, load_preferences
 from rlhf.losses import bradley_terry_loss, preference_accuracy, shorter_preferred
 from rlhf.reward_model import DEFAULT_TEXT_MODEL, ModelLoadError, RewardModel, RewardModelConfig
@@ -140,7 +141,7 @@ def evaluate(rm: RewardModel, pairs: list[PreferencePair], batch_size: int = 64)
         "eval_accuracy": preference_accuracy(c, r, tie=t < 1).item(),
         "eval_pairs": len(pairs),
     }
-    words = [torch.tensor([len(getattr(p, side).split()) for p in pairs]) for side in ("chosen", "rejected")]
+    words = [torch.tensor([len(plain_text(getattr(p, side)).split()) for p in pairs]) for side in ("chosen", "rejected")]  # tags are not words
     bias = shorter_preferred(c, r, *words, tie=t < 1)
     if bias["pairs"]:  # the length check: far apart, the model has learned length as a shortcut
         out |= {"eval_shorter_preferred_labels": bias["labels"], "eval_shorter_preferred_model": bias["model"]}
