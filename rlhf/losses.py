@@ -21,6 +21,7 @@ def bradley_terry_loss(
     tie: torch.Tensor | None = None,
     center_coef: float = 0.0,
     target: torch.Tensor | None = None,
+    offset: torch.Tensor | None = None,
 ) -> torch.Tensor:
     """Mean Bradley-Terry loss −log σ(r_c − r_r − m) over a batch (Ouyang et al. 2022; Llama 2 margin).
 
@@ -28,12 +29,16 @@ def bradley_terry_loss(
     are pulled together. More generally `target` gives P(chosen ≻ rejected) per pair (e.g. the
     share of annotators who preferred it); the margin applies only to decisive pairs (target 1).
     `center_coef` adds c·mean((r_c + r_r)²), which keeps rewards centered on zero
-    (Eisenstein et al. 2023). Shapes: all (B,).
+    (Eisenstein et al. 2023). `offset` is added to every pair's logit, ties included: a term the
+    labels depend on that the reward should not carry, such as β·(length difference) in a
+    length-controlled model (Dubois et al. 2024). Shapes: all (B,).
 
     >>> bradley_terry_loss(torch.tensor([0.0]), torch.tensor([0.0])).item()  # ln 2
     0.6931471824645996
     """
     delta = chosen_rewards - rejected_rewards  # (B,)
+    if offset is not None:
+        delta = delta + offset.to(delta.dtype)
     if target is None:
         target = torch.ones_like(delta)
         if tie is not None:
@@ -45,6 +50,27 @@ def bradley_terry_loss(
     if center_coef:
         loss = loss + center_coef * ((chosen_rewards + rejected_rewards) ** 2).mean()
     return loss
+
+
+def fit_logit_coef(x: torch.Tensor, target: torch.Tensor, steps: int = 25) -> float:
+    """β of the one-feature model P(chosen ≻ rejected) = σ(β·x), fit by maximum likelihood (Newton).
+
+    No intercept: swapping a pair's two stories negates x and turns the target into 1 − target. With
+    x the (scaled) word difference it is the labels' own taste for length, the start of a
+    length-controlled reward model's β. Shapes: (B,); returns 0.0 where x is all zero.
+
+    >>> round(fit_logit_coef(torch.tensor([1.0, -1.0]), torch.tensor([0.75, 0.25])), 4)  # σ(β) = 0.75: β = ln 3
+    1.0986
+    """
+    x, target = x.double(), target.double()
+    if not x.abs().sum():
+        return 0.0
+    beta = torch.zeros((), dtype=torch.float64)
+    for _ in range(steps):
+        p = torch.sigmoid(beta * x)
+        beta = beta - ((p - target) * x).sum() / ((p * (1 - p) * x * x).sum() + 1e-12)
+        beta = beta.clamp(-20.0, 20.0)  # separable labels would send it to infinity
+    return beta.item()
 
 
 def preference_accuracy(chosen_rewards: torch.Tensor, rejected_rewards: torch.Tensor, tie: torch.Tensor | None = None) -> torch.Tensor:

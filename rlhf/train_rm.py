@@ -8,6 +8,8 @@ Each epoch visits the train pairs in an order fixed by the seed and the epoch, e
 test split, and writes a checkpoint, so `--resume` continues exactly where the last epoch ended.
 At the end, the scores of the chosen stories on the train split set the normalization stored
 with the model, so that `RewardModel.score` gives them mean 0 and std 1.
+`--length_control` fits the labels' taste for length to a separate coefficient in training, so the
+saved reward does not pay for length (the eval's `eval_shorter_preferred_*` shows whether it needs to).
 Writes: the model, `metrics.jsonl` (per logged step), `metrics.json` (final), TensorBoard logs.
 """
 
@@ -22,7 +24,7 @@ import torch
 
 from annotate.formats import plain_text
 from rlhf.data import DataError, PreferencePair, load_preferences
-from rlhf.losses import bradley_terry_loss, preference_accuracy, shorter_preferred
+from rlhf.losses import bradley_terry_loss, fit_logit_coef, preference_accuracy, shorter_preferred
 from rlhf.reward_model import DEFAULT_TEXT_MODEL, ModelLoadError, RewardModel, RewardModelConfig
 from rlhf.runlog import checkpoint_dir, latest_checkpoint, log_metrics
 
@@ -52,6 +54,7 @@ class TrainRMConfig:
     grad_accum: int = field(default=1, metadata={"help": "steps accumulated per optimizer update"})
     max_grad_norm: float = field(default=1.0, metadata={"help": "gradient clipping"})
     center_coef: float = field(default=0.01, metadata={"help": "reward centering: + c·mean((r_c + r_r)²)"})
+    length_control: bool = field(default=False, metadata={"help": "length-controlled Bradley-Terry: in training the logit gets a learned term β·(words chosen − words rejected)/s, so that the preference for length in the labels goes to β and not to the reward; the saved model scores without it (check eval_shorter_preferred_model against _labels)"})
     bf16: bool = field(default=False, metadata={"help": "bfloat16 mixed precision (GPUs that support it)"})
     seed: int = field(default=0, metadata={"help": "seed for the data order and initialization"})
     resume: bool = field(default=False, metadata={"help": "continue from the last checkpoint in output_dir"})
@@ -63,6 +66,7 @@ class TrainRMConfig:
     eval_pairs: int = field(default=0, init=False, metadata={"help": "(derived)"})
     steps_per_epoch: int = field(default=0, init=False, metadata={"help": "(derived)"})
     world_size: int = field(default=1, init=False, metadata={"help": "(derived)"})
+    length_scale: float = field(default=0.0, init=False, metadata={"help": "(derived) s: the std of the train pairs' word differences"})
 
     def model_config(self) -> RewardModelConfig:
         return RewardModelConfig(
@@ -73,8 +77,25 @@ class TrainRMConfig:
         )  # fmt: skip
 
 
+LENGTH_COEF_LR = 1e-2
+
+
 class TrainingDiverged(RuntimeError):
     pass
+
+
+def words(story: str) -> int:
+    """A story's length in words (grounding tags are not words)."""
+    return len(plain_text(story).split())
+
+
+def pair_targets(pairs: list[PreferencePair]) -> dict[str, torch.Tensor]:
+    """Per pair: the label P(chosen ≻ rejected), the margin, and the word difference chosen − rejected."""
+    return {
+        "target": torch.tensor([p.target for p in pairs]),
+        "margin": torch.tensor([p.margin for p in pairs]),
+        "word_diff": torch.tensor([float(words(p.chosen) - words(p.rejected)) for p in pairs]),
+    }
 
 
 def pair_batch(rm: RewardModel, pairs: list[PreferencePair]) -> tuple[dict, dict]:
@@ -82,11 +103,7 @@ def pair_batch(rm: RewardModel, pairs: list[PreferencePair]) -> tuple[dict, dict
     images = [p.images for p in pairs] * 2
     prompts = [p.prompt for p in pairs] * 2
     stories = [p.chosen for p in pairs] + [p.rejected for p in pairs]
-    targets = {
-        "target": torch.tensor([p.target for p in pairs]),
-        "margin": torch.tensor([p.margin for p in pairs]),
-    }
-    return rm.batch(images, prompts, stories), targets
+    return rm.batch(images, prompts, stories), pair_targets(pairs)
 
 
 class PairEncoder:
@@ -105,11 +122,10 @@ class PairEncoder:
 
     def __call__(self, indices: list[int]) -> tuple[dict, dict]:
         chunk = [self.pairs[i] for i in indices]
-        targets = {"target": torch.tensor([p.target for p in chunk]), "margin": torch.tensor([p.margin for p in chunk])}
         if self.encoded is None:
             return pair_batch(self.rm, chunk)
         rows = [self.encoded[i] for i in indices]
-        return self.rm.collate([c for c, _ in rows] + [r for _, r in rows]), targets
+        return self.rm.collate([c for c, _ in rows] + [r for _, r in rows]), pair_targets(chunk)
 
 
 def epoch_order(n: int, seed: int, epoch: int, rank: int, world: int) -> list[int]:
@@ -141,8 +157,8 @@ def evaluate(rm: RewardModel, pairs: list[PreferencePair], batch_size: int = 64)
         "eval_accuracy": preference_accuracy(c, r, tie=t < 1).item(),
         "eval_pairs": len(pairs),
     }
-    words = [torch.tensor([len(plain_text(getattr(p, side)).split()) for p in pairs]) for side in ("chosen", "rejected")]  # tags are not words
-    bias = shorter_preferred(c, r, *words, tie=t < 1)
+    lengths = [torch.tensor([words(getattr(p, side)) for p in pairs]) for side in ("chosen", "rejected")]
+    bias = shorter_preferred(c, r, *lengths, tie=t < 1)
     if bias["pairs"]:  # the length check: far apart, the model has learned length as a shortcut
         out |= {"eval_shorter_preferred_labels": bias["labels"], "eval_shorter_preferred_model": bias["model"]}
     for aspect in sorted({a for p in pairs for a in p.aspects}):
@@ -186,6 +202,15 @@ def train(cfg: TrainRMConfig) -> tuple[RewardModel, dict]:
     if cfg.steps_per_epoch == 0:
         raise DataError(f"{cfg.data}: {len(train)} train pairs are fewer than one update "
                         f"({cfg.world_size} processes × {cfg.batch_size} pairs × {cfg.grad_accum}); lower --batch_size")  # fmt: skip
+    length_labels = 0.0  # the labels' own taste for length, β fit on length alone
+    if cfg.length_control and accelerator.distributed_type.value in ("FSDP", "DEEPSPEED"):
+        raise ValueError(f"--length_control trains β outside the model, which {accelerator.distributed_type.value} does not shard or "
+                         "step; run it with plain DDP (accelerate launch --multi_gpu) or on one process")  # fmt: skip
+    if cfg.length_control:
+        t = pair_targets(train)
+        cfg.length_scale = max(t["word_diff"].std().item(), 1.0) if len(train) > 1 else 1.0
+        length_labels = fit_logit_coef(t["word_diff"] / cfg.length_scale, t["target"])
+        log(f"length control: the labels alone give β = {length_labels:+.3f} log-odds per {cfg.length_scale:.1f} words more")
 
     # 2. Model; frozen CLIP features for every image and story, computed (or read from cache) once.
     cache = cfg.cache_dir or str(Path.home() / ".cache" / "storypref" / "clip")
@@ -202,7 +227,12 @@ def train(cfg: TrainRMConfig) -> tuple[RewardModel, dict]:
 
     # 3. Optimizer over the trained weights only (LoRA and head), schedule, accelerate.
     params = [p for p in rm.module.parameters() if p.requires_grad]
-    optimizer = torch.optim.AdamW(params, lr=cfg.lr, weight_decay=cfg.weight_decay)
+    # β of --length_control: one scalar outside the model (the saved reward never carries it). It starts
+    # at the labels' own taste for length, so the reward has no length to learn from the first step,
+    # and trains with the reward, which can take back the part of it that quality explains.
+    length_coef = torch.tensor(length_labels, device=accelerator.device, requires_grad=True)
+    groups = [{"params": params}] + ([{"params": [length_coef], "lr": LENGTH_COEF_LR, "weight_decay": 0.0}] if cfg.length_control else [])
+    optimizer = torch.optim.AdamW(groups, lr=cfg.lr, weight_decay=cfg.weight_decay)
     total_updates = cfg.steps_per_epoch * cfg.epochs
     scheduler = get_linear_schedule_with_warmup(optimizer, int(cfg.warmup_ratio * total_updates), total_updates)
     # Train through the wrapped module; evaluate and save through rm.module, the same weights unwrapped
@@ -222,6 +252,8 @@ def train(cfg: TrainRMConfig) -> tuple[RewardModel, dict]:
         torch.set_rng_state(saved["torch_rng"])
         state = json.loads((found / "trainer_state.json").read_text())
         start_epoch, step = state["epoch"] + 1, state["step"]
+        with torch.no_grad():
+            length_coef.fill_(state.get("length_coef", 0.0))
         log(f"resumed from {found}: epoch {start_epoch}, step {step}")
     writer = None
     if accelerator.is_main_process:
@@ -250,7 +282,8 @@ def train(cfg: TrainRMConfig) -> tuple[RewardModel, dict]:
                 scores = ddp_module(**{k: v.to(accelerator.device) for k, v in batch.items()}).float()  # (2B,)
                 chosen, rejected = scores[: len(chunk)], scores[len(chunk) :]
                 target, margin = t["target"].to(scores.device), t["margin"].to(scores.device)
-                loss = bradley_terry_loss(chosen, rejected, margin=margin, target=target, center_coef=cfg.center_coef)
+                offset = length_coef * t["word_diff"].to(scores.device) / cfg.length_scale if cfg.length_control else None
+                loss = bradley_terry_loss(chosen, rejected, margin=margin, target=target, center_coef=cfg.center_coef, offset=offset)
                 finite = accelerator.reduce(torch.tensor([float(torch.isfinite(loss))], device=accelerator.device), "sum")
                 if finite.item() < accelerator.num_processes:
                     raise TrainingDiverged(
@@ -258,6 +291,8 @@ def train(cfg: TrainRMConfig) -> tuple[RewardModel, dict]:
                         f"is {ckpt if ckpt.exists() else 'none yet'}. Lower --lr or raise --max_grad_norm clipping."
                     )
                 accelerator.backward(loss)
+                if cfg.length_control and accelerator.num_processes > 1:  # β is outside DDP: average its gradient by hand
+                    length_coef.grad = accelerator.reduce(length_coef.grad.reshape(1), "mean").reshape(())
                 if accelerator.sync_gradients:
                     accelerator.clip_grad_norm_(params, cfg.max_grad_norm)
                 optimizer.step()
@@ -273,6 +308,8 @@ def train(cfg: TrainRMConfig) -> tuple[RewardModel, dict]:
                     m = {f"rm/{k}": sum(v) / len(v) for k, v in window.items() if v}
                     m["rm/lr"] = scheduler.get_last_lr()[0]
                     m["rm/epoch"] = epoch + b / n_batches
+                    if cfg.length_control:
+                        m["rm/length_coef"] = length_coef.item()
                     log_metrics(writer, jsonl, step, m)
                     bar.set_postfix(loss=f"{m['rm/loss']:.3f}", acc=f"{m['rm/accuracy']:.2f}")
                     window = {k: [] for k in window}
@@ -282,7 +319,7 @@ def train(cfg: TrainRMConfig) -> tuple[RewardModel, dict]:
             metrics = evaluate(rm, test)
             log_metrics(writer, jsonl, step, {f"rm/{k}": v for k, v in metrics.items()} | {"rm/epoch": epoch + 1})
             log(f"epoch {epoch + 1}: " + ", ".join(f"{k} {v:.4f}" for k, v in metrics.items() if isinstance(v, float)))
-            _save_checkpoint(ckpt, rm, optimizer, scheduler, {"epoch": epoch, "step": step, "config": asdict(cfg)})
+            _save_checkpoint(ckpt, rm, optimizer, scheduler, {"epoch": epoch, "step": step, "length_coef": length_coef.item(), "config": asdict(cfg)})
         accelerator.wait_for_everyone()
 
     # 5. Normalize on the train split's chosen stories, save the model and the final metrics.
@@ -308,6 +345,8 @@ def train(cfg: TrainRMConfig) -> tuple[RewardModel, dict]:
             "norm_std": rm.cfg.norm_std,
             "data_format": message,
         }
+        if cfg.length_control:  # log-odds the labels give per s more words, s = length_scale
+            result |= {"length_coef": length_coef.item(), "length_coef_labels": length_labels, "length_scale": cfg.length_scale}
         (out / "metrics.json").write_text(json.dumps(result, indent=1))
         if writer is not None:
             writer.close()

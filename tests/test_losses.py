@@ -5,7 +5,7 @@ import math
 import pytest
 import torch
 
-from rlhf.losses import bradley_terry_loss, preference_accuracy, shorter_preferred
+from rlhf.losses import bradley_terry_loss, fit_logit_coef, preference_accuracy, shorter_preferred
 
 
 def sig(x):
@@ -72,6 +72,31 @@ def test_bt_soft_target():
     loss = bradley_terry_loss(torch.tensor([1.0]), torch.tensor([0.0]), margin=torch.tensor([1.0]), target=torch.tensor([0.75]))
     assert loss.item() == pytest.approx(-0.75 * math.log(sig(1.0)) - 0.25 * math.log(sig(-1.0)), rel=1e-6)
 
+
+
+def test_bt_offset_applies_to_every_pair():
+    # Pair 1: Δ = 1 − 0 + 0.5 = 1.5, margin 1 → −log σ(0.5). Pair 2 a tie: Δ = 0 + (−1) → −½ log σ(−1) − ½ log σ(1).
+    t = torch.tensor
+    loss = bradley_terry_loss(t([1.0, 0.0]), t([0.0, 0.0]), margin=t([1.0, 1.0]), tie=t([False, True]), offset=t([0.5, -1.0]))
+    expected = (-math.log(sig(0.5)) - 0.5 * math.log(sig(-1.0)) - 0.5 * math.log(sig(1.0))) / 2
+    assert loss.item() == pytest.approx(expected, rel=1e-6)
+    # The offset's gradient is the residual σ(Δ) − target: it learns what the rewards leave unexplained.
+    beta = t(0.0, requires_grad=True)
+    bradley_terry_loss(t([0.0]), t([0.0]), offset=beta * t([2.0])).backward()
+    assert beta.grad.item() == pytest.approx(2.0 * (sig(0.0) - 1.0))
+
+
+def test_fit_logit_coef_by_hand():
+    t = torch.tensor
+    # x = ±1 with targets 0.75 / 0.25: σ(β) = 0.75, β = ln 3.
+    assert fit_logit_coef(t([1.0, -1.0]), t([0.75, 0.25])) == pytest.approx(math.log(3), rel=1e-6)
+    # Three pairs at x = 2, two of them won: σ(2β) = 2/3, β = ½ ln 2.
+    assert fit_logit_coef(t([2.0, 2.0, 2.0]), t([1.0, 1.0, 0.0])) == pytest.approx(0.5 * math.log(2), rel=1e-6)
+    # Pairs of equal length (x = 0), decisive or tied, carry no information about β: the same answer with two added.
+    assert fit_logit_coef(t([2.0, 2.0, 2.0, 0.0, 0.0]), t([1.0, 1.0, 0.0, 1.0, 0.5])) == pytest.approx(0.5 * math.log(2), rel=1e-6)
+    assert fit_logit_coef(t([-1.0, 1.0]), t([0.25, 0.75])) == pytest.approx(math.log(3), rel=1e-6)  # negating x and the target: same β
+    assert fit_logit_coef(t([0.0, 0.0]), t([1.0, 0.0])) == 0.0  # no length differences, nothing to fit
+    assert fit_logit_coef(t([1.0, 2.0]), t([1.0, 1.0])) == 20.0  # separable: clamped, not infinite
 
 # ------------------------------------------------------------------------------------------------
 # PPO pieces.

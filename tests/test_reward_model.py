@@ -93,27 +93,56 @@ def test_images_are_cached_across_runs(assets, tmp_path):
     assert again.features.encoded_images == 0  # and never again in a later run
 
 
-def test_resume_continues_bit_for_bit(assets, tmp_path):
-    straight, _ = train(_cfg(assets, tmp_path / "straight"))
-    train(_cfg(assets, tmp_path / "split", stop_after_epochs=1))
-    resumed, _ = train(_cfg(assets, tmp_path / "split", resume=True))
+@pytest.mark.parametrize("length_control", [False, True], ids=["plain", "length-control"])
+def test_resume_continues_bit_for_bit(assets, tmp_path, length_control):
+    straight, _ = train(_cfg(assets, tmp_path / "straight", length_control=length_control))
+    train(_cfg(assets, tmp_path / "split", stop_after_epochs=1, length_control=length_control))
+    resumed, _ = train(_cfg(assets, tmp_path / "split", resume=True, length_control=length_control))  # β too comes back
     a, b = straight.trained_state(), resumed.trained_state()
     assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
+
+
+def test_length_control_keeps_length_out_of_the_reward(assets, tmp_path):
+    """Labels that always prefer the shorter story: the plain reward learns length; the length-controlled
+    one leaves it to β, which starts at the labels' own fit, and saves the same weights as the plain one."""
+    from rlhf.losses import fit_logit_coef
+    from rlhf.train_rm import evaluate, pair_targets
+
+    rows = [json.loads(x) for x in (assets / "prefs.jsonl").open()]
+    for r in rows:
+        a, b = len(r["response_a"].split()), len(r["response_b"].split())
+        r["preference"] = "response_a" if a < b else "response_b" if b < a else "tie"
+    data = assets / "prefs-shorter-wins.jsonl"  # beside the world: image paths are relative to the file
+    data.write_text("".join(json.dumps(r) + "\n" for r in rows))
+    train_pairs = load_preferences(data)[0]
+    plain, _ = train(_cfg(assets, tmp_path / "plain", data=str(data)))
+    controlled, m = train(_cfg(assets, tmp_path / "lc", data=str(data), length_control=True))
+    t = pair_targets(train_pairs)
+    assert m["length_scale"] == pytest.approx(t["word_diff"].std().item())
+    assert m["length_coef_labels"] == pytest.approx(fit_logit_coef(t["word_diff"] / m["length_scale"], t["target"]))
+    assert m["length_coef_labels"] < -1 and m["length_coef"] < -1  # shorter wins: a strongly negative β
+    shorter = {name: evaluate(rm, train_pairs)["eval_shorter_preferred_model"] for name, rm in (("plain", plain), ("lc", controlled))}
+    assert shorter["plain"] > 0.7 and shorter["lc"] < shorter["plain"] - 0.05, shorter
+    assert controlled.trained_state().keys() == plain.trained_state().keys()  # β is not part of the saved reward
+    assert json.loads((tmp_path / "lc" / "checkpoint-last" / "trainer_state.json").read_text())["length_coef"] == pytest.approx(m["length_coef"])
 
 
 def test_accelerate_two_cpu_processes(assets, tmp_path):
     out = tmp_path / "ddp"
     # accelerate 1.x: `--cpu` with 2 processes runs one process unless MPI is set up; the torchrun
-    # launcher with ACCELERATE_USE_CPU=1 runs real DDP on the CPU (gloo).
+    # launcher with ACCELERATE_USE_CPU=1 runs real DDP on the CPU (gloo). With --length_control, whose β
+    # lives outside DDP and has its gradient averaged over the processes by hand.
     cmd = [sys.executable, "-m", "accelerate.commands.launch", "--multi_gpu", "--num_processes", "2", "--num_machines", "1",
            "--mixed_precision", "no", "--dynamo_backend", "no", "-m", "rlhf.train_rm",
            "--data", str(assets / "prefs.jsonl"), "--output_dir", str(out), "--text_model", str(assets / "bert"),
            "--clip_model", str(assets / "clip"), "--epochs", "1", "--batch_size", "8", "--lora_r", "4",
-           "--hidden_size", "32", "--max_length", "96", "--cache_dir", str(assets / "cache")]  # fmt: skip
+           "--hidden_size", "32", "--max_length", "96", "--cache_dir", str(assets / "cache"),
+           "--length_control"]  # fmt: skip
     run = subprocess.run(cmd, cwd=ROOT, capture_output=True, text=True, timeout=300, env={**os.environ, "OMP_NUM_THREADS": "1", "ACCELERATE_USE_CPU": "1"})
     assert run.returncode == 0, run.stderr[-3000:]
     metrics = json.loads((out / "metrics.json").read_text())
     assert metrics["world_size"] == 2 and metrics["epochs_done"] == 1
+    assert metrics["length_coef"] != metrics["length_coef_labels"]  # β trained
     assert RewardModel.from_pretrained(out, cache_dir=assets / "cache").cfg.norm_std > 0
 
 
