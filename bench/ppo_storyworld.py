@@ -19,7 +19,10 @@ The loop a user runs, in one process:
    pair of the world's own candidates (the grammar's stories and their flaws, as a dataset arrives), then every
    pair of the policy's own samples;
 5. ingest and export (`annotate.ingest`, `annotate.export --format trl`);
-6. `rlhf.train_rm` (clip-fusion: the tiny CLIP and MiniLM; `--set rm_backbone='"policy"'`: the SFT policy with LoRA);
+6. `rlhf.train_rm` (clip-fusion: the tiny CLIP and MiniLM; `--set rm_backbone='"policy"'`: the SFT policy with LoRA),
+   with `--length_control`: the grammar round's flawed stories are longer, and without it the reward model
+   carries "shorter is better" over to the policy's samples, where the annotators have no such taste
+   (`--set rm_length_control=false` brings that back; docs/BENCHMARKS.md, eleventh report);
 7. `rlhf.ppo` with the composite reward and the adaptive KL controller, sampling at that temperature.
 
 Then, on held-out scenes that no step trained on: the hidden utility of the PPO policy's and the SFT
@@ -49,10 +52,10 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 FULL = {"items": 1200, "sft_epochs": 12, "gen_items": 500, "samples_per_item": 4, "rm_epochs": 1, "iterations": 60, "held_out": 150,
         "clip_epochs": 8, "vit_steps": 360, "vit_fresh_scenes": 0, "vit_patch_weight": 0.0, "rollout": 32, "mini": 8, "temperature": 0.7, "ppo_lr": 1e-4,
-        "grammar_round": True, "rm_backbone": "clip-fusion", "kl_coef": 0.12}  # fmt: skip
+        "grammar_round": True, "rm_backbone": "clip-fusion", "kl_coef": 0.12, "rm_length_control": True}  # fmt: skip
 SMOKE = {"items": 60, "sft_epochs": 2, "gen_items": 30, "samples_per_item": 3, "rm_epochs": 1, "iterations": 3, "held_out": 12,
          "clip_epochs": 2, "vit_steps": 20, "vit_fresh_scenes": 50, "vit_patch_weight": 1.0, "rollout": 8, "mini": 4, "temperature": 1.0, "ppo_lr": 3e-4, "grammar_round": True,
-         "rm_backbone": "clip-fusion", "kl_coef": 0.12}  # fmt: skip
+         "rm_backbone": "clip-fusion", "kl_coef": 0.12, "rm_length_control": True}  # fmt: skip
 WEIGHTS = "human=1,clip=0.3,coherence=0.2,repetition=0.1,style=0.2"
 KL_HORIZON = 300  # a horizon of 1,920 episodes / ~6, so that β can act within the run
 
@@ -128,6 +131,28 @@ def component_means(world: dict, examples, stories: list[str]) -> dict[str, floa
 
     rows = [asdict(utility_components(world, e.item_id, s)) | {"words": len(s.split())} for e, s in zip(examples, stories)]
     return {k: round(sum(r[k] for r in rows) / len(rows), 4) for k in rows[0]}
+
+
+def length_check(rm, pairs, utilities: dict[tuple[str, str], float]) -> dict:
+    """On `pairs` whose stories differ in length (ties skipped): how often the labels, the reward model
+    and the hidden utility prefer the shorter story (`rlhf.train_rm`'s check, with the truth beside it)."""
+    import torch
+
+    from rlhf.losses import shorter_preferred
+    from rlhf.train_rm import words
+
+    if not pairs:
+        return {"pairs": 0}
+    sides = {side: [getattr(p, side) for p in pairs] for side in ("chosen", "rejected")}
+    images, prompts = [p.images for p in pairs], [p.prompt for p in pairs]
+    score = {side: rm.score(images, prompts, stories) for side, stories in sides.items()}
+    truth = {side: torch.tensor([utilities[(p.item_id, s)] for p, s in zip(pairs, stories)]) for side, stories in sides.items()}
+    lengths = {side: torch.tensor([words(s) for s in stories]) for side, stories in sides.items()}
+    tie = torch.tensor([p.target < 1 for p in pairs])
+    by_rm = shorter_preferred(score["chosen"], score["rejected"], lengths["chosen"], lengths["rejected"], tie)
+    by_utility = shorter_preferred(truth["chosen"], truth["rejected"], lengths["chosen"], lengths["rejected"], tie)
+    return {"shorter_preferred_labels": by_rm["labels"], "shorter_preferred_rm": by_rm["model"],
+            "shorter_preferred_utility": by_utility["model"], "pairs": by_rm["pairs"]}  # fmt: skip
 
 
 def signal_agreement(reward, pairs, examples: dict) -> dict[str, float]:
@@ -276,8 +301,9 @@ def main() -> None:
             """Votes on every pair of each item's `candidates`, from a copy of the world that holds only them."""
             aug = out / name
             aug.mkdir(exist_ok=True)
-            if not (aug / "images").exists():
-                (aug / "images").symlink_to((world_dir / "images").resolve())
+            if (aug / "images").is_symlink():  # made anew: an --out copied from another run links to that run's world
+                (aug / "images").unlink()
+            (aug / "images").symlink_to((world_dir / "images").resolve())
             with (aug / "world.jsonl").open("w") as f:
                 for item_id, cands in candidates.items():
                     if len(cands) > 1:
@@ -311,13 +337,16 @@ def main() -> None:
         t0 = time.perf_counter()
         if s["rm_backbone"] == "policy":  # InstructGPT's: the SFT policy with LoRA and a scalar head; it sees with the policy's ViT
             rm_config = TrainRMConfig(data=str(out / "trl"), output_dir=str(rm_dir), backbone="policy", text_model=str(sft_dir.resolve()),
-                                      epochs=s["rm_epochs"], batch_size=16, max_length=160, lr=1e-3, seed=args.seed)  # fmt: skip
+                                      epochs=s["rm_epochs"], batch_size=16, max_length=160, lr=1e-3, seed=args.seed,
+                                      length_control=s["rm_length_control"])  # fmt: skip
         else:
             rm_config = TrainRMConfig(data=str(out / "trl"), output_dir=str(rm_dir), text_model=minilm, clip_model=str(out / "clip"),
                                       clip_pretrained=None, epochs=s["rm_epochs"], batch_size=8, max_length=128, lr=1e-3,
-                                      cache_dir=str(out / "clip-cache"), bf16=not args.smoke, seed=args.seed)  # fmt: skip
+                                      cache_dir=str(out / "clip-cache"), bf16=not args.smoke, seed=args.seed,
+                                      length_control=s["rm_length_control"])  # fmt: skip
         _, rm_metrics = train_rm(rm_config)
-        report["rm"] = {k: rm_metrics[k] for k in ("eval_accuracy", "train_pairs", "eval_pairs", "pairs_per_second")}
+        keep = ("eval_accuracy", "train_pairs", "eval_pairs", "pairs_per_second", "eval_shorter_preferred_labels", "eval_shorter_preferred_model", "length_coef")
+        report["rm"] = {k: rm_metrics[k] for k in keep if k in rm_metrics}
         from bench.rm_storyworld import hidden_utility_accuracy
         from rlhf.data import load_preferences
         from rlhf.reward_model import RewardModel
@@ -332,6 +361,7 @@ def main() -> None:
         held_pairs = [p for p in held_all if (p.item_id, p.chosen) in policy and (p.item_id, p.rejected) in policy]
         report["rm"] |= hidden_utility_accuracy(rm, held_pairs, utilities)
         report["rm"]["all_rounds"] = hidden_utility_accuracy(rm, held_all, utilities)
+        report["rm"]["length_check"] = length_check(rm, held_pairs, utilities)
         signals = build_reward(parse_weights(WEIGHTS), reward_model=str(rm_dir), clip_model=str(out / "clip"), sentence_model=minilm,
                                style_descriptions=STYLE_DESCRIPTIONS, cache_dir=str(out / "clip-cache"))  # fmt: skip
         by_id = {e.item_id: e for e in examples}
