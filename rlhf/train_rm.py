@@ -77,7 +77,7 @@ class TrainRMConfig:
         )  # fmt: skip
 
 
-LENGTH_COEF_LR = 1e-2
+LENGTH_COEF_LR = 1e-2  # β's own learning rate: one scalar, which the model's (often 1e-4) would hardly move
 
 
 class TrainingDiverged(RuntimeError):
@@ -182,7 +182,7 @@ def _save_checkpoint(path: Path, rm: RewardModel, optimizer, scheduler, state: d
 def train(cfg: TrainRMConfig) -> tuple[RewardModel, dict]:
     """Train per `cfg`; returns the model (normalized, unwrapped) and the final metrics."""
     from accelerate import Accelerator
-    from accelerate.utils import set_seed
+    from accelerate.utils import DistributedType, set_seed
     from tqdm import tqdm
     from transformers import get_linear_schedule_with_warmup
 
@@ -203,7 +203,7 @@ def train(cfg: TrainRMConfig) -> tuple[RewardModel, dict]:
         raise DataError(f"{cfg.data}: {len(train)} train pairs are fewer than one update "
                         f"({cfg.world_size} processes × {cfg.batch_size} pairs × {cfg.grad_accum}); lower --batch_size")  # fmt: skip
     length_labels = 0.0  # the labels' own taste for length, β fit on length alone
-    if cfg.length_control and accelerator.distributed_type.value in ("FSDP", "DEEPSPEED"):
+    if cfg.length_control and accelerator.distributed_type in (DistributedType.FSDP, DistributedType.DEEPSPEED):
         raise ValueError(f"--length_control trains β outside the model, which {accelerator.distributed_type.value} does not shard or "
                          "step; run it with plain DDP (accelerate launch --multi_gpu) or on one process")  # fmt: skip
     if cfg.length_control:
@@ -253,7 +253,7 @@ def train(cfg: TrainRMConfig) -> tuple[RewardModel, dict]:
         state = json.loads((found / "trainer_state.json").read_text())
         start_epoch, step = state["epoch"] + 1, state["step"]
         with torch.no_grad():
-            length_coef.fill_(state.get("length_coef", 0.0))
+            length_coef.fill_(state.get("length_coef", length_labels))
         log(f"resumed from {found}: epoch {start_epoch}, step {step}")
     writer = None
     if accelerator.is_main_process:
