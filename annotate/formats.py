@@ -31,6 +31,23 @@ def format_prompt(instruction: str, style: str | None = None, context: str | Non
     return "\n".join(parts)
 
 
+def parse_prompt(prompt: str) -> tuple[str, str | None, str | None]:
+    """`format_prompt`'s inverse: (instruction, style, context).
+
+    >>> parse_prompt('Tell a story.\\nStyle: spooky\\nStory so far: A cat left home.')
+    ('Tell a story.', 'spooky', 'A cat left home.')
+    >>> parse_prompt('Tell a story.')
+    ('Tell a story.', None, None)
+    """
+    lines = prompt.split("\n")
+    context = style = None
+    if len(lines) > 1 and lines[-1].startswith("Story so far: "):
+        context = lines.pop()[len("Story so far: ") :]
+    if len(lines) > 1 and lines[-1].startswith("Style: "):
+        style = lines.pop()[len("Style: ") :]
+    return "\n".join(lines), style, context
+
+
 def split_frames(story: str, n_frames: int) -> list[list[str]]:
     """The story's parts per frame, as raw text. `<gdi>` tags win; otherwise sentences in order.
 

@@ -28,7 +28,8 @@ The loop a user runs, in one process:
 Then, on held-out scenes that no step trained on: the hidden utility of the PPO policy's and the SFT
 policy's greedy stories (mean, and the pairwise win rate of PPO over SFT, ties counting half), the
 KL of the PPO policy to the SFT reference (k1, nats per story sampled at PPO's temperature), the reward components and
-the minutes. Only this bench reads the hidden utility; `rlhf/` never does. With `--ablations` it
+the minutes: `minutes` is steps 1-7 alone, what a user waits for; the bench's own evaluation and diagnostics are
+timed apart under `phases`, and `minutes_with_ablations` is the whole run. Only this bench reads the hidden utility; `rlhf/` never does. With `--ablations` it
 also runs PPO with `human` alone, with a fixed KL coefficient, with `--unfinished_penalty 1` (stories
 that stop mid-sentence penalized), and the main run again with another seed. With `--oracle` it also runs
 PPO on the hidden utility itself, handed to `rlhf.ppo.train` as a signal of its own: once whole (what a
@@ -52,11 +53,10 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 FULL = {"items": 1200, "sft_epochs": 12, "gen_items": 500, "samples_per_item": 4, "rm_epochs": 1, "iterations": 60, "held_out": 150,
         "clip_epochs": 8, "vit_steps": 360, "vit_fresh_scenes": 0, "vit_patch_weight": 0.0, "rollout": 32, "mini": 8, "temperature": 0.7, "ppo_lr": 1e-4,
-        "grammar_round": True, "rm_backbone": "clip-fusion", "kl_coef": 0.12, "rm_length_control": True}  # fmt: skip
+        "grammar_round": True, "rm_backbone": "clip-fusion", "kl_coef": 0.12, "rm_length_control": True, "reward_weights": "human=1,clip=0.3,coherence=0.2,repetition=0.1,style=0.2"}  # fmt: skip
 SMOKE = {"items": 60, "sft_epochs": 2, "gen_items": 30, "samples_per_item": 3, "rm_epochs": 1, "iterations": 3, "held_out": 12,
          "clip_epochs": 2, "vit_steps": 20, "vit_fresh_scenes": 50, "vit_patch_weight": 1.0, "rollout": 8, "mini": 4, "temperature": 1.0, "ppo_lr": 3e-4, "grammar_round": True,
-         "rm_backbone": "clip-fusion", "kl_coef": 0.12, "rm_length_control": True}  # fmt: skip
-WEIGHTS = "human=1,clip=0.3,coherence=0.2,repetition=0.1,style=0.2"
+         "rm_backbone": "clip-fusion", "kl_coef": 0.12, "rm_length_control": True, "reward_weights": "human=1,clip=0.3,coherence=0.2,repetition=0.1,style=0.2"}  # fmt: skip
 KL_HORIZON = 300  # a horizon of 1,920 episodes / ~6, so that β can act within the run
 
 
@@ -155,27 +155,6 @@ def length_check(rm, pairs, utilities: dict[tuple[str, str], float]) -> dict:
             "shorter_preferred_utility": by_utility["model"], "pairs": by_rm["pairs"]}  # fmt: skip
 
 
-def signal_agreement(reward, pairs, examples: dict) -> dict[str, float]:
-    """Each reward signal's agreement with the annotators' majority on held-out exported pairs (ties skipped).
-
-    What a user can measure without any hidden truth, to see which signals deserve their weight.
-    """
-    import torch
-
-    agree = {name: 0 for name in reward.weights}
-    decided = [p for p in pairs if not p.tie]
-    if not decided:
-        return {"pairs": 0}
-    for p in decided:
-        e = examples[p.item_id]
-        images = e.load_images()
-        with torch.no_grad():
-            _, raw = reward([images, images], [e.instruction] * 2, [e.context] * 2, [e.style] * 2, [p.chosen, p.rejected], update=False)
-        for name, v in raw.items():
-            agree[name] += float(v[0] > v[1])
-    return {name: round(n / len(decided), 3) for name, n in agree.items()} | {"pairs": len(decided)}
-
-
 def main() -> None:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     p.add_argument("--out", type=Path, required=True)
@@ -221,7 +200,7 @@ def main() -> None:
     from rlhf.generate import main as generate
     from rlhf.ppo import PPOConfig
     from rlhf.ppo import train as ppo
-    from rlhf.rewards import build_reward, parse_weights
+    from rlhf.rewards import SIGNALS, build_reward, signal_agreement
     from rlhf.sft import SFTConfig, split_examples
     from rlhf.sft import train as sft
     from rlhf.stories import read_examples
@@ -238,10 +217,16 @@ def main() -> None:
     report: dict = {"setting": "smoke" if args.smoke else "full", **s, "reuse": args.reuse, "ppo_only": args.ppo_only, "date": time.strftime("%Y-%m-%d"), "phases": {}}
     started = time.perf_counter()
 
-    def phase(name: str, t0: float) -> None:
-        report["phases"][name] = round((time.perf_counter() - t0) / 60, 2)
-        key = "minutes_with_ablations" if name.startswith("ablation") else "minutes"  # the pipeline's time excludes ablations
-        report[key] = round((time.perf_counter() - started) / 60, 2)
+    pipeline: set[str] = set()  # the phases a user runs; `minutes` is theirs alone
+
+    def phase(name: str, t0: float, minutes: float | None = None, user: bool = True) -> None:
+        """Record a phase's minutes (since `t0`, or `minutes` given). `user=False`: the bench's own
+        evaluation, diagnostics and ablations, which `minutes` leaves out and `minutes_with_ablations` holds."""
+        report["phases"][name] = round((time.perf_counter() - t0) / 60 if minutes is None else minutes, 2)
+        if user:
+            pipeline.add(name)
+        report["minutes"] = round(sum(report["phases"][n] for n in pipeline), 2)
+        report["minutes_with_ablations"] = round((time.perf_counter() - started) / 60, 2)
         (out / "report.json").write_text(json.dumps(report, indent=1))
         AcceleratorState._reset_state(True)
 
@@ -345,6 +330,8 @@ def main() -> None:
                                       cache_dir=str(out / "clip-cache"), bf16=not args.smoke, seed=args.seed,
                                       length_control=s["rm_length_control"])  # fmt: skip
         _, rm_metrics = train_rm(rm_config)
+        phase("reward_model", t0)
+        t0 = time.perf_counter()  # the bench's diagnostics of the reward model and the signals, against the annotators and the utility
         keep = ("eval_accuracy", "train_pairs", "eval_pairs", "pairs_per_second", "eval_shorter_preferred_labels", "eval_shorter_preferred_model", "length_coef")
         report["rm"] = {k: rm_metrics[k] for k in keep if k in rm_metrics}
         from bench.rm_storyworld import hidden_utility_accuracy
@@ -362,31 +349,34 @@ def main() -> None:
         report["rm"] |= hidden_utility_accuracy(rm, held_pairs, utilities)
         report["rm"]["all_rounds"] = hidden_utility_accuracy(rm, held_all, utilities)
         report["rm"]["length_check"] = length_check(rm, held_pairs, utilities)
-        signals = build_reward(parse_weights(WEIGHTS), reward_model=str(rm_dir), clip_model=str(out / "clip"), sentence_model=minilm,
+        # Every signal, weighted or not, as a user checks them before choosing weights (python -m rlhf.rewards).
+        signals = build_reward(dict.fromkeys(SIGNALS, 1.0), reward_model=str(rm_dir), clip_model=str(out / "clip"), sentence_model=minilm,
                                style_descriptions=STYLE_DESCRIPTIONS, cache_dir=str(out / "clip-cache"))  # fmt: skip
-        by_id = {e.item_id: e for e in examples}
-        report["signals_vs_annotators"] = signal_agreement(signals, held_pairs, by_id)
-        report["signals_vs_annotators_all_rounds"] = signal_agreement(signals, held_all, by_id)
+        report["signals_vs_annotators"] = signal_agreement(signals, held_pairs)
+        report["signals_vs_annotators_all_rounds"] = signal_agreement(signals, held_all)
         del signals
-        phase("reward_model", t0)
+        phase("diagnostics_reward_model", t0, user=False)
 
     # 7. PPO, and the comparison on held-out scenes.
     (out / "styles.json").write_text(json.dumps(STYLE_DESCRIPTIONS))
     prompts = out / "ppo-prompts.jsonl"
     prompts.write_text("".join(json.dumps({"item_id": e.item_id, "image_paths": e.images, "instruction": e.instruction, "style": e.style, "context": e.context}) + "\n"
                                for e in train_examples))  # fmt: skip
+    t0 = time.perf_counter()
     sft_stories = greedy(str(sft_dir), held_out, 160)
     sft_components = component_means(world, held_out, sft_stories)
+    phase("evaluate_sft", t0, user=False)
 
     def run_ppo(name: str, reward=None, **overrides) -> dict:
         t0 = time.perf_counter()
         settings = dict(policy=str(sft_dir), prompts=str(prompts), output_dir=str(out / name), reward_model=str(rm_dir),
-                        reward_weights=WEIGHTS, clip_model=str(out / "clip"), clip_pretrained=None, sentence_model=minilm,
+                        reward_weights=s["reward_weights"], clip_model=str(out / "clip"), clip_pretrained=None, sentence_model=minilm,
                         style_descriptions=str(out / "styles.json"), iterations=s["iterations"], rollout_batch_size=s["rollout"],
                         mini_batch_size=s["mini"], ppo_epochs=4, max_new_tokens=160, temperature=s["temperature"], lr=s["ppo_lr"], lr_scheduler_type="linear", kl_coef=s["kl_coef"], kl_target=6.0,
                         kl_horizon=KL_HORIZON, cache_dir=str(out / "clip-cache"), seed=args.seed, save_every=1000, sample_every=10)  # fmt: skip
         cfg = PPOConfig(**(settings | overrides))
         _, metrics = ppo(cfg, reward)
+        trained = (time.perf_counter() - t0) / 60
         ppo_stories = greedy(str(out / name), held_out, 160)
         result = {
             **compare(world, held_out, sft_stories, ppo_stories),
@@ -396,6 +386,7 @@ def main() -> None:
             "reward": {k: round(v, 4) for k, v in metrics.items() if k.startswith("reward/")},
             "final_kl_coef": metrics["ppo/kl_coef"],
             "minutes": round((time.perf_counter() - t0) / 60, 2),
+            "train_minutes": round(trained, 2),
             "examples": [{"item_id": e.item_id, "sft": a, "ppo": b} for e, a, b in list(zip(held_out, sft_stories, ppo_stories))[:3]],
         }
         AcceleratorState._reset_state(True)
@@ -405,7 +396,8 @@ def main() -> None:
     main_run = run_ppo("ppo")
     report |= {k: main_run[k] for k in ("utility_sft", "utility_ppo", "win_rate_vs_sft", "kl_to_sft")}
     report["ppo"] = main_run
-    phase("ppo", t0)
+    phase("ppo", t0, main_run["train_minutes"])
+    phase("evaluate_ppo", t0, main_run["minutes"] - main_run["train_minutes"], user=False)
     seed_runs = {args.seed: main_run}
     if args.ppo_seeds > 1:  # the main run again with other PPO seeds (same world, SFT policy, reward model, held-out scenes)
         t0 = time.perf_counter()
@@ -413,20 +405,20 @@ def main() -> None:
             seed_runs[args.seed + k] = run_ppo(f"ppo-seed-{k}", seed=args.seed + k)
         report["seeds"] = {key: [r[key] for r in seed_runs.values()] for key in ("win_rate_vs_sft", "kl_to_sft", "utility_ppo")}
         report["seeds"] |= {"seed": list(seed_runs), "win_rate_median": statistics.median(report["seeds"]["win_rate_vs_sft"])}
-        phase("ablation_seeds", t0)
+        phase("ablation_seeds", t0, user=False)
     if args.ablations:
         t0 = time.perf_counter()
         report["ablation_human_only"] = run_ppo("ppo-human", reward_weights="human=1")
-        phase("ablation_human_only", t0)
+        phase("ablation_human_only", t0, user=False)
         t0 = time.perf_counter()
         report["ablation_fixed_kl"] = run_ppo("ppo-fixed-kl", adaptive_kl=False)
-        phase("ablation_fixed_kl", t0)
+        phase("ablation_fixed_kl", t0, user=False)
         t0 = time.perf_counter()  # the truncation check: the same run, with stories that stop mid-sentence penalized
         report["ablation_unfinished_penalty"] = run_ppo("ppo-unfinished", unfinished_penalty=1.0)
-        phase("ablation_unfinished_penalty", t0)
+        phase("ablation_unfinished_penalty", t0, user=False)
         t0 = time.perf_counter()  # run-to-run spread: the main run with another PPO seed (same world, SFT and reward model)
         report["ppo_seed_1"] = seed_runs.get(args.seed + 1) or run_ppo("ppo-seed-1", seed=args.seed + 1)
-        phase("ablation_seed_1", t0)
+        phase("ablation_seed_1", t0, user=False)
     if args.oracle:  # the hidden utility handed to rlhf.ppo as a signal of its own: what PPO makes of a perfect reward
         import torch
 
@@ -443,10 +435,10 @@ def main() -> None:
 
         t0 = time.perf_counter()
         report["oracle"] = run_ppo("ppo-oracle", reward=oracle(False))
-        phase("ablation_oracle", t0)
+        phase("ablation_oracle", t0, user=False)
         t0 = time.perf_counter()
         report["oracle_blind_to_shapes"] = run_ppo("ppo-oracle-blind", reward=oracle(True))
-        phase("ablation_oracle_blind_to_shapes", t0)
+        phase("ablation_oracle_blind_to_shapes", t0, user=False)
     print(json.dumps({k: v for k, v in report.items() if k not in ("ppo",)}, indent=1))
 
 

@@ -442,7 +442,10 @@ class StoryPolicy(nn.Module):
         from transformers.modeling_layers import GradientCheckpointingLayer
 
         base = self.model.get_base_model() if self.has_adapter else self.model
-        base.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+        if hasattr(base, "activation_checkpointing_enable"):  # transformers >= 5.2x; the older name warns there
+            base.activation_checkpointing_enable(activation_checkpointing_kwargs={"use_reentrant": False})
+        else:
+            base.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
         if hasattr(base, "enable_input_require_grads"):
             base.enable_input_require_grads()
         base.config.use_cache = False

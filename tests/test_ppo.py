@@ -7,6 +7,7 @@ import os
 import subprocess
 import sys
 from pathlib import Path
+from types import SimpleNamespace
 
 import pytest
 import torch
@@ -14,7 +15,8 @@ import torch
 from rlhf.policy import UnsupportedPolicyError, load_policy
 from rlhf.ppo import PPOConfig, train
 from rlhf.reward_model import ModelLoadError, RewardModel, RewardModelConfig
-from rlhf.rewards import CompositeReward, RunningStats, ends_a_sentence, parse_weights
+from rlhf.rewards import CheckConfig, CompositeReward, RunningStats, check, ends_a_sentence, parse_weights, signal_agreement, wilson_interval
+from annotate.formats import format_prompt, parse_prompt
 from rlhf.stories import StoryDataError
 from storyworld.world import make_world
 from tests.fixtures import make_tiny
@@ -155,6 +157,68 @@ def test_ends_a_sentence():
     assert ends_a_sentence('Pip said "goodbye."') and ends_a_sentence("<gdo char1>Pip</gdo> slept .  ") and ends_a_sentence("(the end.)")
     assert not ends_a_sentence("On a daring quest, one sunny day in the meadow,")
     assert not ends_a_sentence("Then night fell, and") and not ends_a_sentence("") and not ends_a_sentence('"Hello')
+
+
+def test_parse_prompt_inverts_format_prompt():
+    for args in [("Tell a story.", "spooky", "A cat left home."), ("Tell a story.", None, None), ("Two\nlines.", "funny", None),
+                 ("Tell a story.", None, "Pip set off.")]:  # fmt: skip
+        assert parse_prompt(format_prompt(*args)) == args
+
+
+def test_wilson_interval_by_hand():
+    # 7 of 10, z = 1.96: centre (0.7 + 0.19208) / 1.38416 = 0.64449, half-width 1.96·√(0.021 + 0.009604) / 1.38416 = 0.24772
+    assert wilson_interval(7, 10) == pytest.approx((0.39677, 0.89221), abs=1e-4)
+    assert wilson_interval(0, 0) == (0.0, 1.0) and wilson_interval(10, 10)[1] == 1.0
+
+
+def test_signal_agreement_by_hand():
+    """Each signal's share of decided pairs where it scores the chosen story above the rejected one; ties skipped, equal scores half."""
+    seen = []
+
+    def length(images, instructions, contexts, styles, stories):
+        seen.append((instructions, contexts, styles))
+        return torch.tensor([float(len(s)) for s in stories])
+
+    reward = CompositeReward({"long": 1.0, "short": 1.0, "flat": 1.0},
+                             {"long": length, "short": lambda *a: -length(*a), "flat": lambda *a: torch.zeros(len(a[-1]))})  # fmt: skip
+
+    def pair(chosen, rejected, tie=False):
+        return SimpleNamespace(prompt=format_prompt("Tell a story.", "funny", "Pip set off."), images=[], chosen=chosen, rejected=rejected,
+                               tie=tie)  # fmt: skip
+
+    pairs = [pair("a long one", "short"), pair("longer still", "tiny"), pair("x", "much longer"), pair("same", "same", tie=True)]
+    result = signal_agreement(reward, pairs)
+    assert {k: result[k] for k in ("long", "short", "flat", "pairs")} == {"long": round(2 / 3, 3), "short": round(1 / 3, 3), "flat": 0.5, "pairs": 3}
+    assert result["interval"]["long"] == pytest.approx(wilson_interval(2, 3), abs=1e-3)
+    assert seen[0] == (["Tell a story."] * 6, ["Pip set off."] * 6, ["funny"] * 6)  # the prompt, taken apart again; 3 pairs in one batch
+    seen.clear()
+    assert signal_agreement(reward, pairs, batch_size=2) == result and [len(i) for i, _, _ in seen] == [4, 4, 2, 2]  # batches of 2 and 1
+    assert signal_agreement(reward, pairs[-1:]) == {"pairs": 0}  # ties only: nothing to agree with
+
+
+def test_check_scores_an_exports_pairs(setup, tmp_path, capsys):
+    """python -m rlhf.rewards: the signals against an export's votes, with the real signals on tiny models."""
+    from annotate.export import export
+    from annotate.ingest import ingest
+    from db import open_db
+    from storyworld import annotate_world
+
+    root, world = setup
+    annotate_world(world, root / "check-prefs.jsonl", votes_per_pair=3, seed=1)  # beside the world, whose images it names
+    _, factory = open_db(f"sqlite:///{tmp_path / 'db.sqlite'}")
+    ingest(factory, str(root / "check-prefs.jsonl"), "w", media_root=tmp_path / "media")
+    with factory() as session:
+        export(session, tmp_path / "trl", "trl", aggregate="majority", test_fraction=0.3)
+    cfg = CheckConfig(preferences=str(tmp_path / "trl"), split="all", signals="human,clip,repetition", reward_model=str(root / "rm"),
+                      clip_model=str(root / "clip"), clip_pretrained=None, cache_dir=str(root / "cache"), out=str(tmp_path / "check.json"))  # fmt: skip
+    result = check(cfg)
+    assert result["pairs"] > 0 and all(0.0 <= result[k] <= 1.0 for k in ("human", "clip", "repetition"))
+    assert json.loads((tmp_path / "check.json").read_text()) == json.loads(json.dumps(result))
+    assert "agreement with the annotators" in capsys.readouterr().out
+    with pytest.raises(ValueError, match="unknown signal"):
+        check(CheckConfig(preferences=str(tmp_path / "trl"), signals="human,humour"))
+    with pytest.raises(ValueError, match="--split 'val'"):
+        check(CheckConfig(preferences=str(tmp_path / "trl"), split="val"))
 
 
 def test_running_stats_match_the_batch_formula():
