@@ -16,8 +16,9 @@ with every raw component for logging.
 
 Before giving a signal weight, check it against your annotators: `python -m rlhf.rewards` scores the
 held-out pairs of an export with each signal and reports how often it ranks the chosen story above
-the rejected one (ties skipped), with a 95% Wilson interval. A proxy near 0.5 adds noise to PPO's
-reward, not information:
+the rejected one (ties skipped), with a 95% Wilson interval: what each proxy measures on your data.
+It does not settle a weight by itself (a signal below chance on the annotators' pairs can still keep
+PPO's stories together); try a change with PPO over a few seeds:
 
     python -m rlhf.rewards --preferences runs/trl --reward_model runs/rm [--split all] [--out check.json]
 
