@@ -45,8 +45,8 @@ SIGNALS = ("human", "clip", "coherence", "repetition", "style")
 Signal = Callable[..., torch.Tensor]
 
 
-def parse_weights(spec: str | dict) -> dict[str, float]:
-    """"human=1,clip=0.3" → {"human": 1.0, "clip": 0.3}, with unknown names refused."""
+def parse_weights(spec: str | dict, flag: str = "--reward_weights") -> dict[str, float]:
+    """"human=1,clip=0.3" → {"human": 1.0, "clip": 0.3}, with unknown names refused (errors name `flag`)."""
     if isinstance(spec, dict):
         weights = {str(k): float(v) for k, v in spec.items()}
     else:
@@ -56,12 +56,12 @@ def parse_weights(spec: str | dict) -> dict[str, float]:
             try:
                 weights[name.strip()] = float(value) if sep else 1.0
             except ValueError:
-                raise ValueError(f"--reward_weights: {part!r} is not name=number (e.g. human=1,clip=0.3)") from None
+                raise ValueError(f"{flag}: {part!r} is not name=number (e.g. human=1,clip=0.3)") from None
     unknown = sorted(set(weights) - set(SIGNALS))
     if unknown:
-        raise ValueError(f"--reward_weights names unknown signal(s) {unknown}; the signals are {', '.join(SIGNALS)}")
+        raise ValueError(f"{flag} names unknown signal(s) {unknown}; the signals are {', '.join(SIGNALS)}")
     if not any(weights.values()):
-        raise ValueError("--reward_weights: every weight is 0, so there is nothing to optimize")
+        raise ValueError(f"{flag}: every weight is 0, so there is nothing to optimize")
     return {k: v for k, v in weights.items() if v}
 
 
@@ -312,7 +312,7 @@ def check(cfg: CheckConfig) -> dict:
 
     if cfg.split not in ("test", "train", "all"):
         raise ValueError(f"--split {cfg.split!r}: use test, train or all")
-    weights = parse_weights(cfg.signals)
+    weights = parse_weights(cfg.signals, flag="--signals")
     train, test, message = load_preferences(cfg.preferences)
     pairs = {"test": test, "train": train, "all": train + test}[cfg.split][: cfg.limit]
     descriptions = json.loads(Path(cfg.style_descriptions).read_text()) if cfg.style_descriptions else None
@@ -334,11 +334,11 @@ def check(cfg: CheckConfig) -> dict:
 
 
 if __name__ == "__main__":
+    import argparse
+
     from trl import TrlParser
 
     from rlhf.data import DataError
-
-    import argparse
 
     about = __doc__[__doc__.index("Before giving") :]  # the module docstring's part about this command
     (config,) = TrlParser(dataclass_types=[CheckConfig], description=about, formatter_class=argparse.RawDescriptionHelpFormatter).parse_args_and_config()

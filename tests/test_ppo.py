@@ -116,7 +116,7 @@ def test_a_reward_of_ones_own_signals_replaces_the_flags(setup):
 
 def test_bad_input_is_refused_before_any_compute(setup, tmp_path):
     root, world = setup
-    with pytest.raises(ValueError, match=r"unknown signal\(s\) \['humour'\]"):
+    with pytest.raises(ValueError, match=r"--reward_weights names unknown signal\(s\) \['humour'\]"):
         train(config(root, world, "bad", reward_weights="human=1,humour=2"))
     with pytest.raises(ValueError, match="--lr_scheduler_type 'warmup': use linear, cosine or constant"):
         train(config(root, world, "bad", lr_scheduler_type="warmup"))
@@ -215,7 +215,7 @@ def test_check_scores_an_exports_pairs(setup, tmp_path, capsys):
     assert result["pairs"] > 0 and all(0.0 <= result[k] <= 1.0 for k in ("human", "clip", "repetition"))
     assert json.loads((tmp_path / "check.json").read_text()) == json.loads(json.dumps(result))
     assert "agreement with the annotators" in capsys.readouterr().out
-    with pytest.raises(ValueError, match="unknown signal"):
+    with pytest.raises(ValueError, match=r"--signals names unknown signal\(s\) \['humour'\]"):
         check(CheckConfig(preferences=str(tmp_path / "trl"), signals="human,humour"))
     with pytest.raises(ValueError, match="--split 'val'"):
         check(CheckConfig(preferences=str(tmp_path / "trl"), split="val"))
