@@ -39,13 +39,14 @@ def parse_prompt(prompt: str) -> tuple[str, str | None, str | None]:
     >>> parse_prompt('Tell a story.')
     ('Tell a story.', None, None)
     """
-    lines = prompt.split("\n")
     context = style = None
-    if len(lines) > 1 and lines[-1].startswith("Story so far: "):
-        context = lines.pop()[len("Story so far: ") :]
-    if len(lines) > 1 and lines[-1].startswith("Style: "):
-        style = lines.pop()[len("Style: ") :]
-    return "\n".join(lines), style, context
+    head, sep, tail = prompt.rpartition("\nStory so far: ")  # the context comes last and may hold newlines of its own
+    if sep:
+        prompt, context = head, tail
+    head, sep, tail = prompt.rpartition("\nStyle: ")
+    if sep and "\n" not in tail:
+        prompt, style = head, tail
+    return prompt, style, context
 
 
 def split_frames(story: str, n_frames: int) -> list[list[str]]:

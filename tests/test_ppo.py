@@ -12,11 +12,11 @@ from types import SimpleNamespace
 import pytest
 import torch
 
+from annotate.formats import format_prompt, parse_prompt
 from rlhf.policy import UnsupportedPolicyError, load_policy
 from rlhf.ppo import PPOConfig, train
 from rlhf.reward_model import ModelLoadError, RewardModel, RewardModelConfig
 from rlhf.rewards import CheckConfig, CompositeReward, RunningStats, check, ends_a_sentence, parse_weights, signal_agreement, wilson_interval
-from annotate.formats import format_prompt, parse_prompt
 from rlhf.stories import StoryDataError
 from storyworld.world import make_world
 from tests.fixtures import make_tiny
@@ -161,7 +161,7 @@ def test_ends_a_sentence():
 
 def test_parse_prompt_inverts_format_prompt():
     for args in [("Tell a story.", "spooky", "A cat left home."), ("Tell a story.", None, None), ("Two\nlines.", "funny", None),
-                 ("Tell a story.", None, "Pip set off.")]:  # fmt: skip
+                 ("Tell a story.", None, "Pip set off."), ("Tell a story.", "sad", "Pip set off.\nStyle: none of it went well.")]:  # fmt: skip
         assert parse_prompt(format_prompt(*args)) == args
 
 
