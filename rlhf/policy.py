@@ -41,7 +41,7 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 from annotate.formats import format_prompt
-from rlhf.reward_model import ModelLoadError, load_pretrained
+from rlhf.reward_model import ModelLoadError, load_pretrained, local_path
 
 POLICY_CONFIG = "storypref_policy.json"
 STORY_CUE = "Story:"
@@ -576,7 +576,6 @@ def _load_base(name_or_path, family, merged: list[str], dtype, device_map, devic
         model = model.to(device)
     model.eval()  # dropout off: generation and PPO's log-probs must agree
     adapter = ADAPTERS[family](model, processor, tokenizer)
-    local = lambda p: str(Path(p).resolve()) if Path(p).exists() else p  # noqa: E731  (a saved policy must load from any cwd)
     if len(merged) > 1:
         raise ModelLoadError(f"{name_or_path}: only one merged SFT adapter can be recorded, got {merged}; merge and save the SFT model first")
-    return StoryPolicy(model, adapter, PolicyInfo(base=local(name_or_path), family=family, sft_adapter=local(merged[0]) if merged else None))
+    return StoryPolicy(model, adapter, PolicyInfo(base=local_path(name_or_path), family=family, sft_adapter=local_path(merged[0]) if merged else None))  # absolute: loads from any cwd

@@ -241,11 +241,13 @@ def train(cfg: PPOConfig, reward: CompositeReward | None = None) -> tuple[StoryP
         # 1. Rollout: a seeded prompt batch per (iteration, process), sampled with the current policy.
         rng = random.Random(f"{cfg.seed}:{iteration}:{accelerator.process_index}")
         chunk = [prompts[rng.randrange(len(prompts))] for _ in range(cfg.rollout_batch_size)]
+        t_start = time.perf_counter()
         batch = policy.examples_batch(chunk)
         gen = policy.generate(batch, max_new_tokens=cfg.max_new_tokens, temperature=cfg.temperature)
         ids, mask = gen.response_ids, gen.response_mask  # (B, T)
 
         # 2. Score: the composite reward, and a penalty for a story that never ended.
+        t_generated = time.perf_counter()
         with torch.no_grad():
             scores, components = reward([e.images for e in chunk], [e.instruction for e in chunk], [e.context for e in chunk],
                                         [e.style for e in chunk], gen.texts)  # fmt: skip
@@ -254,6 +256,7 @@ def train(cfg: PPOConfig, reward: CompositeReward | None = None) -> tuple[StoryP
             scores = scores.to(device) - penalty
 
             # 3. Per-token KL in the reward: old log-probs and values, and the reference (adapter off).
+            t_scored = time.perf_counter()
             old_logprobs, old_values, _ = wrapped(batch, ids, mask, cfg.temperature)
             with policy.reference():
                 ref_logprobs = policy(batch, ids, mask, cfg.temperature).logprobs
@@ -266,6 +269,7 @@ def train(cfg: PPOConfig, reward: CompositeReward | None = None) -> tuple[StoryP
             advantages = losses.masked_whiten(advantages, mask)
 
         # 6. PPO epochs over minibatches; value head only during the warm-up.
+        t_update = time.perf_counter()
         warmup = iteration < cfg.value_warmup_steps
         stats: dict[str, list[float]] = {k: [] for k in ("policy_loss", "value_loss", "clipfrac", "approx_kl", "entropy", "vf_clipfrac", "ratio")}
         stopped_early = False
@@ -294,6 +298,7 @@ def train(cfg: PPOConfig, reward: CompositeReward | None = None) -> tuple[StoryP
                 break
 
         # 7. Log, adapt β, checkpoint.
+        t_end = time.perf_counter()
         mean_kl = accelerator.reduce(kl.sum(1).mean().to(device), "mean").item()  # nats per story
         kl_ctl.update(mean_kl, cfg.episodes_per_iteration)
         lr = scheduler.get_last_lr()[0]  # the rate this iteration's update used
@@ -312,8 +317,14 @@ def train(cfg: PPOConfig, reward: CompositeReward | None = None) -> tuple[StoryP
             "reward/unfinished": unfinished.float().mean().item(),
             "response/length": mask.sum(1).float().mean().item(),
             "time/minutes": (time.perf_counter() - t0) / 60,
+            # This iteration's seconds in each phase (this process): where a run's time goes.
+            "time/generate_s": t_generated - t_start,
+            "time/score_s": t_scored - t_generated,
+            "time/kl_gae_s": t_update - t_scored,
+            "time/update_s": t_end - t_update,
         }
         metrics |= {f"reward/{k}": v.mean().item() for k, v in components.items()}
+        metrics |= {f"time/score_{k}_s": v for k, v in reward.seconds.items()}
         if accelerator.is_main_process:
             log_metrics(writer, jsonl, iteration + 1, metrics)
             bar.set_postfix(reward=f"{metrics['reward/total']:.2f}", kl=f"{mean_kl:.2f}")

@@ -28,7 +28,7 @@ from __future__ import annotations
 import hashlib
 import json
 import os
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
 from typing import Any
 
@@ -79,6 +79,11 @@ class RewardModelConfig:
 
 def _offline() -> bool:
     return os.environ.get("HF_HUB_OFFLINE", "0") not in ("0", "", "false", "False")
+
+
+def local_path(name: str | None) -> str | None:
+    """`name` made absolute when it is a local path, so that a saved model loads from any directory; a hub id as it is."""
+    return str(Path(name).resolve()) if name and Path(name).exists() else name
 
 
 def load_pretrained(loader, name: str, what: str, **kwargs):
@@ -422,7 +427,8 @@ class RewardModel:
         path = Path(path)
         path.mkdir(parents=True, exist_ok=True)
         save_file(self.trained_state(), path / WEIGHTS_NAME)
-        (path / CONFIG_NAME).write_text(json.dumps(asdict(self.cfg), indent=1))
+        cfg = replace(self.cfg, text_model=local_path(self.cfg.text_model), clip_model=local_path(self.cfg.clip_model))
+        (path / CONFIG_NAME).write_text(json.dumps(asdict(cfg), indent=1))
 
     @classmethod
     def from_pretrained(cls, path: str | Path, *, cache_dir: str | Path | None = None, device: str = "cpu") -> RewardModel:

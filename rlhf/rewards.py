@@ -31,6 +31,7 @@ from __future__ import annotations
 import json
 import math
 import sys
+import time
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -196,10 +197,15 @@ class CompositeReward:
             raise ValueError(f"no signal built for {missing}")
         self.weights, self.signals = weights, signals
         self.stats = {name: RunningStats() for name in weights}
+        self.seconds: dict[str, float] = {}  # each signal's time in the last call
 
     def __call__(self, images, instructions, contexts, styles, stories, update: bool = True) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
         """(total (B,), raw components {name: (B,)})."""
-        components = {name: self.signals[name](images, instructions, contexts, styles, stories).float().cpu() for name in self.weights}
+        components = {}
+        for name in self.weights:
+            start = time.perf_counter()
+            components[name] = self.signals[name](images, instructions, contexts, styles, stories).float().cpu()
+            self.seconds[name] = time.perf_counter() - start
         total = torch.zeros(len(stories))
         for name, raw in components.items():
             if update:

@@ -63,8 +63,11 @@ def test_ppo_trains_lora_and_value_head_only_and_kl_starts_at_zero(setup):
     assert rows[0]["ppo/value_warmup"] == 1.0 and rows[1]["ppo/value_warmup"] == 0.0
     assert [r["ppo/lr"] for r in rows] == pytest.approx([1e-2, 1e-2 * 2 / 3, 1e-2 / 3])  # linear to 0 over 3 iterations
     for key in ("ppo/kl", "ppo/kl_coef", "ppo/approx_kl", "ppo/clipfrac", "ppo/entropy", "ppo/value_loss", "ppo/explained_variance",
-                "reward/human", "reward/clip", "reward/repetition", "reward/total", "response/length"):  # fmt: skip
+                "reward/human", "reward/clip", "reward/repetition", "reward/total", "response/length", "time/generate_s", "time/score_s",
+                "time/kl_gae_s", "time/update_s", "time/score_human_s", "time/score_clip_s", "time/score_repetition_s"):  # fmt: skip
         assert all(key in r for r in rows), key
+    for r in rows:  # where the time goes: the signals are timed inside the scoring phase
+        assert r["time/update_s"] > 0 and 0 < r["time/score_human_s"] + r["time/score_clip_s"] + r["time/score_repetition_s"] <= r["time/score_s"]
     state = policy.model.state_dict()
     lora = [k for k in state if "lora_B" in k]
     assert lora and any(state[k].abs().sum() > 0 for k in lora), "the LoRA adapter trained"

@@ -80,6 +80,21 @@ def test_training_moves_lora_and_head_only(assets, tmp_path):
     assert rm.score([], [], []).shape == (0,)  # nothing to score is an empty answer, not an error
 
 
+def test_saved_model_loads_from_another_directory(assets, tmp_path, monkeypatch):
+    """Trained with relative model paths, a reward model still loads once the cwd has changed."""
+    monkeypatch.chdir(assets)
+    cfg = RewardModelConfig(text_model="bert", clip_model="clip", clip_pretrained=None, lora_r=4, hidden_size=32, max_length=96)
+    rm = RewardModel.build(cfg, cache_dir=assets / "cache")
+    rm.save_pretrained(tmp_path / "rm")
+    saved = json.loads((tmp_path / "rm" / "reward_config.json").read_text())
+    assert saved["text_model"] == str(assets / "bert") and saved["clip_model"] == str(assets / "clip")
+    assert rm.cfg.text_model == "bert", "saving does not change the live model's config"
+    monkeypatch.chdir(tmp_path)
+    loaded = RewardModel.from_pretrained(tmp_path / "rm", cache_dir=assets / "cache")
+    pair = load_preferences(assets / "prefs.jsonl")[0][0]
+    assert torch.allclose(loaded.score(pair.images, pair.prompt, pair.chosen), rm.score(pair.images, pair.prompt, pair.chosen), atol=1e-5)
+
+
 def test_images_are_cached_across_runs(assets, tmp_path):
     cfg = _cfg(assets, tmp_path / "a", epochs=1)
     rm = RewardModel.build(cfg.model_config(), cache_dir=tmp_path / "cache")
