@@ -77,6 +77,15 @@ def split_sentences(text: str) -> list[str]:
     return [s for s in _SENTENCE.split(text.strip()) if s]
 
 
+def frame_sentences(story: str, n_frames: int) -> list[list[str]]:
+    """The story's plain sentences, frame by frame (`split_frames`): what CLIP embeds for each frame.
+
+    >>> frame_sentences("<gdi image2>Later.</gdi><gdi image1>First. Then.</gdi>", 2)
+    [['First.', 'Then.'], ['Later.']]
+    """
+    return [[s for p in part for s in split_sentences(plain_text(p))] for part in split_frames(story, n_frames)]
+
+
 def plain_text(story: str) -> str:
     """The story without grounding tags."""
     return re.sub(r"\s+", " ", _ANY_TAG.sub(" ", story)).strip()

@@ -22,7 +22,7 @@ from pathlib import Path
 
 import torch
 
-from annotate.formats import plain_text, split_frames, split_sentences
+from annotate.formats import frame_sentences, plain_text
 
 
 def distinct_n(texts: Sequence[str], n: int = 2) -> float:
@@ -46,17 +46,19 @@ def clip_score(features, images: Sequence[Sequence], stories: Sequence[str]) -> 
     """(B,) CLIPScore per story; `features` is a `ClipFeatures`, images are paths, PIL images or ImageRefs."""
     from rlhf.data import ImageRef
 
+    refs = [[f if isinstance(f, ImageRef) else ImageRef(f) if isinstance(f, (str, Path)) else ImageRef(image=f) for f in frames] for frames in images]
+    parts = [frame_sentences(story, len(r)) for r, story in zip(refs, stories)]
+    flat = [s for frames in parts for sentences in frames for s in sentences]
+    table = dict(zip(flat, features.sentences(flat)))  # every new sentence of the batch in one pass of the text tower
     scores = []
-    for frames, story in zip(images, stories):
-        refs = [f if isinstance(f, ImageRef) else ImageRef(f) if isinstance(f, (str, Path)) else ImageRef(image=f) for f in frames]
-        image_emb = features.images(refs)  # (F, D), normalized
+    for r, frames in zip(refs, parts):
+        image_emb = features.images(r)  # (F, D), normalized
         per_frame = []
-        for f, part in enumerate(split_frames(story, len(refs))):
-            sentences = [s for p in part for s in split_sentences(plain_text(p))]
+        for f, sentences in enumerate(frames):
             if not sentences:
                 per_frame.append(0.0)  # a frame the story says nothing about scores 0
                 continue
-            cos = features.sentences(sentences) @ image_emb[f]  # (S,)
+            cos = torch.stack([table[s] for s in sentences]) @ image_emb[f]  # (S,)
             per_frame.append((2.5 * cos.clamp(min=0)).mean().item())
         scores.append(sum(per_frame) / len(per_frame) if per_frame else 0.0)
     return torch.tensor(scores)

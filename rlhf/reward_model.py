@@ -28,6 +28,7 @@ from __future__ import annotations
 import hashlib
 import json
 import os
+from collections.abc import Sequence
 from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
 from typing import Any
@@ -35,7 +36,7 @@ from typing import Any
 import torch
 import torch.nn as nn
 
-from annotate.formats import format_prompt, plain_text, split_frames, split_sentences
+from annotate.formats import format_prompt, frame_sentences, plain_text
 from rlhf.data import ImageRef
 
 DEFAULT_TEXT_MODEL = "sentence-transformers/all-MiniLM-L6-v2"
@@ -178,15 +179,15 @@ class ClipFeatures:
 
     def story(self, story: str, n_frames: int) -> tuple[torch.Tensor, torch.Tensor]:
         """(frame texts (F, D), whole story (D)): means of sentence embeddings; zeros where empty."""
-        parts = split_frames(story, n_frames)
-        frames = []
-        all_sentences = []
-        for part in parts:
-            sentences = [s for p in part for s in split_sentences(plain_text(p))]
-            all_sentences += sentences
-            frames.append(self.sentences(sentences).mean(0) if sentences else torch.zeros(self.dim))
-        whole = self.sentences(all_sentences).mean(0) if all_sentences else torch.zeros(self.dim)
-        return torch.stack(frames), whole
+        return self.stories([story], [n_frames])[0]
+
+    def stories(self, stories: Sequence[str], n_frames: Sequence[int]) -> list[tuple[torch.Tensor, torch.Tensor]]:
+        """`story` for each, with every new sentence of the batch embedded in one pass of the text tower."""
+        parts = [frame_sentences(story, n) for story, n in zip(stories, n_frames)]
+        flat = [s for frames in parts for sentences in frames for s in sentences]
+        table = dict(zip(flat, self.sentences(flat)))
+        mean = lambda sentences: torch.stack([table[s] for s in sentences]).mean(0) if sentences else torch.zeros(self.dim)  # noqa: E731
+        return [(torch.stack([mean(f) for f in frames]), mean([s for f in frames for s in f])) for frames in parts]
 
 
 # ------------------------------------------------------------------------------------------------
@@ -349,10 +350,9 @@ class RewardModel:
             for ex, ids in zip(examples, enc["input_ids"]):
                 ex["input_ids"] = torch.tensor(ids)
         if self.features is not None:
-            for ex, refs, story in zip(examples, images, stories):
+            texts = self.features.stories(stories, [max(1, len(refs[: self.cfg.max_frames])) for refs in images])
+            for ex, refs, (frames, whole) in zip(examples, images, texts):
                 refs = refs[: self.cfg.max_frames]
-                k = max(1, len(refs))
-                frames, whole = self.features.story(story, k)
                 ex["image_emb"] = self.features.images(refs) if refs else torch.zeros(1, self.features.dim)  # (k, D)
                 ex["frame_text_emb"], ex["story_text_emb"] = frames, whole  # (k, D), (D,)
         return examples

@@ -124,16 +124,15 @@ class CoherenceReward:
         self.encode = encoder
 
     def __call__(self, images, instructions, contexts, styles, stories) -> torch.Tensor:
+        stories = [split_sentences(plain_text(story)) for story in stories]
+        contexts = [plain_text(c) if c else "" for c in contexts]
+        texts = list(dict.fromkeys([s for sentences in stories for s in sentences] + [c for c in contexts if c]))
+        table = dict(zip(texts, self.encode(texts)))  # the batch's sentences in one pass of the encoder
         out = []
-        for context, story in zip(contexts, stories):
-            sentences = split_sentences(plain_text(story))
-            sims = []
-            if len(sentences) > 1:
-                emb = self.encode(sentences)  # (S, D)
-                sims += (emb[:-1] * emb[1:]).sum(-1).tolist()
+        for context, sentences in zip(contexts, stories):
+            sims = [float(table[a] @ table[b]) for a, b in zip(sentences, sentences[1:])]
             if context and sentences:
-                ctx, first = self.encode([plain_text(context), sentences[0]])
-                sims.append(float(ctx @ first))
+                sims.append(float(table[context] @ table[sentences[0]]))
             out.append(sum(sims) / len(sims) if sims else 0.0)
         return torch.tensor(out)
 
@@ -150,15 +149,11 @@ class StyleReward:
         self.encode, self.descriptions = encoder, descriptions or {}
 
     def __call__(self, images, instructions, contexts, styles, stories) -> torch.Tensor:
-        out = []
-        for style, story in zip(styles, stories):
-            if not style or not plain_text(story):
-                out.append(0.0)
-                continue
-            description = self.descriptions.get(style, f"a {style} story")
-            d, s = self.encode([description, plain_text(story)])
-            out.append(float(d @ s))
-        return torch.tensor(out)
+        pairs = [(self.descriptions.get(style, f"a {style} story"), plain_text(story)) if style and plain_text(story) else None
+                 for style, story in zip(styles, stories)]  # fmt: skip
+        texts = list(dict.fromkeys(t for pair in pairs if pair for t in pair))
+        table = dict(zip(texts, self.encode(texts)))  # the batch's stories and descriptions in one pass
+        return torch.tensor([float(table[pair[0]] @ table[pair[1]]) if pair else 0.0 for pair in pairs])
 
 
 class RunningStats:

@@ -219,9 +219,8 @@ def train(cfg: TrainRMConfig) -> tuple[RewardModel, dict]:
         with accelerator.main_process_first():  # the main process fills the disk cache, the rest read it
             for pairs in (train, test):
                 rm.features.images([i for p in pairs for i in p.images])
-                for p in pairs:
-                    for story in (p.chosen, p.rejected):
-                        rm.features.story(story, max(1, min(len(p.images), rm.cfg.max_frames)))
+                frames = [max(1, min(len(p.images), rm.cfg.max_frames)) for p in pairs]
+                rm.features.stories([p.chosen for p in pairs] + [p.rejected for p in pairs], frames + frames)  # the text tower, batched
         log(f"CLIP features ready: {rm.features.encoded_images} images encoded, the rest from {cache}")
     encoder = PairEncoder(rm, train)
 

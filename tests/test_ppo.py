@@ -16,7 +16,8 @@ from annotate.formats import format_prompt, parse_prompt
 from rlhf.policy import UnsupportedPolicyError, load_policy
 from rlhf.ppo import PPOConfig, train
 from rlhf.reward_model import ModelLoadError, RewardModel, RewardModelConfig
-from rlhf.rewards import CheckConfig, CompositeReward, RunningStats, check, ends_a_sentence, parse_weights, signal_agreement, wilson_interval
+from rlhf.rewards import (CheckConfig, CoherenceReward, CompositeReward, RunningStats, StyleReward, check, ends_a_sentence, parse_weights,
+                          signal_agreement, wilson_interval)
 from rlhf.stories import StoryDataError
 from storyworld.world import make_world
 from tests.fixtures import make_tiny
@@ -153,6 +154,35 @@ def test_parse_weights_and_composite_normalization():
     # a: mean 2, std 1 → (−1, 1) · 2; b: constant, std 0 → 0 (its scale does not leak in)
     assert total.tolist() == pytest.approx([-2.0, 2.0])
     assert parts["b"].tolist() == [100.0, 100.0]
+
+
+class FakeEncoder:
+    """Unit vectors by hand, and a record of each call (the signals embed a whole batch in one)."""
+
+    VECTORS = {"A.": (1.0, 0.0), "B.": (0.0, 1.0), "C.": (0.6, 0.8), "Before.": (0.8, 0.6), "a funny story": (0.0, 1.0)}
+
+    def __init__(self):
+        self.calls = []
+
+    def __call__(self, texts):
+        self.calls.append(list(texts))
+        return torch.tensor([self.VECTORS[t] for t in texts])
+
+
+def test_coherence_and_style_by_hand():
+    encoder = FakeEncoder()
+    coherence = CoherenceReward(encoder)
+    got = coherence(None, None, ["Before.", "", "Before.", "Before."], None, ["A. B. C.", "C.", "A. C.", ""])
+    # consecutive sentences, then the context against the first sentence:
+    # (A·B + B·C + ctx·A) / 3 = (0 + 0.8 + 0.8) / 3; one sentence and no context: 0; (A·C + ctx·A) / 2; no story: 0
+    assert got.tolist() == pytest.approx([1.6 / 3, 0.0, 0.7, 0.0])
+    assert len(encoder.calls) == 1 and sorted(encoder.calls[0]) == ["A.", "B.", "Before.", "C."]  # each text once
+    encoder.calls.clear()
+    style = StyleReward(encoder, {"calm": "A."})
+    got = style(None, None, None, ["calm", "funny", None, "calm"], ["C.", "B.", "A.", ""])
+    # the description's vector against the story's: A·C; "a funny story"·B (no description given); no style, no story: 0
+    assert got.tolist() == pytest.approx([0.6, 1.0, 0.0, 0.0])
+    assert len(encoder.calls) == 1
 
 
 def test_ends_a_sentence():
