@@ -99,6 +99,19 @@ def shorter_preferred(chosen_rewards: torch.Tensor, rejected_rewards: torch.Tens
     return {"labels": chosen_shorter.float().mean().item(), "model": model_shorter.float().mean().item(), "pairs": int(keep.sum())}
 
 
+def pearson_correlation(x: torch.Tensor, y: torch.Tensor, eps: float = 1e-8) -> torch.Tensor:
+    """Pearson's r of two (N,) tensors, differentiable; 0 where either is constant.
+
+    ODIN (Chen et al., 2024) adds λ·|r(reward, length)| over each batch to the reward model's loss,
+    so that the reward cannot carry length (`rlhf.train_rm --length_decorrelation`).
+
+    >>> round(pearson_correlation(torch.tensor([1., 2., 3.]), torch.tensor([2., 4., 7.])).item(), 4)  # 5 / √(2 · 12.667)
+    0.9934
+    """
+    x, y = x.float() - x.float().mean(), y.float() - y.float().mean()
+    return (x * y).sum() / (x.pow(2).sum() * y.pow(2).sum() + eps).sqrt()  # eps inside: a finite gradient when one is constant
+
+
 # ------------------------------------------------------------------------------------------------
 # PPO.
 # ------------------------------------------------------------------------------------------------

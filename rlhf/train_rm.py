@@ -10,6 +10,8 @@ At the end, the scores of the chosen stories on the train split set the normaliz
 with the model, so that `RewardModel.score` gives them mean 0 and std 1.
 `--length_control` fits the labels' taste for length to a separate coefficient in training, so the
 saved reward does not pay for length (the eval's `eval_shorter_preferred_*` shows whether it needs to).
+`--length_decorrelation λ` adds λ·|r(reward, words)| over each batch (ODIN), for a bias that β, being
+linear in the word difference, does not take (`eval_length_correlation` shows what is left).
 Writes: the model, `metrics.jsonl` (per logged step), `metrics.json` (final), TensorBoard logs.
 """
 
@@ -24,7 +26,7 @@ import torch
 
 from annotate.formats import plain_text
 from rlhf.data import DataError, PreferencePair, load_preferences
-from rlhf.losses import bradley_terry_loss, fit_logit_coef, preference_accuracy, shorter_preferred
+from rlhf.losses import bradley_terry_loss, fit_logit_coef, pearson_correlation, preference_accuracy, shorter_preferred
 from rlhf.reward_model import DEFAULT_TEXT_MODEL, ModelLoadError, RewardModel, RewardModelConfig
 from rlhf.runlog import checkpoint_dir, latest_checkpoint, log_metrics
 
@@ -55,6 +57,7 @@ class TrainRMConfig:
     max_grad_norm: float = field(default=1.0, metadata={"help": "gradient clipping"})
     center_coef: float = field(default=0.01, metadata={"help": "reward centering: + c·mean((r_c + r_r)²)"})
     length_control: bool = field(default=False, metadata={"help": "length-controlled Bradley-Terry: in training the logit gets a learned term β·(words chosen − words rejected)/s, so that the preference for length in the labels goes to β and not to the reward; the saved model scores without it (check eval_shorter_preferred_model against _labels)"})
+    length_decorrelation: float = field(default=0.0, metadata={"help": "λ of an ODIN-style penalty λ·|Pearson r(reward, words)| over each batch's stories (Chen et al. 2024): the reward is kept from carrying length through features that --length_control's linear β does not take; 0 = off (check eval_length_correlation)"})
     bf16: bool = field(default=False, metadata={"help": "bfloat16 mixed precision (GPUs that support it)"})
     seed: int = field(default=0, metadata={"help": "seed for the data order and initialization"})
     resume: bool = field(default=False, metadata={"help": "continue from the last checkpoint in output_dir"})
@@ -90,11 +93,14 @@ def words(story: str) -> int:
 
 
 def pair_targets(pairs: list[PreferencePair]) -> dict[str, torch.Tensor]:
-    """Per pair: the label P(chosen ≻ rejected), the margin, and the word difference chosen − rejected."""
+    """Per pair: the label P(chosen ≻ rejected), the margin, and the word difference chosen − rejected;
+    `words`: each story's length, (2B,) chosen first, as `pair_batch` orders them."""
+    chosen, rejected = [float(words(p.chosen)) for p in pairs], [float(words(p.rejected)) for p in pairs]
     return {
         "target": torch.tensor([p.target for p in pairs]),
         "margin": torch.tensor([p.margin for p in pairs]),
-        "word_diff": torch.tensor([float(words(p.chosen) - words(p.rejected)) for p in pairs]),
+        "word_diff": torch.tensor(chosen) - torch.tensor(rejected),
+        "words": torch.tensor(chosen + rejected),
     }
 
 
@@ -139,7 +145,7 @@ def epoch_order(n: int, seed: int, epoch: int, rank: int, world: int) -> list[in
 def evaluate(rm: RewardModel, pairs: list[PreferencePair], batch_size: int = 64) -> dict[str, float]:
     """Loss and accuracy (ties left out) on `pairs`, and accuracy per aspect where labelled."""
     rm.module.eval()
-    chosen, rejected, targets, margins = [], [], [], []
+    chosen, rejected, targets, margins, story_words = [], [], [], [], []
     for k in range(0, len(pairs), batch_size):
         chunk = pairs[k : k + batch_size]
         batch, t = pair_batch(rm, chunk)
@@ -148,6 +154,7 @@ def evaluate(rm: RewardModel, pairs: list[PreferencePair], batch_size: int = 64)
         rejected.append(scores[len(chunk) :])
         targets.append(t["target"])
         margins.append(t["margin"])
+        story_words.append(t["words"])
     rm.module.train()
     if not pairs:
         return {}
@@ -156,6 +163,9 @@ def evaluate(rm: RewardModel, pairs: list[PreferencePair], batch_size: int = 64)
         "eval_loss": bradley_terry_loss(c, r, margin=torch.cat(margins), target=t).item(),
         "eval_accuracy": preference_accuracy(c, r, tie=t < 1).item(),
         "eval_pairs": len(pairs),
+        # r(reward, words) over the eval stories; --length_decorrelation drives it toward 0
+        "eval_length_correlation": pearson_correlation(torch.cat([torch.cat(chosen), torch.cat(rejected)]),
+                                                       torch.cat([w[: len(w) // 2] for w in story_words] + [w[len(w) // 2 :] for w in story_words])).item(),
     }
     lengths = [torch.tensor([words(getattr(p, side)) for p in pairs]) for side in ("chosen", "rejected")]
     bias = shorter_preferred(c, r, *lengths, tie=t < 1)
@@ -186,6 +196,8 @@ def train(cfg: TrainRMConfig) -> tuple[RewardModel, dict]:
     from tqdm import tqdm
     from transformers import get_linear_schedule_with_warmup
 
+    if cfg.length_decorrelation < 0:
+        raise ValueError(f"--length_decorrelation {cfg.length_decorrelation}: give λ ≥ 0 (0 turns it off; ODIN used about 1)")
     accelerator = Accelerator(mixed_precision="bf16" if cfg.bf16 else "no", gradient_accumulation_steps=cfg.grad_accum)
     set_seed(cfg.seed)
     out = Path(cfg.output_dir)
@@ -273,7 +285,7 @@ def train(cfg: TrainRMConfig) -> tuple[RewardModel, dict]:
         n_batches = cfg.steps_per_epoch * cfg.grad_accum
         bar = tqdm(range(n_batches), desc=f"epoch {epoch + 1}/{cfg.epochs}", disable=not accelerator.is_main_process)
         t0 = time.perf_counter()
-        window = {"loss": [], "accuracy": [], "margin": []}
+        window = {"loss": [], "accuracy": [], "margin": [], "length_correlation": []}
         for b in bar:
             chunk = order[b * cfg.batch_size : (b + 1) * cfg.batch_size]
             batch, t = encoder(chunk)
@@ -283,6 +295,9 @@ def train(cfg: TrainRMConfig) -> tuple[RewardModel, dict]:
                 target, margin = t["target"].to(scores.device), t["margin"].to(scores.device)
                 offset = length_coef * t["word_diff"].to(scores.device) / cfg.length_scale if cfg.length_control else None
                 loss = bradley_terry_loss(chosen, rejected, margin=margin, target=target, center_coef=cfg.center_coef, offset=offset)
+                length_corr = pearson_correlation(scores, t["words"].to(scores.device))
+                if cfg.length_decorrelation:
+                    loss = loss + cfg.length_decorrelation * length_corr.abs()
                 finite = accelerator.reduce(torch.tensor([float(torch.isfinite(loss))], device=accelerator.device), "sum")
                 if finite.item() < accelerator.num_processes:
                     raise TrainingDiverged(
@@ -301,6 +316,7 @@ def train(cfg: TrainRMConfig) -> tuple[RewardModel, dict]:
             window["loss"].append(loss.item())
             window["accuracy"].append(preference_accuracy(chosen.detach(), rejected.detach(), tie=target < 1).item())
             window["margin"].append((chosen - rejected).mean().item())
+            window["length_correlation"].append(length_corr.item())
             if accelerator.sync_gradients:
                 step += 1
                 if step % cfg.logging_steps == 0 and accelerator.is_main_process:

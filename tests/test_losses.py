@@ -5,7 +5,7 @@ import math
 import pytest
 import torch
 
-from rlhf.losses import bradley_terry_loss, fit_logit_coef, preference_accuracy, shorter_preferred
+from rlhf.losses import bradley_terry_loss, fit_logit_coef, pearson_correlation, preference_accuracy, shorter_preferred
 
 
 def sig(x):
@@ -65,6 +65,19 @@ def test_shorter_preferred_by_hand():
     flipped = shorter_preferred(t([0.0]), t([1.0]), t([3]), t([5]))  # the labels chose the shorter, the model the longer
     assert flipped == {"labels": 1.0, "model": 0.0, "pairs": 1}
     assert shorter_preferred(t([1.0]), t([0.0]), t([4]), t([4]))["pairs"] == 0
+
+
+def test_pearson_correlation_by_hand():
+    # x − x̄ = (−1, 0, 1), y − ȳ = (−7/3, −1/3, 8/3): Σ = 5, Σx² = 2, Σy² = 38/3, r = 5 / √(76/3)
+    x, y = torch.tensor([1.0, 2.0, 3.0]), torch.tensor([2.0, 4.0, 7.0])
+    assert pearson_correlation(x, y).item() == pytest.approx(5 / math.sqrt(76 / 3), abs=1e-6)
+    assert pearson_correlation(x, -y).item() == pytest.approx(-5 / math.sqrt(76 / 3), abs=1e-6)
+    assert pearson_correlation(x, 10 * y + 3).item() == pytest.approx(5 / math.sqrt(76 / 3), abs=1e-6)  # scale-free
+    # A constant (a batch of equally long stories): r = 0, with a finite gradient for the penalty.
+    rewards = torch.tensor([0.5, -1.0, 2.0], requires_grad=True)
+    r = pearson_correlation(rewards, torch.full((3,), 40.0))
+    r.abs().backward()
+    assert r.item() == 0.0 and torch.isfinite(rewards.grad).all()
 
 
 def test_bt_soft_target():

@@ -140,6 +140,11 @@ def test_length_control_keeps_length_out_of_the_reward(assets, tmp_path):
     assert shorter["plain"] > 0.7 and shorter["lc"] < shorter["plain"] - 0.05, shorter
     assert controlled.trained_state().keys() == plain.trained_state().keys()  # β is not part of the saved reward
     assert json.loads((tmp_path / "lc" / "checkpoint-last" / "trainer_state.json").read_text())["length_coef"] == pytest.approx(m["length_coef"])
+    # ODIN's penalty on top: the reward's correlation with length falls further (the plain one's is strongly negative).
+    decorrelated, md = train(_cfg(assets, tmp_path / "odin", data=str(data), length_control=True, length_decorrelation=1.0))
+    corr = {name: evaluate(rm, train_pairs)["eval_length_correlation"] for name, rm in (("plain", plain), ("lc", controlled), ("odin", decorrelated))}
+    assert corr["plain"] < -0.3 and abs(corr["odin"]) < abs(corr["lc"]) - 0.1 and abs(corr["odin"]) < 0.15, corr
+    assert "eval_length_correlation" in md
 
 
 def test_accelerate_two_cpu_processes(assets, tmp_path):
