@@ -24,7 +24,7 @@ The loop a user runs, in one process:
    carries "shorter is better" over to the policy's samples, where the annotators have no such taste
    (`--set rm_length_control=false` brings that back; docs/BENCHMARKS.md, eleventh report), and
    `--length_decorrelation 0.2` (ODIN's penalty on the reward's correlation with length: median win 0.70
-   over three PPO seeds, against 0.65 without; at 1.0 the reward model fell to chance; thirteenth report);
+   over three PPO seeds, against 0.64 without; at 1.0 the reward model fell to chance; thirteenth report);
 7. `rlhf.ppo` with the composite reward and the adaptive KL controller, sampling at that temperature.
 
 Then, on held-out scenes that no step trained on: the hidden utility of the PPO policy's and the SFT
