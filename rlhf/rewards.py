@@ -124,12 +124,12 @@ class CoherenceReward:
         self.encode = encoder
 
     def __call__(self, images, instructions, contexts, styles, stories) -> torch.Tensor:
-        stories = [split_sentences(plain_text(story)) for story in stories]
+        per_story = [split_sentences(plain_text(story)) for story in stories]
         contexts = [plain_text(c) if c else "" for c in contexts]
-        texts = list(dict.fromkeys([s for sentences in stories for s in sentences] + [c for c in contexts if c]))
+        texts = list(dict.fromkeys([s for sentences in per_story for s in sentences] + [c for c in contexts if c]))
         table = dict(zip(texts, self.encode(texts)))  # the batch's sentences in one pass of the encoder
         out = []
-        for context, sentences in zip(contexts, stories):
+        for context, sentences in zip(contexts, per_story):
             sims = [float(table[a] @ table[b]) for a, b in zip(sentences, sentences[1:])]
             if context and sentences:
                 sims.append(float(table[context] @ table[sentences[0]]))
