@@ -210,8 +210,8 @@ def main() -> None:
     from rlhf.train_rm import train as train_rm
     from storyworld import annotate_world, make_world
     from storyworld.clip import train_clip
-    from storyworld.vision import train_vit
     from storyworld.grammar import STYLE_DESCRIPTIONS
+    from storyworld.vision import train_vit
 
     out = args.out
     out.mkdir(parents=True, exist_ok=True)

@@ -272,7 +272,7 @@ def signal_agreement(reward: CompositeReward, pairs: Sequence, progress: bool = 
     for start in range(0, len(decided), batch_size):  # each batch: the chosen stories, then the rejected ones
         batch = decided[start : start + batch_size]
         prompts = [parse_prompt(p.prompt) for p in batch]
-        images = [[i.load() for i in p.images] for p in batch]
+        images = [[i.path if i.path is not None else i.load() for i in p.images] for p in batch]  # by path: the CLIP cache's key
         with torch.no_grad():
             _, raw = reward(images * 2, [i for i, _, _ in prompts] * 2, [c for _, _, c in prompts] * 2, [s for _, s, _ in prompts] * 2,
                             [p.chosen for p in batch] + [p.rejected for p in batch], update=False)  # fmt: skip

@@ -13,11 +13,11 @@ import pytest
 import torch
 
 from annotate.formats import format_prompt, parse_prompt
+from rlhf.data import ImageRef
 from rlhf.policy import UnsupportedPolicyError, load_policy
 from rlhf.ppo import PPOConfig, train
 from rlhf.reward_model import ModelLoadError, RewardModel, RewardModelConfig
-from rlhf.rewards import (CheckConfig, CoherenceReward, CompositeReward, RunningStats, StyleReward, check, ends_a_sentence, parse_weights,
-                          signal_agreement, wilson_interval)
+from rlhf.rewards import CheckConfig, CoherenceReward, CompositeReward, RunningStats, StyleReward, check, ends_a_sentence, parse_weights, signal_agreement, wilson_interval
 from rlhf.stories import StoryDataError
 from storyworld.world import make_world
 from tests.fixtures import make_tiny
@@ -227,6 +227,12 @@ def test_signal_agreement_by_hand():
     seen.clear()
     assert signal_agreement(reward, pairs, batch_size=2) == result and [len(i) for i, _, _ in seen] == [4, 4, 2, 2]  # batches of 2 and 1
     assert signal_agreement(reward, pairs[-1:]) == {"pairs": 0}  # ties only: nothing to agree with
+    seen_images = []
+    reward = CompositeReward({"any": 1.0}, {"any": lambda images, *rest: seen_images.append(images) or torch.zeros(len(images))})
+    framed = pair("a", "b")
+    framed.images = [ImageRef("frames/one.png"), ImageRef("frames/two.png")]
+    signal_agreement(reward, [framed])
+    assert seen_images == [[[Path("frames/one.png"), Path("frames/two.png")]] * 2]  # frames by path, not decoded: the CLIP cache keys on the file
 
 
 def test_check_scores_an_exports_pairs(setup, tmp_path, capsys):
