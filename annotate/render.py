@@ -15,6 +15,7 @@ import difflib
 import hashlib
 import html
 import re
+
 from annotate.formats import plain_text, split_frames
 
 _ENTITY = re.compile(r"<(gdo|gda|gdl)\s+([\w-]{1,40})\s*>(.*?)</\1>", re.S | re.I)

@@ -12,12 +12,12 @@ from __future__ import annotations
 
 import argparse
 import json
-from collections import Counter
 import random
 import statistics
 import sys
 import tempfile
 import time
+from collections import Counter
 from pathlib import Path
 
 import pandas as pd

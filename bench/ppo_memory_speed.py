@@ -74,16 +74,15 @@ def measure_memory(model_dir: str, mode: str) -> dict:
     """Peak memory of one PPO iteration with the reference as `mode`: "adapter-off" or "copy"."""
     import copy
 
+    import peft  # noqa: F401  (every library imported before the baseline, so that it counts model memory only)
     import torch
+    import transformers.generation.utils  # noqa: F401
     from PIL import Image
+    from transformers import GPT2LMHeadModel, VisionEncoderDecoderModel, ViTModel  # noqa: F401
 
     from rlhf import losses
     from rlhf.policy import LORA_TARGETS, load_policy
     from rlhf.ppo import ValueHead
-
-    import peft  # noqa: F401  (every library imported before the baseline, so that it counts model memory only)
-    import transformers.generation.utils  # noqa: F401
-    from transformers import GPT2LMHeadModel, VisionEncoderDecoderModel, ViTModel  # noqa: F401
 
     cuda = torch.cuda.is_available()
     device = "cuda" if cuda else "cpu"

@@ -14,7 +14,6 @@ import random
 from dataclasses import dataclass
 from itertools import combinations
 
-
 # Tuned on `make` candidates so that default_pool(5) agrees on ~75% of non-tie pairs: temperature
 # 0.5 gives 0.80, 0.65 gives 0.75, 0.8 gives 0.72 (2,000 pairs, 8 seeds; see tests/test_storyworld.py).
 DEFAULT_TEMPERATURE = 0.65

@@ -15,7 +15,7 @@ import random
 import re
 from dataclasses import dataclass
 
-from storyworld.scene import COLORS, NAMES, SHAPES, SETTINGS, Entity, Frame, Scene
+from storyworld.scene import COLORS, NAMES, SETTINGS, SHAPES, Entity, Frame, Scene
 
 STYLES = ("adventurous", "funny", "spooky", "calm")
 STYLE_DESCRIPTIONS = {
