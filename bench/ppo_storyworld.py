@@ -23,8 +23,9 @@ The loop a user runs, in one process:
    with `--length_control`: the grammar round's flawed stories are longer, and without it the reward model
    carries "shorter is better" over to the policy's samples, where the annotators have no such taste
    (`--set rm_length_control=false` brings that back; docs/BENCHMARKS.md, eleventh report), and
-   `--length_decorrelation 0.2` (ODIN's penalty on the reward's correlation with length: median win 0.70
-   over three PPO seeds, against 0.64 without; at 1.0 the reward model fell to chance; thirteenth report);
+   `--length_decorrelation 0.2` (ODIN's penalty on the reward's correlation with length: on world 0 a median win
+   of 0.70 over three PPO seeds, against 0.64 without; on world 1 (`--seed 1`) 0.56 against 0.61, so a wash;
+   at 1.0 the reward model fell to chance; thirteenth and fourteenth reports);
 7. `rlhf.ppo` with the composite reward and the adaptive KL controller, sampling at that temperature.
 
 Then, on held-out scenes that no step trained on: the hidden utility of the PPO policy's and the SFT
