@@ -4,9 +4,8 @@
 
 The helpers are plain functions, so PPO's reward signals and the benchmarks use the same ones:
 
-* `clip_score`: CLIPScore (Hessel et al., 2021), 2.5·max(cos(image, text), 0), computed per frame
-  and per sentence (each frame's sentences against that frame's image, so long stories are never
-  cut at CLIP's 77 tokens), averaged over the sentences of a frame and then over the frames.
+* `clip_score` (from `rlhf.clip`): CLIPScore (Hessel et al., 2021), per frame and per sentence, so
+  long stories are never cut at CLIP's 77 tokens.
 * `bleu`: corpus BLEU with sacrebleu against the items' reference stories, where they have one.
 * `distinct_n`: distinct n-grams over all n-grams of a set of stories (Li et al., 2016).
 * `mean_length`: words per story.
@@ -22,7 +21,8 @@ from pathlib import Path
 
 import torch
 
-from annotate.formats import frame_sentences, plain_text
+from annotate.formats import plain_text
+from rlhf.clip import ClipFeatures, clip_score
 
 
 def distinct_n(texts: Sequence[str], n: int = 2) -> float:
@@ -39,30 +39,6 @@ def bleu(hypotheses: Sequence[str], references: Sequence[str]) -> float:
     import sacrebleu
 
     return sacrebleu.corpus_bleu([plain_text(h) for h in hypotheses], [[plain_text(r) for r in references]]).score
-
-
-@torch.no_grad()
-def clip_score(features, images: Sequence[Sequence], stories: Sequence[str]) -> torch.Tensor:
-    """(B,) CLIPScore per story; `features` is a `ClipFeatures`, images are paths, PIL images or ImageRefs."""
-    from rlhf.data import ImageRef
-
-    refs = [[f if isinstance(f, ImageRef) else ImageRef(f) if isinstance(f, (str, Path)) else ImageRef(image=f) for f in frames] for frames in images]
-    parts = [frame_sentences(story, len(r)) for r, story in zip(refs, stories)]
-    flat = [s for frames in parts for sentences in frames for s in sentences]
-    table = dict(zip(flat, features.sentences(flat)))  # every new sentence of the batch in one pass of the text tower
-    scores = []
-    for r, frames in zip(refs, parts):
-        image_emb = features.images(r)  # (F, D), normalized
-        per_frame = []
-        for f, sentences in enumerate(frames):
-            if not sentences:
-                per_frame.append(0.0)  # a frame the story says nothing about scores 0
-                continue
-            cos = torch.stack([table[s] for s in sentences]) @ image_emb[f]  # (S,)
-            per_frame.append((2.5 * cos.clamp(min=0)).mean().item())
-        scores.append(sum(per_frame) / len(per_frame) if per_frame else 0.0)
-    return torch.tensor(scores)
-
 
 @dataclass
 class EvaluateConfig:
@@ -91,8 +67,6 @@ def main(cfg: EvaluateConfig) -> dict:
     policy = load_policy(cfg.policy, sft_adapter=cfg.sft_adapter, device=device, trainable=False)
     features = None
     if cfg.clip_model:
-        from rlhf.reward_model import ClipFeatures
-
         features = ClipFeatures(cfg.clip_model, cfg.clip_pretrained, device=device)
     # 2. Stories.
     torch.manual_seed(cfg.seed)
@@ -124,7 +98,7 @@ def parse_args(argv: list[str] | None = None) -> EvaluateConfig:
 
 
 if __name__ == "__main__":
-    from rlhf.policy import ModelLoadError
+    from rlhf.loading import ModelLoadError
     from rlhf.stories import StoryDataError
 
     try:

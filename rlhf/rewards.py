@@ -4,7 +4,7 @@ Every signal is called as `signal(images, instructions, contexts, styles, storie
 one entry per story (images: a list of frames per story, as paths or PIL images):
 
 * `human`: the trained reward model (`rlhf.train_rm`), loaded from its directory.
-* `clip`: CLIPScore, 2.5·max(cos, 0) per frame and sentence (see `rlhf.evaluate.clip_score`).
+* `clip`: CLIPScore, 2.5·max(cos, 0) per frame and sentence (see `rlhf.clip.clip_score`).
 * `coherence`: sentence-embedding similarity of consecutive sentences, and of the first sentence
   to the story so far (the context) when there is one.
 * `repetition`: distinct-2 within the story (1 = no repeated word pair; higher is better).
@@ -39,8 +39,9 @@ from pathlib import Path
 import torch
 
 from annotate.formats import parse_prompt, plain_text, split_sentences
-from rlhf.evaluate import clip_score, distinct_n
-from rlhf.reward_model import ModelLoadError, trim_cache
+from rlhf.clip import ClipFeatures, clip_score, trim_cache
+from rlhf.evaluate import distinct_n
+from rlhf.loading import ModelLoadError
 
 SIGNALS = ("human", "clip", "coherence", "repetition", "style")
 Signal = Callable[..., torch.Tensor]
@@ -90,8 +91,6 @@ class HumanReward:
 
 class ClipReward:
     def __init__(self, clip_model: str, clip_pretrained: str | None, device: str = "cpu", cache_dir: str | None = None):
-        from rlhf.reward_model import ClipFeatures
-
         self.features = ClipFeatures(clip_model, clip_pretrained, cache_dir, device)
 
     def __call__(self, images, instructions, contexts, styles, stories) -> torch.Tensor:

@@ -27,7 +27,8 @@ from pathlib import Path
 import torch
 
 from annotate.formats import format_prompt
-from rlhf.policy import STORY_CUE, LoraSpec, ModelLoadError, StoryPolicy, load_policy
+from rlhf.loading import ModelLoadError
+from rlhf.policy import STORY_CUE, LoraSpec, StoryPolicy, load_policy
 from rlhf.runlog import checkpoint_dir, latest_checkpoint, log_metrics
 from rlhf.stories import StoryDataError, StoryExample, read_examples
 

@@ -26,8 +26,9 @@ import torch
 
 from annotate.formats import plain_text
 from rlhf.data import DataError, PreferencePair, load_preferences
+from rlhf.loading import ModelLoadError
 from rlhf.losses import bradley_terry_loss, fit_logit_coef, pearson_correlation, preference_accuracy, shorter_preferred
-from rlhf.reward_model import DEFAULT_TEXT_MODEL, ModelLoadError, RewardModel, RewardModelConfig
+from rlhf.reward_model import DEFAULT_TEXT_MODEL, RewardModel, RewardModelConfig
 from rlhf.runlog import checkpoint_dir, latest_checkpoint, log_metrics
 
 

@@ -14,9 +14,10 @@ import torch
 
 from annotate.formats import format_prompt, parse_prompt
 from rlhf.data import ImageRef
+from rlhf.loading import ModelLoadError
 from rlhf.policy import UnsupportedPolicyError, load_policy
 from rlhf.ppo import PPOConfig, train
-from rlhf.reward_model import ModelLoadError, RewardModel, RewardModelConfig
+from rlhf.reward_model import RewardModel, RewardModelConfig
 from rlhf.rewards import CheckConfig, CoherenceReward, CompositeReward, RunningStats, StyleReward, check, ends_a_sentence, parse_weights, signal_agreement, wilson_interval
 from rlhf.stories import StoryDataError
 from storyworld.world import make_world

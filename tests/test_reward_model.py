@@ -13,7 +13,8 @@ import pytest
 import torch
 
 from rlhf.data import DataError, load_preferences
-from rlhf.reward_model import ModelLoadError, RewardModel, RewardModelConfig
+from rlhf.loading import ModelLoadError
+from rlhf.reward_model import RewardModel, RewardModelConfig
 from rlhf.train_rm import TrainRMConfig, train
 from storyworld import annotate_world, make_world
 from tests.fixtures.make_tiny import tiny_clip, tiny_llava, tiny_text_encoder, tiny_vit_gpt2

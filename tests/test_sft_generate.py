@@ -155,7 +155,7 @@ def test_generate_into_the_database_shows_up_as_new_comparisons(sft_policy, worl
 
 
 def test_best_of_needs_a_reward_model(sft_policy, world, tmp_path):
-    from rlhf.policy import ModelLoadError
+    from rlhf.loading import ModelLoadError
 
     out, _ = sft_policy
     with pytest.raises(ModelLoadError, match="--best_of needs --reward"):
@@ -205,7 +205,7 @@ def test_distinct_n_and_length_by_hand():
 def test_clip_score_is_hessels_formula_per_frame_and_sentence(tmp_path):
     from PIL import Image
 
-    from rlhf.reward_model import ClipFeatures
+    from rlhf.clip import ClipFeatures
 
     make_tiny.tiny_clip(tmp_path / "clip")
     features = ClipFeatures(str(tmp_path / "clip"), None)
@@ -255,7 +255,7 @@ def test_init_starts_from_a_pretrained_vision_encoder(world, tmp_path):
     """--vision_encoder: the encoder-decoder's ViT holds exactly the given ViT's weights and its processor."""
     from transformers import AutoImageProcessor, ViTConfig, ViTImageProcessor, ViTModel
 
-    from rlhf.policy import ModelLoadError
+    from rlhf.loading import ModelLoadError
     from rlhf.sft import build_tiny_vit_gpt2
     from storyworld.vision import VIT_CONFIG
 
