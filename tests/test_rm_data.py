@@ -70,7 +70,7 @@ def test_image_keys_are_content_hashes_computed_once_per_file(tmp_path):
 
 
 def test_trim_cache_keeps_the_newer_half():
-    from rlhf.reward_model import trim_cache
+    from rlhf.clip import trim_cache
 
     cache = {i: i for i in range(10)}
     trim_cache(cache, limit=8)
