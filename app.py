@@ -2,7 +2,8 @@
 
     python app.py [--db URL] [--host 127.0.0.1] [--port 7860] [--project NAME] [--no-demo]
 
-On an empty database it seeds a storyworld demo project, and on the first run with no accounts it
+On an empty database it seeds a storyworld demo project (50 items, with 300 votes from simulated
+annotators, so the Admin tab has something to show), and on the first run with no accounts it
 creates an `admin` account with a random password, printed once. It listens on 127.0.0.1 only,
 unless --host says otherwise.
 """
@@ -19,7 +20,7 @@ from annotate.ui import build_app, launch
 from db import DEFAULT_URL, open_db
 
 
-def main(argv: list[str] | None = None) -> int:
+def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0], epilog=__doc__.split("\n\n", 1)[1],
                                 formatter_class=argparse.RawDescriptionHelpFormatter)  # fmt: skip
     p.add_argument("--db", default=os.environ.get("STORYPREF_DB", DEFAULT_URL), help="SQLAlchemy URL (default: %(default)s)")
@@ -29,14 +30,27 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--no-demo", action="store_true", help="do not seed the storyworld demo into an empty database")
     p.add_argument("--data-dir", default="data", help="where the demo world is written (default: data/)")
     p.add_argument("--concurrency", type=int, default=16, help="events handled at once (default 16)")
-    args = p.parse_args(argv)
+    return p
 
+
+def prepare(args: argparse.Namespace):
+    """Everything before the server starts: the database, the demo on first run, the first admin, the app.
+
+    Returns (gr.Blocks, session factory, the new admin's password or None); raises ValueError when
+    the project cannot be served.
+    """
     _, session_factory = open_db(args.db)
     if not args.no_demo:
         seed_demo(session_factory, Path(args.data_dir))
     password = ensure_admin(session_factory)
+    demo = build_app(session_factory, args.project, concurrency_limit=args.concurrency)
+    return demo, session_factory, password
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
     try:
-        demo = build_app(session_factory, args.project, concurrency_limit=args.concurrency)
+        demo, session_factory, password = prepare(args)
     except ValueError as e:
         print(f"error: {e}", file=sys.stderr)
         return 1

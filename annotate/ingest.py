@@ -13,6 +13,7 @@ external_id) and candidates by their text hash, so re-ingesting the same file ad
 from __future__ import annotations
 
 import argparse
+import contextlib
 import csv
 import hashlib
 import io
@@ -586,6 +587,31 @@ def write_records(
     return stats
 
 
+@contextlib.contextmanager
+def write_transaction(session_factory, media_root: str | Path | None = None) -> Iterator[tuple[Session, Path, list[Path]]]:
+    """One all-or-nothing write: yields (session, media root, created files) for `write_records` calls.
+
+    The media root is the database's own (recorded on first use); on any error the transaction rolls
+    back and the image files it stored are removed, so neither the database nor the media root
+    keeps half of an import.
+    """
+    created: list[Path] = []
+    try:
+        with session_factory.begin() as session:
+            stored_root = get_meta(session, "media_root")
+            root = Path(media_root or stored_root or DEFAULT_MEDIA_ROOT).resolve()
+            if stored_root and Path(stored_root) != root:
+                raise IngestError(
+                    f"this database keeps its images under {stored_root}; pass --media-root {stored_root} or leave it out"
+                )
+            set_meta(session, "media_root", str(root))
+            yield session, root, created
+    except BaseException:
+        for path in created:  # the transaction rolled back: leave no orphan files either
+            path.unlink(missing_ok=True)
+        raise
+
+
 def ingest(
     session_factory,
     source: str,
@@ -605,25 +631,12 @@ def ingest(
     fmt, records = read_source(
         source, fmt, image_root=image_root, instruction=instruction, split=split, max_text_chars=max_text_chars
     )
-    created: list[Path] = []
-    try:
-        with session_factory.begin() as session:
-            stored_root = get_meta(session, "media_root")
-            root = Path(media_root or stored_root or DEFAULT_MEDIA_ROOT).resolve()
-            if stored_root and Path(stored_root) != root:
-                raise IngestError(
-                    f"this database keeps its images under {stored_root}; pass --media-root {stored_root} or leave it out"
-                )
-            set_meta(session, "media_root", str(root))
-            proj = get_or_create_project(session, project, **(project_settings or {}))
-            name = source_name or (Path(source).name if Path(source).exists() else source)
-            stats = write_records(
-                session, proj, records, source=name, media_root=root, pairs_per_item=pairs_per_item, created_files=created
-            )
-    except BaseException:
-        for path in created:  # the transaction rolled back: leave no orphan files either
-            path.unlink(missing_ok=True)
-        raise
+    with write_transaction(session_factory, media_root) as (session, root, created):
+        proj = get_or_create_project(session, project, **(project_settings or {}))
+        name = source_name or (Path(source).name if Path(source).exists() else source)
+        stats = write_records(
+            session, proj, records, source=name, media_root=root, pairs_per_item=pairs_per_item, created_files=created
+        )
     return fmt, stats
 
 

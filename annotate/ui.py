@@ -316,7 +316,11 @@ def build_app(session_factory, project: str | None = None, *, concurrency_limit:
         row = s.scalar(query.where(Project.name == project) if project else query)
         if row is None:
             names = ", ".join(s.scalars(select(Project.name))) or "none yet"
-            raise ValueError(f"no project {project!r} (projects: {names}); ingest items first: python -m annotate.ingest")
+            if project:
+                raise ValueError(f"no project {project!r} (projects: {names}); pass one of them as --project, or ingest "
+                                 f"items into it first: python -m annotate.ingest SOURCE --project {project}")  # fmt: skip
+            raise ValueError("the database has no project yet; ingest items first (python -m annotate.ingest SOURCE "
+                             "--project NAME), or start without --no-demo for the storyworld demo")  # fmt: skip
         media_root = Path(get_meta(s, "media_root") or DEFAULT_MEDIA_ROOT).resolve()
         settings = (row.name, row.ask_strength, list(row.aspects or []))
     name, ask_strength, aspects = settings

@@ -28,7 +28,8 @@ from pathlib import Path
 
 import torch
 
-from rlhf.policy import ModelLoadError, load_policy
+from rlhf.loading import ModelLoadError
+from rlhf.policy import load_policy
 from rlhf.stories import StoryDataError, StoryExample, read_examples
 
 
@@ -149,24 +150,22 @@ def write_jsonl(rows: list[dict], path: Path) -> None:
 
 def write_db(rows: list[dict], url: str, project: str) -> dict:
     """New candidates and their comparisons, into the project, in one transaction (per item source)."""
-    from annotate.ingest import get_or_create_project, read_source, write_records
-    from db import DEFAULT_MEDIA_ROOT, get_meta, open_db, set_meta
+    from annotate.ingest import get_or_create_project, read_source, write_records, write_transaction
+    from db import open_db
 
     _, factory = open_db(url)
     by_source: dict[str, list[dict]] = defaultdict(list)
     for r in rows:
         by_source[r["source"]].append(r)
     totals: dict[str, int] = defaultdict(int)
-    with tempfile.TemporaryDirectory() as tmp, factory.begin() as session:
-        root = Path(get_meta(session, "media_root") or DEFAULT_MEDIA_ROOT).resolve()
-        set_meta(session, "media_root", str(root))
+    with tempfile.TemporaryDirectory() as tmp, write_transaction(factory) as (session, root, created):
         proj = get_or_create_project(session, project)
         for n, (source, group) in enumerate(by_source.items()):
             path = Path(tmp) / f"{n}.jsonl"
             write_jsonl(group, path)
             image_root = Path(os.path.commonpath([str(Path(p).resolve().parent) for r in group for p in r["image_paths"]]))
             _, records = read_source(str(path), "jsonl", image_root=image_root)
-            stats = write_records(session, proj, records, source=source, media_root=root)
+            stats = write_records(session, proj, records, source=source, media_root=root, created_files=created)
             for k, v in asdict(stats).items():
                 totals[k] += v
     return dict(totals)

@@ -2,7 +2,7 @@
 
 import gradio as gr
 import pytest
-from sqlalchemy import select
+from sqlalchemy import func, select
 
 from annotate.demo import DEMO_PROJECT, ensure_admin, seed_demo
 from annotate.ui import STRENGTHS, LabelingApp, Session, build_app
@@ -16,7 +16,7 @@ TOKEN, HEADER, COMPARE, NOTICE = 1, 2, 4, -1
 @pytest.fixture
 def app(tmp_path):
     _, factory = open_db(f"sqlite:///{tmp_path}/ui.db")
-    assert seed_demo(factory, tmp_path / "data", n_items=12, media_root=tmp_path / "media") == DEMO_PROJECT
+    assert seed_demo(factory, tmp_path / "data", n_items=12, media_root=tmp_path / "media", simulated_votes=False) == DEMO_PROJECT
     with factory.begin() as s:
         add_user(s, "ann", "ann-password")
         add_user(s, "bob", "bob-password")
@@ -135,6 +135,42 @@ def test_first_run_creates_one_admin(tmp_path):
         assert authenticate(s, "admin", password).role == "admin"
         assert authenticate(s, "admin", "wrong") is None
 
+
+
+def test_a_fresh_app_shows_agreement_leaderboard_and_plots(tmp_path):
+    """`python app.py` on a new database: the Admin tab has statistics before anybody votes."""
+    import app as app_py
+
+    args = app_py.build_parser().parse_args(["--db", f"sqlite:///{tmp_path}/fresh.db", "--data-dir", str(tmp_path / "data")])
+    demo, factory, password = app_py.prepare(args)
+    assert password
+    admin = LabelingApp(factory, DEMO_PROJECT, demo.storypref_media_root)
+    people, summary, board, votes_plot, board_plot = admin.admin_refresh(request=req("admin"))
+    assert sorted(people["annotator"]) == ["demo-sim1", "demo-sim2-leftbias", "demo-sim3-careless", "demo-sim4", "demo-sim5"]
+    assert people["votes"].sum() == 300  # 50 items x 2 comparisons x 3 votes
+    alpha = float(summary.split("**Krippendorff's α** (−1/0/+1): ")[1].split(" ")[0])
+    assert 0.2 < alpha < 0.9 and "comparisons with 2+ votes: 100" in summary
+    assert len(board) == 3 and board["strength"].is_monotonic_decreasing
+    assert list(board["origin"]) == ["storyworld/good", "storyworld/fair", "storyworld/poor"]  # the world's quality bands, in order
+    assert len(votes_plot) == 5 and len(board_plot) == 3
+    with factory() as s:  # the simulated annotators cannot log in, and left real work for real annotators
+        from annotate.auth import authenticate
+        from db import Annotator
+
+        assert all(a.password_hash is None for a in s.scalars(select(Annotator).where(Annotator.username.like("demo-%"))))
+        assert authenticate(s, "demo-sim1", "") is None
+        assert s.scalar(select(func.count(Comparison.id)).where(Comparison.n_votes == 0)) == 200
+
+
+def test_no_demo_starts_empty(tmp_path):
+    import app as app_py
+
+    args = app_py.build_parser().parse_args(["--db", f"sqlite:///{tmp_path}/empty.db", "--data-dir", str(tmp_path / "data"), "--no-demo"])
+    with pytest.raises(ValueError, match="no project yet; ingest items first"):
+        app_py.prepare(args)
+    _, factory = open_db(f"sqlite:///{tmp_path}/empty.db")
+    with factory() as s:
+        assert s.scalar(select(func.count(Vote.id))) == 0 and s.scalar(select(func.count(Comparison.id))) == 0
 
 
 def test_every_handler_gets_the_request(app):
