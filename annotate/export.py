@@ -2,7 +2,7 @@
 
     python -m annotate.export --db URL --out PATH --format pairs|trl|hf [--aggregate none|majority]
 
-Three formats, as in shared/DESIGN.md:
+Three formats (docs/data.md documents each field):
 
 * `pairs`: one JSONL line per vote (or per comparison with `--aggregate majority`), in the field
   names of the visual-instruction RLHF seed (`image_paths, instruction, response_a, response_b,

@@ -1,6 +1,6 @@
 """The storypref data model, in SQLAlchemy 2.0 typed style.
 
-One table per noun of shared/DESIGN.md: annotator, project, item, item_image, candidate, comparison
+One table per noun of the data model (docs/DESIGN.md): annotator, project, item, item_image, candidate, comparison
 and vote, plus `storypref_meta` (schema version and media root). Votes are never deleted: an edit or
 an undo marks the old row inactive and points it at the row that replaced it, so the full history of
 every answer stays auditable. Comparisons keep their candidates in canonical order (lower id first),

@@ -25,7 +25,7 @@ def _size(text: str) -> tuple[int, int]:
 def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(
         prog="python -m storyworld",
-        description="A synthetic world of visual stories with a hidden human preference (see README: storyworld).",
+        description="A synthetic world of visual stories with a hidden human preference (docs/storyworld.md).",
     )
     sub = p.add_subparsers(dest="command", required=True)
 

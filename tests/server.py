@@ -22,16 +22,22 @@ def free_port() -> int:
 
 
 class AppServer:
-    """`python app.py --db URL --port P --no-demo` as a child process, listening on 127.0.0.1."""
+    """`python app.py --db URL --port P --no-demo` as a child process, listening on 127.0.0.1.
 
-    def __init__(self, db_url: str, log: Path, project: str | None = None, port: int | None = None):
-        self.db_url, self.log, self.project = db_url, log, project
+    With `demo=True` it starts as a new user's `python app.py` does, seeding the demo into an empty
+    database (under `data_dir`); `admin_password()` reads the first-run password it prints.
+    """
+
+    def __init__(self, db_url: str, log: Path, project: str | None = None, port: int | None = None, demo: bool = False,
+                 data_dir: Path | None = None):  # fmt: skip
+        self.db_url, self.log, self.project, self.demo, self.data_dir = db_url, log, project, demo, data_dir
         self.port = port or free_port()
         self.url = f"http://127.0.0.1:{self.port}"
         self.proc: subprocess.Popen | None = None
 
     def start(self, timeout: float = 90) -> AppServer:
-        cmd = [sys.executable, str(ROOT / "app.py"), "--db", self.db_url, "--port", str(self.port), "--no-demo"]
+        cmd = [sys.executable, str(ROOT / "app.py"), "--db", self.db_url, "--port", str(self.port)]
+        cmd += ["--data-dir", str(self.data_dir or self.log.parent / "data")] if self.demo else ["--no-demo"]
         if self.project:
             cmd += ["--project", self.project]
         env = {**os.environ, "GRADIO_ANALYTICS_ENABLED": "False", "PYTHONUNBUFFERED": "1"}
@@ -47,6 +53,12 @@ class AppServer:
                 time.sleep(0.3)
         self.stop()
         raise TimeoutError(f"app.py did not answer within {timeout}s:\n{self.log.read_text()[-3000:]}")
+
+    def admin_password(self) -> str:
+        for line in self.log.read_text().splitlines():
+            if "created account 'admin' with password: " in line:
+                return line.split("with password: ")[1].split()[0]
+        raise AssertionError(f"app.py printed no admin password:\n{self.log.read_text()[-2000:]}")
 
     def kill9(self) -> None:
         if self.proc and self.proc.poll() is None:

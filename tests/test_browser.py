@@ -102,3 +102,33 @@ def test_login_vote_click_and_key_undo_and_xss_inert(server, tmp_path):
         assert page.evaluate("window.__xss") is None
         browser.close()
     assert (tmp_path / "comparison.png").stat().st_size > 10_000
+
+
+def test_a_fresh_app_shows_statistics_in_the_admin_tab_at_once(tmp_path):
+    """A new user's `python app.py`: log in as the printed admin, open Admin, and the demo's statistics are there."""
+    pytest.importorskip("playwright")
+    if not shutil.which(CHROMIUM):
+        pytest.skip("Debian's chromium is not installed (apt-get install chromium)")
+    from playwright.sync_api import sync_playwright
+
+    app = AppServer(f"sqlite:///{tmp_path}/fresh.db", tmp_path / "app.log", demo=True).start()
+    try:
+        with sync_playwright() as p:
+            browser = p.chromium.launch(executable_path=CHROMIUM, args=ARGS)
+            page = browser.new_page(viewport={"width": 1300, "height": 1000})
+            page.goto(app.url)
+            page.get_by_label("username").fill("admin")
+            page.get_by_label("password").fill(app.admin_password())
+            page.get_by_role("button", name="Login").click()
+            page.wait_for_selector(".sp-compare img", timeout=30_000)
+            page.get_by_role("tab", name="Admin").click()  # selecting the tab refreshes; no button pressed
+            page.wait_for_function("document.body.innerText.includes('demo-sim3-careless')", timeout=30_000)
+            page.wait_for_function("document.body.innerText.includes('storyworld/poor')", timeout=30_000)
+            text = page.inner_text("body")
+            assert "Krippendorff's α" in text and "comparisons with 2+ votes: 100" in text
+            page.wait_for_selector("canvas, svg.marks", timeout=30_000)  # the plots drew
+            page.screenshot(path=str(tmp_path / "admin.png"), full_page=True)
+            browser.close()
+    finally:
+        app.stop()
+    assert (tmp_path / "admin.png").stat().st_size > 10_000
