@@ -69,7 +69,8 @@ def utility_components(world: dict, item_id: str, story: str, style: str | None 
     `blind_to_shapes`: a judge who knows everything about the scene but which shape each thing is. It
     reads every shape as a circle, in the frames and in the story. It still reads the words, though, so
     a character the story gives two looks ("Pip the red circle ... Pip the red star") contradicts
-    itself, and a character given a look of another color is wrong.
+    itself (consistency, read on the unblinded words), and a character given a look of another
+    color is wrong (grounding precision).
     """
     import re
     from dataclasses import replace
@@ -81,9 +82,8 @@ def utility_components(world: dict, item_id: str, story: str, style: str | None 
     scene = w["scene"]
     if not blind_to_shapes:
         return components(Scene.from_dict(scene), story, style or w["style"])
-    colors = {e["name"]: e["color"] for f in scene["frames"] for e in f["entities"] if e.get("name")}
     bindings = name_bindings(strip_tags(story))
-    bad = sum(1 for n, looks in bindings.items() if len(looks) > 1 or (n in colors and colors[n] not in {c for c, _ in looks}))
+    bad = sum(1 for looks in bindings.values() if len(looks) > 1)
     scene = {**scene, "frames": [{**f, "entities": [{**e, "shape": "circle"} for e in f["entities"]]} for f in scene["frames"]]}
     blind = components(Scene.from_dict(scene), re.sub(r"\b(" + "|".join(SHAPES) + r")\b", "circle", story), style or w["style"])
     return replace(blind, consistency=1.0 - bad / len(bindings) if bindings else 1.0)

@@ -13,7 +13,7 @@ from __future__ import annotations
 import functools
 import random
 import re
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 
 from storyworld.scene import COLORS, NAMES, SETTINGS, SHAPES, Entity, Frame, Scene
 
@@ -84,9 +84,18 @@ TIME_PHRASE = {"day": "one sunny day", "night": "one moonlit night"}
 LIGHTS = {"day": "Then the sun rose", "night": "Then night fell"}
 
 
+IMAGE_ONLY_FLAWS = ("false-look", "phantom", "wrong-setting", "wrong-time")
+
+
 @dataclass
 class Knobs:
-    """Which flaws to put in a story. The defaults write a flawless story."""
+    """Which flaws to put in a story. The defaults write a flawless story.
+
+    The first group leaves traces in the words (a name with two looks, a repeated sentence, the
+    wrong style words). The image-only group writes a story that reads perfectly, fluent and
+    self-consistent, and contradicts only the frames; its choices come from their own random
+    stream (`image_seed`), so a story with and without them is the same text elsewhere.
+    """
 
     wrong_attr: float = 0.0  # chance that each entity mention gets a wrong color or shape
     hallucinate: int = 0  # number of invented things mentioned
@@ -96,6 +105,12 @@ class Knobs:
     style: str | None = None  # write in this style instead of the asked one
     length: str = "normal"  # short | normal | long
     tags: bool = False  # StoryReasoning <gdi>/<gdo> tags
+    # Image-only flaws: visible only in the frames.
+    false_look: int = 0  # entities given one wrong color or shape, the same in every mention
+    phantom: int = 0  # invented objects introduced as if they were in the picture ("A small red star ...")
+    wrong_setting: bool = False  # the whole story set in another setting
+    wrong_time: bool = False  # day and night swapped throughout (a scene whose light never changes)
+    image_seed: int = 0  # the random stream of the image-only choices
 
     def flaws(self, asked_style: str) -> list[str]:
         out = []
@@ -111,13 +126,33 @@ class Knobs:
             out.append("style")
         if self.length != "normal":
             out.append(f"length-{self.length}")
-        return out
+        return out + self.image_flaws()
+
+    def image_flaws(self) -> list[str]:
+        """The image-only flaws turned on, by name (`IMAGE_ONLY_FLAWS`)."""
+        on = (self.false_look, self.phantom, self.wrong_setting, self.wrong_time)
+        return [name for name, flag in zip(IMAGE_ONLY_FLAWS, on) if flag]
+
+    def applied_to(self, scene: Scene) -> Knobs:
+        """These knobs with the image-only flaws that cannot act on `scene` turned off.
+
+        A short story (a bare caption) names no looks, no phantom and no time, so only a wrong
+        setting acts on it; `wrong_time` needs a scene whose light never changes (with both day and
+        night in the pictures, either word is right somewhere).
+        """
+        short = self.length == "short"
+        return replace(self, false_look=0 if short else self.false_look, phantom=0 if short else self.phantom,
+                       wrong_time=self.wrong_time and not short and len({f.time for f in scene.frames}) == 1)  # fmt: skip
 
 
-def random_knobs(rng: random.Random, quality: float) -> Knobs:
-    """Knobs whose flaws are more likely the lower `quality` (0..1) is."""
+def random_knobs(rng: random.Random, quality: float, image_quality: float | None = None) -> Knobs:
+    """Knobs whose flaws are more likely the lower `quality` (0..1) is.
+
+    `image_quality` draws the image-only flaws the same way, independently of the others; None
+    (the default) draws none, and draws nothing from `rng` for them.
+    """
     bad = 1.0 - quality
-    return Knobs(
+    knobs = Knobs(
         wrong_attr=rng.choice([0.0, 0.0, 0.3, 0.6]) * (rng.random() < bad),
         hallucinate=int(rng.random() < bad * 0.6) * rng.randint(1, 2),
         omit=0.5 * (rng.random() < bad * 0.5),
@@ -127,6 +162,14 @@ def random_knobs(rng: random.Random, quality: float) -> Knobs:
         length=rng.choice(["short", "long"]) if rng.random() < bad * 0.4 else "normal",
         tags=rng.random() < 0.2,
     )
+    if image_quality is not None:
+        image_bad = 1.0 - image_quality
+        knobs.false_look = int(rng.random() < image_bad * 0.6) * rng.randint(1, 2)
+        knobs.phantom = int(rng.random() < image_bad * 0.4)
+        knobs.wrong_setting = rng.random() < image_bad * 0.3
+        knobs.wrong_time = rng.random() < image_bad * 0.3
+        knobs.image_seed = rng.randrange(2**31)
+    return knobs
 
 
 class _Writer:
@@ -137,13 +180,35 @@ class _Writer:
         actors = {a for f in scene.frames for a in f.actors}
         # Omission leaves out bystanders only: the ones no event mentions again.
         self.omitted = {eid for eid in scene.all_entities() if eid not in actors and rng.random() < knobs.omit}
+        # Each image-only flaw draws from a stream of its own, so the rest of the story is the same
+        # text, and adding one such flaw leaves the others as they were.
+        image_rng = lambda kind: random.Random(f"image:{scene.id}:{knobs.image_seed}:{kind}")  # noqa: E731
+        self.looks = {eid: (e.color, e.shape) for eid, e in scene.all_entities().items()}
+        taken = set(self.looks.values())
+        looks_rng = image_rng("false-look")
+        for eid in looks_rng.sample(sorted(self.looks), min(knobs.false_look, len(self.looks))):
+            color, shape = self.looks[eid]
+            if looks_rng.random() < 0.5:  # one attribute wrong; never a look another entity has
+                options = [(c, shape) for c in COLORS if (c, shape) not in taken]
+            else:
+                options = [(color, x) for x in SHAPES if (color, x) not in taken]
+            self.looks[eid] = looks_rng.choice(options)
+            taken.add(self.looks[eid])
+        self.taken = taken
+        self.phantom_rng = image_rng("phantom")
+        settings = [x for x in SETTINGS if x != scene.setting]
+        self.setting = image_rng("setting").choice(settings) if knobs.wrong_setting else scene.setting
+
+    def time(self, frame: Frame) -> str:
+        return ("night" if frame.time == "day" else "day") if self.knobs.wrong_time else frame.time
 
     def pick(self, key: str) -> str:
         return self.rng.choice(self.v[key])
 
     def label(self, e: Entity) -> str:
+        color, shape = self.looks[e.id]  # its true look, or the false one an image-only flaw gave it
         if self.rng.random() >= self.knobs.wrong_attr:
-            return f"{e.color} {e.shape}"
+            return f"{color} {shape}"
         # A wrong color or a wrong shape, never the true look of another entity of the scene.
         taken = {(x.color, x.shape) for x in self.scene.all_entities().values()}
         if self.rng.random() < 0.5:
@@ -154,19 +219,19 @@ class _Writer:
         return f"{color} {shape}"
 
     def name(self, e: Entity) -> str:
-        text = e.name or f"the {e.shape}"
+        text = e.name or f"the {self.looks[e.id][1]}"
         return f"<gdo {self.tag_ids[e.id]}>{text}</gdo>" if self.knobs.tags and e.name else text
 
     def frame_sentences(self, i: int, frame: Frame) -> list[str]:
         hero = frame.entity(frame.actors[0])
         others = [e for e in frame.entities if e.id not in frame.actors and e.held_by is None]
         if self.knobs.length == "short":  # a bare caption: no cast, no events, no style
-            return [f"{self.name(hero)} was there."] if i else [f"{self.name(hero)} was in the {frame.setting}."]
+            return [f"{self.name(hero)} was there."] if i else [f"{self.name(hero)} was in the {self.setting}."]
         if i == 0:
-            out = [f"{self.pick('open')}, {TIME_PHRASE[frame.time]} in the {frame.setting}, "
+            out = [f"{self.pick('open')}, {TIME_PHRASE[self.time(frame)]} in the {self.setting}, "
                    f"{self.name(hero)} the {self.label(hero)} {self.pick('intro')}."]  # fmt: skip
         elif frame.event == "move":
-            out = [f"{self.name(hero)} the {self.label(hero)} {self.pick('move')} across the {frame.setting}."]
+            out = [f"{self.name(hero)} the {self.label(hero)} {self.pick('move')} across the {self.setting}."]
         elif frame.event == "meet":
             other = frame.entity(frame.actors[1])
             out = [f"{self.name(hero)} met {self.name(other)} the {self.label(other)} {self.pick('meet')}."]
@@ -174,7 +239,7 @@ class _Writer:
             obj = frame.entity(frame.actors[1])
             out = [f"{self.name(hero)} picked up the small {self.label(obj)} {self.pick('pickup')}."]
         else:
-            out = [f"{LIGHTS[frame.time]}, and {self.name(hero)} the {self.label(hero)} {self.pick('move')} on."]
+            out = [f"{LIGHTS[self.time(frame)]}, and {self.name(hero)} the {self.label(hero)} {self.pick('move')} on."]
         if i == 0:  # introduce the rest of the cast once
             for e in others:
                 if e.id in self.omitted:
@@ -184,7 +249,7 @@ class _Writer:
                 else:
                     out.append(f"A small {self.label(e)} {self.pick('object')}.")
         if self.knobs.length == "long":
-            out += [self.pick("filler"), f"The {frame.setting} stayed just as it was."]
+            out += [self.pick("filler"), f"The {self.setting} stayed just as it was."]
             out += [self.pick("filler")]
         return out
 
@@ -196,6 +261,16 @@ def write_story(scene: Scene, style: str, knobs: Knobs | None = None, rng: rando
     w = _Writer(scene, style, knobs, rng)
     frames = [w.frame_sentences(i, f) for i, f in enumerate(scene.frames)]
     cast = scene.all_entities()
+    for _ in range(knobs.phantom if knobs.length != "short" else 0):  # introduced as the real objects are
+        # Drawn among looks no real entity has (a false look may take one of them: then another).
+        color, shape = w.phantom_rng.choice(sorted((c, s) for c in COLORS for s in SHAPES
+                                                   if (c, s) not in {(e.color, e.shape) for e in cast.values()}))  # fmt: skip
+        if (color, shape) in w.taken:
+            color, shape = next(look for look in sorted((c, s) for c in COLORS for s in SHAPES) if look not in w.taken)
+        w.taken.add((color, shape))
+        used = " ".join(frames[0])
+        phrases = [p for p in w.v["object"] if p not in used] or w.v["object"]
+        frames[0].append(f"A small {color} {shape} {w.phantom_rng.choice(phrases)}.")
     for _ in range(knobs.hallucinate):  # something that is not in any frame
         taken = {(e.color, e.shape) for e in cast.values()}
         color, shape = rng.choice([(c, s) for c in COLORS for s in SHAPES if (c, s) not in taken])

@@ -3,7 +3,7 @@
     utility = fluency × ( 3.0 * grounding_precision   share of things mentioned that are really in the scene
                         + 2.0 * grounding_recall      share of the scene (cast, setting, events) that is mentioned
                         + 1.5 * non_repetition        unique sentences and distinct word trigrams
-                        + 1.5 * consistency           no character bound to two different looks
+                        + 1.5 * consistency           no character bound to two different looks in the words
                         + 1.0 * style_match           share of style words that belong to the asked style
                         + 1.0 * length )              1 for 10-30 words per frame, falling off outside
 
@@ -12,7 +12,9 @@
     factor only judges free text: a reader does not credit a garbled sentence, or a story cut off
     mid-sentence, for the facts it happens to get right.
 
-Each component lies in [0, 1], so the utility lies in [0, 10]. It reads any text, not only the
+Each component lies in [0, 1], so the utility lies in [0, 10]. The grounding components are the
+ones only the frames can judge; the others read the words alone (a character given one wrong look
+in every mention loses grounding precision, not consistency). It reads any text, not only the
 grammar's: mentions are found as "<color> <shape>" pairs, setting and time words, and character
 names. This module is the ground truth of storyworld; code in `rlhf/` must never import it.
 """
@@ -124,9 +126,11 @@ def components(scene: Scene, story: str, style: str) -> Components:
         + 0.5 * (len(set(trigrams)) / len(trigrams) if trigrams else 0.0)
     )
 
-    # Consistency: a name seen with two looks, or with a look that is not its own, contradicts itself.
+    # Consistency: a name seen with two looks contradicts itself, which the words alone show. A name
+    # given one look that is not its own is a grounding error (a wrong mention above), seen only in
+    # the frames, and not counted again here.
     bindings = name_bindings(text)
-    bad = sum(1 for n, ls in bindings.items() if len(ls) > 1 or (n in names and names[n] not in ls))
+    bad = sum(1 for ls in bindings.values() if len(ls) > 1)
     consistency = 1.0 - bad / len(bindings) if bindings else 1.0
 
     counts = {s: sum(w in vocab for w in lower) for s, vocab in STYLE_WORDS.items()}

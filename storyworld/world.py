@@ -1,7 +1,8 @@
 """Write a storyworld to disk, have simulated annotators label it, and score stories against it.
 
 `make_world` writes `images/`, `items.jsonl` (ingestable by `annotate.ingest`, 4 grammar candidates
-of varied quality per item), `sft.jsonl` (good but imperfect stories for supervised fine-tuning) and
+of varied quality per item; in half the items the last one is the first one's image twin, the same
+words but for a flaw only the frames show, and the pair is marked as the `image-only` slice), `sft.jsonl` (good but imperfect stories for supervised fine-tuning) and
 `world.jsonl` (the hidden ground truth: scenes, utilities and flaws; `rlhf/` must never read it).
 `annotate_world` turns the candidates into pairs-format votes from the simulated pool, and
 `score_stories` reports the hidden utility of any stories for the world's items.
@@ -13,6 +14,7 @@ import json
 import os
 import random
 from collections.abc import Iterator
+from dataclasses import replace
 from itertools import combinations
 from pathlib import Path
 
@@ -21,11 +23,38 @@ from PIL import Image
 from storyworld.annotators import SimAnnotator, default_pool
 from storyworld.grammar import STYLES, Knobs, random_knobs, write_story
 from storyworld.scene import Frame, Scene, make_scene, render_frame
-from storyworld.utility import components
+from storyworld.utility import components, utility
 
 CANDIDATES_PER_ITEM = 4
 SFT_QUALITY = 0.8  # "good but imperfect"
 GOLD_GAP = 3.0  # utility gap above which a pair is obvious enough to serve as gold
+IMAGE_TWIN_RATE = 0.5  # share of items whose last candidate is the first one's image twin
+
+
+def _restored(state: tuple) -> random.Random:
+    rng = random.Random()
+    rng.setstate(state)
+    return rng
+
+
+def _image_twin(scene: Scene, style: str, state: tuple, knobs: Knobs, rng: random.Random) -> tuple[str, Knobs] | None:
+    """The story written from the same random state and knobs as another, plus one image-only flaw it lacks.
+
+    Every word is the same but where the flaw acts (a false look, a phantom object, the setting,
+    the time of day), so the pair differs only in what the frames show. None when no further
+    image-only flaw can act on the scene.
+    """
+    options = [name for name, off in (("false_look", not knobs.false_look), ("phantom", not knobs.phantom),
+                                      ("wrong_setting", not knobs.wrong_setting), ("wrong_time", not knobs.wrong_time)) if off]  # fmt: skip
+    rng.shuffle(options)
+    for name in options:
+        flawed = replace(knobs, **{name: 1 if name in ("false_look", "phantom") else True}).applied_to(scene)
+        if len(flawed.image_flaws()) > len(knobs.image_flaws()):
+            original, text = (write_story(scene, style, k, _restored(state)) for k in (knobs, flawed))
+            # A phantom sentence also adds words and trigrams; keep the twin only where it is the worse story.
+            if utility(scene, text, style) < utility(scene, original, style):
+                return text, flawed
+    return None
 
 
 def instruction_for(style: str, n_frames: int) -> str:
@@ -60,23 +89,38 @@ def _item(seed: int, index: int, frames: tuple[int, int], image_size: tuple[int,
         paths.append(f"images/{name}")
     instruction = instruction_for(style, len(scene.frames))
     context = cast_context(scene)
-    candidates, truth = [], []
+    candidates, truth, states = [], [], []
     for c in range(CANDIDATES_PER_ITEM):
         quality = rng.random() if c else rng.uniform(0.7, 1.0)  # at least one decent candidate
         for _ in range(20):  # candidates of an item are distinct texts
-            knobs = random_knobs(rng, quality)
+            # Image-only flaws from a quality draw of their own: nothing in the words predicts them.
+            knobs = random_knobs(rng, quality, image_quality=rng.random()).applied_to(scene)
+            state = rng.getstate()
             text = write_story(scene, style, knobs, rng)
             if all(text != t["text"] for t in truth):
                 break
             quality = rng.random()
+        states.append((state, knobs))
         comp = components(scene, text, style)
         origin = f"storyworld/{quality_band(quality)}"
         candidates.append({"text": text, "origin": origin, "gen_params": {"quality": round(quality, 3)}})
         truth.append({"text": text, "origin": origin, **comp.to_dict(), "flaws": knobs.flaws(style)})
+    slices: dict[str, list[list[int]]] = {}
+    twin = _image_twin(scene, style, *states[0], rng) if rng.random() < IMAGE_TWIN_RATE else None
+    if twin is not None and all(twin[0] != t["text"] for t in truth):
+        # The last candidate becomes the first one's image twin: the same words but for flaws only the frames show.
+        text, knobs = twin
+        comp = components(scene, text, style)
+        origin = candidates[0]["origin"]
+        candidates[-1] = {"text": text, "origin": origin, "gen_params": {"quality": candidates[0]["gen_params"]["quality"], "image_twin_of": 0}}
+        truth[-1] = {"text": text, "origin": origin, **comp.to_dict(), "flaws": knobs.flaws(style)}
+        slices["image-only"] = [[0, len(candidates) - 1]]
     sft_knobs = random_knobs(rng, SFT_QUALITY)
     sft_knobs.tags = False
     item = {"external_id": item_id, "image_paths": paths, "instruction": instruction, "style": style, "context": context,
             "candidates": candidates}  # fmt: skip
+    if slices:
+        item["slices"] = slices  # pairs that differ only by image-only flaws: an evaluation slice, through to export
     best = max(range(len(truth)), key=lambda k: truth[k]["utility"])
     worst = min(range(len(truth)), key=lambda k: truth[k]["utility"])
     if truth[best]["utility"] - truth[worst]["utility"] >= GOLD_GAP:
@@ -84,7 +128,7 @@ def _item(seed: int, index: int, frames: tuple[int, int], image_size: tuple[int,
     sft = {"item_id": item_id, "image_paths": paths, "instruction": instruction, "style": style, "context": context,
            "story": write_story(scene, style, sft_knobs, rng)}  # fmt: skip
     world = {"external_id": item_id, "image_paths": paths, "instruction": instruction, "style": style, "context": context,
-             "scene": scene.to_dict(), "candidates": truth}  # fmt: skip
+             "scene": scene.to_dict(), "candidates": truth, "slices": slices}  # fmt: skip
     return item, sft, world
 
 
@@ -204,6 +248,9 @@ def annotate_world(
                         "annotator": ann.name,
                         "shown_left": shown_left,
                     }
+                    names = [name for name, pairs in (item.get("slices") or {}).items() if sorted([i, j]) in map(sorted, pairs)]
+                    if names:
+                        line["slices"] = names
                     f.write(json.dumps(line) + "\n")
     os.replace(tmp, out)
     return {"votes": n_votes, "ties": n_ties, "annotators": [a.name for a in pool]}

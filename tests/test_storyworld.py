@@ -9,7 +9,7 @@ import pytest
 
 from storyworld import STYLES, Knobs, SimAnnotator, components, default_pool, make_scene, make_world, pairwise_agreement, write_story
 from storyworld.__main__ import main
-from storyworld.grammar import random_knobs, sentences_well_formed
+from storyworld.grammar import IMAGE_ONLY_FLAWS, random_knobs, sentences_well_formed
 from storyworld.scene import Scene, render_frame
 from storyworld.utility import WEIGHTS, strip_tags
 from storyworld.world import fresh_frames, world_frames
@@ -101,7 +101,9 @@ def test_utility_by_hand_on_free_text():
     # Mentions: "red circle" wrong, "Bo" right, "city" wrong → precision 1/3; Bo named → cast 1/2.
     assert comp.grounding_precision == pytest.approx(1 / 3)
     assert comp.grounding_recall == pytest.approx(0.6 * 1 / 2 + 0.2 * 0 + 0.2 * 0)
-    assert comp.consistency == 0.0  # Bo is bound to a look that is not Bo's
+    assert comp.consistency == 1.0  # Bo has one look, though not Bo's: the words agree with themselves (precision counts it)
+    two_looks = components(scene, "Bo the red circle rested. Bo the yellow diamond rested.", "calm")
+    assert two_looks.consistency == 0.0  # a name with two looks contradicts itself, in the words alone
     assert comp.fluency == 0.0 and comp.utility == 0.0  # "sat" is not in the grammar's language: the one sentence is garbled
 
 
@@ -123,6 +125,73 @@ def test_every_grammar_story_is_fluent_and_broken_text_is_not():
     assert partial.utility == pytest.approx(partial.fluency * sum(w * getattr(partial, k) for k, w in WEIGHTS.items()))
     assert full.fluency == 1.0 and partial.utility < full.utility
     assert components(scene, "In the eerie hush, one moonlit night in the meadow,", "spooky").utility == 0.0  # a fragment alone
+
+
+IMAGE_FLAWS = {"false-look": Knobs(false_look=1), "phantom": Knobs(phantom=1), "wrong-setting": Knobs(wrong_setting=True),
+               "wrong-time": Knobs(wrong_time=True)}  # fmt: skip
+TEXT_COMPONENTS = ("consistency", "style_match", "fluency", "length", "non_repetition")
+
+
+@pytest.mark.parametrize("flaw", IMAGE_ONLY_FLAWS)
+def test_image_only_flaws_read_perfectly_and_cost_only_grounding(flaw):
+    """The story stays fluent, self-consistent and in style; only the grounding components drop."""
+    applied = 0
+    for seed in range(300):
+        scene, style = make_scene(seed), STYLES[seed % 4]
+        knobs = Knobs(**{**IMAGE_FLAWS[flaw].__dict__, "image_seed": seed}).applied_to(scene)
+        if not knobs.image_flaws():
+            continue  # e.g. wrong-time on a scene that shows both day and night
+        good = write_story(scene, style, Knobs(), random.Random(seed))
+        bad = write_story(scene, style, knobs, random.Random(seed))
+        g, b = components(scene, good, style), components(scene, bad, style)
+        applied += 1
+        assert b.fluency == 1.0 and b.consistency == g.consistency == 1.0 and b.style_match == g.style_match, (flaw, bad)
+        assert b.grounding_precision < g.grounding_precision and b.grounding_recall <= g.grounding_recall, (flaw, bad)
+        assert b.utility < g.utility
+        if flaw != "phantom":  # the same words but the flawed ones: length and repetition as they were
+            assert len(bad.split()) == len(good.split()) and b.length == g.length
+            assert b.non_repetition == pytest.approx(g.non_repetition, abs=0.03)  # a swapped word can make one trigram repeat
+    assert applied > 150
+
+
+def test_an_image_only_flaw_changes_only_its_own_words():
+    scene = make_scene(5)  # Momo the black diamond meets Olo the blue star in the desert; the light changes
+    base = Knobs(image_seed=3)
+    story = write_story(scene, "calm", base, random.Random(5))
+    look = write_story(scene, "calm", Knobs(false_look=1, image_seed=3), random.Random(5))
+    place = write_story(scene, "calm", Knobs(wrong_setting=True, image_seed=3), random.Random(5))
+    both = write_story(scene, "calm", Knobs(false_look=1, wrong_setting=True, image_seed=3), random.Random(5))
+    changed = lambda a, b: [(x, y) for x, y in zip(a.split(), b.split()) if x != y]  # noqa: E731
+    assert changed(story, place) and all(x.strip(".,") == "desert" for x, _ in changed(story, place))
+    assert len({y for _, y in changed(story, look)}) == 1  # one entity, one wrong word, the same in every mention
+    assert changed(look, both) == changed(story, place)  # adding a flaw leaves the others as they were
+    assert Knobs(wrong_time=True).applied_to(scene).wrong_time is False  # the scene shows day and night: no flaw to make
+
+
+def test_world_image_twins_and_independent_image_flaws(tmp_path):
+    make_world(tmp_path, 120, seed=3)
+    world = [json.loads(x) for x in (tmp_path / "world.jsonl").open()]
+    items = [json.loads(x) for x in (tmp_path / "items.jsonl").open()]
+    twins = [(w, i) for w, i in zip(world, items) if w["slices"]]
+    assert 40 <= len(twins) <= 80  # about half the items
+    for w, item in twins:
+        assert item["slices"] == w["slices"] == {"image-only": [[0, 3]]}
+        a, b = w["candidates"][0], w["candidates"][3]
+        new = [f for f in b["flaws"] if f not in a["flaws"]]
+        assert len(new) == 1 and new[0] in IMAGE_ONLY_FLAWS and [f for f in a["flaws"] if f not in b["flaws"]] == []
+        assert b["utility"] < a["utility"] and all(a[k] == b[k] for k in ("consistency", "style_match", "fluency"))
+    # Image-only flaws come from their own quality draw: the text-visible flaws say nothing about them.
+    text, image = [], []
+    for w in world:
+        for k, c in enumerate(w["candidates"]):
+            if not (w["slices"] and k == 3):
+                text.append(sum(f not in IMAGE_ONLY_FLAWS for f in c["flaws"]))
+                image.append(sum(f in IMAGE_ONLY_FLAWS for f in c["flaws"]))
+    n = len(text)
+    mt, mi = sum(text) / n, sum(image) / n
+    cov = sum((x - mt) * (y - mi) for x, y in zip(text, image)) / n
+    r = cov / ((sum((x - mt) ** 2 for x in text) / n) ** 0.5 * (sum((y - mi) ** 2 for y in image) / n) ** 0.5)
+    assert abs(r) < 0.12 and 0.25 < sum(1 for y in image if y) / n < 0.75
 
 
 def _simulate(pool, pairs, rng, per_pair=2):
