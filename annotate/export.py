@@ -164,6 +164,21 @@ def _item_images(session: Session, media_root: Path) -> tuple[dict[int, list[str
     return paths, split_key
 
 
+def _comparison_slices(session: Session) -> dict[int, list[str]]:
+    """Comparison id → the named evaluation slices its pair belongs to (ingest keeps them in item meta)."""
+    names: dict[tuple[int, int, int], list[str]] = defaultdict(list)  # (item id, candidate a, candidate b) → slices
+    for item_id, meta in session.execute(select(Item.id, Item.meta).where(cast(Item.meta, Text).like('%"slices"%'))):
+        meta = json.loads(meta) if isinstance(meta, str) else meta or {}
+        for name, pairs in (meta.get("slices") or {}).items():
+            for a, b in pairs:
+                names[(item_id, a, b)].append(name)
+    if not names:
+        return {}
+    rows = session.execute(select(Comparison.id, Comparison.item_id, Comparison.candidate_a_id, Comparison.candidate_b_id)
+                           .where(Comparison.item_id.in_({k[0] for k in names})))  # fmt: skip
+    return {comp_id: sorted(names[(item_id, a, b)]) for comp_id, item_id, a, b in rows if (item_id, a, b) in names}
+
+
 def is_test(split_key: str, test_fraction: float) -> bool:
     """Deterministic split: the same key always lands on the same side."""
     bucket = int(hashlib.sha256(split_key.encode()).hexdigest()[:8], 16) / 0xFFFFFFFF
@@ -231,7 +246,7 @@ def _aggregate(votes: list[VoteRow]) -> dict:
     }
 
 
-def _pairs_line(rec: dict, images: list[str]) -> dict:
+def _pairs_line(rec: dict, images: list[str], slices: list[str]) -> dict:
     r = rec["row"]
     line = {
         "image_paths": images,
@@ -253,10 +268,12 @@ def _pairs_line(rec: dict, images: list[str]) -> dict:
         line["context"] = r.context
     if rec["n_votes"] != 1 or rec["annotator"] is None:
         line["n_votes"], line["agreement"] = rec["n_votes"], rec["agreement"]
+    if slices:
+        line["slices"] = slices
     return line
 
 
-def _trl_line(rec: dict, images: list[str], style: str) -> dict:
+def _trl_line(rec: dict, images: list[str], style: str, slices: list[str]) -> dict:
     r = rec["row"]
     chosen, rejected = (r.text_b, r.text_a) if rec["choice"] == "b" else (r.text_a, r.text_b)
     # Aspects relative to this row: "chosen" means the aspect agrees with the overall preference.
@@ -279,6 +296,7 @@ def _trl_line(rec: dict, images: list[str], style: str) -> dict:
         "comparison_id": r.comparison_id,
         "n_votes": rec["n_votes"],
         "agreement": rec["agreement"],
+        "slices": slices,
     }
 
 
@@ -343,6 +361,7 @@ def export(
         raise ExportError(f"no project named {project!r} (projects: {names})")
     root = Path(media_root or get_meta(session, "media_root") or DEFAULT_MEDIA_ROOT).resolve()
     images, split_key = _item_images(session, root)
+    slices = _comparison_slices(session)
 
     stats = ExportStats()
     records = (_majority if aggregate == "majority" else _per_vote)(_vote_rows(session, project))
@@ -360,9 +379,9 @@ def export(
             continue
         item_images = images.get(rec["row"].item_id, [])
         if fmt == "pairs":
-            train.append(_pairs_line(rec, item_images))
+            train.append(_pairs_line(rec, item_images, slices.get(rec["row"].comparison_id, [])))
         else:
-            line = _trl_line(rec, item_images, trl_style)
+            line = _trl_line(rec, item_images, trl_style, slices.get(rec["row"].comparison_id, []))
             key = split_key.get(rec["row"].item_id, rec["row"].external_id)
             (test if is_test(key, test_fraction) else train).append(line)
     stats.rows = len(train) + len(test)
@@ -392,6 +411,7 @@ def _save_hf(path: Path, train: list[dict], test: list[dict]) -> None:
     for name, rows in (("train", train), ("test", test)):
         ds = datasets.Dataset.from_list([{**r, "aspects": json.dumps(r["aspects"])} for r in rows]) if rows else None
         if ds is not None:
+            ds = ds.cast_column("slices", datasets.Sequence(datasets.Value("string")))  # all empty: no type to infer
             splits[name] = ds.cast_column("images", datasets.Sequence(datasets.Image()))
     datasets.DatasetDict(splits).save_to_disk(str(path))
 

@@ -51,6 +51,7 @@ DEFAULT_INSTRUCTION = "Write a story about these images."
 MAX_TEXT_CHARS = 20_000
 IMAGE_SUFFIXES = {".png", ".jpg", ".jpeg", ".webp", ".gif", ".bmp"}
 IMPORTED_ANNOTATOR = "imported"
+SLICE_NAME = re.compile(r"[A-Za-z0-9_-]{1,64}")
 # Accepted spellings of a preference in pairs files, mapped to (a | b | tie | both_bad) of the line.
 PREFERENCES = {
     "response_a": "a", "a": "a", "1": "a",
@@ -102,6 +103,7 @@ class ItemRecord:
     meta: dict[str, Any] = field(default_factory=dict)
     votes: list[VoteRecord] = field(default_factory=list)
     gold: list[tuple[int, int]] = field(default_factory=list)  # (better, worse) candidate indices
+    slices: dict[str, list[tuple[int, int]]] = field(default_factory=dict)  # named evaluation slices: candidate index pairs
 
 
 @dataclass
@@ -221,6 +223,15 @@ class _Reader:
             for g in gold
         ):
             raise IngestError(f"{where}: `gold` must be a list of [better, worse] candidate indices, e.g. [[0, 2]]")
+        slices = d.get("slices") or {}
+        if not isinstance(slices, dict) or not all(
+            isinstance(name, str) and SLICE_NAME.fullmatch(name) and isinstance(pairs, list)
+            and all(isinstance(p, list) and len(p) == 2 and all(isinstance(i, int) and 0 <= i < len(candidates) for i in p)
+                    and p[0] != p[1] for p in pairs)
+            for name, pairs in slices.items()
+        ):  # fmt: skip
+            raise IngestError(f"{where}: `slices` must map a name (letters, digits, -, _) to candidate index pairs, "
+                              'e.g. {"image-only": [[0, 3]]}')  # fmt: skip
         return ItemRecord(
             where=where,
             external_id=str(d.get("external_id") or d.get("item_id") or content_id(images, instruction)),
@@ -231,6 +242,7 @@ class _Reader:
             context=self.text(d, "context", where),
             meta=meta,
             gold=[(g[0], g[1]) for g in gold],
+            slices={name: [(p[0], p[1]) for p in pairs] for name, pairs in slices.items()},
         )
 
 
@@ -299,7 +311,7 @@ def read_pairs(reader: _Reader) -> Iterator[ItemRecord]:
         for key in ("response_a", "response_b", "preference"):
             if key not in obj:
                 raise IngestError(f"{where}: missing field `{key}`; pairs lines need response_a, response_b, preference")
-        record = reader.item(obj, where)
+        record = reader.item({k: v for k, v in obj.items() if k != "slices"}, where)  # a line's slices name its own pair
         item = items.setdefault(record.external_id, record)
         index = {(c.origin, c.text): i for i, c in enumerate(item.candidates)}
 
@@ -317,6 +329,12 @@ def read_pairs(reader: _Reader) -> Iterator[ItemRecord]:
         first, second = candidate("a"), candidate("b")
         if item.candidates[first].text == item.candidates[second].text:
             raise IngestError(f"{where}: response_a and response_b are the same text; drop the line")
+        names = obj.get("slices") or []
+        if not isinstance(names, list) or not all(isinstance(n, str) and SLICE_NAME.fullmatch(n) for n in names):
+            raise IngestError(f'{where}: `slices` of a pairs line must be a list of slice names, e.g. ["image-only"]')
+        for name in names:
+            if (first, second) not in item.slices.setdefault(name, []):
+                item.slices[name].append((first, second))
         pref = PREFERENCES.get(str(obj["preference"]).strip().lower())
         if pref is None:
             raise IngestError(
@@ -583,6 +601,14 @@ def write_records(
         for better, worse in record.gold:  # gold: served at the project's gold rate, scored against the answer
             comp = comparison(better, worse)
             comp.is_gold, comp.gold_choice = True, "a" if ids[better] < ids[worse] else "b"
+        if record.slices:  # named evaluation slices, as canonical candidate id pairs: export tags their rows
+            known = {name: {tuple(p) for p in pairs} for name, pairs in (item.meta or {}).get("slices", {}).items()}
+            for name, pairs in record.slices.items():
+                for i, j in pairs:
+                    if ids[i] != ids[j]:
+                        comparison(i, j)
+                        known.setdefault(name, set()).add(tuple(sorted((ids[i], ids[j]))))
+            item.meta = {**(item.meta or {}), "slices": {name: sorted(map(list, pairs)) for name, pairs in sorted(known.items())}}
         session.flush()
     return stats
 

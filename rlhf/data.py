@@ -77,6 +77,7 @@ class PreferencePair:
     aspects: dict[str, str] = field(default_factory=dict)  # aspect -> chosen | rejected | tie
     item_id: str = ""
     where: str = ""
+    slices: tuple[str, ...] = ()  # named evaluation slices the pair belongs to, e.g. ("image-only",)
 
     @property
     def tie(self) -> bool:
@@ -132,7 +133,16 @@ def _trl_row(row: dict, base: Path, where: str) -> PreferencePair:
         aspects=row["aspects"] if isinstance(row.get("aspects"), dict) else json.loads(row.get("aspects") or "{}"),
         item_id=str(row.get("item_id") or ""),
         where=where,
+        slices=_slices(row.get("slices"), where),
     )
+
+
+def _slices(value: Any, where: str) -> tuple[str, ...]:
+    if value is None:
+        return ()
+    if not isinstance(value, list | tuple) or not all(isinstance(v, str) for v in value):
+        raise DataError(f"{where}: `slices` must be a list of slice names, e.g. [\"image-only\"], got {value!r}")
+    return tuple(sorted(set(value)))
 
 
 def _pairs(path: Path, aggregate: str) -> list[PreferencePair]:
@@ -179,6 +189,7 @@ def _pairs(path: Path, aggregate: str) -> list[PreferencePair]:
                 aspects=aspects,
                 item_id=str(first.get("item_id") or ""),
                 where=where,
+                slices=tuple(sorted({s for lineno, r in votes for s in _slices(r.get("slices"), f"{path}:{lineno}")})),
             )
         )
     return out

@@ -18,6 +18,7 @@ Writes: the model, `metrics.jsonl` (per logged step), `metrics.json` (final), Te
 from __future__ import annotations
 
 import json
+import re
 import time
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
@@ -144,7 +145,7 @@ def epoch_order(n: int, seed: int, epoch: int, rank: int, world: int) -> list[in
 
 @torch.no_grad()
 def evaluate(rm: RewardModel, pairs: list[PreferencePair], batch_size: int = 64) -> dict[str, float]:
-    """Loss and accuracy (ties left out) on `pairs`, and accuracy per aspect where labelled."""
+    """Loss and accuracy (ties left out) on `pairs`, per aspect where labelled, and per named slice where marked."""
     rm.module.eval()
     chosen, rejected, targets, margins = [], [], [], []
     for k in range(0, len(pairs), batch_size):
@@ -175,6 +176,22 @@ def evaluate(rm: RewardModel, pairs: list[PreferencePair], batch_size: int = 64)
         if idx:
             agree = [(c[i] > r[i]).item() == (pairs[i].aspects[aspect] == "chosen") for i in idx]
             out[f"eval_accuracy_{aspect}"] = sum(agree) / len(agree)
+    return out | slice_accuracies(c, r, t, [p.slices for p in pairs])
+
+
+def slice_accuracies(chosen: torch.Tensor, rejected: torch.Tensor, target: torch.Tensor, slices: list[tuple[str, ...]]) -> dict[str, float]:
+    """Accuracy on each named slice of the eval pairs (ties left out), e.g. `eval_accuracy_image_only`.
+
+    >>> slice_accuracies(torch.tensor([1., 0., 2.]), torch.tensor([0., 1., 1.]), torch.ones(3), [("image-only",), (), ("image-only",)])
+    {'eval_pairs_image_only': 2, 'eval_accuracy_image_only': 1.0}
+    """
+    out: dict[str, float] = {}
+    for name in sorted({s for names in slices for s in names}):
+        idx = torch.tensor([i for i, names in enumerate(slices) if name in names])
+        key = re.sub(r"\W", "_", name)
+        out[f"eval_pairs_{key}"] = len(idx)
+        if (target[idx] == 1).any():  # a slice of ties only has no accuracy
+            out[f"eval_accuracy_{key}"] = preference_accuracy(chosen[idx], rejected[idx], tie=target[idx] < 1).item()
     return out
 
 

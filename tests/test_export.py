@@ -189,3 +189,52 @@ def test_trl_dpo_trainer_consumes_conversational_vision_export(voted_sqlite, tmp
     assert trainer.state.log_history[0]["loss"] == pytest.approx(0.6931, abs=1e-3)  # policy == reference at step 0
     changed = [n for n, p in model.named_parameters() if not (p.detach() == before[n]).all()]
     assert any("vision_tower" in n for n in changed) and any("language_model" in n for n in changed)
+
+
+def test_slices_travel_from_storyworld_through_ingest_and_export_to_training_data(session_factory, tmp_path):
+    """storyworld marks its image twins; the mark survives ingest, votes, every export format, and rlhf.data."""
+    from rlhf.data import load_preferences
+    from storyworld import annotate_world, make_world
+
+    world = make_world(tmp_path / "w", 16, seed=3)
+    twins = {json.loads(x)["external_id"] for x in (world / "items.jsonl").open() if "slices" in json.loads(x)}
+    assert twins
+    annotate_world(world, world / "votes.jsonl")
+    votes = _read(world / "votes.jsonl")
+    assert {v["item_id"] for v in votes if v.get("slices") == ["image-only"]} == twins
+    ingest(session_factory, str(world / "items.jsonl"), "sw", media_root=tmp_path / "m")
+    _, stats = ingest(session_factory, str(world / "votes.jsonl"), "sw", media_root=tmp_path / "m", source_name="items.jsonl")
+    assert stats.items_added == 0 and stats.votes_added == len(votes)
+    with session_factory() as s:
+        export(s, tmp_path / "pairs.jsonl", "pairs", include_ties=True)
+        export(s, tmp_path / "trl", "trl", aggregate="majority", include_ties=True, test_fraction=0.5)
+    marked = [(x["item_id"], x["response_a"], x["response_b"]) for x in _read(tmp_path / "pairs.jsonl") if x.get("slices") == ["image-only"]]
+    voted = [(v["item_id"], v["response_a"], v["response_b"]) for v in votes if v.get("slices")]
+    assert sorted({tuple(sorted(m[1:])) for m in marked}) == sorted({tuple(sorted(v[1:])) for v in voted}) and len(marked) == len(voted)
+    rows = _read(tmp_path / "trl" / "train.jsonl") + _read(tmp_path / "trl" / "test.jsonl")
+    assert {r["item_id"] for r in rows if r["slices"] == ["image-only"]} == twins
+    assert sum(r["slices"] == ["image-only"] for r in rows) == len(twins) and all(r["slices"] in ([], ["image-only"]) for r in rows)
+    train, test, _ = load_preferences(tmp_path / "trl")
+    assert {p.item_id for p in train + test if p.slices == ("image-only",)} == twins
+    train, _, _ = load_preferences(tmp_path / "pairs.jsonl", test_fraction=0.0)  # per-vote lines, aggregated by comparison
+    assert sum(p.slices == ("image-only",) for p in train) == sum(1 for r in rows if r["slices"])
+
+
+def test_slices_from_pairs_lines_alone(session_factory, tmp_path):
+    lines = []
+    for i in range(3):
+        make_image(tmp_path / f"img{i}.png", (i * 40, 0, 0))
+        lines.append({"image_path": f"img{i}.png", "instruction": "x", "external_id": f"it{i}", "response_a": f"a{i}",
+                      "response_b": f"b{i}", "preference": "response_a", "annotator": "ann", **({"slices": ["image-only"]} if i else {})})  # fmt: skip
+    (tmp_path / "p.jsonl").write_text("".join(json.dumps(x) + "\n" for x in lines))
+    ingest(session_factory, str(tmp_path / "p.jsonl"), "p", media_root=tmp_path / "m")
+    with session_factory() as s:
+        export(s, tmp_path / "out.jsonl", "pairs")
+        export(s, tmp_path / "hf", "hf", test_fraction=0.0)
+    assert [x.get("slices") for x in _read(tmp_path / "out.jsonl")] == [None, ["image-only"], ["image-only"]]
+    import datasets
+
+    assert datasets.load_from_disk(str(tmp_path / "hf"))["train"]["slices"] == [[], ["image-only"], ["image-only"]]
+    (tmp_path / "bad.jsonl").write_text(json.dumps({**lines[0], "slices": "image-only"}) + "\n")
+    with pytest.raises(ValueError, match=r"bad.jsonl:1: `slices` of a pairs line must be a list"):
+        ingest(session_factory, str(tmp_path / "bad.jsonl"), "p", media_root=tmp_path / "m")

@@ -152,10 +152,12 @@ def _bad_cases(tmp_path: Path) -> dict[str, tuple[str, str]]:
         "escaping_path": (json.dumps({**good, "image_paths": ["../outside.png"]}), r"items.jsonl:2: .*escapes the source"),
         "too_long": (json.dumps({**good, "candidates": ["x" * 20_001]}), r"items.jsonl:2: .*over the limit"),
         "bad_candidate": (json.dumps({**good, "candidates": [{"origin": "m"}]}), r"items.jsonl:2: candidates\[0\]"),
+        "bad_slices": (json.dumps({**good, "slices": {"image-only": [[0, 5]]}}), r"items.jsonl:2: `slices` must map a name"),
     }
 
 
-@pytest.mark.parametrize("case", ["malformed", "missing_field", "missing_image", "undecodable", "escaping_path", "too_long", "bad_candidate"])
+@pytest.mark.parametrize("case", ["malformed", "missing_field", "missing_image", "undecodable", "escaping_path", "too_long", "bad_candidate",
+                                  "bad_slices"])
 def test_bad_line_stops_import_and_writes_nothing(session_factory, tmp_path, case):
     src = tmp_path / "src"
     src.mkdir()

@@ -63,6 +63,14 @@ def test_training_moves_lora_and_head_only(assets, tmp_path):
     assert metrics["train_pairs"] > 100 and metrics["eval_pairs"] > 0 and metrics["pairs_per_second"] > 0
     assert set(metrics) >= {"eval_accuracy", "eval_loss", "train_pairs", "eval_pairs", "pairs_per_second",
                             "eval_shorter_preferred_labels", "eval_shorter_preferred_model"}  # the length check
+    # storyworld marks its image twins: the slice is reported where the eval pairs hold some, and only there.
+    train_pairs, eval_pairs, _ = load_preferences(cfg.data)
+    assert ("eval_accuracy_image_only" in metrics) == any("image-only" in p.slices for p in eval_pairs)
+    from rlhf.train_rm import evaluate
+
+    twins = [p for p in train_pairs if "image-only" in p.slices]
+    on_twins = evaluate(rm, twins + [p for p in train_pairs if not p.slices][:10])
+    assert len(twins) > 5 and on_twins["eval_pairs_image_only"] == len(twins) and 0 <= on_twins["eval_accuracy_image_only"] <= 1
     out = tmp_path / "rm"
     assert (out / "metrics.json").exists() and (out / "tb").is_dir() and (out / "checkpoint-last").is_dir()
     logged = [json.loads(x) for x in (out / "metrics.jsonl").open()]
@@ -79,6 +87,19 @@ def test_training_moves_lora_and_head_only(assets, tmp_path):
     single = rm.score(sample[0].images, sample[0].prompt, sample[0].chosen)
     assert single.shape == () and single.item() == pytest.approx(chosen[0].item(), abs=1e-5)
     assert rm.score([], [], []).shape == (0,)  # nothing to score is an empty answer, not an error
+
+
+def test_slice_accuracies_by_hand():
+    from rlhf.train_rm import slice_accuracies
+
+    chosen, rejected = torch.tensor([2.0, 0.0, 1.0, 5.0, 0.0]), torch.tensor([1.0, 1.0, 3.0, 0.0, 0.0])
+    target = torch.tensor([1.0, 1.0, 1.0, 0.5, 0.5])  # the last two are ties
+    slices = [("image-only",), ("image-only", "hard"), (), ("image-only",), ("ties",)]
+    out = slice_accuracies(chosen, rejected, target, slices)
+    # image-only: pairs 0, 1 decisive (right, wrong), pair 3 a tie left out → 1/2; hard: pair 1 wrong → 0; ties: no accuracy.
+    assert out == {"eval_pairs_image_only": 3, "eval_accuracy_image_only": 0.5, "eval_pairs_hard": 1, "eval_accuracy_hard": 0.0,
+                   "eval_pairs_ties": 1}  # fmt: skip
+    assert slice_accuracies(chosen, rejected, target, [()] * 5) == {}  # nothing marked: nothing reported, nothing changed
 
 
 def test_saved_model_loads_from_another_directory(assets, tmp_path, monkeypatch):
