@@ -192,3 +192,42 @@ def agreement_report(votes: Iterable[VoteFact]) -> dict:
         "kappa_per_annotator": {k: round(statistics.fmean(v), 3) for k, v in sorted(per.items())},
         "units_with_2plus_votes": sum(len(u) >= 2 for u in units.values()),
     }
+
+
+def majority(choices: Iterable[str]) -> str | None:
+    """The annotators' majority on one comparison, in canonical terms: a, b or tie (an a-b draw is a tie).
+
+    Both-bad answers are left out; None when nothing else was said.
+    >>> majority(["a", "a", "b"]), majority(["a", "b"]), majority(["tie", "tie", "a"]), majority(["both_bad"])
+    ('a', 'tie', 'tie', None)
+    """
+    counts = Counter(c for c in choices if c in CODE)
+    if not counts:
+        return None
+    (top, n), *rest = counts.most_common()
+    return "tie" if rest and rest[0][1] == n else top
+
+
+def model_verdicts(rows: Iterable[tuple[int, str, str | None, dict[str, Sequence[float]]]]) -> tuple[list[dict], dict[str, dict]]:
+    """Where the models and the people disagree: per comparison, each signal's pick beside the majority.
+
+    `rows` are (comparison id, item, majority a/b/tie/None, {signal: (score of candidate a, of b)}).
+    Returns the table (disagreements first) and, per signal, how often its pick matches a decisive
+    majority: {"agree": k, "decided": n, "share": k / n}. Equal scores pick a tie, which never matches.
+    """
+    table, tally = [], defaultdict(lambda: [0, 0])
+    for comparison_id, item, said, scores in rows:
+        row = {"comparison": comparison_id, "item": item, "majority": said or "–"}
+        disagree = False
+        for signal, (score_a, score_b) in sorted(scores.items()):
+            pick = "a" if score_a > score_b else "b" if score_b > score_a else "tie"
+            row[signal] = pick
+            row[f"{signal}_margin"] = round(float(score_a) - float(score_b), 3)
+            if said in ("a", "b"):
+                tally[signal][0] += pick == said
+                tally[signal][1] += 1
+                disagree |= pick != said
+        row["disagree"] = disagree
+        table.append(row)
+    table.sort(key=lambda r: (not r["disagree"], r["comparison"]))
+    return table, {s: {"agree": k, "decided": n, "share": round(k / n, 3) if n else None} for s, (k, n) in sorted(tally.items())}

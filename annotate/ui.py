@@ -16,6 +16,7 @@ each other.
 from __future__ import annotations
 
 import html
+import json
 import secrets
 import tempfile
 import time
@@ -24,7 +25,7 @@ from pathlib import Path
 
 import gradio as gr
 import pandas as pd
-from sqlalchemy import select
+from sqlalchemy import Text, cast, select
 from sqlalchemy.orm import aliased
 
 from annotate import stats
@@ -257,11 +258,12 @@ class LabelingApp:
 
     def admin_refresh(self, request: gr.Request | None = None):
         """Statistics for admins; for anybody else, nothing at all."""
-        empty = (None, "", None, None, None)
+        empty = (None, "", None, None, None, "", None)
         with self.sessions() as s:
             if self._admin_or_none(s, request) is None:
                 return empty
             facts, outcomes = self._vote_facts(s)
+            verdicts = self._verdicts(s)
         people = pd.DataFrame(stats.annotator_report(facts))
         agreement = stats.agreement_report(facts)
         board = pd.DataFrame(
@@ -276,7 +278,34 @@ class LabelingApp:
             f"<ul>{kappas}</ul>"
         )
         counts_plot = people[["annotator", "votes"]] if len(people) else None
-        return people, summary, board, counts_plot, board if len(board) else None
+        by_comparison: dict[int, list[str]] = {}
+        for f in facts:
+            if not f.is_repeat:
+                by_comparison.setdefault(f.comparison_id, []).append(f.choice)
+        table, tally = stats.model_verdicts((cid, item, stats.majority(by_comparison.get(cid, [])), v) for cid, item, v in verdicts)
+        if tally:
+            share = lambda t: f" ({t['share']:.0%})" if t["decided"] else ""  # noqa: E731
+            models = " · ".join(f"**{html.escape(name)}** agrees with the majority on {t['agree']} of {t['decided']}{share(t)}"
+                                for name, t in tally.items())  # fmt: skip
+            models += " decided comparisons. Disagreements first: where the model has not learned what people see, or people missed it."
+        else:
+            models = "No model verdicts yet: `python -m rlhf.verdicts --project NAME --reward_model DIR --clip_model NAME` sets them here."
+        return people, summary, board, counts_plot, board if len(board) else None, models, pd.DataFrame(table) if table else None
+
+    def _verdicts(self, s) -> list[tuple[int, str, dict]]:
+        """(comparison id, item, {signal: (score a, score b)}) for the comparisons `rlhf.verdicts` scored."""
+        rows = s.execute(
+            select(Comparison.id, Comparison.candidate_a_id, Comparison.candidate_b_id, Item.external_id, Item.meta)
+            .join(Item, Comparison.item_id == Item.id)
+            .join(Project, Comparison.project_id == Project.id)
+            .where(Project.name == self.project_name, cast(Item.meta, Text).like('%"verdicts"%'))
+        ).all()  # fmt: skip
+        out = []
+        for cid, a, b, item, meta in rows:
+            meta = json.loads(meta) if isinstance(meta, str) else meta or {}
+            if (v := meta.get("verdicts", {}).get(f"{a}-{b}")) is not None:
+                out.append((cid, item, v))
+        return out
 
     def _vote_facts(self, s) -> tuple[list[stats.VoteFact], list[tuple[str, str, float]]]:
         ca, cb = aliased(Candidate), aliased(Candidate)
@@ -364,6 +393,8 @@ def build_app(session_factory, project: str | None = None, *, concurrency_limit:
             with gr.Row():
                 votes_plot = gr.BarPlot(x="annotator", y="votes", title="Votes per annotator", y_lim=[0, None])
                 board_plot = gr.BarPlot(x="origin", y="strength", title="Origin strength (Bradley–Terry)", sort="-y")
+            model_summary = gr.Markdown()
+            model_table = gr.Dataframe(label="Model vs people: each signal's pick (a / b) beside the annotators' majority, disagreements first")
             with gr.Row():
                 fmt = gr.Dropdown(["pairs", "trl", "hf"], value="trl", label="Export format")
                 aggregate = gr.Dropdown(["none", "majority"], value="majority", label="Aggregate")
@@ -385,7 +416,7 @@ def build_app(session_factory, project: str | None = None, *, concurrency_limit:
         skip.click(app.skip, [show_diff, state], view, api_name="skip", concurrency_limit=concurrency_limit)
         undo.click(app.undo, [show_diff, state], view, api_name="undo", concurrency_limit=concurrency_limit)
         show_diff.change(app.redraw, [show_diff, state], view, api_name="redraw", concurrency_limit=concurrency_limit)
-        admin_outputs = [people, agreement, board, votes_plot, board_plot]
+        admin_outputs = [people, agreement, board, votes_plot, board_plot, model_summary, model_table]
         refresh.click(app.admin_refresh, None, admin_outputs, api_name="admin_stats")
         admin_tab.select(app.admin_refresh, None, admin_outputs, api_name=False)
         export_btn.click(app.admin_export, [fmt, aggregate], [export_file, export_msg], api_name="admin_export")

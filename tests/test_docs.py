@@ -23,6 +23,7 @@ DATACLASS_CLIS = {
     "rlhf.evaluate": ("EvaluateConfig", "policies.md"),
     "rlhf.ppo": ("PPOConfig", "training.md"),
     "rlhf.rewards": ("CheckConfig", "training.md"),
+    "rlhf.verdicts": ("VerdictsConfig", "reward-model.md"),
 }
 ARGPARSE_CLIS = {"app": "app.md", "annotate.users": "app.md", "annotate.ingest": "data.md", "annotate.export": "data.md", "storyworld.__main__": "storyworld.md"}
 

@@ -11,6 +11,8 @@ from annotate.stats import (
     bradley_terry,
     cohen_kappa,
     krippendorff_alpha,
+    majority,
+    model_verdicts,
 )
 
 
@@ -66,3 +68,19 @@ def test_agreement_report():
     assert kappa["x"] == kappa["y"] > kappa["z"]
     # Pairs: κ(x,y) = 1; κ(x,z) = κ(y,z): p_o = 4/6, p_e = (3·1 + 2·4 + 1·1)/36 = 1/3 → κ = 1/2.
     assert report["mean_pairwise_kappa"] == pytest.approx((1 + 0.5 + 0.5) / 3, abs=1e-3)
+
+
+def test_majority_and_model_verdicts_by_hand():
+    assert [majority(c) for c in (["a", "a", "b"], ["b", "a"], ["tie", "b", "tie"], ["both_bad", "b"], [])] == ["a", "tie", "tie", "b", None]
+    rows = [
+        (1, "it1", "a", {"human": (0.9, 0.1), "clip": (0.2, 0.3)}),  # human agrees, clip does not
+        (2, "it2", "b", {"human": (0.0, 1.0), "clip": (0.5, 0.5)}),  # human agrees, clip scores a tie: no match
+        (3, "it3", "tie", {"human": (1.0, 0.0), "clip": (0.1, 0.2)}),  # a tie majority: not counted
+        (4, "it4", "a", {"human": (0.2, 0.4), "clip": (0.3, 0.1)}),  # clip agrees, human does not
+    ]
+    table, tally = model_verdicts(rows)
+    assert tally == {"clip": {"agree": 1, "decided": 3, "share": 0.333}, "human": {"agree": 2, "decided": 3, "share": 0.667}}
+    assert [r["comparison"] for r in table] == [1, 2, 4, 3]  # disagreements first, then in order
+    assert table[0] == {"comparison": 1, "item": "it1", "majority": "a", "clip": "b", "clip_margin": -0.1, "human": "a",
+                        "human_margin": 0.8, "disagree": True}  # fmt: skip
+    assert table[-1]["disagree"] is False and table[1]["clip"] == "tie"

@@ -115,9 +115,9 @@ def test_admin_views_return_nothing_to_annotators(app, tmp_path):
     *view, _, _ = app.load(request=req("ann"))
     for k in range(3):
         view = _vote(app, view, "left", "ann")
-    assert app.admin_refresh(request=req("ann")) == (None, "", None, None, None)
+    assert app.admin_refresh(request=req("ann")) == (None, "", None, None, None, "", None)
     assert app.admin_export("pairs", "none", request=req("ann")) == (None, "")
-    people, summary, board, _, _ = app.admin_refresh(request=req("boss"))
+    people, summary, board, *_ = app.admin_refresh(request=req("boss"))
     assert list(people["annotator"]) == ["ann"] and int(people["votes"][0]) == 3
     assert "Krippendorff" in summary and set(board.columns) >= {"origin", "strength", "ci_low", "ci_high"}
     path, message = app.admin_export("pairs", "none", request=req("boss"))
@@ -145,7 +145,7 @@ def test_a_fresh_app_shows_agreement_leaderboard_and_plots(tmp_path):
     demo, factory, password = app_py.prepare(args)
     assert password
     admin = LabelingApp(factory, DEMO_PROJECT, demo.storypref_media_root)
-    people, summary, board, votes_plot, board_plot = admin.admin_refresh(request=req("admin"))
+    people, summary, board, votes_plot, board_plot, models, verdicts = admin.admin_refresh(request=req("admin"))
     assert sorted(people["annotator"]) == ["demo-sim1", "demo-sim2-leftbias", "demo-sim3-careless", "demo-sim4", "demo-sim5"]
     assert people["votes"].sum() == 300  # 50 items x 2 comparisons x 3 votes
     alpha = float(summary.split("**Krippendorff's α** (−1/0/+1): ")[1].split(" ")[0])
@@ -153,6 +153,7 @@ def test_a_fresh_app_shows_agreement_leaderboard_and_plots(tmp_path):
     assert len(board) == 3 and board["strength"].is_monotonic_decreasing
     assert list(board["origin"]) == ["storyworld/good", "storyworld/fair", "storyworld/poor"]  # the world's quality bands, in order
     assert len(votes_plot) == 5 and len(board_plot) == 3
+    assert verdicts is None and "python -m rlhf.verdicts" in models  # no model has judged yet: how to
     with factory() as s:  # the simulated annotators cannot log in, and left real work for real annotators
         from annotate.auth import authenticate
         from db import Annotator

@@ -1,0 +1,121 @@
+"""Set the reward model's and CLIPScore's verdicts beside the annotators', in the app's Admin tab.
+
+    python -m rlhf.verdicts --project demo --reward_model runs/rm --clip_model ViT-B-32 [--db URL]
+
+Every candidate of the project's voted comparisons (all comparisons with `--all`) is scored once by
+each signal: `human` (a reward model from `rlhf.train_rm`) and `clip` (CLIPScore per frame and
+sentence, `rlhf.clip.clip_score`). The scores go into each item's meta, under `verdicts`, keyed by the
+comparison's canonical candidate ids, in one transaction; running it again replaces them. The Admin
+tab then shows, per comparison, which story each signal prefers next to the annotators' majority,
+disagreements first, and how often each signal agrees: where a project lead finds what the model
+has not learned, or what the people missed.
+"""
+
+from __future__ import annotations
+
+import os
+import sys
+import time
+from dataclasses import dataclass, field
+
+import torch
+
+from rlhf.loading import ModelLoadError
+
+
+@dataclass
+class VerdictsConfig:
+    project: str = field(metadata={"help": "the project whose comparisons to score"})
+    db: str = field(default=os.environ.get("STORYPREF_DB", "sqlite:///data/storypref.db"), metadata={"help": "SQLAlchemy URL (default: $STORYPREF_DB or sqlite:///data/storypref.db)"})
+    reward_model: str | None = field(default=None, metadata={"help": "reward model dir (rlhf.train_rm) for the `human` verdict"})
+    clip_model: str | None = field(default=None, metadata={"help": "open_clip name or local dir for the `clip` verdict (CLIPScore)"})
+    clip_pretrained: str | None = field(default="laion2b_s34b_b79k", metadata={"help": "open_clip pretrained tag (ignored for a local dir)"})
+    all: bool = field(default=False, metadata={"help": "score every comparison, not only the ones with votes"})
+    batch_size: int = field(default=16, metadata={"help": "stories scored per call of each signal"})
+    cache_dir: str | None = field(default=None, metadata={"help": "CLIP embedding cache (default: ~/.cache/storypref/clip)"})
+    device: str | None = field(default=None, metadata={"help": "cpu, cuda … (default: cuda if available)"})
+
+
+def read_comparisons(session, project: str, everything: bool) -> tuple[list, dict]:
+    """The project's comparisons to score (with at least one active vote unless `everything`), and its candidates by id."""
+    from pathlib import Path
+
+    from sqlalchemy import select
+
+    from db import Candidate, Comparison, Item, Project, Vote, get_meta
+
+    proj = session.scalar(select(Project).where(Project.name == project))
+    if proj is None:
+        names = ", ".join(session.scalars(select(Project.name))) or "none yet"
+        raise ModelLoadError(f"no project {project!r} in the database (projects: {names}); pass one of them as --project")
+    query = select(Comparison).where(Comparison.project_id == proj.id).order_by(Comparison.id)
+    if not everything:
+        query = query.where(Comparison.id.in_(select(Vote.comparison_id).where(Vote.active)))
+    comparisons = session.scalars(query).all()
+    root = Path(get_meta(session, "media_root") or ".")
+    ids = {c.candidate_a_id for c in comparisons} | {c.candidate_b_id for c in comparisons}
+    candidates = {}
+    for cand in session.scalars(select(Candidate).where(Candidate.id.in_(ids))):
+        item = session.get(Item, cand.item_id)
+        candidates[cand.id] = (item, [str(root / img.path) for img in item.images], cand.text)
+    return comparisons, candidates
+
+
+def main(cfg: VerdictsConfig) -> dict:
+    from tqdm import tqdm
+
+    from db import open_db
+    from rlhf.rewards import ClipReward, HumanReward
+
+    # 1. The signals, refused before any work when none is named.
+    device = cfg.device or ("cuda" if torch.cuda.is_available() else "cpu")
+    signals = {}
+    if cfg.reward_model:
+        signals["human"] = HumanReward(cfg.reward_model, device, cfg.cache_dir)
+    if cfg.clip_model:
+        signals["clip"] = ClipReward(cfg.clip_model, cfg.clip_pretrained, device, cfg.cache_dir)
+    if not signals:
+        raise ModelLoadError("name at least one verdict: --reward_model DIR (rlhf.train_rm) and/or --clip_model NAME_OR_DIR")
+    _, factory = open_db(cfg.db)
+    with factory.begin() as session:
+        # 2. The comparisons and their candidates.
+        comparisons, candidates = read_comparisons(session, cfg.project, cfg.all)
+        order = sorted(candidates)
+        # 3. Every candidate scored once by each signal.
+        scores: dict[str, dict[int, float]] = {name: {} for name in signals}
+        for k in tqdm(range(0, len(order), cfg.batch_size), desc="verdicts", unit="batch"):
+            chunk = [candidates[i] for i in order[k : k + cfg.batch_size]]
+            args = ([images for _, images, _ in chunk], [item.instruction for item, _, _ in chunk], [item.context for item, _, _ in chunk],
+                    [item.style for item, _, _ in chunk], [text for _, _, text in chunk])  # fmt: skip
+            for name, signal in signals.items():
+                for cand_id, value in zip(order[k : k + cfg.batch_size], signal(*args).tolist()):
+                    scores[name][cand_id] = round(value, 4)
+        # 4. Into each item's meta, replacing earlier verdicts of the same comparisons.
+        by_item: dict = {}
+        for comp in comparisons:
+            item = candidates[comp.candidate_a_id][0]
+            entry = by_item.setdefault(item.id, (item, {}))[1]
+            entry[f"{comp.candidate_a_id}-{comp.candidate_b_id}"] = {
+                name: [scores[name][comp.candidate_a_id], scores[name][comp.candidate_b_id]] for name in signals
+            }
+        source = {"human": cfg.reward_model, "clip": cfg.clip_model, "date": time.strftime("%Y-%m-%d")}
+        for item, verdicts in by_item.values():
+            item.meta = {**(item.meta or {}), "verdicts": {**(item.meta or {}).get("verdicts", {}), **verdicts}, "verdicts_from": source}
+    summary = {"project": cfg.project, "comparisons": len(comparisons), "candidates": len(order), "signals": sorted(signals)}
+    print(summary)
+    return summary
+
+
+def parse_args(argv: list[str] | None = None) -> VerdictsConfig:
+    from trl import TrlParser
+
+    (cfg,) = TrlParser(dataclass_types=[VerdictsConfig], description=__doc__.split("\n\n")[0]).parse_args_and_config(argv)
+    return cfg
+
+
+if __name__ == "__main__":
+    try:
+        main(parse_args())
+    except ModelLoadError as e:
+        print(f"error: {e}", file=sys.stderr)
+        sys.exit(1)
