@@ -115,18 +115,26 @@ def train_clip(
     seed: int = 0,
     eval_candidates: int = 100,
     hard_negatives: bool = True,
+    fresh_scenes: int = 0,
+    patch_weight: float = 0.0,
 ) -> dict:
     """Train the tiny CLIP on `world_dir`, save it to `out`, and return its report (also saved).
 
     With `hard_negatives`, each image is also contrasted with its own caption with one attribute
     swapped (`swapped_caption`), as NegCLIP does (Yuksekgonul et al., 2023): in-batch negatives
     almost never differ in color alone, so without them a CLIP learns the setting long before the looks.
+
+    `fresh_scenes` adds the frames of that many new random scenes to the training set, and
+    `patch_weight` weighs a dense auxiliary loss on the image tower's middle feature map: each cell
+    says which look is drawn there (`storyworld.vision.patch_labels`), as `train_vit`'s patch loss
+    does. The head that reads the cells is dropped after training; the saved model is a plain CLIP.
     """
     import open_clip
     import torch
     from tqdm import tqdm
 
-    from storyworld.world import world_frames
+    from storyworld.vision import LOOKS, patch_labels
+    from storyworld.world import fresh_frames, world_frames
 
     torch.manual_seed(seed)
     rng = random.Random(seed)
@@ -143,12 +151,23 @@ def train_clip(
     from PIL import Image
 
     def load(rows):  # every frame decoded once, up front
-        return torch.stack([preprocess(Image.open(p).convert("RGB")) for p, _ in rows])  # (N, 3, H, W)
+        return torch.stack([preprocess(p if isinstance(p, Image.Image) else Image.open(p).convert("RGB")) for p, _ in rows])  # (N, 3, H, W)
 
+    frame_size = Image.open(train[0][0]).size  # as the world rendered it, (width, height)
+    if fresh_scenes:
+        train = train + fresh_frames(fresh_scenes, seed, frame_size)
     train_images, held_images = load(train), load(held)
+    # The dense loss: a 1x1 convolution reads each cell of layer2's map (an 8x8 grid at 64 px).
+    cells: dict[str, torch.Tensor] = {}
+    hook = model.visual.layer2.register_forward_hook(lambda module, args, output: cells.__setitem__("map", output))
+    with torch.no_grad():
+        model.visual(train_images[:1])
+    _, channels, grid, _ = cells["map"].shape
+    patch_head = torch.nn.Conv2d(channels, len(LOOKS) + 1, 1)
+    train_cells = torch.tensor([patch_labels(f, grid, grid, frame_size) for _, f in train]) if patch_weight else None  # (N, grid²)
     steps_per_epoch = max(1, len(train) // batch_size)
     total_steps = epochs * steps_per_epoch
-    opt = torch.optim.AdamW(model.parameters(), lr=lr, weight_decay=0.1)
+    opt = torch.optim.AdamW([*model.parameters(), *patch_head.parameters()], lr=lr, weight_decay=0.1)
     sched = torch.optim.lr_scheduler.LambdaLR(
         opt, lambda s: min(1.0, (s + 1) / 20) * 0.5 * (1 + math.cos(math.pi * min(s, total_steps) / total_steps))
     )
@@ -169,6 +188,9 @@ def train_clip(
             target = torch.arange(len(idx))
             # Symmetric InfoNCE (Radford et al., 2021); text→image over the true captions only.
             loss = (torch.nn.functional.cross_entropy(logits, target) + torch.nn.functional.cross_entropy(logits[:, : len(idx)].T, target)) / 2
+            if patch_weight:  # each cell of the middle map names the look drawn there, or background
+                cell_logits = patch_head(cells["map"]).flatten(2).transpose(1, 2)  # (B, grid², looks + 1)
+                loss = loss + patch_weight * torch.nn.functional.cross_entropy(cell_logits.flatten(0, 1), train_cells[idx].flatten())
             opt.zero_grad()
             loss.backward()
             opt.step()
@@ -185,6 +207,7 @@ def train_clip(
             continue
         break
     bar.close()
+    hook.remove()
     model.eval()
 
     # Held-out retrieval: each frame against `eval_candidates` others, one entity caption each;
@@ -196,6 +219,8 @@ def train_clip(
         "retrieval": retrieval_accuracy(model, tokenizer, held_images[pick], captions),
         "attributes": attribute_accuracy(model, tokenizer, held_images, [f for _, f in held]),
         "hard_negatives": hard_negatives,
+        "fresh_scenes": fresh_scenes,
+        "patch_weight": patch_weight,
         "train_pairs": len(train),
         "held_out_frames": len(held),
         "steps": step,
