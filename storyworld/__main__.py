@@ -64,9 +64,8 @@ def build_parser() -> argparse.ArgumentParser:
     clip.add_argument("--max-minutes", type=float, default=5.0, help="stop training after this long")
     clip.add_argument("--hard-negatives", action=argparse.BooleanOptionalAction, default=True,
                       help="also contrast each frame with its caption with one color, shape, setting or time swapped")  # fmt: skip
-    clip.add_argument("--fresh-scenes", type=int, default=0, help="also train on the frames of this many new random scenes")
-    clip.add_argument("--patch-weight", type=float, default=0.0,
-                      help="weight of a dense loss that teaches each cell of the image tower's middle map which look is drawn there (0: off)")
+    clip.add_argument("--fresh-scenes", type=int, default=0,
+                      help="also train on the frames of this many new random scenes (4000 with --epochs 6: color 0.60, shape 0.33 against 0.45, 0.25)")
     clip.add_argument("--seed", type=int, default=0)
 
     vit = sub.add_parser("train-vit", help="pretrain the tiny ViT of rlhf.sft --init tiny-vit-gpt2 on the world's frames "
@@ -125,7 +124,7 @@ def main(argv: list[str] | None = None) -> int:
 
         report = train_clip(args.world, args.out, epochs=args.epochs, batch_size=args.batch_size, lr=args.lr,
                             max_minutes=args.max_minutes, seed=args.seed, hard_negatives=args.hard_negatives,
-                            fresh_scenes=args.fresh_scenes, patch_weight=args.patch_weight)  # fmt: skip
+                            fresh_scenes=args.fresh_scenes)  # fmt: skip
         print(json.dumps(report, indent=1))
     return 0
 

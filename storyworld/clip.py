@@ -116,7 +116,6 @@ def train_clip(
     eval_candidates: int = 100,
     hard_negatives: bool = True,
     fresh_scenes: int = 0,
-    patch_weight: float = 0.0,
 ) -> dict:
     """Train the tiny CLIP on `world_dir`, save it to `out`, and return its report (also saved).
 
@@ -124,16 +123,14 @@ def train_clip(
     swapped (`swapped_caption`), as NegCLIP does (Yuksekgonul et al., 2023): in-batch negatives
     almost never differ in color alone, so without them a CLIP learns the setting long before the looks.
 
-    `fresh_scenes` adds the frames of that many new random scenes to the training set, and
-    `patch_weight` weighs a dense auxiliary loss on the image tower's middle feature map: each cell
-    says which look is drawn there (`storyworld.vision.patch_labels`), as `train_vit`'s patch loss
-    does. The head that reads the cells is dropped after training; the saved model is a plain CLIP.
+    `fresh_scenes` adds the frames of that many new random scenes to the training set; with three
+    times the steps it lifts color and shape reading (docs/BENCHMARKS.md, storyworld). (A dense loss
+    on the tower's middle map, which teaches `train_vit` shapes, did not help this CLIP.)
     """
     import open_clip
     import torch
     from tqdm import tqdm
 
-    from storyworld.vision import LOOKS, patch_labels
     from storyworld.world import fresh_frames, world_frames
 
     torch.manual_seed(seed)
@@ -157,17 +154,9 @@ def train_clip(
     if fresh_scenes:
         train = train + fresh_frames(fresh_scenes, seed, frame_size)
     train_images, held_images = load(train), load(held)
-    # The dense loss: a 1x1 convolution reads each cell of layer2's map (an 8x8 grid at 64 px).
-    cells: dict[str, torch.Tensor] = {}
-    hook = model.visual.layer2.register_forward_hook(lambda module, args, output: cells.__setitem__("map", output))
-    with torch.no_grad():
-        model.visual(train_images[:1])
-    _, channels, grid, _ = cells["map"].shape
-    patch_head = torch.nn.Conv2d(channels, len(LOOKS) + 1, 1)
-    train_cells = torch.tensor([patch_labels(f, grid, grid, frame_size) for _, f in train]) if patch_weight else None  # (N, grid²)
     steps_per_epoch = max(1, len(train) // batch_size)
     total_steps = epochs * steps_per_epoch
-    opt = torch.optim.AdamW([*model.parameters(), *patch_head.parameters()], lr=lr, weight_decay=0.1)
+    opt = torch.optim.AdamW(model.parameters(), lr=lr, weight_decay=0.1)
     sched = torch.optim.lr_scheduler.LambdaLR(
         opt, lambda s: min(1.0, (s + 1) / 20) * 0.5 * (1 + math.cos(math.pi * min(s, total_steps) / total_steps))
     )
@@ -188,9 +177,6 @@ def train_clip(
             target = torch.arange(len(idx))
             # Symmetric InfoNCE (Radford et al., 2021); text→image over the true captions only.
             loss = (torch.nn.functional.cross_entropy(logits, target) + torch.nn.functional.cross_entropy(logits[:, : len(idx)].T, target)) / 2
-            if patch_weight:  # each cell of the middle map names the look drawn there, or background
-                cell_logits = patch_head(cells["map"]).flatten(2).transpose(1, 2)  # (B, grid², looks + 1)
-                loss = loss + patch_weight * torch.nn.functional.cross_entropy(cell_logits.flatten(0, 1), train_cells[idx].flatten())
             opt.zero_grad()
             loss.backward()
             opt.step()
@@ -207,7 +193,6 @@ def train_clip(
             continue
         break
     bar.close()
-    hook.remove()
     model.eval()
 
     # Held-out retrieval: each frame against `eval_candidates` others, one entity caption each;
@@ -220,7 +205,6 @@ def train_clip(
         "attributes": attribute_accuracy(model, tokenizer, held_images, [f for _, f in held]),
         "hard_negatives": hard_negatives,
         "fresh_scenes": fresh_scenes,
-        "patch_weight": patch_weight,
         "train_pairs": len(train),
         "held_out_frames": len(held),
         "steps": step,
