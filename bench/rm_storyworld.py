@@ -1,6 +1,7 @@
 """Learning benchmark: does the reward model learn what (simulated) annotators want?
 
     python bench/rm_storyworld.py --out DIR [--items 1500] [--epochs 2] [--variants full,clip-only,text-only]
+        [--test-fraction 0.25] [--clip-epochs 6 --clip-fresh-scenes 4000]
 
 End to end, through the same commands a user runs:
 
@@ -52,6 +53,29 @@ def hidden_utility_accuracy(rm, test, utilities: dict[tuple[str, str], float], t
     }
 
 
+def twin_accuracy_by_flaw(rm, test, world_dir: Path) -> dict:
+    """On the image-only slice: how often the image twin scores below its source, per kind of image-only flaw."""
+    from collections import defaultdict
+
+    twins = {}
+    for line in (world_dir / "world.jsonl").open():
+        item = json.loads(line)
+        for i, j in (item.get("slices") or {}).get("image-only", []):
+            source, twin = item["candidates"][i], item["candidates"][j]
+            kind = next(f for f in twin["flaws"] if f not in source["flaws"])
+            twins[item["external_id"]] = (kind, source["text"], twin["text"])
+    pairs = [p for p in test if "image-only" in p.slices and p.item_id in twins]
+    if not pairs:
+        return {}
+    images, prompts = [p.images for p in pairs], [p.prompt for p in pairs]
+    source = rm.score(images, prompts, [twins[p.item_id][1] for p in pairs])
+    twin = rm.score(images, prompts, [twins[p.item_id][2] for p in pairs])
+    by = defaultdict(list)
+    for p, s, t in zip(pairs, source.tolist(), twin.tolist()):
+        by[twins[p.item_id][0]].append(s > t)
+    return {kind: {"twin_below_source": round(sum(v) / len(v), 3), "pairs": len(v)} for kind, v in sorted(by.items())}
+
+
 def main() -> None:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     p.add_argument("--out", type=Path, required=True)
@@ -61,6 +85,7 @@ def main() -> None:
     p.add_argument("--batch-size", type=int, default=32)
     p.add_argument("--max-length", type=int, default=160)
     p.add_argument("--clip-epochs", type=int, default=8)
+    p.add_argument("--clip-fresh-scenes", type=int, default=0, help="train-clip --fresh-scenes: also train the CLIP on this many new random scenes")
     p.add_argument("--variants", default="full,clip-only,text-only")
     p.add_argument("--test-fraction", type=float, default=0.1, help="share of items held out (more gives the image-only slice more pairs)")
     args = p.parse_args()
@@ -91,7 +116,7 @@ def main() -> None:
     if not (world / "world.jsonl").exists():
         make_world(world, args.items, seed=args.seed)
     if not (out / "clip" / "open_clip_config.json").exists():
-        report["clip"] = train_clip(world, out / "clip", epochs=args.clip_epochs, max_minutes=6)
+        report["clip"] = train_clip(world, out / "clip", epochs=args.clip_epochs, max_minutes=8, fresh_scenes=args.clip_fresh_scenes)
     votes = annotate_world(world, out / "prefs.jsonl", votes_per_pair=3, seed=args.seed)
     report["votes"] = votes["votes"]
     _, factory = open_db(f"sqlite:///{out}/prefs.db")
@@ -123,7 +148,8 @@ def main() -> None:
             "eval_accuracy_vs_majority": metrics["eval_accuracy"],
             **hidden_utility_accuracy(rm, test, utilities),
             "image_only": {"eval_accuracy_vs_majority": metrics.get("eval_accuracy_image_only"),
-                           **hidden_utility_accuracy(rm, twins, utilities)} if twins else None,  # fmt: skip
+                           **hidden_utility_accuracy(rm, twins, utilities),
+                           "by_flaw": twin_accuracy_by_flaw(rm, test, world)} if twins else None,  # fmt: skip
             "eval_loss": metrics["eval_loss"],
             "pairs_per_second": metrics["pairs_per_second"],
             "train_pairs": metrics["train_pairs"],
