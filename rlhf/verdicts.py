@@ -36,8 +36,10 @@ class VerdictsConfig:
     device: str | None = field(default=None, metadata={"help": "cpu, cuda … (default: cuda if available)"})
 
 
-def read_comparisons(session, project: str, everything: bool) -> tuple[list, dict]:
-    """The project's comparisons to score (with at least one active vote unless `everything`), and its candidates by id."""
+def read_comparisons(session, project: str, everything: bool) -> tuple[list[tuple[int, int, int]], dict[int, tuple]]:
+    """The project's comparisons to score, as (item id, candidate a, candidate b), with at least one
+    active vote unless `everything`; and each of their candidates as (item id, images, instruction,
+    context, style, text)."""
     from pathlib import Path
 
     from sqlalchemy import select
@@ -48,23 +50,23 @@ def read_comparisons(session, project: str, everything: bool) -> tuple[list, dic
     if proj is None:
         names = ", ".join(session.scalars(select(Project.name))) or "none yet"
         raise ModelLoadError(f"no project {project!r} in the database (projects: {names}); pass one of them as --project")
-    query = select(Comparison).where(Comparison.project_id == proj.id).order_by(Comparison.id)
+    query = select(Comparison.item_id, Comparison.candidate_a_id, Comparison.candidate_b_id).where(Comparison.project_id == proj.id)
     if not everything:
         query = query.where(Comparison.id.in_(select(Vote.comparison_id).where(Vote.active)))
-    comparisons = session.scalars(query).all()
+    comparisons = [tuple(row) for row in session.execute(query.order_by(Comparison.id))]
     root = Path(get_meta(session, "media_root") or ".")
-    ids = {c.candidate_a_id for c in comparisons} | {c.candidate_b_id for c in comparisons}
+    ids = {c for _, a, b in comparisons for c in (a, b)}
     candidates = {}
     for cand in session.scalars(select(Candidate).where(Candidate.id.in_(ids))):
         item = session.get(Item, cand.item_id)
-        candidates[cand.id] = (item, [str(root / img.path) for img in item.images], cand.text)
+        candidates[cand.id] = (item.id, [str(root / img.path) for img in item.images], item.instruction, item.context, item.style, cand.text)
     return comparisons, candidates
 
 
 def main(cfg: VerdictsConfig) -> dict:
     from tqdm import tqdm
 
-    from db import open_db
+    from db import Item, open_db, read_session_factory
     from rlhf.rewards import ClipReward, HumanReward
 
     # 1. The signals, refused before any work when none is named.
@@ -76,30 +78,27 @@ def main(cfg: VerdictsConfig) -> dict:
         signals["clip"] = ClipReward(cfg.clip_model, cfg.clip_pretrained, device, cfg.cache_dir)
     if not signals:
         raise ModelLoadError("name at least one verdict: --reward_model DIR (rlhf.train_rm) and/or --clip_model NAME_OR_DIR")
+    # 2. The comparisons and their candidates, read without holding a lock (SQLite writers keep voting).
     _, factory = open_db(cfg.db)
-    with factory.begin() as session:
-        # 2. The comparisons and their candidates.
+    with read_session_factory(factory)() as session:
         comparisons, candidates = read_comparisons(session, cfg.project, cfg.all)
-        order = sorted(candidates)
-        # 3. Every candidate scored once by each signal.
-        scores: dict[str, dict[int, float]] = {name: {} for name in signals}
-        for k in tqdm(range(0, len(order), cfg.batch_size), desc="verdicts", unit="batch"):
-            chunk = [candidates[i] for i in order[k : k + cfg.batch_size]]
-            args = ([images for _, images, _ in chunk], [item.instruction for item, _, _ in chunk], [item.context for item, _, _ in chunk],
-                    [item.style for item, _, _ in chunk], [text for _, _, text in chunk])  # fmt: skip
-            for name, signal in signals.items():
-                for cand_id, value in zip(order[k : k + cfg.batch_size], signal(*args).tolist()):
-                    scores[name][cand_id] = round(value, 4)
-        # 4. Into each item's meta, replacing earlier verdicts of the same comparisons.
-        by_item: dict = {}
-        for comp in comparisons:
-            item = candidates[comp.candidate_a_id][0]
-            entry = by_item.setdefault(item.id, (item, {}))[1]
-            entry[f"{comp.candidate_a_id}-{comp.candidate_b_id}"] = {
-                name: [scores[name][comp.candidate_a_id], scores[name][comp.candidate_b_id]] for name in signals
-            }
-        source = {"human": cfg.reward_model, "clip": cfg.clip_model, "date": time.strftime("%Y-%m-%d")}
-        for item, verdicts in by_item.values():
+    # 3. Every candidate scored once by each signal, outside any transaction.
+    order = sorted(candidates)
+    scores: dict[str, dict[int, float]] = {name: {} for name in signals}
+    for k in tqdm(range(0, len(order), cfg.batch_size), desc="verdicts", unit="batch"):
+        ids = order[k : k + cfg.batch_size]
+        _, images, instructions, contexts, styles, texts = zip(*(candidates[i] for i in ids))
+        for name, signal in signals.items():
+            for cand_id, value in zip(ids, signal(list(images), list(instructions), list(contexts), list(styles), list(texts)).tolist()):
+                scores[name][cand_id] = round(value, 4)
+    # 4. Into each item's meta in one short transaction, replacing earlier verdicts of the same comparisons.
+    by_item: dict[int, dict] = {}
+    for item_id, a, b in comparisons:
+        by_item.setdefault(item_id, {})[f"{a}-{b}"] = {name: [scores[name][a], scores[name][b]] for name in signals}
+    source = {"human": cfg.reward_model, "clip": cfg.clip_model, "date": time.strftime("%Y-%m-%d")}
+    with factory.begin() as session:
+        for item_id, verdicts in by_item.items():
+            item = session.get(Item, item_id)
             item.meta = {**(item.meta or {}), "verdicts": {**(item.meta or {}).get("verdicts", {}), **verdicts}, "verdicts_from": source}
     summary = {"project": cfg.project, "comparisons": len(comparisons), "candidates": len(order), "signals": sorted(signals)}
     print(summary)

@@ -71,3 +71,29 @@ def test_verdicts_refuse_clearly(demo, tmp_path):
     with pytest.raises(ModelLoadError, match="no reward_config.json"):
         main(VerdictsConfig(project=DEMO_PROJECT, db=url, reward_model=str(tmp_path)))
     assert parse_args(["--project", "p", "--all"]).all is True
+
+
+def test_scoring_holds_no_write_lock(demo, tmp_path, monkeypatch):
+    """Annotators keep voting while the models score: a write during scoring goes through at once."""
+    import time
+
+    from sqlalchemy import text
+
+    import rlhf.rewards
+    from db import make_engine, make_session_factory
+
+    url, _ = demo
+    writer = make_session_factory(make_engine(url))
+    waited = []
+    score = rlhf.rewards.ClipReward.__call__
+
+    def scoring_while_someone_writes(self, *args):
+        start = time.perf_counter()
+        with writer.begin() as s:  # BEGIN IMMEDIATE: it would wait for a lock held across the scoring
+            s.execute(text("UPDATE project SET guidelines = guidelines"))
+        waited.append(time.perf_counter() - start)
+        return score(self, *args)
+
+    monkeypatch.setattr(rlhf.rewards.ClipReward, "__call__", scoring_while_someone_writes)
+    main(VerdictsConfig(project=DEMO_PROJECT, db=url, clip_model=str(tiny_clip(tmp_path / "clip")), clip_pretrained=None))
+    assert waited and max(waited) < 1.0
