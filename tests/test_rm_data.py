@@ -77,3 +77,16 @@ def test_trim_cache_keeps_the_newer_half():
     assert list(cache) == [5, 6, 7, 8, 9]
     trim_cache(cache, limit=8)
     assert len(cache) == 5
+
+
+def test_slices_are_read_and_a_bad_one_is_named(tmp_path):
+    make_image(tmp_path / "f.png")
+    row = {"prompt": "Tell a story.", "chosen": "A.", "rejected": "B.", "images": ["f.png"], "item_id": "it"}
+    (tmp_path / "ok.jsonl").write_text(json.dumps({**row, "slices": ["image-only", "image-only"]}) + "\n" + json.dumps(row) + "\n")
+    train, _, _ = load_preferences(tmp_path / "ok.jsonl", test_fraction=0.0)
+    assert [p.slices for p in train] == [("image-only",), ()]
+    (tmp_path / "bad.jsonl").write_text(json.dumps(row) + "\n" + json.dumps({**row, "slices": "image-only"}) + "\n")
+    from rlhf.data import DataError
+
+    with pytest.raises(DataError, match=r"bad.jsonl:2: `slices` must be a list of slice names"):
+        load_preferences(tmp_path / "bad.jsonl", test_fraction=0.0)
