@@ -5,7 +5,8 @@ that shows every feature: multi-frame items, grounding tags, strength, aspects, 
 position-swapped repeats. It also imports a few hundred votes from storyworld's simulated
 annotators, under their own accounts (`demo-sim1`, `demo-sim2-leftbias`, ...), which have no
 password and cannot log in. So the Admin tab shows agreement, a leaderboard and plots at once; the
-votes fill two of each item's six comparisons, and the rest wait for real annotators. `ensure_admin` creates an `admin` account with a random password when
+votes fill two of each item's six comparisons, and the rest wait for real annotators.
+`ensure_admin` creates an `admin` account with a random password when
 the database has no account that can log in; the caller prints that password once.
 """
 

@@ -37,7 +37,7 @@ def _restored(state: tuple) -> random.Random:
     return rng
 
 
-def _image_twin(scene: Scene, style: str, state: tuple, knobs: Knobs, rng: random.Random) -> tuple[str, Knobs] | None:
+def _image_twin(scene: Scene, style: str, state: tuple, knobs: Knobs, source_utility: float, rng: random.Random) -> tuple[str, Knobs] | None:
     """The story written from the same random state and knobs as another, plus one image-only flaw it lacks.
 
     Every word is the same but where the flaw acts (a false look, a phantom object, the setting,
@@ -50,9 +50,9 @@ def _image_twin(scene: Scene, style: str, state: tuple, knobs: Knobs, rng: rando
     for name in options:
         flawed = replace(knobs, **{name: 1 if name in ("false_look", "phantom") else True}).applied_to(scene)
         if len(flawed.image_flaws()) > len(knobs.image_flaws()):
-            original, text = (write_story(scene, style, k, _restored(state)) for k in (knobs, flawed))
+            text = write_story(scene, style, flawed, _restored(state))
             # A phantom sentence also adds words and trigrams; keep the twin only where it is the worse story.
-            if utility(scene, text, style) < utility(scene, original, style):
+            if utility(scene, text, style) < source_utility:
                 return text, flawed
     return None
 
@@ -89,7 +89,7 @@ def _item(seed: int, index: int, frames: tuple[int, int], image_size: tuple[int,
         paths.append(f"images/{name}")
     instruction = instruction_for(style, len(scene.frames))
     context = cast_context(scene)
-    candidates, truth, states = [], [], []
+    candidates, truth = [], []
     for c in range(CANDIDATES_PER_ITEM):
         quality = rng.random() if c else rng.uniform(0.7, 1.0)  # at least one decent candidate
         for _ in range(20):  # candidates of an item are distinct texts
@@ -100,13 +100,14 @@ def _item(seed: int, index: int, frames: tuple[int, int], image_size: tuple[int,
             if all(text != t["text"] for t in truth):
                 break
             quality = rng.random()
-        states.append((state, knobs))
+        if c == 0:
+            source = (state, knobs)  # what the image twin is written from
         comp = components(scene, text, style)
         origin = f"storyworld/{quality_band(quality)}"
         candidates.append({"text": text, "origin": origin, "gen_params": {"quality": round(quality, 3)}})
         truth.append({"text": text, "origin": origin, **comp.to_dict(), "flaws": knobs.flaws(style)})
     slices: dict[str, list[list[int]]] = {}
-    twin = _image_twin(scene, style, *states[0], rng) if rng.random() < IMAGE_TWIN_RATE else None
+    twin = _image_twin(scene, style, *source, utility(scene, candidates[0]["text"], style), rng) if rng.random() < IMAGE_TWIN_RATE else None
     if twin is not None and all(twin[0] != t["text"] for t in truth):
         # The last candidate becomes the first one's image twin: the same words but for flaws only the frames show.
         text, knobs = twin
