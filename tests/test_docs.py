@@ -22,6 +22,7 @@ DATACLASS_CLIS = {
     "rlhf.generate": ("GenerateConfig", "policies.md"),
     "rlhf.evaluate": ("EvaluateConfig", "policies.md"),
     "rlhf.ppo": ("PPOConfig", "training.md"),
+    "rlhf.dpo": ("DPOConfig", "training.md"),
     "rlhf.rewards": ("CheckConfig", "training.md"),
     "rlhf.verdicts": ("VerdictsConfig", "reward-model.md"),
 }
