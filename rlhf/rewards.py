@@ -244,6 +244,64 @@ def build_reward(weights: dict[str, float], *, reward_model: str | None = None, 
     return CompositeReward(weights, signals)
 
 
+def _message_text(value, role: str) -> str:
+    """The text of a TRL prompt or completion: a string, or the last `role` message of a conversation."""
+    if isinstance(value, str):
+        return value
+    for message in reversed(value):
+        if message.get("role") == role:
+            content = message.get("content")
+            return content if isinstance(content, str) else " ".join(c.get("text", "") for c in content if c.get("type") == "text")
+    raise ValueError(f"no {role} message in {value!r:.200}")
+
+
+def trl_reward_funcs(reward: CompositeReward, composite: bool = False) -> list[Callable]:
+    """storypref's signals as TRL reward functions (`reward_funcs` of `GRPOTrainer` and `RLOOTrainer`).
+
+    One function per signal, each named after it, so TRL logs `rewards/<name>/mean` and weighs them with
+    its own `reward_weights`; or, with `composite`, one function `storypref` that returns the
+    normalized, weighted mix `rlhf.ppo` uses. Each reads the prompts (plain or conversational; the
+    text is `annotate.formats.format_prompt`'s: instruction, then `Style:` and `Story so far:` lines),
+    the completions, and the dataset's image column (`images`, a list per row, or `image`):
+
+        from trl import GRPOConfig, GRPOTrainer
+        from rlhf.rewards import build_reward, trl_reward_funcs
+
+        reward = build_reward({"human": 1.0, "clip": 0.3}, reward_model="runs/rm", clip_model="ViT-B-32")
+        trainer = GRPOTrainer(model="Qwen/Qwen2-VL-2B-Instruct", reward_funcs=trl_reward_funcs(reward), args=GRPOConfig(...), train_dataset=ds)
+        trainer.train()
+    """
+
+    def inputs(prompts, completions, kwargs):
+        if "images" in kwargs:
+            images = [list(i) if isinstance(i, (list, tuple)) else [i] for i in kwargs["images"]]
+        elif "image" in kwargs:
+            images = [[i] for i in kwargs["image"]]
+        else:
+            raise ValueError("storypref's reward functions need the frames: give the dataset an `images` (list per row) or `image` column")
+        parsed = [parse_prompt(_message_text(p, "user")) for p in prompts]
+        stories = [_message_text(c, "assistant") for c in completions]
+        return images, [i for i, _, _ in parsed], [c for _, _, c in parsed], [s for _, s, _ in parsed], stories
+
+    def signal_func(name: str) -> Callable:
+        def func(prompts, completions, **kwargs) -> list[float]:
+            with torch.no_grad():
+                return reward.signals[name](*inputs(prompts, completions, kwargs)).float().cpu().tolist()
+
+        func.__name__ = func.__qualname__ = name
+        return func
+
+    if not composite:
+        return [signal_func(name) for name in reward.weights]
+
+    def storypref(prompts, completions, **kwargs) -> list[float]:
+        with torch.no_grad():
+            total, _ = reward(*inputs(prompts, completions, kwargs))
+        return total.tolist()
+
+    return [storypref]
+
+
 def wilson_interval(successes: float, n: int, z: float = 1.96) -> tuple[float, float]:
     """The Wilson score interval of a binomial proportion (95% for z = 1.96): 7 of 10 → (0.397, 0.892)."""
     if n == 0:

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import math
 import os
 import subprocess
 import sys
@@ -335,3 +336,62 @@ def test_two_processes_with_accelerate(setup):
     assert run.returncode == 0, run.stderr[-3000:]
     metrics = json.loads((out / "metrics.json").read_text())
     assert metrics["world_size"] == 2 and metrics["episodes"] == 2 * 2 * 2
+
+
+def test_trl_reward_funcs_read_trl_prompts_completions_and_images(setup):
+    from PIL import Image
+
+    from rlhf.rewards import RepetitionReward, build_reward, trl_reward_funcs
+
+    root, world = setup
+    items = [json.loads(x) for x in (world / "items.jsonl").open()][:2]
+    frames = [[Image.open(world / p).convert("RGB") for p in i["image_paths"]] for i in items]
+    prompts = [[{"role": "user", "content": [{"type": "image"}, {"type": "text", "text": format_prompt(i["instruction"], i["style"], i["context"])}]}]
+               for i in items]  # fmt: skip
+    stories = ["A red circle met a blue square. The red circle met a blue square.", "Pip the red star hopped across the meadow."]
+    completions = [[{"role": "assistant", "content": s}] for s in stories]
+    reward = build_reward({"human": 1.0, "repetition": 0.5}, reward_model=str(root / "rm"), cache_dir=str(root / "cache"))
+    human, repetition = trl_reward_funcs(reward)
+    assert (human.__name__, repetition.__name__) == ("human", "repetition")  # TRL logs rewards/<name>/mean
+    assert repetition(prompts, completions, images=frames) == pytest.approx(RepetitionReward()(None, None, None, None, stories).tolist())
+    direct = reward.signals["human"](frames, [i["instruction"] for i in items], [i["context"] for i in items], [i["style"] for i in items], stories)
+    assert human(prompts, completions, images=frames) == pytest.approx(direct.tolist(), abs=1e-6)  # the prompt parsed back into its parts
+    plain = human([format_prompt(i["instruction"], i["style"], i["context"]) for i in items], stories, image=[f[0] for f in frames])
+    assert len(plain) == 2  # plain-text prompts and a single `image` column work too
+    (mixed,) = trl_reward_funcs(reward, composite=True)
+    assert mixed.__name__ == "storypref" and len(mixed(prompts, completions, images=frames)) == 2
+    with pytest.raises(ValueError, match="need the frames"):
+        human(prompts, completions)
+
+
+@pytest.mark.timeout(600)
+def test_trl_grpo_trainer_trains_on_storypref_rewards(setup, tmp_path):
+    import datasets
+    from PIL import Image
+    from transformers import AutoProcessor
+    from trl import GRPOConfig, GRPOTrainer
+
+    from rlhf.rewards import build_reward, trl_reward_funcs
+
+    root, world = setup
+    make_tiny.tiny_qwen2_vl(tmp_path / "qwen")
+    processor = AutoProcessor.from_pretrained(tmp_path / "qwen")
+    # TRL's GRPOTrainer needs left padding for prompts of different lengths with Qwen2-VL (with right
+    # padding the image positions shift: huggingface/trl#5785); docs/training.md says so too.
+    processor.tokenizer.padding_side = "left"
+    items = [json.loads(x) for x in (world / "items.jsonl").open()][:4]
+    ds = datasets.Dataset.from_list([{"prompt": [{"role": "user", "content": [{"type": "image"}, {"type": "text", "text": format_prompt(i["instruction"], i["style"], i["context"])}]}],
+                                      "images": [Image.open(world / i["image_paths"][0]).convert("RGB")]} for i in items])  # fmt: skip
+    reward = build_reward({"human": 1.0, "clip": 0.3, "repetition": 0.5}, reward_model=str(root / "rm"), clip_model=str(root / "clip"),
+                          cache_dir=str(root / "cache"))  # fmt: skip
+    args = GRPOConfig(output_dir=str(tmp_path / "grpo"), use_cpu=True, bf16=False, per_device_train_batch_size=4, num_generations=2,
+                      max_completion_length=8, max_steps=2, report_to=[], logging_steps=1, save_strategy="no", seed=0,
+                      reward_weights=[1.0, 0.3, 0.5])  # fmt: skip
+    trainer = GRPOTrainer(model=str(tmp_path / "qwen"), reward_funcs=trl_reward_funcs(reward), args=args, train_dataset=ds,
+                          processing_class=processor)  # fmt: skip
+    trainer.train()
+    logged = [h for h in trainer.state.log_history if "rewards/human/mean" in h]
+    assert len(logged) == 2 and trainer.state.global_step == 2
+    for h in logged:
+        for name in ("human", "clip", "repetition"):
+            assert math.isfinite(h[f"rewards/{name}/mean"]), (name, h)
