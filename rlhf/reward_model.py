@@ -39,6 +39,13 @@ from rlhf.data import ImageRef
 from rlhf.loading import ModelLoadError, load_pretrained, local_path
 
 DEFAULT_TEXT_MODEL = "sentence-transformers/all-MiniLM-L6-v2"
+# Sentence↔frame alignment, per frame f (cosines of normalized CLIP embeddings, × ALIGN_SCALE): the min,
+# mean and max over f's own sentences against f's image, how well f's image is matched by the best
+# sentence of the whole story, and, for the story, its worst-grounded sentence (the min over sentences
+# of the max over frames) and the mean over sentences of that max. A single false look or phantom
+# lowers one sentence's match; a mean over the frame's sentences hides it, a min does not.
+ALIGN_FEATURES = 6
+ALIGN_SCALE = 10.0
 CONFIG_NAME = "reward_config.json"
 WEIGHTS_NAME = "reward_weights.safetensors"
 
@@ -51,6 +58,7 @@ class RewardModelConfig:
     clip_pretrained: str | None = "laion2b_s34b_b79k"
     use_images: bool = True  # False: a text-only ablation (no CLIP at all)
     use_text_encoder: bool = True  # False: a CLIP-only ablation
+    sentence_alignment: bool = False  # clip-fusion: per-frame sentence↔frame cosine features (ALIGN_FEATURES)
     lora_r: int = 16
     lora_alpha: int = 32
     lora_dropout: float = 0.0
@@ -86,6 +94,28 @@ def mean_pool(hidden: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
     return (hidden * mask).sum(1) / mask.sum(1).clamp(min=1e-6)
 
 
+def sentence_alignment(features: ClipFeatures, image_emb: torch.Tensor, story: str, n_frames: int) -> torch.Tensor:
+    """(F, ALIGN_FEATURES) sentence↔frame features of `story` against its frames' normalized CLIP embeddings (F, D)."""
+    from annotate.formats import frame_sentences
+
+    parts = frame_sentences(story, n_frames)[: len(image_emb)]
+    flat = [s for sentences in parts for s in sentences]
+    out = torch.zeros(len(image_emb), ALIGN_FEATURES)
+    if not flat:
+        return out
+    cos = features.sentences(flat) @ image_emb.T  # (S, F)
+    best = cos.max(1).values  # (S,): each sentence's best frame
+    out[:, 3] = cos.max(0).values  # each frame's best sentence anywhere in the story
+    out[:, 4], out[:, 5] = best.min(), best.mean()
+    start = 0
+    for f, sentences in enumerate(parts):
+        own = cos[start : start + len(sentences), f]
+        start += len(sentences)
+        if len(own):
+            out[f, :3] = torch.stack([own.min(), own.mean(), own.max()])
+    return out * ALIGN_SCALE
+
+
 class ClipFusion(nn.Module):
     """Text encoder (LoRA) + per-frame MLP over CLIP features; the CLIP model itself stays outside."""
 
@@ -94,16 +124,18 @@ class ClipFusion(nn.Module):
         self.cfg = cfg
         self.text_encoder = text_encoder
         text_dim = text_encoder.config.hidden_size if text_encoder is not None else 0
-        in_dim = (4 * clip_dim if cfg.use_images else 0) + text_dim
+        in_dim = (4 * clip_dim + (ALIGN_FEATURES if cfg.sentence_alignment else 0) if cfg.use_images else 0) + text_dim
         self.head = nn.Sequential(nn.LayerNorm(in_dim), nn.Linear(in_dim, cfg.hidden_size), nn.GELU(),
                                   nn.Linear(cfg.hidden_size, 1))  # fmt: skip
 
     def forward(self, input_ids=None, attention_mask=None, image_emb=None, frame_text_emb=None, frame_mask=None,
-                story_text_emb=None) -> torch.Tensor:  # fmt: skip
+                story_text_emb=None, alignment=None) -> torch.Tensor:  # fmt: skip
         parts = []
         if self.cfg.use_images:
             story = story_text_emb.unsqueeze(1).expand_as(frame_text_emb)  # (B, F, D)
             parts += [image_emb, frame_text_emb, image_emb * frame_text_emb, story]
+            if self.cfg.sentence_alignment:
+                parts.append(alignment)  # (B, F, ALIGN_FEATURES)
         if self.text_encoder is not None:
             hidden = self.text_encoder(input_ids=input_ids, attention_mask=attention_mask).last_hidden_state  # (B, T, C)
             text = mean_pool(hidden, attention_mask)  # (B, C)
@@ -223,11 +255,15 @@ class RewardModel:
             for ex, ids in zip(examples, enc["input_ids"]):
                 ex["input_ids"] = torch.tensor(ids)
         if self.features is not None:
-            texts = self.features.stories(stories, [max(1, len(refs[: self.cfg.max_frames])) for refs in images])
+            counts = [max(1, len(refs[: self.cfg.max_frames])) for refs in images]
+            texts = self.features.stories(stories, counts)
             for ex, refs, (frames, whole) in zip(examples, images, texts):
                 refs = refs[: self.cfg.max_frames]
                 ex["image_emb"] = self.features.images(refs) if refs else torch.zeros(1, self.features.dim)  # (k, D)
                 ex["frame_text_emb"], ex["story_text_emb"] = frames, whole  # (k, D), (D,)
+            if self.cfg.sentence_alignment:
+                for ex, story, n in zip(examples, stories, counts):
+                    ex["alignment"] = sentence_alignment(self.features, ex["image_emb"], story, n)
         return examples
 
     def collate(self, examples: list[dict[str, torch.Tensor]]) -> dict[str, torch.Tensor]:
@@ -249,6 +285,11 @@ class RewardModel:
                 image_emb[i, :k], frame_text[i, :k], frame_mask[i, :k] = ex["image_emb"], ex["frame_text_emb"], 1
             story_text = torch.stack([ex["story_text_emb"] for ex in examples])
             out.update(image_emb=image_emb, frame_text_emb=frame_text, frame_mask=frame_mask, story_text_emb=story_text)
+            if self.cfg.sentence_alignment:
+                alignment = torch.zeros(b, n, ALIGN_FEATURES)
+                for i, ex in enumerate(examples):
+                    alignment[i, : len(ex["alignment"])] = ex["alignment"]
+                out["alignment"] = alignment
         return out
 
     def _vlm_batch(self, images, prompts, stories):

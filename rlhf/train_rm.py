@@ -44,6 +44,10 @@ class TrainRMConfig:
     aggregate: str = field(default="majority", metadata={"help": "pairs JSONL: majority | soft | none (how the votes on one comparison become a training pair)"})
     use_images: bool = field(default=True, metadata={"help": "clip-fusion: read the images (off: a text-only ablation)"})
     use_text_encoder: bool = field(default=True, metadata={"help": "clip-fusion: use the text encoder (off: a CLIP-only ablation)"})
+    sentence_alignment: bool = field(default=False, metadata={"help": "clip-fusion: also feed the head sentence↔frame CLIP cosines per frame "
+                                                                      "(min, mean and max over the frame's own sentences, the frame's best "
+                                                                      "sentence, the story's worst-grounded sentence): a single false look "
+                                                                      "or phantom lowers one sentence's match, which a mean hides"})  # fmt: skip
     lora_r: int = field(default=16, metadata={"help": "LoRA rank"})
     lora_alpha: int = field(default=32, metadata={"help": "LoRA alpha"})
     lora_dropout: float = field(default=0.0, metadata={"help": "LoRA dropout"})
@@ -76,7 +80,7 @@ class TrainRMConfig:
     def model_config(self) -> RewardModelConfig:
         return RewardModelConfig(
             backbone=self.backbone, text_model=self.text_model, clip_model=self.clip_model, clip_pretrained=self.clip_pretrained,
-            use_images=self.use_images, use_text_encoder=self.use_text_encoder, lora_r=self.lora_r, lora_alpha=self.lora_alpha,
+            use_images=self.use_images, use_text_encoder=self.use_text_encoder, sentence_alignment=self.sentence_alignment, lora_r=self.lora_r, lora_alpha=self.lora_alpha,
             lora_dropout=self.lora_dropout, lora_target_modules=self.lora_target_modules, hidden_size=self.hidden_size,
             max_length=self.max_length,
         )  # fmt: skip

@@ -283,3 +283,34 @@ def test_cli_help_and_yaml_config(assets, tmp_path):
     assert (cfg.epochs, cfg.lr, cfg.backbone) == (2, 0.002, "clip-fusion")  # the command line wins over the file
     run = subprocess.run([sys.executable, "-m", "rlhf.train_rm", "--help"], cwd=ROOT, capture_output=True, text=True, timeout=120)
     assert "--backbone" in run.stdout and "CLIP-only" in run.stdout and "--resume" in run.stdout
+
+
+def test_sentence_alignment_by_hand():
+    from types import SimpleNamespace
+
+    from rlhf.reward_model import ALIGN_SCALE, sentence_alignment
+
+    # Two frames, unit image vectors e0 and e1; three sentences: A and B about frame 1, C about frame 2.
+    vectors = {"A.": torch.tensor([1.0, 0.0]), "B.": torch.tensor([0.6, 0.8]), "C.": torch.tensor([0.0, 1.0])}
+    features = SimpleNamespace(sentences=lambda texts: torch.stack([vectors[t] for t in texts]))
+    images = torch.eye(2)
+    out = sentence_alignment(features, images, "<gdi image1>A. B.</gdi><gdi image2>C.</gdi>", 2) / ALIGN_SCALE
+    # cos (S × F): A (1, 0), B (0.6, 0.8), C (0, 1). Frame 1's own: A 1, B 0.6 → min 0.6, mean 0.8, max 1;
+    # frame 2's own: C 1. Each frame's best sentence anywhere: 1, 1. Each sentence's best frame: 1, 0.8, 1 → min 0.8, mean 14/15.
+    expected = torch.tensor([[0.6, 0.8, 1.0, 1.0, 0.8, 2.8 / 3], [1.0, 1.0, 1.0, 1.0, 0.8, 2.8 / 3]])
+    torch.testing.assert_close(out, expected)
+    assert sentence_alignment(features, images, "", 2).abs().sum() == 0  # no sentence: nothing to align
+
+
+def test_sentence_alignment_trains_saves_and_loads(assets, tmp_path):
+    rm, metrics = train(_cfg(assets, tmp_path / "rm", sentence_alignment=True, epochs=1))
+    assert rm.cfg.sentence_alignment and json.loads((tmp_path / "rm" / "reward_config.json").read_text())["sentence_alignment"]
+    first = rm.module.head[0].normalized_shape[0]
+    plain = RewardModel.build(RewardModelConfig(text_model=str(assets / "bert"), clip_model=str(assets / "clip"), clip_pretrained=None,
+                                                lora_r=4, hidden_size=32), cache_dir=assets / "cache")  # fmt: skip
+    assert first == plain.module.head[0].normalized_shape[0] + 6  # six alignment features per frame
+    loaded = RewardModel.from_pretrained(tmp_path / "rm", cache_dir=assets / "cache")
+    sample = load_preferences(assets / "prefs.jsonl")[0][:8]
+    args = ([p.images for p in sample], [p.prompt for p in sample], [p.rejected for p in sample])
+    assert torch.allclose(rm.score(*args), loaded.score(*args), atol=1e-5)
+    assert 0.0 <= metrics["eval_accuracy"] <= 1.0
