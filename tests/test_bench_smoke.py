@@ -13,18 +13,21 @@ import pytest
 REPO = Path(__file__).resolve().parents[1]
 
 
-@pytest.mark.timeout(900)
-def test_ppo_storyworld_smoke(tmp_path):
+@pytest.mark.timeout(1500)
+def test_methods_and_ppo_storyworld_smoke(tmp_path):
+    """bench/methods_storyworld.py --smoke: one tiny world through bench/ppo_storyworld.py with every method, two seeds each, and the oracles."""
     env = {**os.environ, "PYTHONPATH": str(REPO), "TOKENIZERS_PARALLELISM": "false"}
-    run = subprocess.run([sys.executable, str(REPO / "bench" / "ppo_storyworld.py"), "--smoke", "--oracle", "--ppo-seeds", "2", "--out", str(tmp_path)],
-                         env=env, capture_output=True, text=True, timeout=880)  # fmt: skip
+    run = subprocess.run([sys.executable, str(REPO / "bench" / "methods_storyworld.py"), "--smoke", "--worlds", "0", "--seeds", "2", "--out", str(tmp_path)],
+                         env=env, capture_output=True, text=True, timeout=1450)  # fmt: skip
     assert run.returncode == 0, run.stderr[-3000:]
-    report = json.loads((tmp_path / "report.json").read_text())
+    world = tmp_path / "world-0"
+    report = json.loads((world / "report.json").read_text())
     for key in ("utility_sft", "utility_ppo", "win_rate_vs_sft", "kl_to_sft", "minutes"):
         assert isinstance(report[key], (int, float)), key
     assert 0.0 <= report["win_rate_vs_sft"] <= 1.0
     user = ("make", "sft", "generate", "annotate", "export", "reward_model", "ppo")
-    bench = ("diagnostics_reward_model", "evaluate_sft", "evaluate_ppo", "ablation_seeds", "ablation_oracle", "ablation_oracle_blind_to_shapes")
+    bench = ("diagnostics_reward_model", "evaluate_sft", "evaluate_ppo", "ablation_seeds", "ablation_oracle", "ablation_oracle_blind_to_shapes",
+             "ablation_oracle_grpo", "method_grpo", "method_rloo", "method_dpo", "method_best_of")  # fmt: skip
     assert set(report["phases"]) == {*user, *bench}
     assert report["minutes"] == pytest.approx(sum(report["phases"][k] for k in user), abs=0.02)  # the user's pipeline, not the bench's evaluation
     assert report["minutes_with_ablations"] >= report["minutes"] + report["phases"]["ablation_seeds"] - 0.02
@@ -37,8 +40,21 @@ def test_ppo_storyworld_smoke(tmp_path):
     agreement = report["signals_vs_annotators_all_rounds"]  # the smoke policy's samples all tie: its pairs come from the grammar round
     assert agreement["pairs"] > 0 and all(0.0 <= agreement[k] <= 1.0 for k in ("human", "clip", "coherence", "repetition", "style"))
     assert report["signals_vs_annotators"]["pairs"] <= agreement["pairs"] and report["rm"]["all_rounds"]["pairs_scored"] > 0
-    for part in ("sft/metrics.json", "rm/metrics.json", "ppo/metrics.json", "ppo/adapter_model.safetensors", "trl/train.jsonl"):
-        assert (tmp_path / part).exists(), part
+    for part in ("sft/metrics.json", "rm/metrics.json", "ppo/metrics.json", "ppo/adapter_model.safetensors", "trl/train.jsonl",
+                 "grpo-seed-1/metrics.json", "rloo-seed-0/metrics.json", "dpo-seed-1/metrics.json", "grpo-oracle/metrics.json"):  # fmt: skip
+        assert (world / part).exists(), part
+    assert not (world / "grpo-seed-0" / "value_head.pt").exists() and (world / "ppo" / "value_head.pt").exists()
+    # Every method ran twice, on the same held-out scenes, and is in the table.
+    methods = report["methods"]
+    assert set(methods) == {"ppo", "grpo", "rloo", "dpo", "best_of"} and all(len(runs) == 2 for runs in methods.values())
+    assert [r["win_rate_vs_sft"] for r in methods["ppo"]] == seeds["win_rate_vs_sft"]
+    assert methods["best_of"][0]["kl_to_sft"] == pytest.approx(2.0794 - 0.875, abs=1e-3)  # log 8 − 7/8
+    assert all(0.0 <= r["win_rate_vs_sft"] <= 1.0 and r["kl_to_sft"] == r["kl_to_sft"] for runs in methods.values() for r in runs)
+    summary = json.loads((tmp_path / "report.json").read_text())
+    assert [r["method"] for r in summary["rows"]][:5] == ["ppo", "grpo", "rloo", "dpo", "best_of"]
+    assert summary["rows"][0]["win_rate_by_world"] == {"0": seeds["win_rate_median"]}
+    table = (tmp_path / "table.md").read_text()
+    assert table.count("\n") == 2 + 7 and "ceiling" in table
 
 
 def test_hidden_utility_blind_to_shapes(tmp_path):

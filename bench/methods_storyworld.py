@@ -1,0 +1,125 @@
+"""Benchmark: which method to try first? PPO, GRPO, RLOO, DPO and best-of-8 on the same preferences, on fresh worlds.
+
+    python bench/methods_storyworld.py --out bench/out/methods --worlds 61,62,63 --seeds 2
+    python bench/methods_storyworld.py --smoke --out /tmp/methods-smoke          (a few minutes; CI runs it)
+
+Per world, `bench/ppo_storyworld.py` builds what a user's project would (storyworld make, its tiny
+CLIP and ViT, SFT, two rounds of simulated annotation, the export and the reward model) once, and
+every method starts from the same SFT policy, export and reward model:
+
+- **PPO**: `rlhf.ppo` as the bench's default (GAE, the composite reward, adaptive KL);
+- **GRPO** and **RLOO**: `rlhf.ppo --advantage grpo|rloo --samples_per_prompt 4` (GRPO with its KL
+  as a k3 loss term, RLOO with the KL in the reward), everything else the same;
+- **DPO**: `rlhf.dpo` on the export (conservative DPO, β 0.1, ε 0.1), no reward model, no sampling;
+- **best-of-8**: 8 SFT samples per held-out scene, the reward model keeps one: no training.
+
+With `--oracle` (the default) PPO and GRPO also run on the hidden utility itself: the ceiling of each
+optimizer at these settings. Each method runs `--seeds` times (seeds s, s+1, ...). On 150 held-out
+scenes, greedy stories are scored with the hidden utility: the win rate over the SFT policy (ties
+half), the mean utility, and the KL to the SFT policy (k1 on sampled stories, nats per story;
+best-of-n's analytic bound log n − (n−1)/n). Writes DIR/report.json and DIR/table.md (medians per
+world and over the worlds, with the range).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import statistics
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+REPO = Path(__file__).resolve().parents[1]
+METHODS = ("ppo", "grpo", "rloo", "dpo", "best_of")
+
+
+def summarize(runs: list[dict], key: str) -> float | None:
+    values = [r[key] for r in runs if r.get(key) is not None]
+    return round(statistics.median(values), 4) if values else None
+
+
+def table(worlds: dict[int, dict]) -> tuple[list[dict], str]:
+    """One row per method: per-world medians, the median over the worlds and the worst world."""
+    rows = []
+    for method in METHODS:
+        per_world = {seed: report["methods"].get(method, []) for seed, report in worlds.items()}
+        if not any(per_world.values()):
+            continue
+        wins = {seed: summarize(runs, "win_rate_vs_sft") for seed, runs in per_world.items() if runs}
+        minutes = [r.get("train_minutes", 0.0) + r.get("inference_minutes", 0.0) for runs in per_world.values() for r in runs]
+        rows.append({
+            "method": method,
+            "win_rate_by_world": wins,
+            "win_rate_median": round(statistics.median(wins.values()), 4),
+            "win_rate_worst_world": min(wins.values()),
+            "runs": {seed: [r["win_rate_vs_sft"] for r in runs] for seed, runs in per_world.items()},
+            "utility_median": round(statistics.median(r["utility_ppo"] for runs in per_world.values() for r in runs), 4),
+            "kl_median": round(statistics.median(r["kl_to_sft"] for runs in per_world.values() for r in runs), 3),
+            "kl_max": round(max(r["kl_to_sft"] for runs in per_world.values() for r in runs), 3),
+            "minutes_median": round(statistics.median(minutes), 2),
+        })  # fmt: skip
+    for oracle in ("oracle", "oracle_grpo"):
+        wins = {seed: report[oracle]["win_rate_vs_sft"] for seed, report in worlds.items() if oracle in report}
+        if wins:
+            rows.append({"method": f"{'ppo' if oracle == 'oracle' else 'grpo'} on the hidden utility (ceiling)", "win_rate_by_world": wins,
+                         "win_rate_median": round(statistics.median(wins.values()), 4), "win_rate_worst_world": min(wins.values()),
+                         "utility_median": round(statistics.median(report[oracle]["utility_ppo"] for report in worlds.values() if oracle in report), 4),
+                         "kl_median": round(statistics.median(report[oracle]["kl_to_sft"] for report in worlds.values() if oracle in report), 3)})  # fmt: skip
+    seeds = list(worlds)
+    lines = ["| method | " + " | ".join(f"win, world {s}" for s in seeds) + " | **median over worlds** | worst world | utility | KL to SFT (median, max) | minutes |",
+             "| --- | " + " | ".join("---" for _ in seeds) + " | --- | --- | --- | --- | --- |"]  # fmt: skip
+    for r in rows:
+        cells = []
+        for s in seeds:
+            runs = r.get("runs", {}).get(s)
+            cells.append(f"{r['win_rate_by_world'].get(s, float('nan')):.2f}" + (f" ({' / '.join(f'{w:.2f}' for w in runs)})" if runs and len(runs) > 1 else ""))
+        kl = f"{r['kl_median']:.1f}" + (f", {r['kl_max']:.1f}" if "kl_max" in r else "")
+        lines.append(f"| {r['method']} | " + " | ".join(cells) + f" | **{r['win_rate_median']:.2f}** | {r['win_rate_worst_world']:.2f} | "
+                     f"{r['utility_median']:.2f} | {kl} | {r.get('minutes_median', '')} |")  # fmt: skip
+    return rows, "\n".join(lines) + "\n"
+
+
+def main() -> None:
+    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0], epilog=__doc__.split("\n\n", 1)[1], formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--out", type=Path, required=True)
+    p.add_argument("--worlds", default="61,62,63", help="world seeds, comma-separated: fresh ones no earlier benchmark used (default 61,62,63)")
+    p.add_argument("--seeds", type=int, default=2, help="runs per method and world (seeds s, s+1, ...)")
+    p.add_argument("--smoke", action="store_true", help="one tiny world in a few minutes (CI)")
+    p.add_argument("--no-oracle", action="store_true", help="skip the PPO and GRPO runs on the hidden utility (the ceilings)")
+    p.add_argument("--set", nargs="+", default=[], metavar="KEY=VALUE", help="settings handed to bench/ppo_storyworld.py --set")
+    args = p.parse_args()
+    try:
+        worlds = [int(w) for w in args.worlds.split(",")] if not args.smoke else [int(args.worlds.split(",")[0])]
+    except ValueError:
+        p.error(f"--worlds {args.worlds!r}: give world seeds as integers, e.g. 61,62,63")
+    if args.seeds < 1:
+        p.error("--seeds: give 1 or more")
+    args.out.mkdir(parents=True, exist_ok=True)
+    env = {**os.environ, "PYTHONPATH": str(REPO), "TOKENIZERS_PARALLELISM": "false"}
+    reports: dict[int, dict] = {}
+    started = time.perf_counter()
+    for seed in worlds:
+        world_dir = args.out / f"world-{seed}"
+        done = world_dir / "report.json"
+        if not (done.exists() and "methods" in json.loads(done.read_text())):
+            cmd = [sys.executable, str(REPO / "bench" / "ppo_storyworld.py"), "--out", str(world_dir), "--seed", str(seed), "--ppo-seeds", str(args.seeds),
+                   "--methods", "all", *(["--smoke"] if args.smoke else []), *([] if args.no_oracle else ["--oracle"]),
+                   *(["--set", *args.set] if args.set else [])]  # fmt: skip
+            print("$", " ".join(cmd), flush=True)
+            subprocess.run(cmd, env=env, check=True)
+        reports[seed] = json.loads(done.read_text())
+    rows, markdown = table(reports)
+    report = {"worlds": worlds, "seeds": args.seeds, "smoke": args.smoke, "date": time.strftime("%Y-%m-%d"), "rows": rows,
+              "minutes": round((time.perf_counter() - started) / 60, 2),
+              "shared_minutes": {s: {k: r["phases"][k] for k in ("make", "sft", "generate", "annotate", "export", "reward_model") if k in r["phases"]}
+                                 for s, r in reports.items()}}  # fmt: skip
+    (args.out / "report.json").write_text(json.dumps(report, indent=1))
+    (args.out / "table.md").write_text(markdown)
+    print(markdown)
+
+
+if __name__ == "__main__":
+    main()
