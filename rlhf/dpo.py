@@ -273,7 +273,8 @@ def train(cfg: DPOConfig) -> tuple[StoryPolicy, dict]:
         held = evaluate(policy, eval_set, cfg)
         log_metrics(writer, jsonl, step, {f"dpo/{k}": v for k, v in held.items()})
         result = {**{k.removeprefix("dpo/"): v for k, v in metrics.items()}, **held, "steps": step, "train_pairs": len(train_set),
-                  "eval_pairs": len(eval_set), "family": policy.family, "minutes": round((time.perf_counter() - t0) / 60, 2)}  # fmt: skip
+                  "eval_pairs": len(eval_set), "family": policy.family, "world_size": accelerator.num_processes,
+                  "minutes": round((time.perf_counter() - t0) / 60, 2)}  # fmt: skip
         (out / "metrics.json").write_text(json.dumps(result, indent=1))
         if writer is not None:
             writer.close()

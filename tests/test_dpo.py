@@ -145,3 +145,21 @@ def test_the_command_line_reads_flags_and_yaml(setup, tmp_path):
     done = subprocess.run([sys.executable, "-m", "rlhf.dpo", "--policy", str(root / "policy"), "--data", str(tmp_path / "none.jsonl")],
                           cwd=REPO, capture_output=True, text=True, timeout=120)  # fmt: skip
     assert done.returncode == 1 and "none.jsonl" in done.stderr and "Traceback" not in done.stderr
+
+
+@pytest.mark.timeout(600)
+def test_two_processes_with_accelerate(setup):
+    import os
+
+    root = setup
+    out = root / "ddp"
+    cfg = {"policy": str(root / "policy"), "data": str(root / "trl"), "output_dir": str(out), "batch_size": 2, "max_length": 24, "logging_steps": 1}
+    (root / "dpo.yaml").write_text("".join(f"{k}: {json.dumps(v)}\n" for k, v in cfg.items()))
+    env = {**os.environ, "ACCELERATE_USE_CPU": "1", "PYTHONPATH": str(REPO)}
+    cmd = [sys.executable, "-m", "accelerate.commands.launch", "--multi_gpu", "--num_processes", "2", "--num_machines", "1",
+           "--mixed_precision", "no", "--dynamo_backend", "no", "-m", "rlhf.dpo", "--config", str(root / "dpo.yaml")]  # fmt: skip
+    run = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=580)
+    assert run.returncode == 0, run.stderr[-3000:]
+    metrics = json.loads((out / "metrics.json").read_text())
+    assert metrics["world_size"] == 2 and metrics["steps"] == 20 // 2 // 2  # each process takes half the pairs
+    assert load_policy(str(out)).has_adapter
