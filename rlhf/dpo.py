@@ -43,7 +43,7 @@ from rlhf import losses
 from rlhf.data import DataError, PreferencePair, load_preferences
 from rlhf.loading import ModelLoadError
 from rlhf.policy import LoraSpec, StoryPolicy, load_policy
-from rlhf.runlog import checkpoint_dir, latest_checkpoint, log_metrics
+from rlhf.runlog import latest_checkpoint, log_metrics, restore_training_state, save_training_state
 
 
 @dataclass
@@ -147,12 +147,6 @@ def evaluate(policy: StoryPolicy, pairs: list[PreferencePair], cfg: DPOConfig) -
     return {f"eval_{name.replace('/', '_')}": sums[name] / counts[name] for name in sums}
 
 
-def _save_checkpoint(path: Path, policy: StoryPolicy, optimizer, scheduler, state: dict) -> None:
-    trained = {n: p.detach().cpu() for n, p in policy.model.named_parameters() if p.requires_grad}
-    with checkpoint_dir(path) as tmp:
-        torch.save({"trained": trained, "optimizer": optimizer.state_dict(), "scheduler": scheduler.state_dict(), **state}, tmp / "state.pt")
-
-
 def train(cfg: DPOConfig) -> tuple[StoryPolicy, dict]:
     from accelerate import Accelerator
     from accelerate.utils import set_seed
@@ -197,18 +191,8 @@ def train(cfg: DPOConfig) -> tuple[StoryPolicy, dict]:
     model, optimizer = accelerator.prepare(policy, optimizer)  # the schedule steps once per update on every process alike
     step = 0
     if cfg.resume:
-        found = latest_checkpoint(ckpt)
-        if not (found / "state.pt").exists():
-            raise FileNotFoundError(f"--resume: no checkpoint in {found}; run without --resume first")
-        state = torch.load(found / "state.pt", weights_only=False)
-        named = dict(policy.model.named_parameters())
-        with torch.no_grad():
-            for n, v in state["trained"].items():
-                named[n].copy_(v)
-        optimizer.load_state_dict(state["optimizer"])
-        scheduler.load_state_dict(state["scheduler"])
-        step = state["step"]
-        log(f"resumed from {found} at step {step}")
+        step = restore_training_state(ckpt, policy.model, optimizer, scheduler)["step"]
+        log(f"resumed from {latest_checkpoint(ckpt)} at step {step}")
     writer = SummaryWriter(str(out / "tb")) if accelerator.is_main_process else None
     jsonl = out / "metrics.jsonl"
     if accelerator.is_main_process:
@@ -259,7 +243,7 @@ def train(cfg: DPOConfig) -> tuple[StoryPolicy, dict]:
                 log_metrics(writer, jsonl, step, {f"dpo/{k}": v for k, v in evaluate(policy, eval_set, cfg).items()})
                 policy.model.train()
             if accelerator.is_main_process and (step % cfg.save_steps == 0 or step == last):
-                _save_checkpoint(ckpt, policy, optimizer, scheduler, {"step": step})
+                save_training_state(ckpt, policy.model, optimizer, scheduler, {"step": step})
             if step == last:
                 break
     bar.close()

@@ -45,3 +45,31 @@ def latest_checkpoint(path: Path) -> Path:
     """`path`, or `<path>.old` when a crash came between `checkpoint_dir`'s two renames."""
     old = path.with_name(path.name + ".old")
     return old if not path.exists() and old.exists() else path
+
+
+def save_training_state(path: Path, module, optimizer, scheduler, state: dict) -> None:
+    """`checkpoint_dir(path)/state.pt`: the trainable weights of `module`, the optimizer, the schedule, torch's RNG and `state`."""
+    import torch
+
+    trained = {n: p.detach().cpu() for n, p in module.named_parameters() if p.requires_grad}
+    with checkpoint_dir(path) as tmp:
+        torch.save({"trained": trained, "optimizer": optimizer.state_dict(), "scheduler": scheduler.state_dict(),
+                    "torch_rng": torch.get_rng_state(), **state}, tmp / "state.pt")  # fmt: skip
+
+
+def restore_training_state(path: Path, module, optimizer, scheduler) -> dict:
+    """`save_training_state`'s inverse, from the latest whole checkpoint at `path`; returns the saved dict (its `state` keys)."""
+    import torch
+
+    found = latest_checkpoint(path)
+    if not (found / "state.pt").exists():
+        raise FileNotFoundError(f"--resume: no checkpoint in {found}; run without --resume first")
+    saved = torch.load(found / "state.pt", weights_only=False)
+    named = dict(module.named_parameters())
+    with torch.no_grad():
+        for n, v in saved["trained"].items():
+            named[n].copy_(v)
+    optimizer.load_state_dict(saved["optimizer"])
+    scheduler.load_state_dict(saved["scheduler"])
+    torch.set_rng_state(saved["torch_rng"])
+    return saved | {"found": found}

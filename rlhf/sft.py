@@ -29,7 +29,7 @@ import torch
 from annotate.formats import format_prompt
 from rlhf.loading import ModelLoadError
 from rlhf.policy import STORY_CUE, LoraSpec, StoryPolicy, load_policy
-from rlhf.runlog import checkpoint_dir, latest_checkpoint, log_metrics
+from rlhf.runlog import log_metrics, restore_training_state, save_training_state
 from rlhf.stories import StoryDataError, StoryExample, read_examples
 
 INITS = ("tiny-vit-gpt2",)
@@ -177,13 +177,6 @@ def sample_stories(policy: StoryPolicy, examples: list[StoryExample], max_new_to
     return rows
 
 
-def _save_checkpoint(path: Path, policy: StoryPolicy, optimizer, scheduler, state: dict) -> None:
-    trained = {n: p.detach().cpu() for n, p in policy.model.named_parameters() if p.requires_grad}
-    with checkpoint_dir(path) as tmp:
-        torch.save({"trained": trained, "optimizer": optimizer.state_dict(), "scheduler": scheduler.state_dict(),
-                    "torch_rng": torch.get_rng_state(), **state}, tmp / "state.pt")  # fmt: skip
-
-
 # ------------------------------------------------------------------------------------------------
 # The run.
 # ------------------------------------------------------------------------------------------------
@@ -242,19 +235,9 @@ def train(cfg: SFTConfig) -> tuple[StoryPolicy, dict]:
     model, optimizer, scheduler = accelerator.prepare(policy, optimizer, scheduler)
     start_epoch, step = 0, 0
     if cfg.resume:
-        found = latest_checkpoint(ckpt)
-        if not (found / "state.pt").exists():
-            raise FileNotFoundError(f"--resume: no checkpoint in {found}; run without --resume first")
-        state = torch.load(found / "state.pt", weights_only=False)
-        named = dict(policy.model.named_parameters())
-        with torch.no_grad():
-            for n, v in state["trained"].items():
-                named[n].copy_(v)
-        optimizer.load_state_dict(state["optimizer"])
-        scheduler.load_state_dict(state["scheduler"])
-        torch.set_rng_state(state["torch_rng"])
+        state = restore_training_state(ckpt, policy.model, optimizer, scheduler)
         start_epoch, step = state["epoch"] + 1, state["step"]
-        log(f"resumed from {found}: epoch {start_epoch}, step {step}")
+        log(f"resumed from {state['found']}: epoch {start_epoch}, step {step}")
     writer = SummaryWriter(str(out / "tb")) if accelerator.is_main_process else None
     if accelerator.is_main_process:
         out.mkdir(parents=True, exist_ok=True)
@@ -298,7 +281,7 @@ def train(cfg: SFTConfig) -> tuple[StoryPolicy, dict]:
             metrics = {"eval_loss": eval_loss(policy, eval_set, cfg.batch_size), "epoch": epoch + 1}
             log_metrics(writer, jsonl, step, {f"sft/{k}": v for k, v in metrics.items()})
             log(f"epoch {epoch + 1}: held-out loss {metrics['eval_loss']:.4f}")
-            _save_checkpoint(ckpt, policy, optimizer, scheduler, {"epoch": epoch, "step": step})
+            save_training_state(ckpt, policy.model, optimizer, scheduler, {"epoch": epoch, "step": step})
         accelerator.wait_for_everyone()
 
     # 5. Save the policy, samples and the final metrics.
