@@ -17,6 +17,11 @@ with PPO" (Huang et al. 2022). Each iteration reads top to bottom:
    stop of the epoch when the approximate KL to the rollout policy spikes;
 7. log: `ppo/*`, `reward/*`, lengths; a sample table every `--sample_every` iterations.
 
+With `--advantage grpo` or `rloo` (and `--samples_per_prompt K`), step 1 samples K stories per
+prompt and steps 4-5 give each story one advantage from its prompt's other samples (GRPO's group
+normalization, RLOO's leave-one-out baseline): no value head. `--kl_in loss` moves the KL from the
+reward (step 3) into the loss as GRPO's k3 term.
+
 The policy carries a fresh LoRA adapter; the reference is the same weights with the adapter off
 (`policy.reference()`), so no second copy is held. An `--sft_adapter` is merged first, so the
 reference is the SFT model. The value head is a linear layer on the policy's last hidden state,
