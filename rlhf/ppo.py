@@ -45,7 +45,7 @@ from rlhf import losses
 from rlhf.loading import ModelLoadError
 from rlhf.policy import LoraSpec, PolicyBatch, StoryPolicy, load_policy
 from rlhf.rewards import SIGNALS, CompositeReward, build_reward, ends_a_sentence, parse_weights
-from rlhf.runlog import checkpoint_dir, latest_checkpoint, log_metrics
+from rlhf.runlog import log_metrics, restore_training_state, save_training_state
 from rlhf.stories import StoryDataError, StoryExample, read_examples
 
 
@@ -152,16 +152,6 @@ def check_prompts(cfg: PPOConfig) -> list[StoryExample]:
     return read_examples(cfg.prompts)
 
 
-def trained_state(model: PolicyAndValue) -> dict[str, torch.Tensor]:
-    return {n: p.detach().cpu().clone() for n, p in model.named_parameters() if p.requires_grad}
-
-
-def save_checkpoint(path: Path, model: PolicyAndValue, optimizer, scheduler, kl_ctl, reward: CompositeReward, state: dict) -> None:
-    with checkpoint_dir(path) as tmp:
-        torch.save({"trained": trained_state(model), "optimizer": optimizer.state_dict(), "scheduler": scheduler.state_dict(), "kl_coef": kl_ctl.value,
-                    "reward_stats": reward.state_dict(), "torch_rng": torch.get_rng_state(), **state}, tmp / "state.pt")  # fmt: skip
-
-
 def sample_table(examples: list[StoryExample], texts: list[str], total: torch.Tensor, components: dict, n: int = 4) -> list[dict]:
     rows = []
     for i in range(min(n, len(texts))):
@@ -231,20 +221,10 @@ def train(cfg: PPOConfig, reward: CompositeReward | None = None) -> tuple[StoryP
     kl_ctl = losses.AdaptiveKLController(cfg.kl_coef, cfg.kl_target, cfg.kl_horizon) if cfg.adaptive_kl else losses.FixedKLController(cfg.kl_coef)
     start = 0
     if cfg.resume:
-        found = latest_checkpoint(ckpt)
-        if not (found / "state.pt").exists():
-            raise FileNotFoundError(f"--resume: no checkpoint in {found}; run without --resume first")
-        state = torch.load(found / "state.pt", weights_only=False)
-        named = dict(model.named_parameters())
-        with torch.no_grad():
-            for n, v in state["trained"].items():
-                named[n].copy_(v)
-        optimizer.load_state_dict(state["optimizer"])
-        scheduler.load_state_dict(state["scheduler"])
-        kl_ctl.value = state["kl_coef"]
-        reward.load_state_dict(state["reward_stats"])
-        torch.set_rng_state(state["torch_rng"])
-        start = state["iteration"]
+        saved = restore_training_state(ckpt, model, optimizer, scheduler)
+        kl_ctl.value = saved["kl_coef"]
+        reward.load_state_dict(saved["reward_stats"])
+        start, found = saved["iteration"], saved["found"]
         log(f"resumed from {found} at iteration {start}")
     writer = None
     if accelerator.is_main_process:
@@ -380,7 +360,7 @@ def train(cfg: PPOConfig, reward: CompositeReward | None = None) -> tuple[StoryP
                           + " | ".join(str(v) for k, v in r.items() if k not in ("images", "story")) + " |" for r in table]  # fmt: skip
                 writer.add_text("samples", "\n".join(lines), iteration + 1)
             if (iteration + 1) % cfg.save_every == 0 or iteration + 1 == last:
-                save_checkpoint(ckpt, model, optimizer, scheduler, kl_ctl, reward, {"iteration": iteration + 1})
+                save_training_state(ckpt, model, optimizer, scheduler, {"kl_coef": kl_ctl.value, "reward_stats": reward.state_dict(), "iteration": iteration + 1})
         accelerator.wait_for_everyone()
 
     # 8. Save the adapter (loadable with load_policy), the value head and the final metrics.
