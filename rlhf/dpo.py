@@ -43,7 +43,7 @@ from rlhf import losses
 from rlhf.data import DataError, PreferencePair, load_preferences
 from rlhf.loading import ModelLoadError
 from rlhf.policy import LoraSpec, StoryPolicy, load_policy
-from rlhf.runlog import latest_checkpoint, log_metrics, restore_training_state, save_training_state
+from rlhf.runlog import clip_gradients, device_summary, latest_checkpoint, log_metrics, prefer_safe_attention, restore_training_state, save_training_state
 
 
 @dataclass
@@ -162,6 +162,7 @@ def train(cfg: DPOConfig) -> tuple[StoryPolicy, dict]:
     eval_set = usable_pairs(test_all, cfg, cfg.data) if any(not p.tie for p in test_all) else []  # held-out figures need a decisive pair
     accelerator = Accelerator(mixed_precision="bf16" if cfg.bf16 else "no", gradient_accumulation_steps=cfg.grad_accum,
                               cpu=cfg.device == "cpu")  # fmt: skip
+    prefer_safe_attention()
     set_seed(cfg.seed)
     log = accelerator.print
     out = Path(cfg.output_dir)
@@ -222,7 +223,7 @@ def train(cfg: DPOConfig) -> tuple[StoryPolicy, dict]:
                                        f"The last good checkpoint is {latest_checkpoint(ckpt)}")  # fmt: skip
                 accelerator.backward(loss)
                 if accelerator.sync_gradients:
-                    accelerator.clip_grad_norm_(params, cfg.max_grad_norm)
+                    stats["grad_norm"] = torch.tensor(clip_gradients(accelerator, params, cfg.max_grad_norm, f"rlhf.dpo step {step + 1}", ckpt))
                 optimizer.step()
                 optimizer.zero_grad()
             for name, value in {"loss": loss, **stats}.items():
@@ -258,7 +259,7 @@ def train(cfg: DPOConfig) -> tuple[StoryPolicy, dict]:
         log_metrics(writer, jsonl, step, {f"dpo/{k}": v for k, v in held.items()})
         result = {**{k.removeprefix("dpo/"): v for k, v in metrics.items()}, **held, "steps": step, "train_pairs": len(train_set),
                   "eval_pairs": len(eval_set), "family": policy.family, "world_size": accelerator.num_processes,
-                  "minutes": round((time.perf_counter() - t0) / 60, 2)}  # fmt: skip
+                  **device_summary(accelerator), "minutes": round((time.perf_counter() - t0) / 60, 2)}  # fmt: skip
         (out / "metrics.json").write_text(json.dumps(result, indent=1))
         if writer is not None:
             writer.close()

@@ -45,7 +45,7 @@ from rlhf import losses
 from rlhf.loading import ModelLoadError
 from rlhf.policy import LoraSpec, PolicyBatch, StoryPolicy, load_policy
 from rlhf.rewards import SIGNALS, CompositeReward, build_reward, ends_a_sentence, parse_weights
-from rlhf.runlog import log_metrics, restore_training_state, save_training_state
+from rlhf.runlog import clip_gradients, device_summary, log_metrics, prefer_safe_attention, restore_training_state, save_training_state
 from rlhf.stories import StoryDataError, StoryExample, read_examples
 
 
@@ -174,6 +174,7 @@ def train(cfg: PPOConfig, reward: CompositeReward | None = None) -> tuple[StoryP
     from trl.trainer.utils import disable_dropout_in_model, entropy_from_logits
 
     accelerator = Accelerator(mixed_precision="bf16" if cfg.bf16 else "no")
+    prefer_safe_attention()
     set_seed(cfg.seed)
     device = str(accelerator.device)
     out = Path(cfg.output_dir)
@@ -285,7 +286,7 @@ def train(cfg: PPOConfig, reward: CompositeReward | None = None) -> tuple[StoryP
         t_update = time.perf_counter()
         warmup = iteration < cfg.value_warmup_steps and not critic_free
         stats: dict[str, list[float]] = {k: [] for k in ("policy_loss", "value_loss", "clipfrac", "approx_kl", "entropy", "vf_clipfrac", "ratio",
-                                                         "kl_loss")}  # fmt: skip
+                                                         "kl_loss", "grad_norm")}  # fmt: skip
         stopped_early = False
         for _epoch in range(cfg.ppo_epochs):
             order = torch.randperm(cfg.rollout_batch_size, generator=torch.Generator().manual_seed(rng.randrange(2**31))).tolist()
@@ -306,7 +307,7 @@ def train(cfg: PPOConfig, reward: CompositeReward | None = None) -> tuple[StoryP
                     loss = loss + kl_ctl.value * kl_loss
                     pg_stats["kl_loss"] = kl_loss
                 accelerator.backward(loss)
-                accelerator.clip_grad_norm_(params, cfg.max_grad_norm)
+                pg_stats["grad_norm"] = clip_gradients(accelerator, params, cfg.max_grad_norm, f"rlhf.ppo iteration {iteration + 1}", ckpt)
                 optimizer.step()
                 optimizer.zero_grad()
                 with torch.no_grad():
@@ -369,7 +370,7 @@ def train(cfg: PPOConfig, reward: CompositeReward | None = None) -> tuple[StoryP
         policy.save_pretrained(out)
         if value_head is not None:
             torch.save(value_head.state_dict(), out / "value_head.pt")
-        result = {**metrics, "iterations": last, "episodes": last * cfg.episodes_per_iteration, "world_size": cfg.world_size}
+        result = {**metrics, "iterations": last, "episodes": last * cfg.episodes_per_iteration, "world_size": cfg.world_size, **device_summary(accelerator)}
         (out / "metrics.json").write_text(json.dumps(result, indent=1))
         if writer is not None:
             writer.close()

@@ -29,7 +29,7 @@ import torch
 from annotate.formats import format_prompt
 from rlhf.loading import ModelLoadError
 from rlhf.policy import STORY_CUE, LoraSpec, StoryPolicy, load_policy
-from rlhf.runlog import log_metrics, restore_training_state, save_training_state
+from rlhf.runlog import clip_gradients, device_summary, log_metrics, prefer_safe_attention, restore_training_state, save_training_state
 from rlhf.stories import StoryDataError, StoryExample, read_examples
 
 INITS = ("tiny-vit-gpt2",)
@@ -190,6 +190,7 @@ def train(cfg: SFTConfig) -> tuple[StoryPolicy, dict]:
     from transformers import get_linear_schedule_with_warmup
 
     accelerator = Accelerator(mixed_precision="bf16" if cfg.bf16 else "no", gradient_accumulation_steps=cfg.grad_accum)
+    prefer_safe_attention()
     set_seed(cfg.seed)
     out = Path(cfg.output_dir)
     ckpt = out / "checkpoint-last"
@@ -264,7 +265,7 @@ def train(cfg: SFTConfig) -> tuple[StoryPolicy, dict]:
                     raise RuntimeError(f"loss became {loss.item()} at step {step}; lower --lr. The last good checkpoint is {ckpt}")
                 accelerator.backward(loss)
                 if accelerator.sync_gradients:
-                    accelerator.clip_grad_norm_(params, cfg.max_grad_norm)
+                    clip_gradients(accelerator, params, cfg.max_grad_norm, f"rlhf.sft step {step + 1}", ckpt)
                 optimizer.step()
                 scheduler.step()
                 optimizer.zero_grad()
@@ -301,6 +302,7 @@ def train(cfg: SFTConfig) -> tuple[StoryPolicy, dict]:
             "trainable_parameters": sum(p.numel() for p in params),
             "minutes": round((time.perf_counter() - t_start) / 60, 2),
             "steps": step,
+            **device_summary(accelerator),
         }
         (out / "metrics.json").write_text(json.dumps(result, indent=1))
         if writer is not None:

@@ -30,7 +30,7 @@ from rlhf.data import DataError, PreferencePair, load_preferences
 from rlhf.loading import ModelLoadError
 from rlhf.losses import bradley_terry_loss, fit_logit_coef, pearson_correlation, preference_accuracy, shorter_preferred
 from rlhf.reward_model import DEFAULT_TEXT_MODEL, RewardModel, RewardModelConfig
-from rlhf.runlog import checkpoint_dir, latest_checkpoint, log_metrics
+from rlhf.runlog import checkpoint_dir, clip_gradients, device_summary, latest_checkpoint, log_metrics, prefer_safe_attention
 
 
 @dataclass
@@ -219,6 +219,7 @@ def train(cfg: TrainRMConfig) -> tuple[RewardModel, dict]:
     if cfg.length_decorrelation < 0:
         raise ValueError(f"--length_decorrelation {cfg.length_decorrelation}: give λ ≥ 0 (0 turns it off; ODIN used about 1 on large batches, and 0.2 suits batches of 8 pairs)")
     accelerator = Accelerator(mixed_precision="bf16" if cfg.bf16 else "no", gradient_accumulation_steps=cfg.grad_accum)
+    prefer_safe_attention()
     set_seed(cfg.seed)
     out = Path(cfg.output_dir)
     ckpt = out / "checkpoint-last"
@@ -330,7 +331,7 @@ def train(cfg: TrainRMConfig) -> tuple[RewardModel, dict]:
                 if cfg.length_control and accelerator.num_processes > 1:  # β is outside DDP: average its gradient by hand
                     length_coef.grad = accelerator.reduce(length_coef.grad.reshape(1), "mean").reshape(())
                 if accelerator.sync_gradients:
-                    accelerator.clip_grad_norm_(params, cfg.max_grad_norm)
+                    clip_gradients(accelerator, params, cfg.max_grad_norm, f"rlhf.train_rm epoch {epoch + 1}, step {step + 1}", ckpt)
                 optimizer.step()
                 scheduler.step()
                 optimizer.zero_grad()
@@ -381,6 +382,7 @@ def train(cfg: TrainRMConfig) -> tuple[RewardModel, dict]:
             "norm_mean": rm.cfg.norm_mean,
             "norm_std": rm.cfg.norm_std,
             "data_format": message,
+            **device_summary(accelerator),
         }
         if cfg.length_control:  # log-odds the labels give per s more words, s = length_scale
             result |= {"length_coef": length_coef.item(), "length_coef_labels": length_labels, "length_scale": cfg.length_scale}

@@ -72,6 +72,7 @@ def test_dpo_trains_the_adapter_only_and_starts_at_ln2(setup, loss_type):
     else:
         assert 0.0 < first["dpo/loss"] <= 1.0 + 1e-5
     assert result["steps"] == 5 and result["train_pairs"] == 20 and result["eval_pairs"] == 4
+    assert result["device"] == "cpu" and result["mixed_precision"] == "no" and result["peak_memory_mib"] is None
     for key in ("eval_loss", "eval_rewards_accuracies", "eval_rewards_margins", "eval_rewards_chosen", "eval_rewards_rejected"):
         assert key in result and math.isfinite(result[key]), key
     assert [r["step"] for r in rows if "dpo/loss" in r] == [1, 2, 3, 4, 5]

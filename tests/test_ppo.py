@@ -81,6 +81,7 @@ def test_ppo_trains_lora_and_value_head_only_and_kl_starts_at_zero(setup):
     head = torch.load(root / "run" / "value_head.pt")
     assert head["linear.weight"].abs().sum() > 0, "the value head trained (it starts at zero)"
     assert (root / "run" / "samples.jsonl").exists() and result["iterations"] == 3
+    assert (result["peak_memory_mib"] is None) == (not result["device"].startswith("cuda"))  # metrics.json says where it ran
     again = load_policy(str(root / "run"))  # the saved adapter loads as a policy
     assert again.has_adapter and again.adapter_hash() == policy.adapter_hash()
 
