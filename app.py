@@ -16,6 +16,7 @@ import sys
 from pathlib import Path
 
 from annotate.demo import ensure_admin, seed_demo
+from annotate.throttle import LoginThrottle
 from annotate.ui import build_app, launch
 from db import DEFAULT_URL, open_db
 
@@ -30,6 +31,10 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--no-demo", action="store_true", help="do not seed the storyworld demo into an empty database")
     p.add_argument("--data-dir", default="data", help="where the demo world is written (default: data/)")
     p.add_argument("--concurrency", type=int, default=16, help="events handled at once (default 16)")
+    p.add_argument("--login-max-failures", type=int, default=5, metavar="N",
+                   help="failed logins for one name or from one address within --login-window that pause it (default 5)")
+    p.add_argument("--login-window", type=float, default=60.0, metavar="S", help="seconds over which failures count (default 60)")
+    p.add_argument("--login-lockout", type=float, default=300.0, metavar="S", help="seconds a paused name or address waits (default 300)")
     return p
 
 
@@ -50,6 +55,7 @@ def prepare(args: argparse.Namespace):
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     try:
+        throttle = LoginThrottle(args.login_max_failures, args.login_window, args.login_lockout)
         demo, session_factory, password = prepare(args)
     except ValueError as e:
         print(f"error: {e}", file=sys.stderr)
@@ -59,7 +65,7 @@ def main(argv: list[str] | None = None) -> int:
         print(f"  first run: created account 'admin' with password: {password}   (shown once; change it with")
         print(f"  python -m annotate.users passwd admin --db {args.db})")
     print(f"  add annotators: python -m annotate.users add NAME --db {args.db}")
-    launch(demo, session_factory, host=args.host, port=args.port, concurrency_limit=args.concurrency)
+    launch(demo, session_factory, host=args.host, port=args.port, concurrency_limit=args.concurrency, login_throttle=throttle)
     return 0
 
 

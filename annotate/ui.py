@@ -43,6 +43,7 @@ from annotate.scheduler import (
     record_vote,
     undo_last,
 )
+from annotate.throttle import LoginThrottle, LoginThrottleMiddleware
 from db import (
     ASPECTS,
     DEFAULT_MEDIA_ROOT,
@@ -424,19 +425,31 @@ def build_app(session_factory, project: str | None = None, *, concurrency_limit:
     return demo
 
 
-def launch(demo: gr.Blocks, session_factory, *, host: str = "127.0.0.1", port: int = 7860, concurrency_limit: int = 16, **kwargs):
-    """Serve `demo` with login against the annotator table. Binds to 127.0.0.1 unless told otherwise."""
+def launch(demo: gr.Blocks, session_factory, *, host: str = "127.0.0.1", port: int = 7860, concurrency_limit: int = 16,
+           login_throttle: LoginThrottle | None = None, **kwargs):  # fmt: skip
+    """Serve `demo` with login against the annotator table. Binds to 127.0.0.1 unless told otherwise.
+
+    Logins are throttled (`annotate.throttle`): by default 5 failures for one name or from one
+    address within a minute pause that name or address for 5 minutes.
+    """
+    from starlette.middleware import Middleware
+
+    throttle = login_throttle or LoginThrottle()
 
     def check_login(username: str, password: str) -> bool:
         with session_factory() as s:
             return authenticate(s, username, password) is not None
 
+    app_kwargs = dict(kwargs.pop("app_kwargs", None) or {})
+    app_kwargs["middleware"] = [*app_kwargs.get("middleware", []), Middleware(LoginThrottleMiddleware, throttle=throttle)]
     demo.queue(default_concurrency_limit=concurrency_limit)
     return demo.launch(
         server_name=host,
         server_port=port,
         auth=check_login,
-        auth_message="Log in with the account your project admin gave you.",
+        auth_message=f"Log in with the account your project admin gave you. After {throttle.max_failures} failed attempts "
+        f"within {throttle.window_s:g} s, logins for that name or from that address pause for {throttle.lockout_s:g} s.",
+        app_kwargs=app_kwargs,
         allowed_paths=[str(demo.storypref_media_root)],
         css=CSS,
         head=KEYS_JS,

@@ -29,8 +29,9 @@ class AppServer:
     """
 
     def __init__(self, db_url: str, log: Path, project: str | None = None, port: int | None = None, demo: bool = False,
-                 data_dir: Path | None = None):  # fmt: skip
+                 data_dir: Path | None = None, extra_args: list[str] | None = None):  # fmt: skip
         self.db_url, self.log, self.project, self.demo, self.data_dir = db_url, log, project, demo, data_dir
+        self.extra_args = list(extra_args or [])
         self.port = port or free_port()
         self.url = f"http://127.0.0.1:{self.port}"
         self.proc: subprocess.Popen | None = None
@@ -40,6 +41,7 @@ class AppServer:
         cmd += ["--data-dir", str(self.data_dir or self.log.parent / "data")] if self.demo else ["--no-demo"]
         if self.project:
             cmd += ["--project", self.project]
+        cmd += self.extra_args
         env = {**os.environ, "GRADIO_ANALYTICS_ENABLED": "False", "PYTHONUNBUFFERED": "1"}
         self.proc = subprocess.Popen(cmd, cwd=ROOT, env=env, stdout=self.log.open("a"), stderr=subprocess.STDOUT)
         deadline = time.time() + timeout

@@ -132,3 +132,34 @@ def test_a_fresh_app_shows_statistics_in_the_admin_tab_at_once(tmp_path):
     finally:
         app.stop()
     assert (tmp_path / "admin.png").stat().st_size > 10_000
+
+
+def test_a_throttled_login_shows_the_servers_message(tmp_path):
+    pytest.importorskip("playwright")
+    if not shutil.which(CHROMIUM):
+        pytest.skip("Debian's chromium is not installed (apt-get install chromium)")
+    from playwright.sync_api import sync_playwright
+
+    url = f"sqlite:///{tmp_path}/throttle.db"
+    _, factory = open_db(url)
+    with factory.begin() as s:
+        add_user(s, "ann", "ann-password")
+    app = AppServer(url, tmp_path / "app.log", demo=True, data_dir=tmp_path / "data",
+                    extra_args=["--login-max-failures", "2", "--login-lockout", "60"]).start()  # fmt: skip
+    try:
+        with sync_playwright() as p:
+            browser = p.chromium.launch(executable_path=CHROMIUM, args=ARGS)
+            page = browser.new_page()
+            page.goto(app.url)
+            page.get_by_label("username").wait_for(timeout=30_000)
+            assert "pause for 60 s" in page.inner_text("body")  # the login page says the rule
+            for attempt in range(3):
+                page.get_by_label("username").fill("ann")
+                page.get_by_label("password").fill(f"wrong-{attempt}")
+                page.get_by_role("button", name="Login").click()
+                page.wait_for_timeout(700)
+            notice = page.wait_for_selector("#sp-login-notice", timeout=10_000)
+            assert "Too many failed logins" in notice.inner_text() and "Try again in" in notice.inner_text()
+            browser.close()
+    finally:
+        app.stop()
