@@ -1,26 +1,50 @@
-"""Agreement and quality statistics for the admin page: pure functions over plain data.
+"""Agreement and quality statistics for the admin page: vectorized functions over plain data.
 
 * `krippendorff_alpha`: Krippendorff's α (interval metric) over units coded by any number of
   coders, with missing values (Krippendorff, *Content Analysis*, 2004, ch. 11).
 * `cohen_kappa`: Cohen's κ for two coders (Cohen, 1960).
 * `bradley_terry`: strengths of candidate origins from pairwise outcomes by the MM algorithm
-  (Hunter, 2004), ties as half a win each, with bootstrap confidence intervals.
+  (Hunter, 2004), ties as half a win each, with bootstrap confidence intervals. Outcomes are first
+  counted per (origin, origin, score) cell, so a fit costs the same at 100 votes or 100k, and a
+  bootstrap resample of the votes is one multinomial draw over the cells.
 * `annotator_report`: per-annotator counts, speed, gold accuracy, left bias and self-consistency.
+* `agreement_report`: α and pairwise κ over the votes, in pandas.
 
-For agreement, votes are coded +1 (canonical A better), 0 (tie) and −1 (B better); both-bad is left out.
+The votes arrive as `VoteFact`s or as a `votes_frame` (one row per vote), which the app builds
+straight from its query. For agreement, votes are coded +1 (canonical A better), 0 (tie) and −1
+(B better); both-bad is left out. tests/test_stats.py checks each against hand-computed values and
+against peer libraries (`krippendorff`, scikit-learn's `cohen_kappa_score`, `choix`).
 """
 
 from __future__ import annotations
 
 import math
-import random
-import statistics
 from collections import Counter, defaultdict
 from collections.abc import Iterable, Sequence
-from dataclasses import dataclass
-from itertools import combinations
+from dataclasses import astuple, dataclass, fields
+
+import numpy as np
+import pandas as pd
 
 CODE = {"a": 1, "tie": 0, "b": -1}  # both_bad is not on this scale and is left out
+
+
+def _alpha_from_counts(counts: np.ndarray, values: np.ndarray) -> float:
+    """α from a units × values matrix of how many coders gave each value (rows with < 2 are pairable-free)."""
+    counts = counts[counts.sum(1) >= 2].astype(float)
+    if not len(counts):
+        return float("nan")
+    m = counts.sum(1)
+    # coincidences o_ck = Σ_u n_uc (n_uk − δ_ck) / (m_u − 1)
+    o = np.einsum("uc,uk,u->ck", counts, counts, 1 / (m - 1)) - np.diag((counts / (m - 1)[:, None]).sum(0))
+    n = o.sum()
+    if n <= 1:
+        return float("nan")
+    marg = o.sum(1)
+    delta = (values[:, None] - values[None, :]) ** 2
+    observed = (o * delta).sum() / n
+    expected = (np.outer(marg, marg) * delta).sum() / (n * (n - 1))
+    return float(1.0 - observed / expected) if expected else float("nan")
 
 
 def krippendorff_alpha(units: Iterable[Sequence[float | None]]) -> float:
@@ -30,23 +54,16 @@ def krippendorff_alpha(units: Iterable[Sequence[float | None]]) -> float:
     >>> round(krippendorff_alpha([[1, 1], [0, 0], [-1, -1], [1, 0]]), 4)
     0.8205
     """
-    coincidence: Counter = Counter()
-    for unit in units:
-        values = [v for v in unit if v is not None]
-        m = len(values)
-        if m < 2:
-            continue
-        for i, j in ((i, j) for i in range(m) for j in range(m) if i != j):
-            coincidence[(values[i], values[j])] += 1 / (m - 1)
-    n = sum(coincidence.values())
-    if n <= 1:
+    rows = [[v for v in unit if v is not None] for unit in units]
+    values = np.array(sorted({v for r in rows for v in r}), dtype=float)
+    if not len(values):
         return float("nan")
-    marginals: Counter = Counter()
-    for (c, _), w in coincidence.items():
-        marginals[c] += w
-    observed = sum(w * (c - k) ** 2 for (c, k), w in coincidence.items()) / n
-    expected = sum(marginals[c] * marginals[k] * (c - k) ** 2 for c in marginals for k in marginals) / (n * (n - 1))
-    return 1.0 - observed / expected if expected else float("nan")
+    index = {v: i for i, v in enumerate(values.tolist())}
+    counts = np.zeros((len(rows), len(values)))
+    for u, r in enumerate(rows):
+        for v in r:
+            counts[u, index[float(v)]] += 1
+    return _alpha_from_counts(counts, values)
 
 
 def cohen_kappa(first: Sequence, second: Sequence) -> float:
@@ -55,7 +72,7 @@ def cohen_kappa(first: Sequence, second: Sequence) -> float:
     >>> cohen_kappa(["a", "a", "b", "b"], ["a", "a", "b", "a"])
     0.5
     """
-    if len(first) != len(second) or not first:
+    if len(first) != len(second) or not len(first):
         return float("nan")
     n = len(first)
     p_o = sum(x == y for x, y in zip(first, second)) / n
@@ -69,32 +86,51 @@ def pairwise_kappas(labels: dict[int, dict[str, object]], min_shared: int = 5) -
 
     `labels[unit][coder] = label`.
     """
-    by_pair: dict[tuple[str, str], tuple[list, list]] = defaultdict(lambda: ([], []))
-    for coded in labels.values():
-        for x, y in combinations(sorted(coded), 2):
-            by_pair[(x, y)][0].append(coded[x])
-            by_pair[(x, y)][1].append(coded[y])
-    return {pair: cohen_kappa(a, b) for pair, (a, b) in by_pair.items() if len(a) >= min_shared}
+    frame = pd.DataFrame([(u, c, v) for u, coded in labels.items() for c, v in coded.items()], columns=["unit", "coder", "value"])
+    return _pairwise_kappas(frame, min_shared)
 
 
-def _bt_fit(outcomes: Sequence[tuple[str, str, float]], players: list[str], iterations: int = 200) -> dict[str, float]:
-    """MM updates p_i ← W_i / Σ_j n_ij / (p_i + p_j) (Hunter 2004); returns centered log-strengths."""
-    wins: Counter = Counter()
-    games: Counter = Counter()
-    for a, b, score in outcomes:  # score: 1 a wins, 0 b wins, 0.5 tie
-        wins[a] += score
-        wins[b] += 1 - score
-        games[(a, b)] += 1
-        games[(b, a)] += 1
-    p = {x: 1.0 for x in players}
+def _pairwise_kappas(frame: pd.DataFrame, min_shared: int = 5) -> dict[tuple[str, str], float]:
+    """κ per coder pair from a (unit, coder, value) frame, one row per coder and unit, with numpy counts."""
+    if frame.empty:
+        return {}
+    units = pd.factorize(frame["unit"])[0]
+    coders, names = pd.factorize(frame["coder"].astype(str), sort=True)
+    values, uniques = pd.factorize(frame["value"])
+    f = pd.DataFrame({"unit": units, "coder": coders, "value": values})
+    pairs = f.merge(f, on="unit", suffixes=("_x", "_y"))
+    pairs = pairs[pairs["coder_x"].to_numpy() < pairs["coder_y"].to_numpy()]
+    if pairs.empty:
+        return {}
+    C, k = len(names), len(uniques)
+    pair = pairs["coder_x"].to_numpy() * C + pairs["coder_y"].to_numpy()
+    vx, vy = pairs["value_x"].to_numpy(), pairs["value_y"].to_numpy()
+    n = np.bincount(pair, minlength=C * C).astype(float)
+    agree = np.bincount(pair, weights=(vx == vy).astype(float), minlength=C * C)
+    # Σ_v (count of v by x)(count of v by y), per pair: the chance agreement's numerator
+    by_x = np.stack([np.bincount(pair, weights=(vx == v).astype(float), minlength=C * C) for v in range(k)])
+    by_y = np.stack([np.bincount(pair, weights=(vy == v).astype(float), minlength=C * C) for v in range(k)])
+    keep = np.flatnonzero(n >= max(min_shared, 1))
+    n_k = n[keep]
+    p_o = agree[keep] / n_k
+    p_e = (by_x[:, keep] * by_y[:, keep]).sum(0) / (n_k * n_k)
+    with np.errstate(divide="ignore", invalid="ignore"):
+        kappa = np.where(p_e < 1, (p_o - p_e) / (1 - p_e), np.nan)
+    return {(str(names[i // C]), str(names[i % C])): float(v) for i, v in zip(keep.tolist(), kappa.tolist())}
+
+
+def _bt_fit(wins: np.ndarray, games: np.ndarray, iterations: int = 200) -> np.ndarray:
+    """MM updates p_i ← W_i / Σ_j n_ij / (p_i + p_j) (Hunter 2004) on a wins vector and a games matrix.
+
+    Works on a batch: `wins` (..., P) and `games` (..., P, P). Returns centered log-strengths.
+    """
+    w = np.maximum(wins, 1e-3)  # a floor keeps winless players finite
+    p = np.ones_like(wins, dtype=float)
     for _ in range(iterations):
-        new = {}
-        for i in players:
-            denom = sum(n / (p[i] + p[j]) for (x, j), n in games.items() if x == i)
-            new[i] = max(wins[i], 1e-3) / denom if denom else p[i]  # a floor keeps winless players finite
-        log_mean = statistics.fmean(math.log(v) for v in new.values())
-        p = {k: v / math.exp(log_mean) for k, v in new.items()}
-    return {k: math.log(v) for k, v in p.items()}
+        denom = (games / (p[..., :, None] + p[..., None, :])).sum(-1)
+        new = np.where(denom > 0, w / np.where(denom > 0, denom, 1.0), p)
+        p = new / np.exp(np.log(new).mean(-1, keepdims=True))
+    return np.log(p)
 
 
 @dataclass
@@ -112,21 +148,48 @@ def bradley_terry(outcomes: Sequence[tuple[str, str, float]], bootstrap: int = 2
     >>> [round(s.strength, 3) for s in bradley_terry([("x", "y", 1), ("x", "y", 1), ("x", "y", 1), ("y", "x", 1)], 0)]
     [0.549, -0.549]
     """
-    players = sorted({a for a, _, _ in outcomes} | {b for _, b, _ in outcomes})
+    return bradley_terry_counts(Counter((a, b, float(score)) for a, b, score in outcomes), bootstrap, seed)
+
+
+def bradley_terry_counts(cells: dict[tuple[str, str, float], int], bootstrap: int = 200, seed: int = 0) -> list[Strength]:
+    """`bradley_terry` from outcome counts: {(a, b, score of a): how many votes}, score 1 a won, 0 b won, 0.5 tie."""
+    cells = {k: n for k, n in cells.items() if n > 0}
+    players = sorted({a for a, _, _ in cells} | {b for _, b, _ in cells})
     if len(players) < 2:
         return []
-    point = _bt_fit(outcomes, players)
-    rng = random.Random(seed)
-    samples: dict[str, list[float]] = defaultdict(list)
-    for _ in range(bootstrap):
-        fit = _bt_fit([outcomes[rng.randrange(len(outcomes))] for _ in outcomes], players, iterations=60)
-        for k, v in fit.items():
-            samples[k].append(v)
-    games = Counter(x for a, b, _ in outcomes for x in (a, b))
+    index = {x: i for i, x in enumerate(players)}
+    ia = np.array([index[a] for a, _, _ in cells])
+    ib = np.array([index[b] for _, b, _ in cells])
+    score = np.array([s for _, _, s in cells])
+    count = np.array(list(cells.values()), dtype=float)
+    P = len(players)
+
+    # Each cell's contribution to the wins vector and the games matrix; a batch of vote counts per
+    # cell (one row per bootstrap resample) then maps to its tables by two matrix products.
+    to_wins = np.zeros((len(count), P))
+    np.add.at(to_wins, (np.arange(len(count)), ia), score)
+    np.add.at(to_wins, (np.arange(len(count)), ib), 1 - score)
+    to_games = np.zeros((len(count), P * P))
+    np.add.at(to_games, (np.arange(len(count)), ia * P + ib), 1.0)
+    np.add.at(to_games, (np.arange(len(count)), ib * P + ia), 1.0)
+
+    def tables(weights: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+        return weights @ to_wins, (weights @ to_games).reshape(*weights.shape[:-1], P, P)
+
+    point = _bt_fit(*tables(count))
+    samples = np.empty((0, P))
+    if bootstrap:
+        rng = np.random.default_rng(seed)
+        draws = rng.multinomial(int(count.sum()), count / count.sum(), size=bootstrap)  # votes resampled with replacement
+        samples = np.sort(_bt_fit(*tables(draws.astype(float)), iterations=60), axis=0)
+    games_per = np.zeros(P)
+    np.add.at(games_per, ia, count)
+    np.add.at(games_per, ib, count)
     out = []
-    for k in players:
-        s = sorted(samples[k]) or [point[k]]
-        out.append(Strength(k, point[k], s[int(0.025 * (len(s) - 1))], s[int(0.975 * (len(s) - 1))], games[k]))
+    for i, name in enumerate(players):
+        col = samples[:, i] if len(samples) else np.array([point[i]])
+        lo, hi = col[int(0.025 * (len(col) - 1))], col[int(0.975 * (len(col) - 1))]
+        out.append(Strength(name, float(point[i]), float(lo), float(hi), int(games_per[i])))
     return sorted(out, key=lambda s: -s.strength)
 
 
@@ -143,43 +206,71 @@ class VoteFact:
     gold_choice: str | None = None
 
 
-def annotator_report(votes: Iterable[VoteFact]) -> list[dict]:
+VOTE_COLUMNS = [f.name for f in fields(VoteFact)]
+
+
+def votes_frame(votes: Iterable[VoteFact] | pd.DataFrame) -> pd.DataFrame:
+    """One row per vote with VoteFact's columns (a frame passes through)."""
+    if isinstance(votes, pd.DataFrame):
+        return votes
+    return pd.DataFrame([astuple(v) for v in votes], columns=VOTE_COLUMNS)
+
+
+def _round(x, digits: int = 3):
+    return None if x is None or (isinstance(x, float) and math.isnan(x)) else round(float(x), digits)
+
+
+def annotator_report(votes: Iterable[VoteFact] | pd.DataFrame) -> list[dict]:
     """Per annotator: votes, median seconds, gold accuracy, left share, self-consistency on repeats."""
-    by: dict[str, list[VoteFact]] = defaultdict(list)
-    for v in votes:
-        by[v.annotator].append(v)
+    df = votes_frame(votes)
+    if df.empty:
+        return []
+    df = df.assign(is_repeat=df["is_repeat"].astype(bool))
+    main = df[~df["is_repeat"]]
+    names = sorted(df["annotator"].unique())
+    n_main = main.groupby("annotator").size()
+    t = df["time_spent_ms"].astype(float)
+    secs = (t[t > 0] / 1000).groupby(df.loc[t > 0, "annotator"]).median()
+    gold = main[main["gold_choice"].notna() & (main["gold_choice"] != "")]
+    gold_n = gold.groupby("annotator").size()
+    gold_acc = (gold["choice"] == gold["gold_choice"]).groupby(gold["annotator"]).mean()
+    sided = df[df["choice"].isin(["a", "b"])]
+    left = (sided["choice"] == sided["shown_left"]).groupby(sided["annotator"]).mean()
+    original = main.drop_duplicates(["annotator", "comparison_id"], keep="last")[["annotator", "comparison_id", "choice"]]
+    rep = df[df["is_repeat"]].merge(original, on=["annotator", "comparison_id"], suffixes=("", "_original"))
+    consistent = (rep["choice"] == rep["choice_original"]).groupby(rep["annotator"]).mean()
+    rep_n = rep.groupby("annotator").size()
     rows = []
-    for name, vs in sorted(by.items()):
-        main = [v for v in vs if not v.is_repeat]
-        original = {v.comparison_id: v.choice for v in main}
-        repeats = [v for v in vs if v.is_repeat and v.comparison_id in original]
-        gold = [v for v in main if v.gold_choice]
-        sided = [v for v in vs if v.choice in ("a", "b")]
-        times = [v.time_spent_ms / 1000 for v in vs if v.time_spent_ms]
-        rows.append(
-            {
-                "annotator": name,
-                "votes": len(main),
-                "median_seconds": round(statistics.median(times), 1) if times else None,
-                "gold_accuracy": round(sum(v.choice == v.gold_choice for v in gold) / len(gold), 3) if gold else None,
-                "gold_votes": len(gold),
-                # Share of decisive votes that went to the story shown on the left; 0.5 is unbiased.
-                "left_share": round(sum(v.choice == v.shown_left for v in sided) / len(sided), 3) if sided else None,
-                "self_consistency": round(sum(v.choice == original[v.comparison_id] for v in repeats) / len(repeats), 3) if repeats else None,
-                "repeats": len(repeats),
-            }
-        )  # fmt: skip
+    for name in names:
+        rows.append({
+            "annotator": name,
+            "votes": int(n_main.get(name, 0)),
+            "median_seconds": _round(secs.get(name), 1),
+            "gold_accuracy": _round(gold_acc.get(name)),
+            "gold_votes": int(gold_n.get(name, 0)),
+            # Share of decisive votes that went to the story shown on the left; 0.5 is unbiased.
+            "left_share": _round(left.get(name)),
+            "self_consistency": _round(consistent.get(name)),
+            "repeats": int(rep_n.get(name, 0)),
+        })  # fmt: skip
     return rows
 
 
-def agreement_report(votes: Iterable[VoteFact]) -> dict:
+def agreement_report(votes: Iterable[VoteFact] | pd.DataFrame) -> dict:
     """Krippendorff's α overall and pairwise Cohen's κ, overall and per annotator (on −1/0/+1)."""
-    units: dict[int, dict[str, int]] = defaultdict(dict)
-    for v in votes:
-        if not v.is_repeat and v.choice in CODE:
-            units[v.comparison_id][v.annotator] = CODE[v.choice]
-    alpha = krippendorff_alpha(list(u.values()) for u in units.values())
-    kappas = pairwise_kappas(units)
+    df = votes_frame(votes)
+    coded = df[~df["is_repeat"].astype(bool) & df["choice"].isin(list(CODE))] if not df.empty else df
+    coded = coded.drop_duplicates(["comparison_id", "annotator"], keep="last")
+    values = np.array([-1.0, 0.0, 1.0])
+    if coded.empty:
+        alpha, kappas, per_unit = float("nan"), {}, np.zeros(0)
+    else:
+        code = coded["choice"].map(CODE).to_numpy()
+        unit = pd.factorize(coded["comparison_id"])[0]
+        counts = np.bincount(unit * 3 + (code + 1), minlength=3 * (unit.max() + 1)).reshape(-1, 3)  # columns −1, 0, +1
+        alpha = _alpha_from_counts(counts, values)
+        kappas = _pairwise_kappas(pd.DataFrame({"unit": coded["comparison_id"], "coder": coded["annotator"], "value": code}))
+        per_unit = counts.sum(1)
     per: dict[str, list[float]] = defaultdict(list)
     for (x, y), k in kappas.items():
         if not math.isnan(k):
@@ -188,9 +279,9 @@ def agreement_report(votes: Iterable[VoteFact]) -> dict:
     finite = [k for k in kappas.values() if not math.isnan(k)]
     return {
         "krippendorff_alpha": None if math.isnan(alpha) else round(alpha, 3),
-        "mean_pairwise_kappa": round(statistics.fmean(finite), 3) if finite else None,
-        "kappa_per_annotator": {k: round(statistics.fmean(v), 3) for k, v in sorted(per.items())},
-        "units_with_2plus_votes": sum(len(u) >= 2 for u in units.values()),
+        "mean_pairwise_kappa": round(float(np.mean(finite)), 3) if finite else None,
+        "kappa_per_annotator": {k: round(float(np.mean(v)), 3) for k, v in sorted(per.items())},
+        "units_with_2plus_votes": int((per_unit >= 2).sum()),
     }
 
 
@@ -206,6 +297,24 @@ def majority(choices: Iterable[str]) -> str | None:
         return None
     (top, n), *rest = counts.most_common()
     return "tie" if rest and rest[0][1] == n else top
+
+
+def majorities(votes: Iterable[VoteFact] | pd.DataFrame) -> dict[int, str]:
+    """`majority` of every comparison's non-repeat votes at once: {comparison id: a | b | tie}.
+
+    Comparisons with nothing but both-bad answers are left out, as `majority` gives None for them.
+    """
+    df = votes_frame(votes)
+    if df.empty:
+        return {}
+    df = df[~df["is_repeat"].astype(bool) & df["choice"].isin(list(CODE))]
+    if df.empty:
+        return {}
+    counts = pd.crosstab(df["comparison_id"], df["choice"])
+    arr = counts.to_numpy()
+    top = arr.max(1)
+    picks = np.where((arr == top[:, None]).sum(1) > 1, "tie", counts.columns.to_numpy()[arr.argmax(1)])
+    return dict(zip(counts.index.tolist(), picks.tolist()))
 
 
 def model_verdicts(rows: Iterable[tuple[int, str, str | None, dict[str, Sequence[float]]]]) -> tuple[list[dict], dict[str, dict]]:

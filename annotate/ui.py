@@ -25,7 +25,7 @@ from pathlib import Path
 
 import gradio as gr
 import pandas as pd
-from sqlalchemy import Text, cast, select
+from sqlalchemy import Text, cast, func, select
 from sqlalchemy.orm import aliased
 
 from annotate import stats
@@ -100,6 +100,8 @@ class LabelingApp:
         self.leases = Leases()  # shared by all users on purpose: what is handed out, not who holds it
         self.reads = read_session_factory(session_factory)  # choosing and rendering never block voting
         self._totals: tuple[float, tuple[int, int]] = (0.0, (0, 0))  # project progress, refreshed every few s
+        self._stats_cache: tuple[tuple, tuple] | None = None  # (the votes' fingerprint, the vote statistics)
+        self.last_refresh_seconds: dict[str, float] = {}  # where the last Admin refresh spent its time
 
     # -- helpers ------------------------------------------------------------------------------
 
@@ -257,33 +259,53 @@ class LabelingApp:
         user = annotator_by_name(s, getattr(request, "username", None))
         return user if user is not None and user.role == "admin" else None
 
+    def clear_stats_cache(self) -> None:
+        self._stats_cache = None
+
     def admin_refresh(self, request: gr.Request | None = None):
-        """Statistics for admins; for anybody else, nothing at all."""
+        """Statistics for admins; for anybody else, nothing at all.
+
+        The vote statistics are cached until the project's votes change (a new vote, an edit or an
+        undo changes the fingerprint: the number of active votes and the newest vote id).
+        """
         empty = (None, "", None, None, None, "", None)
-        with self.sessions() as s:
+        timing, t = {}, time.perf_counter()
+        with self.reads() as s:
             if self._admin_or_none(s, request) is None:
                 return empty
-            facts, outcomes = self._vote_facts(s)
+            key = self._votes_fingerprint(s)
+            cached = self._stats_cache is not None and self._stats_cache[0] == key
+            if not cached:
+                votes, cells = self._vote_facts(s)
             verdicts = self._verdicts(s)
-        people = pd.DataFrame(stats.annotator_report(facts))
-        agreement = stats.agreement_report(facts)
-        board = pd.DataFrame(
-            [{"origin": b.name, "strength": round(b.strength, 3), "ci_low": round(b.low, 3), "ci_high": round(b.high, 3),
-              "games": b.games} for b in stats.bradley_terry(outcomes)],  # fmt: skip
-            columns=["origin", "strength", "ci_low", "ci_high", "games"],  # an empty board keeps its header
-        )
-        kappas = "".join(f"<li>{html.escape(k)}: κ = {v}</li>" for k, v in agreement["kappa_per_annotator"].items())
-        summary = (
-            f"**Krippendorff's α** (−1/0/+1): {agreement['krippendorff_alpha']} · **mean pairwise Cohen's κ**: "
-            f"{agreement['mean_pairwise_kappa']} · comparisons with 2+ votes: {agreement['units_with_2plus_votes']}"
-            f"<ul>{kappas}</ul>"
-        )
+        timing["query"] = time.perf_counter() - t
+        if cached:
+            people, summary, board, majorities = self._stats_cache[1]
+        else:
+            t = time.perf_counter()
+            people = pd.DataFrame(stats.annotator_report(votes))
+            timing["annotators"] = time.perf_counter() - t
+            t = time.perf_counter()
+            agreement = stats.agreement_report(votes)
+            timing["agreement"] = time.perf_counter() - t
+            t = time.perf_counter()
+            board = pd.DataFrame(
+                [{"origin": b.name, "strength": round(b.strength, 3), "ci_low": round(b.low, 3), "ci_high": round(b.high, 3),
+                  "games": b.games} for b in stats.bradley_terry_counts(cells)],  # fmt: skip
+                columns=["origin", "strength", "ci_low", "ci_high", "games"],  # an empty board keeps its header
+            )
+            timing["bradley_terry"] = time.perf_counter() - t
+            kappas = "".join(f"<li>{html.escape(k)}: κ = {v}</li>" for k, v in agreement["kappa_per_annotator"].items())
+            summary = (
+                f"**Krippendorff's α** (−1/0/+1): {agreement['krippendorff_alpha']} · **mean pairwise Cohen's κ**: "
+                f"{agreement['mean_pairwise_kappa']} · comparisons with 2+ votes: {agreement['units_with_2plus_votes']}"
+                f"<ul>{kappas}</ul>"
+            )
+            majorities = stats.majorities(votes)
+            self._stats_cache = (key, (people, summary, board, majorities))
+        t = time.perf_counter()
         counts_plot = people[["annotator", "votes"]] if len(people) else None
-        by_comparison: dict[int, list[str]] = {}
-        for f in facts:
-            if not f.is_repeat:
-                by_comparison.setdefault(f.comparison_id, []).append(f.choice)
-        table, tally = stats.model_verdicts((cid, item, stats.majority(by_comparison.get(cid, [])), v) for cid, item, v in verdicts)
+        table, tally = stats.model_verdicts((cid, item, majorities.get(cid), v) for cid, item, v in verdicts)
         if tally:
             share = lambda t: f" ({t['share']:.0%})" if t["decided"] else ""  # noqa: E731
             models = " · ".join(f"**{html.escape(name)}** agrees with the majority on {t['agree']} of {t['decided']}{share(t)}"
@@ -291,7 +313,20 @@ class LabelingApp:
             models += " decided comparisons. Disagreements first: where the model has not learned what people see, or people missed it."
         else:
             models = "No model verdicts yet: `python -m rlhf.verdicts --project NAME --reward_model DIR --clip_model NAME` sets them here."
+        timing["verdicts"] = time.perf_counter() - t
+        timing["cached"] = float(cached)
+        self.last_refresh_seconds = timing
         return people, summary, board, counts_plot, board if len(board) else None, models, pd.DataFrame(table) if table else None
+
+    def _votes_fingerprint(self, s) -> tuple:
+        """(active votes, newest vote id) of the project: any vote, edit or undo changes it."""
+        row = s.execute(
+            select(func.count(Vote.id), func.max(Vote.id))
+            .join(Comparison, Vote.comparison_id == Comparison.id)
+            .join(Project, Comparison.project_id == Project.id)
+            .where(Vote.active, Project.name == self.project_name)
+        ).one()  # fmt: skip
+        return (self.project_name, row[0], row[1])
 
     def _verdicts(self, s) -> list[tuple[int, str, dict]]:
         """(comparison id, item, {signal: (score a, score b)}) for the comparisons `rlhf.verdicts` scored."""
@@ -308,22 +343,31 @@ class LabelingApp:
                 out.append((cid, item, v))
         return out
 
-    def _vote_facts(self, s) -> tuple[list[stats.VoteFact], list[tuple[str, str, float]]]:
+    def _vote_facts(self, s) -> tuple[pd.DataFrame, dict[tuple[str, str, float], int]]:
+        """The project's active votes as a frame (`stats.VOTE_COLUMNS`), and the Bradley–Terry outcome
+        counts per (origin of a, origin of b, score of a), counted in the database."""
         ca, cb = aliased(Candidate), aliased(Candidate)
-        rows = s.execute(
+        stmt = (
             select(Annotator.username, Vote.comparison_id, Vote.choice, Vote.shown_left, Vote.time_spent_ms,
-                   Vote.is_repeat, Comparison.gold_choice, ca.origin, cb.origin)
+                   Vote.is_repeat, Comparison.gold_choice)
             .join(Annotator, Vote.annotator_id == Annotator.id)
+            .join(Comparison, Vote.comparison_id == Comparison.id)
+            .join(Project, Comparison.project_id == Project.id)
+            .where(Vote.active, Project.name == self.project_name)
+        )  # fmt: skip
+        votes = _frame(s, stmt, stats.VOTE_COLUMNS)
+        counted = s.execute(
+            select(ca.origin, cb.origin, Vote.choice, func.count())
             .join(Comparison, Vote.comparison_id == Comparison.id)
             .join(ca, Comparison.candidate_a_id == ca.id)
             .join(cb, Comparison.candidate_b_id == cb.id)
             .join(Project, Comparison.project_id == Project.id)
-            .where(Vote.active, Project.name == self.project_name)
+            .where(Vote.active, ~Vote.is_repeat, Vote.choice.in_(["a", "b", "tie"]), Project.name == self.project_name)
+            .group_by(ca.origin, cb.origin, Vote.choice)
         ).all()  # fmt: skip
-        facts = [stats.VoteFact(*r[:7]) for r in rows]
         score = {"a": 1.0, "b": 0.0, "tie": 0.5}
-        outcomes = [(r[7], r[8], score[r[2]]) for r in rows if not r[5] and r[2] in score and r[7] != r[8]]
-        return facts, outcomes
+        cells = {(a, b, score[c]): n for a, b, c, n in counted if a != b}
+        return votes, cells
 
     def admin_export(self, fmt: str, aggregate: str, request: gr.Request | None = None):
         with self.sessions() as s:
@@ -337,6 +381,23 @@ class LabelingApp:
 
             target = Path(shutil.make_archive(str(target), "zip", target))
         return str(target), f"Exported {result.summary()}."
+
+
+def _frame(s, stmt, columns: list[str]) -> pd.DataFrame:
+    """The rows of `stmt` as a frame, fetched through the database driver's own cursor.
+
+    At 100k rows SQLAlchemy's row objects (and pandas reading them) cost several times the query
+    itself; the statement is still built and compiled by SQLAlchemy, its bound values rendered as
+    escaped literals for this dialect.
+    """
+    conn = s.connection()
+    sql = str(stmt.compile(dialect=conn.dialect, compile_kwargs={"literal_binds": True}))
+    cursor = conn.connection.driver_connection.cursor()
+    try:
+        cursor.execute(sql)
+        return pd.DataFrame.from_records(cursor.fetchall(), columns=columns)
+    finally:
+        cursor.close()
 
 
 def build_app(session_factory, project: str | None = None, *, concurrency_limit: int = 16, title: str = "storypref") -> gr.Blocks:

@@ -60,7 +60,8 @@ def seed(session_factory, n_items: int, n_votes: int, media_root: str) -> None:
             rows.append({"comparison_id": comp, "annotator_id": ann, "choice": rng.choice("aab") if rng.random() > 0.1 else "tie",
                          "strength": rng.randint(1, 4), "aspects": {}, "shown_left": rng.choice("ab"), "client_token": f"t{k}"})  # fmt: skip
             k += 1
-        s.execute(insert(Vote), rows)
+        if rows:  # an empty insert would add one row of defaults
+            s.execute(insert(Vote), rows)
         per_comparison = Counter(r["comparison_id"] for r in rows)
         s.execute(update(Comparison), [{"id": c, "n_votes": n} for c, n in per_comparison.items()])
 

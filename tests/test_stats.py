@@ -5,12 +5,14 @@ import math
 import pytest
 
 from annotate.stats import (
+    CODE,
     VoteFact,
     agreement_report,
     annotator_report,
     bradley_terry,
     cohen_kappa,
     krippendorff_alpha,
+    majorities,
     majority,
     model_verdicts,
 )
@@ -84,3 +86,82 @@ def test_majority_and_model_verdicts_by_hand():
     assert table[0] == {"comparison": 1, "item": "it1", "majority": "a", "clip": "b", "clip_margin": -0.1, "human": "a",
                         "human_margin": 0.8, "disagree": True}  # fmt: skip
     assert table[-1]["disagree"] is False and table[1]["clip"] == "tie"
+
+
+# ------------------------------------------------------------------------------------------------
+# Against peer libraries no one here wrote, on random data with missing values.
+# ------------------------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("seed", [0, 1, 2])
+def test_krippendorff_alpha_matches_the_krippendorff_package(seed):
+    krippendorff = pytest.importorskip("krippendorff")
+    import numpy as np
+
+    rng = np.random.default_rng(seed)
+    data = rng.choice([-1.0, 0.0, 1.0], size=(6, 80), p=[0.3, 0.2, 0.5])  # coders × units
+    data[rng.random(data.shape) < 0.55] = np.nan  # most units coded by a few coders only
+    ours = krippendorff_alpha([[None if np.isnan(v) else v for v in data[:, u]] for u in range(data.shape[1])])
+    assert ours == pytest.approx(krippendorff.alpha(reliability_data=data, level_of_measurement="interval"), abs=1e-9)
+
+
+@pytest.mark.parametrize("seed", [0, 1])
+def test_cohen_kappa_and_the_pairwise_table_match_scikit_learn(seed):
+    sklearn_metrics = pytest.importorskip("sklearn.metrics")
+    import random
+
+    rng = random.Random(seed)
+    first = [rng.choice("abt") for _ in range(60)]
+    second = [x if rng.random() < 0.6 else rng.choice("abt") for x in first]
+    assert cohen_kappa(first, second) == pytest.approx(sklearn_metrics.cohen_kappa_score(first, second), abs=1e-12)
+    # The report's pairwise κ: three annotators, each missing some units.
+    votes, by = [], {}
+    for unit in range(120):
+        truth = rng.choice("ab")
+        for name in ("ann", "bob", "cyd"):
+            if rng.random() < 0.75:
+                choice = truth if rng.random() < 0.7 else rng.choice(["a", "b", "tie"])
+                votes.append(VoteFact(name, unit, choice, "a", 1000))
+                by.setdefault(unit, {})[name] = CODE[choice]
+    report = agreement_report(votes)
+    for name in ("ann", "bob", "cyd"):
+        others = [o for o in ("ann", "bob", "cyd") if o != name]
+        expected = []
+        for other in others:
+            shared = [u for u in by if name in by[u] and other in by[u]]
+            expected.append(sklearn_metrics.cohen_kappa_score([by[u][name] for u in shared], [by[u][other] for u in shared]))
+        assert report["kappa_per_annotator"][name] == pytest.approx(sum(expected) / 2, abs=1e-3)
+
+
+@pytest.mark.parametrize("seed", [0, 1])
+def test_bradley_terry_matches_choix(seed):
+    choix = pytest.importorskip("choix")
+    import random
+
+    rng = random.Random(seed)
+    truth = {"m0": 0.8, "m1": 0.2, "m2": -0.3, "m3": -0.7}
+    names = sorted(truth)
+    outcomes, data = [], []
+    for _ in range(400):
+        a, b = rng.sample(names, 2)
+        a_wins = rng.random() < 1 / (1 + math.exp(truth[b] - truth[a]))
+        outcomes.append((a, b, 1.0 if a_wins else 0.0))
+        data.append((names.index(a), names.index(b)) if a_wins else (names.index(b), names.index(a)))
+    ours = {s.name: s.strength for s in bradley_terry(outcomes, bootstrap=0)}
+    theirs = choix.ilsr_pairwise(len(names), data, alpha=0.0)  # the maximum-likelihood strengths, mean zero
+    for i, name in enumerate(names):
+        assert ours[name] == pytest.approx(theirs[i] - theirs.mean(), abs=1e-3)
+
+
+def test_majorities_agree_with_majority_comparison_by_comparison():
+    import random
+
+    rng = random.Random(3)
+    votes = [VoteFact(f"u{k}", c, rng.choice(["a", "b", "tie", "both_bad"]), "a", None, is_repeat=rng.random() < 0.1)
+             for c in range(200) for k in range(rng.randint(1, 4))]  # fmt: skip
+    by: dict[int, list[str]] = {}
+    for v in votes:
+        if not v.is_repeat:
+            by.setdefault(v.comparison_id, []).append(v.choice)
+    expected = {c: majority(ch) for c, ch in by.items() if majority(ch) is not None}
+    assert majorities(votes) == expected and len(expected) > 100

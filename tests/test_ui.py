@@ -124,6 +124,22 @@ def test_admin_views_return_nothing_to_annotators(app, tmp_path):
     assert "3 rows" in message and sum(1 for _ in open(path)) == 3
 
 
+def test_admin_statistics_are_cached_until_the_votes_change(app):
+    app, _ = app
+    *view, _, _ = app.load(request=req("ann"))
+    view = _vote(app, view, "left", "ann")
+    people, *_ = app.admin_refresh(request=req("boss"))
+    assert app.last_refresh_seconds["cached"] == 0.0
+    again, *_ = app.admin_refresh(request=req("boss"))
+    assert app.last_refresh_seconds["cached"] == 1.0 and again.equals(people)  # nothing changed: no recompute
+    view = _vote(app, view, "right", "ann")  # a new vote
+    people, *_ = app.admin_refresh(request=req("boss"))
+    assert app.last_refresh_seconds["cached"] == 0.0 and int(people["votes"][0]) == int(again["votes"][0]) + 1
+    app.undo(False, None, request=req("ann"))  # an undo
+    people, *_ = app.admin_refresh(request=req("boss"))
+    assert app.last_refresh_seconds["cached"] == 0.0 and int(people["votes"][0]) == int(again["votes"][0])
+
+
 def test_first_run_creates_one_admin(tmp_path):
     _, factory = open_db(f"sqlite:///{tmp_path}/first.db")
     password = ensure_admin(factory)
