@@ -1,6 +1,6 @@
 """Build preference datasets from the votes in a storypref database.
 
-    python -m annotate.export --db URL --out PATH --format pairs|trl|hf [--aggregate none|majority]
+    python -m annotate.export --db URL --out PATH --format pairs|trl|hf [--aggregate none|majority|dawid-skene|...]
 
 Three formats (docs/data.md documents each field):
 
@@ -53,6 +53,9 @@ from db import (
 )
 
 FORMATS = ("pairs", "trl", "hf")
+# --aggregate: per vote, majority, or a crowd-kit model of annotator reliability (class name)
+CROWDKIT = {"dawid-skene": "DawidSkene", "one-coin-dawid-skene": "OneCoinDawidSkene"}
+AGGREGATES = ("none", "majority", *CROWDKIT)
 PREFERENCE = {"a": "response_a", "b": "response_b", "tie": "tie", "both_bad": "both_bad"}
 
 
@@ -67,12 +70,16 @@ class ExportStats:
     test: int = 0
     skipped_ties: int = 0
     skipped_min_votes: int = 0
+    excluded_annotators: tuple[str, ...] = ()
+    excluded_votes: int = 0
 
     def summary(self) -> str:
         split = f" ({self.train} train / {self.test} test)" if self.train or self.test else ""
+        left_out = (f"; left out {self.excluded_votes} votes of {len(self.excluded_annotators)} annotators "
+                    f"({', '.join(self.excluded_annotators)})") if self.excluded_annotators else ""  # fmt: skip
         return (
             f"{self.rows} rows{split}; skipped {self.skipped_ties} ties/both-bad and "
-            f"{self.skipped_min_votes} comparisons under --min-votes"
+            f"{self.skipped_min_votes} comparisons under --min-votes{left_out}"
         )
 
 
@@ -205,25 +212,48 @@ def _per_vote(rows: Iterator[VoteRow]) -> Iterator[dict]:
         }
 
 
-def _majority(rows: Iterator[VoteRow]) -> Iterator[dict]:
-    """One row per comparison: the most frequent of a/b/tie; an a-b draw counts as a tie."""
+def _groups(rows: Iterator[VoteRow]) -> Iterator[list[VoteRow]]:
+    """The votes of each comparison together (the query orders them by comparison)."""
     group: list[VoteRow] = []
     for r in rows:
         if group and r.comparison_id != group[0].comparison_id:
-            yield _aggregate(group)
+            yield group
             group = []
         group.append(r)
     if group:
+        yield group
+
+
+def _majority(rows: Iterator[VoteRow]) -> Iterator[dict]:
+    """One row per comparison: the most frequent of a/b/tie; an a-b draw counts as a tie."""
+    for group in _groups(rows):
         yield _aggregate(group)
 
 
-def _aggregate(votes: list[VoteRow]) -> dict:
+def _crowdkit(rows: Iterator[VoteRow], method: str) -> Iterator[dict]:
+    """One row per comparison, its answer from a crowd-kit model of each annotator's reliability."""
+    try:
+        import crowdkit.aggregation as ck
+        import pandas as pd
+    except ImportError:
+        raise ExportError(f"--aggregate {method} needs crowd-kit: pip install crowd-kit (or pip install -e \".[quality]\")") from None
+    groups = list(_groups(rows))
+    answers = pd.DataFrame([(r.comparison_id, r.username, r.choice) for g in groups for r in g if r.choice in ("a", "b", "tie")],
+                           columns=["task", "worker", "label"])  # fmt: skip
+    labels = getattr(ck, CROWDKIT[method])().fit_predict(answers) if len(answers) else pd.Series(dtype=object)
+    labels = labels.to_dict()
+    for group in groups:
+        yield _aggregate(group, choice=labels.get(group[0].comparison_id))
+
+
+def _aggregate(votes: list[VoteRow], choice: str | None = None) -> dict:
+    """One comparison's row: `choice` (a model's answer), else the majority of a/b/tie (a draw is a tie)."""
     votes = [v._replace(aspects=_aspects(v.aspects)) for v in votes]
     counted = [v for v in votes if v.choice != "both_bad"]
     counts = Counter(v.choice for v in counted)
     if not counted:
-        choice, top = "both_bad", len(votes)
-    else:
+        choice = "both_bad"
+    elif choice is None:
         (choice, top), *rest = counts.most_common()
         if rest and rest[0][1] == top:
             choice = "tie"  # no single winner
@@ -348,12 +378,18 @@ def export(
     project: str | None = None,
     media_root: str | Path | None = None,
     trl_style: str = "conversational",
+    exclude_annotators: tuple[str, ...] | list[str] = (),
+    min_gold_accuracy: float | None = None,
+    max_left_share: float | None = None,
 ) -> ExportStats:
     """Write the votes of `session`'s database to `out`. Returns counts of what was written and skipped."""
     if fmt not in FORMATS:
         raise ExportError(f"unknown format {fmt!r}; use one of {', '.join(FORMATS)}")
-    if aggregate not in ("none", "majority"):
-        raise ExportError(f"unknown --aggregate {aggregate!r}; use none or majority")
+    if aggregate not in AGGREGATES:
+        raise ExportError(f"unknown --aggregate {aggregate!r}; use one of {', '.join(AGGREGATES)}")
+    for flag, value in (("--min-gold-accuracy", min_gold_accuracy), ("--max-left-share", max_left_share)):
+        if value is not None and not 0.0 <= value <= 1.0:
+            raise ExportError(f"{flag} must be a share in [0, 1], got {value}")
     if not 0.0 <= test_fraction < 1.0:
         raise ExportError(f"--test-fraction must be in [0, 1), got {test_fraction}")
     if project is not None and session.scalar(select(Project.id).where(Project.name == project)) is None:
@@ -364,7 +400,21 @@ def export(
     slices = _comparison_slices(session)
 
     stats = ExportStats()
-    records = (_majority if aggregate == "majority" else _per_vote)(_vote_rows(session, project))
+    excluded = _excluded_annotators(session, project, exclude_annotators, min_gold_accuracy, max_left_share)
+    rows = _vote_rows(session, project)
+    if excluded:
+        stats.excluded_annotators = tuple(sorted(excluded))
+        kept = []
+        for r in rows:
+            if r.username in excluded:
+                stats.excluded_votes += 1
+            else:
+                kept.append(r)
+        rows = iter(kept)
+    if aggregate in CROWDKIT:
+        records = _crowdkit(rows, aggregate)
+    else:
+        records = (_majority if aggregate == "majority" else _per_vote)(rows)
     train: list[dict] = []
     test: list[dict] = []
     for rec in records:
@@ -402,6 +452,34 @@ def export(
     return stats
 
 
+def _excluded_annotators(session: Session, project: str | None, names, min_gold_accuracy: float | None,
+                         max_left_share: float | None) -> set[str]:  # fmt: skip
+    """The annotators `--exclude-annotators`, `--min-gold-accuracy` and `--max-left-share` leave out."""
+    names = {n.strip() for n in names if n.strip()}
+    known = set(session.scalars(select(Annotator.username)))
+    if unknown := sorted(names - known):
+        raise ExportError(f"--exclude-annotators: no annotator named {', '.join(unknown)}")
+    if min_gold_accuracy is None and max_left_share is None:
+        return names
+    from annotate.stats import VoteFact, annotator_report
+
+    query = (
+        select(Annotator.username, Vote.comparison_id, Vote.choice, Vote.shown_left, Vote.time_spent_ms, Vote.is_repeat, Comparison.gold_choice)
+        .join(Annotator, Vote.annotator_id == Annotator.id)
+        .join(Comparison, Vote.comparison_id == Comparison.id)
+        .where(Vote.active)
+    )  # fmt: skip
+    if project is not None:
+        query = query.join(Project, Comparison.project_id == Project.id).where(Project.name == project)
+    for row in annotator_report([VoteFact(*r) for r in session.execute(query)]):
+        gold, left = row["gold_accuracy"], row["left_share"]
+        if min_gold_accuracy is not None and gold is not None and gold < min_gold_accuracy:
+            names.add(row["annotator"])
+        if max_left_share is not None and left is not None and left > max_left_share:
+            names.add(row["annotator"])
+    return names
+
+
 def _save_hf(path: Path, train: list[dict], test: list[dict]) -> None:
     try:
         import datasets
@@ -425,8 +503,15 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--db", default=None, help="SQLAlchemy URL (default: $STORYPREF_DB or sqlite:///data/storypref.db)")
     p.add_argument("--out", required=True, type=Path, help="output file (pairs) or directory (trl, hf)")
     p.add_argument("--format", choices=FORMATS, default="pairs", help="output format (default: pairs)")
-    p.add_argument("--aggregate", choices=("none", "majority"), default="none", help="one row per vote, or per comparison")
-    p.add_argument("--min-votes", type=int, default=1, help="with majority: drop comparisons with fewer votes")
+    p.add_argument("--aggregate", choices=AGGREGATES, default="none",
+                   help="one row per vote (none), or one per comparison: majority, or an annotator-reliability model from "
+                        "crowd-kit (dawid-skene, one-coin-dawid-skene)")  # fmt: skip
+    p.add_argument("--min-votes", type=int, default=1, help="when aggregating: drop comparisons with fewer votes")
+    p.add_argument("--exclude-annotators", default="", metavar="A,B", help="leave out these annotators' votes")
+    p.add_argument("--min-gold-accuracy", type=float, default=None, metavar="X",
+                   help="leave out annotators whose accuracy on gold comparisons is under X (those without gold answers stay)")  # fmt: skip
+    p.add_argument("--max-left-share", type=float, default=None, metavar="Y",
+                   help="leave out annotators who chose the story shown on the left in more than Y of their decisive answers")  # fmt: skip
     p.add_argument("--include-ties", action="store_true", help="keep ties (trl/hf: as rows with tie=true)")
     p.add_argument("--include-both-bad", action="store_true", help="keep both-bad answers (pairs only)")
     p.add_argument("--test-fraction", type=float, default=0.1, help="share of items in test.jsonl (trl, hf)")
@@ -454,6 +539,9 @@ def main(argv: list[str] | None = None) -> int:
                 project=args.project,
                 media_root=args.media_root,
                 trl_style=args.trl_style,
+                exclude_annotators=args.exclude_annotators.split(","),
+                min_gold_accuracy=args.min_gold_accuracy,
+                max_left_share=args.max_left_share,
             )
     except (ExportError, RuntimeError) as e:
         print(f"error: {e}\nNothing was written.", file=sys.stderr)

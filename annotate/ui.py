@@ -30,7 +30,7 @@ from sqlalchemy.orm import aliased
 
 from annotate import stats
 from annotate.auth import authenticate
-from annotate.export import export
+from annotate.export import AGGREGATES, export
 from annotate.render import CSS, render_comparison
 from annotate.scheduler import (
     Assignment,
@@ -459,7 +459,7 @@ def build_app(session_factory, project: str | None = None, *, concurrency_limit:
             model_table = gr.Dataframe(label="Model vs people: each signal's pick (a / b) beside the annotators' majority, disagreements first")
             with gr.Row():
                 fmt = gr.Dropdown(["pairs", "trl", "hf"], value="trl", label="Export format")
-                aggregate = gr.Dropdown(["none", "majority"], value="majority", label="Aggregate")
+                aggregate = gr.Dropdown(list(AGGREGATES), value="majority", label="Aggregate")
                 export_btn = gr.Button("Export")
             export_file = gr.File(label="Download")
             export_msg = gr.Markdown()

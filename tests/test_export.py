@@ -238,3 +238,82 @@ def test_slices_from_pairs_lines_alone(session_factory, tmp_path):
     (tmp_path / "bad.jsonl").write_text(json.dumps({**lines[0], "slices": "image-only"}) + "\n")
     with pytest.raises(ValueError, match=r"bad.jsonl:1: `slices` of a pairs line must be a list"):
         ingest(session_factory, str(tmp_path / "bad.jsonl"), "p", media_root=tmp_path / "m")
+
+
+# ------------------------------------------------------------------------------------------------
+# Quality-weighted aggregation (crowd-kit) and the annotator filters.
+# ------------------------------------------------------------------------------------------------
+
+
+def _crowd(tmp_path: Path, n_items: int = 60, seed: int = 0) -> tuple[Path, dict[str, str]]:
+    """Two careful annotators (90% right), three who answer at random and one who always picks the
+    left story; the truth per item is response_a or response_b."""
+    import random
+
+    rng = random.Random(seed)
+    lines, truth = [], {}
+    for i in range(n_items):
+        make_image(tmp_path / f"c{i}.png", (i * 4 % 255, 9, 9))
+        truth[f"c{i}"] = rng.choice(["response_a", "response_b"])
+        wrong = {"response_a": "response_b", "response_b": "response_a"}
+        for name in ("careful1", "careful2", "spam1", "spam2", "spam3", "lefty"):
+            shown_left = rng.choice("ab")
+            if name.startswith("careful"):
+                pref = truth[f"c{i}"] if rng.random() < 0.9 else wrong[truth[f"c{i}"]]
+            elif name.startswith("spam"):
+                pref = rng.choice(["response_a", "response_b"])
+            else:
+                pref = f"response_{shown_left}"
+            lines.append({"image_path": f"c{i}.png", "instruction": f"Story {i}", "external_id": f"c{i}", "response_a": f"first {i}",
+                          "response_b": f"second {i}", "preference": pref, "annotator": name, "shown_left": shown_left})  # fmt: skip
+    path = tmp_path / "crowd.jsonl"
+    path.write_text("".join(json.dumps(x) + "\n" for x in lines))
+    return path, truth
+
+
+def test_dawid_skene_trusts_the_careful_annotators_more_than_majority_does(session_factory, tmp_path):
+    pytest.importorskip("crowdkit")
+    path, truth = _crowd(tmp_path)
+    ingest(session_factory, str(path), "crowd", media_root=tmp_path / "media")
+    accuracy = {}
+    for method in ("majority", "dawid-skene", "one-coin-dawid-skene"):
+        with session_factory() as s:
+            export(s, tmp_path / f"{method}.jsonl", "pairs", aggregate=method)
+        got = {d["item_id"]: d["preference"] for d in _read(tmp_path / f"{method}.jsonl")}
+        accuracy[method] = sum(got.get(i) == t for i, t in truth.items()) / len(truth)
+    assert accuracy["dawid-skene"] >= 0.85 and accuracy["dawid-skene"] >= accuracy["majority"] + 0.1, accuracy
+    assert accuracy["one-coin-dawid-skene"] >= accuracy["majority"], accuracy
+
+
+def test_annotator_filters_leave_out_the_named_the_inaccurate_and_the_side_biased(session_factory, tmp_path):
+    from sqlalchemy import update
+
+    from db import Comparison
+
+    path, truth = _crowd(tmp_path, n_items=30)
+    ingest(session_factory, str(path), "crowd", media_root=tmp_path / "media")
+    with session_factory.begin() as s:  # ten gold comparisons, answered as the truth says
+        for cid, ext in s.execute(select_comparisons()).all()[:10]:
+            s.execute(update(Comparison).where(Comparison.id == cid).values(gold_choice=truth[ext][-1]))
+    with session_factory() as s:
+        stats = export(s, tmp_path / "x.jsonl", "pairs", exclude_annotators=["spam1", "spam2"])
+        assert stats.excluded_annotators == ("spam1", "spam2") and stats.excluded_votes == 60
+        assert {d["annotator"] for d in _read(tmp_path / "x.jsonl")}.isdisjoint({"spam1", "spam2"})
+        assert "left out 60 votes of 2 annotators" in stats.summary()
+        stats = export(s, tmp_path / "l.jsonl", "pairs", max_left_share=0.8)
+        assert "lefty" in stats.excluded_annotators and not {"careful1", "careful2"} & set(stats.excluded_annotators)
+        stats = export(s, tmp_path / "g.jsonl", "pairs", min_gold_accuracy=0.75)
+        assert not {"careful1", "careful2"} & set(stats.excluded_annotators) and len(stats.excluded_annotators) >= 2
+        with pytest.raises(ExportError, match="no annotator named nobody"):
+            export(s, tmp_path / "n.jsonl", "pairs", exclude_annotators=["nobody"])
+        with pytest.raises(ExportError, match="--max-left-share must be a share"):
+            export(s, tmp_path / "n.jsonl", "pairs", max_left_share=1.5)
+    assert not (tmp_path / "n.jsonl").exists()
+
+
+def select_comparisons():
+    from sqlalchemy import select
+
+    from db import Comparison, Item
+
+    return select(Comparison.id, Item.external_id).join(Item, Comparison.item_id == Item.id).order_by(Comparison.id)
