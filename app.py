@@ -31,6 +31,11 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--no-demo", action="store_true", help="do not seed the storyworld demo into an empty database")
     p.add_argument("--data-dir", default="data", help="where the demo world is written (default: data/)")
     p.add_argument("--concurrency", type=int, default=16, help="events handled at once (default 16)")
+    p.add_argument("--leases", choices=("auto", "db", "process"), default="auto",
+                   help="where open assignments are kept: db (shared by several app workers on one database), process, or "
+                        "auto: db on PostgreSQL, process on SQLite (default)")  # fmt: skip
+    p.add_argument("--lease-seconds", type=float, default=600.0, metavar="S",
+                   help="an assignment left unanswered this long (a closed tab, a killed worker) is served again (default 600)")  # fmt: skip
     p.add_argument("--login-max-failures", type=int, default=5, metavar="N",
                    help="failed logins for one name or from one address within --login-window that pause it (default 5)")
     p.add_argument("--login-window", type=float, default=60.0, metavar="S", help="seconds over which failures count (default 60)")
@@ -48,7 +53,7 @@ def prepare(args: argparse.Namespace):
     if not args.no_demo:
         seed_demo(session_factory, Path(args.data_dir))
     password = ensure_admin(session_factory)
-    demo = build_app(session_factory, args.project, concurrency_limit=args.concurrency)
+    demo = build_app(session_factory, args.project, concurrency_limit=args.concurrency, leases=args.leases, lease_seconds=args.lease_seconds)
     return demo, session_factory, password
 
 

@@ -14,7 +14,8 @@ Correctness under concurrency: a vote is one INSERT plus `n_votes = n_votes + 1`
 transaction. The unique index on active votes forbids a second answer by the same annotator, and
 the unique client token makes a double submit or a retried request return the first vote. Only
 comparisons under their overlap are served, so a comparison can exceed it by at most the number of
-annotators who hold it open at the same time (the in-flight slack).
+annotators who hold it open at the same time (the in-flight slack). Open assignments (leases) are
+kept in this process (`Leases`) or, where several app workers share a database, in it (`DbLeases`).
 """
 
 from __future__ import annotations
@@ -27,11 +28,11 @@ from collections import Counter
 from collections.abc import Mapping
 from dataclasses import dataclass
 
-from sqlalchemy import case, exists, func, select, update
+from sqlalchemy import case, delete, exists, func, select, update
 from sqlalchemy.exc import IntegrityError
 from sqlalchemy.orm import Session
 
-from db import ASPECTS, CHOICES, Annotator, Comparison, Project, Vote
+from db import ASPECTS, CHOICES, Annotator, Comparison, Lease, Project, Vote
 
 CANDIDATE_WINDOW = 64  # look at this many least-voted comparisons, then pick among the least held
 LEASE_SECONDS = 600  # an assignment nobody answered for this long is no longer counted as in flight
@@ -171,6 +172,54 @@ class Leases:
     def release(self, token: str) -> None:
         with self.lock:
             self._held.pop(token, None)
+
+
+class DbLeases:
+    """`Leases` kept in the database (the `lease` table), shared by every app process on it.
+
+    With several app workers on one PostgreSQL database, each worker's in-process `Leases` would
+    see only its own hand-outs. Here choosing and leasing happen in one write transaction that
+    first locks the project's row (`SELECT … FOR UPDATE` on PostgreSQL; on SQLite the transaction's
+    `BEGIN IMMEDIATE` write lock does the same), so two workers serving at the same moment see each
+    other's leases; the fairness rules (fewest votes first, the overlap, never twice to one
+    annotator) then hold across processes. A lease is deleted after its vote commits, and one left
+    by a closed tab or a killed worker stops counting after `seconds`.
+    """
+
+    def __init__(self, session_factory, seconds: float = LEASE_SECONDS):
+        self.sessions, self.seconds = session_factory, seconds
+
+    def serve(self, token: str, annotator_id: int, project: Project, choose) -> Assignment | None:
+        """`choose(session, in_flight)` under the project's lock; lease what it picked (not repeats)."""
+        with self.sessions.begin() as w:
+            w.execute(select(Project.id).where(Project.id == project.id).with_for_update())
+            now = time.time()
+            w.execute(delete(Lease).where(Lease.project_id == project.id, Lease.expires_at <= now))
+            held = w.execute(select(Lease.comparison_id, func.count()).where(Lease.project_id == project.id).group_by(Lease.comparison_id))
+            assignment = choose(w, Counter(dict(held.all())))
+            if assignment is not None and not assignment.is_repeat:
+                self.take(token, annotator_id, project.id, assignment.comparison_id, session=w)
+        return assignment
+
+    def take(self, token: str, annotator_id: int, project_id: int, comparison_id: int, session: Session | None = None) -> None:
+        """Lease one known comparison (undo serves it again), in `session`'s transaction or a new one."""
+        lease = Lease(token=token, project_id=project_id, comparison_id=comparison_id, annotator_id=annotator_id,
+                      expires_at=time.time() + self.seconds)  # fmt: skip
+        if session is not None:
+            session.add(lease)
+            return
+        with self.sessions.begin() as w:
+            w.add(lease)
+
+    def release(self, token: str) -> None:
+        with self.sessions.begin() as w:
+            w.execute(delete(Lease).where(Lease.token == token))
+
+    def counts(self, project_id: int) -> Counter:
+        with self.sessions() as s:
+            rows = s.execute(select(Lease.comparison_id, func.count())
+                             .where(Lease.project_id == project_id, Lease.expires_at > time.time()).group_by(Lease.comparison_id))  # fmt: skip
+            return Counter(dict(rows.all()))
 
 
 def to_canonical(answer: str, shown_left: str) -> str:

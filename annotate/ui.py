@@ -33,7 +33,9 @@ from annotate.auth import authenticate
 from annotate.export import AGGREGATES, export
 from annotate.render import CSS, render_comparison
 from annotate.scheduler import (
+    LEASE_SECONDS,
     Assignment,
+    DbLeases,
     Leases,
     VoteError,
     annotator_by_name,
@@ -93,11 +95,18 @@ class Session:
 class LabelingApp:
     """The handlers of the labeling app, bound to a database and a project."""
 
-    def __init__(self, session_factory, project: str, media_root: Path):
+    def __init__(self, session_factory, project: str, media_root: Path, *, leases: str = "auto", lease_seconds: float = LEASE_SECONDS):
         self.sessions = session_factory
         self.project_name = project
         self.media_root = media_root
-        self.leases = Leases()  # shared by all users on purpose: what is handed out, not who holds it
+        # What is handed out and not answered yet, shared by all users on purpose. In the database
+        # (`DbLeases`) wherever several app processes may share it, PostgreSQL by default; in this
+        # process on SQLite, which one process serves.
+        if leases == "auto":
+            leases = "process" if session_factory.kw["bind"].dialect.name == "sqlite" else "db"
+        if leases not in ("db", "process"):
+            raise ValueError(f"leases: db, process or auto, not {leases!r}")
+        self.leases = DbLeases(session_factory, lease_seconds) if leases == "db" else Leases(lease_seconds)
         self.reads = read_session_factory(session_factory)  # choosing and rendering never block voting
         self._totals: tuple[float, tuple[int, int]] = (0.0, (0, 0))  # project progress, refreshed every few s
         self._stats_cache: tuple[tuple, tuple] | None = None  # (the votes' fingerprint, the vote statistics)
@@ -116,6 +125,13 @@ class LabelingApp:
 
     def _serve(self, s, user: Annotator, project: Project, state: Session, assignment: Assignment | None = None) -> Session:
         token = secrets.token_hex(16)
+        if isinstance(self.leases, DbLeases):  # choose and lease in one write transaction, across workers
+            if assignment is None:
+                assignment = self.leases.serve(token, user.id, project, lambda w, held: next_assignment(
+                    w, user.id, project, last_item_id=state.last_item_id, skipped=state.skipped, in_flight=held))  # fmt: skip
+            elif not assignment.is_repeat:  # undo re-serves a known comparison inside its own write (`s`)
+                self.leases.take(token, user.id, project.id, assignment.comparison_id, session=s)
+            return replace(state, assignment=assignment, token=token, served_at=time.time())
         with self.leases.lock:  # choose and lease in one step, so concurrent annotators spread out
             # A fresh snapshot: votes are committed before their leases are released, so inside the
             # lock every released lease's vote is visible and nothing is counted zero times.
@@ -400,7 +416,8 @@ def _frame(s, stmt, columns: list[str]) -> pd.DataFrame:
         cursor.close()
 
 
-def build_app(session_factory, project: str | None = None, *, concurrency_limit: int = 16, title: str = "storypref") -> gr.Blocks:
+def build_app(session_factory, project: str | None = None, *, concurrency_limit: int = 16, title: str = "storypref",
+              leases: str = "auto", lease_seconds: float = LEASE_SECONDS) -> gr.Blocks:  # fmt: skip
     """The labeling UI for `project` (default: the most recent project)."""
     with session_factory() as s:
         query = select(Project).order_by(Project.id.desc())
@@ -415,7 +432,7 @@ def build_app(session_factory, project: str | None = None, *, concurrency_limit:
         media_root = Path(get_meta(s, "media_root") or DEFAULT_MEDIA_ROOT).resolve()
         settings = (row.name, row.ask_strength, list(row.aspects or []))
     name, ask_strength, aspects = settings
-    app = LabelingApp(session_factory, name, media_root)
+    app = LabelingApp(session_factory, name, media_root, leases=leases, lease_seconds=lease_seconds)
 
     with gr.Blocks(title=f"{title} · {name}") as demo:
         state = gr.State(None)

@@ -226,3 +226,24 @@ class Vote(Base):
             f"Vote(id={self.id}, comparison_id={self.comparison_id}, annotator_id={self.annotator_id}, "
             f"choice={self.choice!r}, active={self.active})"
         )
+
+
+class Lease(Base):
+    """An assignment handed out and not answered yet, shared by every app process on the database.
+
+    It counts as a vote while the scheduler chooses, so concurrent annotators (on any worker) spread
+    out instead of over-voting a comparison; it is deleted once the vote is committed, and one whose
+    tab was closed (or whose worker died) stops counting at `expires_at` (Unix seconds).
+    """
+
+    __tablename__ = "lease"
+
+    token: Mapped[str] = mapped_column(String(64), primary_key=True)
+    project_id: Mapped[int] = mapped_column(ForeignKey("project.id", ondelete="CASCADE"), index=True)
+    comparison_id: Mapped[int] = mapped_column(ForeignKey("comparison.id", ondelete="CASCADE"))
+    annotator_id: Mapped[int] = mapped_column(ForeignKey("annotator.id", ondelete="CASCADE"))
+    expires_at: Mapped[float] = mapped_column(Float, index=True)
+
+    def __repr__(self) -> str:
+        return f"Lease(token={self.token[:8]}…, comparison={self.comparison_id}, annotator={self.annotator_id}, expires_at={self.expires_at:.0f})"
+
