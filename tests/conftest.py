@@ -41,6 +41,11 @@ def db_url(request, tmp_path) -> str:
     """A fresh, empty database URL: SQLite in tmp_path, and PostgreSQL where a server is reachable."""
     if request.param == "sqlite":
         return f"sqlite:///{tmp_path}/test.db"
+    return fresh_postgres_url()
+
+
+def fresh_postgres_url() -> str:
+    """The test PostgreSQL, emptied; skips the test where no server is reachable."""
     if not pg_available():
         pytest.skip(f"PostgreSQL not reachable at {PG_URL} (set STORYPREF_TEST_PG_URL)")
     engine = make_engine(PG_URL)

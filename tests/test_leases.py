@@ -69,30 +69,24 @@ def test_three_workers_on_postgresql_then_kill_9_one(tmp_path):
     from collections import Counter
 
     import pytest
-    from sqlalchemy import text
 
-    from db import Annotator, Comparison, Vote, make_engine, open_db
+    from db import Annotator, Comparison, Vote, open_db
     from storyworld import make_world
-    from tests.conftest import PG_URL, pg_available
+    from tests.conftest import fresh_postgres_url
     from tests.server import AppServer
 
     gradio_client = pytest.importorskip("gradio_client")
-    if not pg_available():
-        pytest.skip(f"PostgreSQL not reachable at {PG_URL} (set STORYPREF_TEST_PG_URL)")
-    engine = make_engine(PG_URL)
-    with engine.begin() as conn:
-        conn.execute(text("DROP SCHEMA public CASCADE; CREATE SCHEMA public"))
-    engine.dispose()
+    pg_url = fresh_postgres_url()
     overlap, lease_seconds, n_annotators = 3, 4.0, 24
     make_world(tmp_path / "w", 7, seed=21)  # 7 items × 6 pairs = 42 comparisons (2 of them gold, not served here)
-    _, factory = open_db(PG_URL)
+    _, factory = open_db(pg_url)
     ingest(factory, str(tmp_path / "w" / "items.jsonl"), "multi", media_root=tmp_path / "media", project_settings={"overlap": overlap})
     with factory.begin() as s:
         for i in range(n_annotators):
             add_user(s, f"w{i}", f"password-{i}")
         n_comparisons = s.scalar(select(func.count(Comparison.id)).where(~Comparison.is_gold))
     args = ["--leases", "db", "--lease-seconds", str(lease_seconds)]
-    workers = [AppServer(PG_URL, tmp_path / f"worker{k}.log", project="multi", extra_args=args).start() for k in range(3)]
+    workers = [AppServer(pg_url, tmp_path / f"worker{k}.log", project="multi", extra_args=args).start() for k in range(3)]
     acked, errors = [], []
 
     def annotate(url: str, name: str, password: str, n: int | None) -> None:
