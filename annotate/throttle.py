@@ -57,6 +57,8 @@ LOGIN_NOTICE_JS = b"""<script>
 
 @dataclass
 class LoginThrottle:
+    """Failed logins per name and per address within a sliding window, and the pauses they earned."""
+
     max_failures: int = 5
     window_s: float = 60.0
     lockout_s: float = 300.0
