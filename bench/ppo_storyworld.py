@@ -284,6 +284,9 @@ def main() -> None:
                         "utility blind to shapes (a perfect reward model that cannot tell shapes apart): diagnostics")
     p.add_argument("--ppo-only", action="store_true",
                    help="keep everything up to the reward model already in --out (implies --reuse): redo PPO and its comparisons only")
+    p.add_argument("--oracle-only", action="store_true",
+                   help="on a finished run in --out: keep its report and add only PPO on the hidden utility (the ceiling), "
+                        "without re-running PPO or the other methods (implies --ppo-only)")  # fmt: skip
     p.add_argument("--ppo-seeds", type=int, default=1, metavar="K",
                    help="run the main PPO with K seeds (seed, seed+1, ...) on the same reward model; the report gives each and the median win rate")
     p.add_argument("--diagnose-only", action="store_true",
@@ -327,6 +330,8 @@ def main() -> None:
     if args.rm_only:
         rm_only(args.out, args.rm_only, s, args.seed, args.smoke)
         return
+    if args.oracle_only:
+        args.ppo_only = args.oracle = True
     if args.ppo_only and not ((args.out / "rm" / "metrics.json").exists() and (args.out / "report.json").exists()):
         p.error(f"--ppo-only: {args.out} holds no finished run (rm/metrics.json and report.json); run without it first")
 
@@ -580,11 +585,16 @@ def main() -> None:
         return {key: r[key] for key in keep if r.get(key) is not None} | {"seed": seed}
 
     t0 = time.perf_counter()
-    main_run = run_ppo("ppo")
-    report |= {k: main_run[k] for k in ("utility_sft", "utility_ppo", "win_rate_vs_sft", "kl_to_sft")}
-    report["ppo"] = main_run
-    phase("ppo", t0, main_run["train_minutes"])
-    phase("evaluate_ppo", t0, main_run["minutes"] - main_run["train_minutes"], user=False)
+    if args.oracle_only:  # everything the last run measured stays; only the ceiling is added below
+        report = {**previous, **{k: v for k, v in report.items() if k != "phases"}, "phases": previous.get("phases", {})}
+        main_run, methods = previous["ppo"], []
+        args.ppo_seeds, args.ablations = 1, False
+    else:
+        main_run = run_ppo("ppo")
+        report |= {k: main_run[k] for k in ("utility_sft", "utility_ppo", "win_rate_vs_sft", "kl_to_sft")}
+        report["ppo"] = main_run
+        phase("ppo", t0, main_run["train_minutes"])
+        phase("evaluate_ppo", t0, main_run["minutes"] - main_run["train_minutes"], user=False)
     seed_runs = {args.seed: main_run}
     if args.ppo_seeds > 1:  # the main run again with other PPO seeds (same world, SFT policy, reward model, held-out scenes)
         t0 = time.perf_counter()
@@ -629,9 +639,10 @@ def main() -> None:
         t0 = time.perf_counter()
         report["oracle"] = run_ppo("ppo-oracle", reward=oracle(False))
         phase("ablation_oracle", t0, user=False)
-        t0 = time.perf_counter()
-        report["oracle_blind_to_shapes"] = run_ppo("ppo-oracle-blind", reward=oracle(True))
-        phase("ablation_oracle_blind_to_shapes", t0, user=False)
+        if not args.oracle_only:
+            t0 = time.perf_counter()
+            report["oracle_blind_to_shapes"] = run_ppo("ppo-oracle-blind", reward=oracle(True))
+            phase("ablation_oracle_blind_to_shapes", t0, user=False)
         if "grpo" in methods:  # GRPO's ceiling at the same settings
             t0 = time.perf_counter()
             report["oracle_grpo"] = run_ppo("grpo-oracle", reward=oracle(False), advantage="grpo", samples_per_prompt=4, kl_in="loss")
