@@ -55,6 +55,14 @@ def test_methods_and_ppo_storyworld_smoke(tmp_path):
     assert summary["rows"][0]["win_rate_by_world"] == {"0": seeds["win_rate_median"]}
     table = (tmp_path / "table.md").read_text()
     assert table.count("\n") == 2 + 7 and "ceiling" in table
+    # --oracle-only on the finished world: a new ceiling run, everything else of the report kept as it was.
+    (world / "ppo-oracle" / "metrics.json").unlink()
+    run = subprocess.run([sys.executable, str(REPO / "bench" / "ppo_storyworld.py"), "--smoke", "--out", str(world), "--seed", "0", "--oracle-only"],
+                         env=env, capture_output=True, text=True, timeout=600)  # fmt: skip
+    assert run.returncode == 0, run.stderr[-3000:]
+    again = json.loads((world / "report.json").read_text())
+    assert again["methods"] == report["methods"] and again["ppo"] == report["ppo"] and again["seeds"] == report["seeds"]
+    assert (world / "ppo-oracle" / "metrics.json").exists() and 0.0 <= again["oracle"]["win_rate_vs_sft"] <= 1.0
 
 
 def test_hidden_utility_blind_to_shapes(tmp_path):
