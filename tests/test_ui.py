@@ -203,3 +203,16 @@ def test_every_handler_gets_the_request(app):
 
         if "request" in inspect.signature(fn.fn).parameters:
             assert get_type_hints(fn.fn).get("request") in (gr.Request, gr.Request | None), fn.name
+
+
+def test_admin_statistics_on_each_database(session_factory, tmp_path):
+    """The Admin refresh reads the votes through the database driver's own cursor: SQLite and PostgreSQL."""
+    seed_demo(session_factory, tmp_path / "data", n_items=12, media_root=tmp_path / "media", simulated_votes=True)
+    with session_factory.begin() as s:
+        add_user(s, "boss", "boss-password", admin=True)
+    app = LabelingApp(session_factory, DEMO_PROJECT, tmp_path / "media")
+    people, summary, board, *_ = app.admin_refresh(request=req("boss"))
+    with session_factory() as s:
+        votes = s.scalar(select(func.count(Vote.id)).where(Vote.active, ~Vote.is_repeat))
+    assert int(people["votes"].sum()) == votes > 0
+    assert "Krippendorff's α** (−1/0/+1): 0." in summary and len(board) >= 2
