@@ -404,13 +404,7 @@ def export(
     rows = _vote_rows(session, project)
     if excluded:
         stats.excluded_annotators = tuple(sorted(excluded))
-        kept = []
-        for r in rows:
-            if r.username in excluded:
-                stats.excluded_votes += 1
-            else:
-                kept.append(r)
-        rows = iter(kept)
+        rows = _leave_out(rows, excluded, stats)
     if aggregate in CROWDKIT:
         records = _crowdkit(rows, aggregate)
     else:
@@ -452,6 +446,20 @@ def export(
     return stats
 
 
+def vote_facts_query(project: str | None):
+    """The active votes as `annotate.stats.VoteFact` columns, of one project or all: what the Admin
+    statistics and the annotator filters read."""
+    query = (
+        select(Annotator.username, Vote.comparison_id, Vote.choice, Vote.shown_left, Vote.time_spent_ms, Vote.is_repeat, Comparison.gold_choice)
+        .join(Annotator, Vote.annotator_id == Annotator.id)
+        .join(Comparison, Vote.comparison_id == Comparison.id)
+        .where(Vote.active)
+    )  # fmt: skip
+    if project is not None:
+        query = query.join(Project, Comparison.project_id == Project.id).where(Project.name == project)
+    return query
+
+
 def _excluded_annotators(session: Session, project: str | None, names, min_gold_accuracy: float | None,
                          max_left_share: float | None) -> set[str]:  # fmt: skip
     """The annotators `--exclude-annotators`, `--min-gold-accuracy` and `--max-left-share` leave out."""
@@ -463,21 +471,22 @@ def _excluded_annotators(session: Session, project: str | None, names, min_gold_
         return names
     from annotate.stats import VoteFact, annotator_report
 
-    query = (
-        select(Annotator.username, Vote.comparison_id, Vote.choice, Vote.shown_left, Vote.time_spent_ms, Vote.is_repeat, Comparison.gold_choice)
-        .join(Annotator, Vote.annotator_id == Annotator.id)
-        .join(Comparison, Vote.comparison_id == Comparison.id)
-        .where(Vote.active)
-    )  # fmt: skip
-    if project is not None:
-        query = query.join(Project, Comparison.project_id == Project.id).where(Project.name == project)
-    for row in annotator_report([VoteFact(*r) for r in session.execute(query)]):
+    for row in annotator_report([VoteFact(*r) for r in session.execute(vote_facts_query(project))]):
         gold, left = row["gold_accuracy"], row["left_share"]
         if min_gold_accuracy is not None and gold is not None and gold < min_gold_accuracy:
             names.add(row["annotator"])
         if max_left_share is not None and left is not None and left > max_left_share:
             names.add(row["annotator"])
     return names
+
+
+def _leave_out(rows: Iterator[VoteRow], excluded: set[str], stats: ExportStats) -> Iterator[VoteRow]:
+    """The rows of everyone not in `excluded`, still streamed; counts the votes left out."""
+    for r in rows:
+        if r.username in excluded:
+            stats.excluded_votes += 1
+        else:
+            yield r
 
 
 def _save_hf(path: Path, train: list[dict], test: list[dict]) -> None:

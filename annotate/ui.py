@@ -30,7 +30,7 @@ from sqlalchemy.orm import aliased
 
 from annotate import stats
 from annotate.auth import authenticate
-from annotate.export import AGGREGATES, export
+from annotate.export import AGGREGATES, export, vote_facts_query
 from annotate.render import CSS, render_comparison
 from annotate.scheduler import (
     LEASE_SECONDS,
@@ -363,15 +363,7 @@ class LabelingApp:
         """The project's active votes as a frame (`stats.VOTE_COLUMNS`), and the Bradley–Terry outcome
         counts per (origin of a, origin of b, score of a), counted in the database."""
         ca, cb = aliased(Candidate), aliased(Candidate)
-        stmt = (
-            select(Annotator.username, Vote.comparison_id, Vote.choice, Vote.shown_left, Vote.time_spent_ms,
-                   Vote.is_repeat, Comparison.gold_choice)
-            .join(Annotator, Vote.annotator_id == Annotator.id)
-            .join(Comparison, Vote.comparison_id == Comparison.id)
-            .join(Project, Comparison.project_id == Project.id)
-            .where(Vote.active, Project.name == self.project_name)
-        )  # fmt: skip
-        votes = _frame(s, stmt, stats.VOTE_COLUMNS)
+        votes = _frame(s, vote_facts_query(self.project_name), stats.VOTE_COLUMNS)
         counted = s.execute(
             select(ca.origin, cb.origin, Vote.choice, func.count())
             .join(Comparison, Vote.comparison_id == Comparison.id)
