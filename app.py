@@ -16,6 +16,7 @@ import sys
 from pathlib import Path
 
 from annotate.demo import ensure_admin, seed_demo
+from annotate.scheduler import LEASE_SECONDS
 from annotate.throttle import LoginThrottle
 from annotate.ui import build_app, launch
 from db import DEFAULT_URL, open_db
@@ -34,8 +35,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--leases", choices=("auto", "db", "process"), default="auto",
                    help="where open assignments are kept: db (shared by several app workers on one database), process, or "
                         "auto: db on PostgreSQL, process on SQLite (default)")  # fmt: skip
-    p.add_argument("--lease-seconds", type=float, default=600.0, metavar="S",
-                   help="an assignment left unanswered this long (a closed tab, a killed worker) is served again (default 600)")  # fmt: skip
+    p.add_argument("--lease-seconds", type=float, default=LEASE_SECONDS, metavar="S",
+                   help="an assignment left unanswered this long (a closed tab, a killed worker) is served again (default %(default)s)")  # fmt: skip
     p.add_argument("--login-max-failures", type=int, default=5, metavar="N",
                    help="failed logins for one name or from one address within --login-window that pause it (default 5)")
     p.add_argument("--login-window", type=float, default=60.0, metavar="S", help="seconds over which failures count (default 60)")
