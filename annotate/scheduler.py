@@ -6,9 +6,11 @@ which the caller took from the login session (never from a form field).
 Scheduling: a comparison of the project that still needs votes (`n_votes < overlap`, fewest first),
 that this annotator never answered and did not skip, and that is not of the item just seen. A
 random pick among the least-voted few spreads concurrent annotators over different comparisons.
-With probability `gold_rate` a gold comparison is served instead, and with `repeat_rate` one the
-annotator already answered, with left and right swapped (to measure self-consistency and left
-bias). Left/right order is a hash of (annotator, comparison), so a reload shows the same order.
+Where `rlhf.prioritize` has written priorities for the project (active pair selection), the
+highest-priority comparison left under its overlap comes first instead (ties: fewest votes); the
+overlap, gold, repeats and the rules above still hold. With probability `gold_rate` a gold
+comparison is served instead, and with `repeat_rate` one the annotator already answered, with left
+and right swapped (to measure self-consistency and left bias). Left/right order is a hash of (annotator, comparison), so a reload shows the same order.
 
 Correctness under concurrency: a vote is one INSERT plus `n_votes = n_votes + 1` in the same
 transaction. The unique index on active votes forbids a second answer by the same annotator, and
@@ -32,9 +34,9 @@ from sqlalchemy import case, delete, exists, func, select, update
 from sqlalchemy.exc import IntegrityError
 from sqlalchemy.orm import Session
 
-from db import ASPECTS, CHOICES, Annotator, Comparison, Lease, Project, Vote
+from db import ASPECTS, CHOICES, Annotator, Comparison, ComparisonPriority, Lease, Project, Vote
 
-CANDIDATE_WINDOW = 64  # look at this many least-voted comparisons, then pick among the least held
+CANDIDATE_WINDOW = 64  # look at this many least-voted (or highest-priority) comparisons, then pick among the least held
 LEASE_SECONDS = 600  # an assignment nobody answered for this long is no longer counted as in flight
 
 
@@ -66,7 +68,9 @@ def _answered_by(annotator_id: int):
     return exists().where(Vote.comparison_id == Comparison.id, Vote.annotator_id == annotator_id)
 
 
-def _pending(project: Project, annotator_id: int, last_item_id: int | None, skipped: frozenset[int], gold: bool):
+def _pending(
+    project: Project, annotator_id: int, last_item_id: int | None, skipped: frozenset[int], gold: bool, prioritized: bool = False
+):
     query = select(Comparison.id, Comparison.item_id, Comparison.n_votes).where(
         Comparison.project_id == project.id, Comparison.is_gold == gold, ~_answered_by(annotator_id)
     )
@@ -76,16 +80,29 @@ def _pending(project: Project, annotator_id: int, last_item_id: int | None, skip
         query = query.where(Comparison.item_id != last_item_id)
     if skipped:
         query = query.where(Comparison.id.not_in(skipped))
+    if prioritized and not gold:  # `rlhf.prioritize` scored them: the highest first, unscored ones last
+        query = query.add_columns(ComparisonPriority.priority)
+        query = query.outerjoin(ComparisonPriority, ComparisonPriority.comparison_id == Comparison.id)
+        return query.order_by(ComparisonPriority.priority.desc().nulls_last(), Comparison.n_votes, Comparison.id).limit(CANDIDATE_WINDOW)
     return query.order_by(Comparison.n_votes, Comparison.id).limit(CANDIDATE_WINDOW)
 
 
+def is_prioritized(session: Session, project: Project) -> bool:
+    """Whether `rlhf.prioritize` has scored any comparison of the project."""
+    return session.scalar(select(exists().where(ComparisonPriority.project_id == project.id))) or False
+
+
 def _pick(session: Session, query, rng: random.Random, in_flight: Mapping[int, int], cap: int | None):
-    """Among the least-voted rows, counting the ones handed out and not yet answered as votes."""
+    """Among the least-voted rows, counting the ones handed out and not yet answered as votes; where
+    the rows carry a priority, among the least voted of the highest priority left under the cap."""
     rows = [(r.n_votes + in_flight.get(r.id, 0), r) for r in session.execute(query)]
     if cap is not None:
         rows = [(n, r) for n, r in rows if n < cap]
     if not rows:
         return None
+    if "priority" in rows[0][1]._fields:
+        best = rows[0][1].priority  # the query orders by priority, unscored last
+        rows = [(n, r) for n, r in rows if r.priority == best]
     fewest = min(n for n, _ in rows)
     return rng.choice([r for n, r in rows if n == fewest])
 
@@ -136,13 +153,14 @@ def next_assignment(
         order: tuple[bool, ...] = (False,)
     else:
         order = (True, False) if rng.random() < project.gold_rate else (False, True)
+    ranked = is_prioritized(session, project)
     for gold in order:
         cap = None if gold else project.overlap
-        row = _pick(session, _pending(project, annotator_id, last_item_id, skipped, gold), rng, in_flight, cap)
+        row = _pick(session, _pending(project, annotator_id, last_item_id, skipped, gold, ranked), rng, in_flight, cap)
         if row is None and last_item_id is not None:  # only the last item is left: better than nothing
-            row = _pick(session, _pending(project, annotator_id, None, skipped, gold), rng, in_flight, cap)
+            row = _pick(session, _pending(project, annotator_id, None, skipped, gold, ranked), rng, in_flight, cap)
         if row is None and in_flight and not gold:  # all remaining ones are held by others: share
-            row = _pick(session, _pending(project, annotator_id, None, skipped, gold), rng, {}, cap)
+            row = _pick(session, _pending(project, annotator_id, None, skipped, gold, ranked), rng, {}, cap)
         if row is not None:
             return Assignment(row.id, row.item_id, shown_left_for(annotator_id, row.id), is_gold=gold)
     return None

