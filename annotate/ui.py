@@ -5,6 +5,10 @@ Handlers live on `LabelingApp` as plain methods, so tests call them directly wit
 (checked against the annotator table on every event, so a disabled account stops at once); no form
 field can say who is voting. Per-user state lives in `gr.State`, never in globals.
 
+One server serves every project of the database: each annotator picks one of the projects they
+may label (`annotate.users assign`; admins see all), and the app's `--project` is only the one
+shown first. The chosen project is checked against the account on every event.
+
 Each served comparison comes with a client token that the page sends back with the answer. A
 double click or a retried request therefore records one vote (see `annotate.scheduler`). Gradio
 runs one event at a time by default; here every event may run `concurrency_limit` at once
@@ -46,6 +50,7 @@ from annotate.scheduler import (
     undo_last,
 )
 from annotate.throttle import LoginThrottle, LoginThrottleMiddleware
+from annotate.users import may_label, visible_projects
 from db import (
     ASPECTS,
     DEFAULT_MEDIA_ROOT,
@@ -90,14 +95,15 @@ class Session:
     served_at: float = 0.0
     last_item_id: int | None = None
     skipped: frozenset[int] = field(default_factory=frozenset)
+    project: str | None = None  # the project picked in this tab (None: the app's default)
 
 
 class LabelingApp:
-    """The handlers of the labeling app, bound to a database and a project."""
+    """The handlers of the labeling app, bound to a database; `project` is the one shown first."""
 
     def __init__(self, session_factory, project: str, media_root: Path, *, leases: str = "auto", lease_seconds: float = LEASE_SECONDS):
         self.sessions = session_factory
-        self.project_name = project
+        self.project_name = project  # the default; each tab may pick another (Session.project)
         self.media_root = media_root
         # What is handed out and not answered yet, shared by all users on purpose. In the database
         # (`DbLeases`) wherever several app processes may share it, PostgreSQL by default; in this
@@ -108,8 +114,8 @@ class LabelingApp:
             raise ValueError(f"leases: db, process or auto, not {leases!r}")
         self.leases = DbLeases(session_factory, lease_seconds) if leases == "db" else Leases(lease_seconds)
         self.reads = read_session_factory(session_factory)  # choosing and rendering never block voting
-        self._totals: tuple[float, tuple[int, int]] = (0.0, (0, 0))  # project progress, refreshed every few s
-        self._stats_cache: tuple[tuple, tuple] | None = None  # (the votes' fingerprint, the vote statistics)
+        self._totals: dict[int, tuple[float, tuple[int, int]]] = {}  # project id -> progress, refreshed every few s
+        self._stats_cache: dict[str, tuple[tuple, tuple]] = {}  # project -> (the votes' fingerprint, the vote statistics)
         self.last_refresh_seconds: dict[str, float] = {}  # where the last Admin refresh spent its time
 
     # -- helpers ------------------------------------------------------------------------------
@@ -120,11 +126,22 @@ class LabelingApp:
             raise gr.Error("You are not logged in (or your account is disabled). Reload the page and log in.")
         return user
 
-    def _project(self, s) -> Project:
-        return s.scalar(select(Project).where(Project.name == self.project_name))
+    def _project(self, s, user: Annotator, state: Session | None = None) -> Project | None:
+        """The tab's project if `user` may label it; with none picked, the app's default, or else the
+        newest project they may label; None when they may label none."""
+        name = state.project if state is not None and state.project else None
+        project = s.scalar(select(Project).where(Project.name == (name or self.project_name)))
+        if project is not None and may_label(s, user, project):
+            return project
+        if name is not None:  # picked in this tab, then unassigned (or never theirs): say so
+            raise gr.Error(f"You are not assigned to the project {name!r}. Pick another project, or ask an admin to assign you.")
+        visible = visible_projects(s, user)
+        return visible[0] if visible else None
 
-    def _serve(self, s, user: Annotator, project: Project, state: Session, assignment: Assignment | None = None) -> Session:
+    def _serve(self, s, user: Annotator, project: Project | None, state: Session, assignment: Assignment | None = None) -> Session:
         token = secrets.token_hex(16)
+        if project is None:  # no project this annotator may label
+            return replace(state, assignment=None, token=token, served_at=time.time())
         if isinstance(self.leases, DbLeases):  # choose and lease in one write transaction, across workers
             if assignment is None:
                 assignment = self.leases.serve(token, user.id, project, lambda w, held: next_assignment(
@@ -145,20 +162,26 @@ class LabelingApp:
         return replace(state, assignment=assignment, token=token, served_at=time.time())
 
     def _project_totals(self, s, project: Project) -> tuple[int, int]:
-        at, totals = self._totals
+        at, totals = self._totals.get(project.id, (0.0, (0, 0)))
         if time.monotonic() - at > PROGRESS_TTL_SECONDS:  # a scan of every comparison: not on every click
             totals = project_progress(s, project)
-            self._totals = (time.monotonic(), totals)
+            self._totals[project.id] = (time.monotonic(), totals)
         return totals
 
-    def _view(self, s, user: Annotator, project: Project, state: Session, show_diff: bool, notice: str = "") -> tuple:
+    def _view(self, s, user: Annotator, project: Project | None, state: Session, show_diff: bool, notice: str = "") -> tuple:
+        if project is None:
+            reset = [gr.update(value=None, visible=False) for _ in range(1 + len(ASPECTS))] + [gr.update(value="")]
+            nothing = "### No project for you yet\nYou are not assigned to any project. Ask your project admin to assign you."
+            return (state, "", nothing, "", "", *reset, notice)
         prog = progress(s, user.id, project, self._project_totals(s, project))
         bar = (
             f'<div class="sp-progress">You: <b>{prog.mine}</b> answers · project: <b>{prog.done}</b> / {prog.target} votes '
             f'<progress max="{max(prog.target, 1)}" value="{prog.done}" style="width:40%"></progress> {prog.fraction:.0%}</div>'
         )
         a = state.assignment
-        reset = [gr.update(value=None)] + [gr.update(value=None) for _ in ASPECTS] + [gr.update(value="")]
+        aspects = set(project.aspects or [])  # what this project asks beside the choice
+        reset = ([gr.update(value=None, visible=project.ask_strength)] + [gr.update(value=None, visible=x in aspects) for x in ASPECTS]
+                 + [gr.update(value="")])  # fmt: skip
         if a is None:
             done = "### All done\nThere is nothing left for you to label in this project. Thank you!"
             return (state, "", done, bar, "", *reset, notice)
@@ -176,13 +199,36 @@ class LabelingApp:
     # -- events -------------------------------------------------------------------------------
 
     def load(self, show_diff: bool = False, request: gr.Request | None = None):
+        """The first view of a tab: the default project (or the newest the annotator may label), the
+        project picker filled with the projects they may label, and the Admin tab for admins."""
         with self.reads() as s:
             user = self._user(s, request)
-            project = self._project(s)
-            state = self._serve(s, user, project, Session())
+            project = self._project(s, user)
+            state = self._serve(s, user, project, Session(project=project.name if project else None))
             view = self._view(s, user, project, state, show_diff)
-            guidelines = project.guidelines or "_No guidelines for this project._"
-            return (*view, guidelines, gr.update(visible=user.role == "admin"))
+            names = [p.name for p in visible_projects(s, user)]
+            admin = user.role == "admin"
+            picker = gr.update(choices=names, value=project.name if project else None, visible=len(names) > 1)
+            admin_picker = gr.update(choices=names, value=project.name if project else None) if admin else gr.update()
+            return (*view, self._guidelines(project), gr.update(visible=admin), picker, admin_picker)
+
+    def switch(self, name: str, show_diff: bool, state: Session | None, request: gr.Request | None = None):
+        """Label another project: the one picked, if this annotator may label it."""
+        state = state or Session()
+        with self.reads() as s:
+            user = self._user(s, request)
+            project = s.scalar(select(Project).where(Project.name == name)) if name else None
+            if project is None or not may_label(s, user, project):
+                raise gr.Error(f"You are not assigned to the project {name!r}. Ask an admin to assign you.")
+            old_token = state.token
+            state = self._serve(s, user, project, Session(project=project.name))
+            view = self._view(s, user, project, state, show_diff)
+        self.leases.release(old_token)
+        return (*view, self._guidelines(project))
+
+    @staticmethod
+    def _guidelines(project: Project | None) -> str:
+        return (project.guidelines or "_No guidelines for this project._") if project else ""
 
     def vote(
         self,
@@ -200,7 +246,7 @@ class LabelingApp:
             # A second click on an answer already recorded, or a stale page: show where we are.
             with self.reads() as s:
                 user = self._user(s, request)
-                return self._view(s, user, self._project(s), state, show_diff)
+                return self._view(s, user, self._project(s, user, state), state, show_diff)
         a = state.assignment
         with self.sessions.begin() as s:  # the write: one short transaction
             user = self._user(s, request)
@@ -222,7 +268,7 @@ class LabelingApp:
                 notice = f"⚠️ {e}"
         self.leases.release(token)  # after the commit: until then the lease stands in for the vote
         with self.reads() as s:
-            project = self._project(s)
+            project = self._project(s, user, state)
             state = self._serve(s, user, project, replace(state, last_item_id=a.item_id))
             return self._view(s, user, project, state, show_diff, notice)
 
@@ -241,7 +287,7 @@ class LabelingApp:
         state = state or Session()
         with self.reads() as s:
             user = self._user(s, request)
-            project = self._project(s)
+            project = self._project(s, user, state)
             a = state.assignment
             skipped = state.skipped | {a.comparison_id} if a else state.skipped
             old_token = state.token
@@ -254,8 +300,8 @@ class LabelingApp:
         state = state or Session()
         with self.sessions.begin() as s:
             user = self._user(s, request)
-            project = self._project(s)
-            again = undo_last(s, user.id, project)
+            project = self._project(s, user, state)
+            again = undo_last(s, user.id, project) if project is not None else None
             if again is None:
                 return self._view(s, user, project, state, show_diff, "Nothing to undo.")
             old_token = state.token
@@ -267,7 +313,8 @@ class LabelingApp:
     def redraw(self, show_diff: bool, state: Session | None, request: gr.Request | None = None):
         with self.reads() as s:
             user = self._user(s, request)
-            return self._view(s, user, self._project(s), state or Session(), show_diff)
+            state = state or Session()
+            return self._view(s, user, self._project(s, user, state), state, show_diff)
 
     # -- admin --------------------------------------------------------------------------------
 
@@ -276,12 +323,19 @@ class LabelingApp:
         return user if user is not None and user.role == "admin" else None
 
     def clear_stats_cache(self) -> None:
-        self._stats_cache = None
+        self._stats_cache = {}
 
-    def admin_refresh(self, request: gr.Request | None = None):
-        """Statistics for admins; for anybody else, nothing at all.
+    def _admin_project(self, s, name: str | None) -> str:
+        """The project an admin view is about: the one picked in the Admin tab, else the app's default."""
+        name = name or self.project_name
+        if s.scalar(select(Project.id).where(Project.name == name)) is None:
+            raise gr.Error(f"There is no project {name!r}; pick one from the list.")
+        return name
 
-        The vote statistics are cached until the project's votes change (a new vote, an edit or an
+    def admin_refresh(self, project: str | None = None, request: gr.Request | None = None):
+        """Statistics of `project` (default: the app's) for admins; for anybody else, nothing at all.
+
+        The vote statistics are cached per project until its votes change (a new vote, an edit or an
         undo changes the fingerprint: the number of active votes and the newest vote id).
         """
         empty = (None, "", None, None, None, "", None)
@@ -289,14 +343,15 @@ class LabelingApp:
         with self.reads() as s:
             if self._admin_or_none(s, request) is None:
                 return empty
-            key = self._votes_fingerprint(s)
-            cached = self._stats_cache is not None and self._stats_cache[0] == key
+            project = self._admin_project(s, project)
+            key = self._votes_fingerprint(s, project)
+            cached = project in self._stats_cache and self._stats_cache[project][0] == key
             if not cached:
-                votes, cells = self._vote_facts(s)
-            verdicts = self._verdicts(s)
+                votes, cells = self._vote_facts(s, project)
+            verdicts = self._verdicts(s, project)
         timing["query"] = time.perf_counter() - t
         if cached:
-            people, summary, board, majorities = self._stats_cache[1]
+            people, summary, board, majorities = self._stats_cache[project][1]
         else:
             t = time.perf_counter()
             people = pd.DataFrame(stats.annotator_report(votes))
@@ -318,7 +373,7 @@ class LabelingApp:
                 f"<ul>{kappas}</ul>"
             )
             majorities = stats.majorities(votes)
-            self._stats_cache = (key, (people, summary, board, majorities))
+            self._stats_cache[project] = (key, (people, summary, board, majorities))
         t = time.perf_counter()
         counts_plot = people[["annotator", "votes"]] if len(people) else None
         table, tally = stats.model_verdicts((cid, item, majorities.get(cid), v) for cid, item, v in verdicts)
@@ -334,23 +389,23 @@ class LabelingApp:
         self.last_refresh_seconds = timing
         return people, summary, board, counts_plot, board if len(board) else None, models, pd.DataFrame(table) if table else None
 
-    def _votes_fingerprint(self, s) -> tuple:
+    def _votes_fingerprint(self, s, project: str) -> tuple:
         """(active votes, newest vote id) of the project: any vote, edit or undo changes it."""
         row = s.execute(
             select(func.count(Vote.id), func.max(Vote.id))
             .join(Comparison, Vote.comparison_id == Comparison.id)
             .join(Project, Comparison.project_id == Project.id)
-            .where(Vote.active, Project.name == self.project_name)
+            .where(Vote.active, Project.name == project)
         ).one()  # fmt: skip
-        return (self.project_name, row[0], row[1])
+        return (project, row[0], row[1])
 
-    def _verdicts(self, s) -> list[tuple[int, str, dict]]:
+    def _verdicts(self, s, project: str) -> list[tuple[int, str, dict]]:
         """(comparison id, item, {signal: (score a, score b)}) for the comparisons `rlhf.verdicts` scored."""
         rows = s.execute(
             select(Comparison.id, Comparison.candidate_a_id, Comparison.candidate_b_id, Item.external_id, Item.meta)
             .join(Item, Comparison.item_id == Item.id)
             .join(Project, Comparison.project_id == Project.id)
-            .where(Project.name == self.project_name, cast(Item.meta, Text).like('%"verdicts"%'))
+            .where(Project.name == project, cast(Item.meta, Text).like('%"verdicts"%'))
         ).all()  # fmt: skip
         out = []
         for cid, a, b, item, meta in rows:
@@ -359,36 +414,38 @@ class LabelingApp:
                 out.append((cid, item, v))
         return out
 
-    def _vote_facts(self, s) -> tuple[pd.DataFrame, dict[tuple[str, str, float], int]]:
+    def _vote_facts(self, s, project: str) -> tuple[pd.DataFrame, dict[tuple[str, str, float], int]]:
         """The project's active votes as a frame (`stats.VOTE_COLUMNS`), and the Bradley–Terry outcome
         counts per (origin of a, origin of b, score of a), counted in the database."""
         ca, cb = aliased(Candidate), aliased(Candidate)
-        votes = _frame(s, vote_facts_query(self.project_name), stats.VOTE_COLUMNS)
+        votes = _frame(s, vote_facts_query(project), stats.VOTE_COLUMNS)
         counted = s.execute(
             select(ca.origin, cb.origin, Vote.choice, func.count())
             .join(Comparison, Vote.comparison_id == Comparison.id)
             .join(ca, Comparison.candidate_a_id == ca.id)
             .join(cb, Comparison.candidate_b_id == cb.id)
             .join(Project, Comparison.project_id == Project.id)
-            .where(Vote.active, ~Vote.is_repeat, Vote.choice.in_(["a", "b", "tie"]), Project.name == self.project_name)
+            .where(Vote.active, ~Vote.is_repeat, Vote.choice.in_(["a", "b", "tie"]), Project.name == project)
             .group_by(ca.origin, cb.origin, Vote.choice)
         ).all()  # fmt: skip
         score = {"a": 1.0, "b": 0.0, "tie": 0.5}
         cells = {(a, b, score[c]): n for a, b, c, n in counted if a != b}
         return votes, cells
 
-    def admin_export(self, fmt: str, aggregate: str, request: gr.Request | None = None):
+    def admin_export(self, fmt: str, aggregate: str, project: str | None = None, request: gr.Request | None = None):
+        """The votes of `project` (default: the app's), for admins only."""
         with self.sessions() as s:
             if self._admin_or_none(s, request) is None:
                 return None, ""
+            project = self._admin_project(s, project)
             out_dir = Path(tempfile.mkdtemp(prefix="storypref-export-"))
             target = out_dir / ("preferences.jsonl" if fmt == "pairs" else f"preferences-{fmt}")
-            result = export(s, target, fmt, aggregate=aggregate, project=self.project_name)
+            result = export(s, target, fmt, aggregate=aggregate, project=project)
         if fmt != "pairs":  # a directory: hand it over as one zip
             import shutil
 
             target = Path(shutil.make_archive(str(target), "zip", target))
-        return str(target), f"Exported {result.summary()}."
+        return str(target), f"Exported {html.escape(project)}: {result.summary()}."
 
 
 def _frame(s, stmt, columns: list[str]) -> pd.DataFrame:
@@ -410,7 +467,8 @@ def _frame(s, stmt, columns: list[str]) -> pd.DataFrame:
 
 def build_app(session_factory, project: str | None = None, *, concurrency_limit: int = 16, title: str = "storypref",
               leases: str = "auto", lease_seconds: float = LEASE_SECONDS) -> gr.Blocks:  # fmt: skip
-    """The labeling UI for `project` (default: the most recent project)."""
+    """The labeling UI for every project of the database; `project` (default: the most recent) is
+    the one shown first to those who may label it."""
     with session_factory() as s:
         query = select(Project).order_by(Project.id.desc())
         row = s.scalar(query.where(Project.name == project) if project else query)
@@ -426,9 +484,10 @@ def build_app(session_factory, project: str | None = None, *, concurrency_limit:
     name, ask_strength, aspects = settings
     app = LabelingApp(session_factory, name, media_root, leases=leases, lease_seconds=lease_seconds)
 
-    with gr.Blocks(title=f"{title} · {name}") as demo:
+    with gr.Blocks(title=title) as demo:
         state = gr.State(None)
         with gr.Tab("Label"):
+            picker = gr.Dropdown([name], value=name, label="Project", visible=False, elem_id="sp-project", interactive=True)
             with gr.Row():
                 header = gr.Markdown()
                 progress_bar = gr.HTML()
@@ -438,7 +497,7 @@ def build_app(session_factory, project: str | None = None, *, concurrency_limit:
             with gr.Row():
                 show_diff = gr.Checkbox(label="Highlight differences", value=False, scale=1)
                 gr.HTML(KEYS_HELP)
-            with gr.Row(visible=ask_strength or bool(aspects)):
+            with gr.Row():  # what each project asks besides the choice; the view shows the project's own
                 strength = gr.Radio(STRENGTHS, label="How much better is your choice?", visible=ask_strength, scale=2)
                 aspect_radios = [
                     gr.Radio(ASPECT_CHOICES, label=f"Better {aspect}", visible=aspect in aspects, scale=1)
@@ -457,7 +516,9 @@ def build_app(session_factory, project: str | None = None, *, concurrency_limit:
             notice = gr.Markdown(elem_id="sp-notice")
             token = gr.Textbox(visible=False, elem_id="sp-token")
         with gr.Tab("Admin", visible=False) as admin_tab:
-            refresh = gr.Button("Refresh statistics")
+            with gr.Row():
+                admin_project = gr.Dropdown([name], value=name, label="Project", elem_id="sp-admin-project", interactive=True, scale=3)
+                refresh = gr.Button("Refresh statistics", scale=1)
             people = gr.Dataframe(label="Annotators: votes, speed, gold accuracy, left share (0.5 = unbiased), self-consistency")
             agreement = gr.Markdown()
             board = gr.Dataframe(label="Bradley–Terry leaderboard of candidate origins (log-strength, 95% bootstrap CI)")
@@ -474,8 +535,9 @@ def build_app(session_factory, project: str | None = None, *, concurrency_limit:
             export_msg = gr.Markdown()
 
         view = [state, token, header, progress_bar, compare, strength, *aspect_radios, rationale, notice]
-        demo.load(app.load, inputs=[show_diff], outputs=[*view, guidelines, admin_tab], api_name="load",
+        demo.load(app.load, inputs=[show_diff], outputs=[*view, guidelines, admin_tab, picker, admin_project], api_name="load",
                   concurrency_limit=concurrency_limit)  # fmt: skip
+        picker.input(app.switch, [picker, show_diff, state], [*view, guidelines], api_name="switch_project", concurrency_limit=concurrency_limit)
         for answer, button in buttons.items():  # one handler, bound per answer
             button.click(
                 app.vote_handler(answer),
@@ -488,9 +550,10 @@ def build_app(session_factory, project: str | None = None, *, concurrency_limit:
         undo.click(app.undo, [show_diff, state], view, api_name="undo", concurrency_limit=concurrency_limit)
         show_diff.change(app.redraw, [show_diff, state], view, api_name="redraw", concurrency_limit=concurrency_limit)
         admin_outputs = [people, agreement, board, votes_plot, board_plot, model_summary, model_table]
-        refresh.click(app.admin_refresh, None, admin_outputs, api_name="admin_stats")
-        admin_tab.select(app.admin_refresh, None, admin_outputs, api_name=False)
-        export_btn.click(app.admin_export, [fmt, aggregate], [export_file, export_msg], api_name="admin_export")
+        refresh.click(app.admin_refresh, [admin_project], admin_outputs, api_name="admin_stats")
+        admin_tab.select(app.admin_refresh, [admin_project], admin_outputs, api_name=False)
+        admin_project.input(app.admin_refresh, [admin_project], admin_outputs, api_name=False)
+        export_btn.click(app.admin_export, [fmt, aggregate, admin_project], [export_file, export_msg], api_name="admin_export")
     demo.storypref_media_root = media_root  # for launch(): the only directory served besides the app
     return demo
 

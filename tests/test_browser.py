@@ -104,6 +104,43 @@ def test_login_vote_click_and_key_undo_and_xss_inert(server, tmp_path):
     assert (tmp_path / "comparison.png").stat().st_size > 10_000
 
 
+def test_an_annotator_picks_another_project(server, tmp_path):
+    """Two projects on one server: the picker lists them, and picking one serves and records votes there."""
+    from playwright.sync_api import sync_playwright
+
+    from db import Comparison, Project
+
+    app, factory = server
+    src = tmp_path / "src2"
+    frame = make_image(src / "f.png", (10, 200, 10))
+    lines = [{"external_id": f"y{i}", "image_paths": [frame.name], "instruction": f"Caption the green square {i}.",
+              "candidates": [f"A green square {i}.", f"A red circle {i}."]} for i in range(3)]  # fmt: skip
+    (src / "items.jsonl").write_text("".join(json.dumps(x) + "\n" for x in lines))
+    ingest(factory, str(src / "items.jsonl"), "captions", media_root=tmp_path / "media")
+    with sync_playwright() as p:
+        browser = p.chromium.launch(executable_path=CHROMIUM, args=ARGS)
+        page = browser.new_page(viewport={"width": 1300, "height": 900})
+        page.goto(app.url)
+        page.get_by_label("username").fill("ann")
+        page.get_by_label("password").fill("ann-password")
+        page.get_by_role("button", name="Login").click()
+        page.wait_for_selector(".sp-compare img", timeout=30_000)
+        assert "Tell a story" in page.inner_text("body")  # the app's --project first
+        page.locator("#sp-project input").click()
+        page.get_by_role("option", name="captions").click()
+        page.wait_for_function("document.body.innerText.includes('Caption the green square')", timeout=20_000)
+        page.click("#sp-a")
+        for _ in range(100):
+            with factory() as s:
+                vote = s.scalar(select(Vote))
+            if vote is not None:
+                break
+            page.wait_for_timeout(100)
+        with factory() as s:
+            assert s.scalar(select(Project.name).join(Comparison).where(Comparison.id == vote.comparison_id)) == "captions"
+        browser.close()
+
+
 def test_a_fresh_app_shows_statistics_in_the_admin_tab_at_once(tmp_path):
     """A new user's `python app.py`: log in as the printed admin, open Admin, and the demo's statistics are there."""
     pytest.importorskip("playwright")

@@ -35,16 +35,16 @@ def _vote(app, view, answer, name, strength=None, aspects=(None,) * 4, rationale
 
 def test_load_shows_a_comparison_with_frames(app):
     app, _ = app
-    *view, guidelines, admin_tab = app.load(request=req("ann"))
+    *view, guidelines, admin_tab, _, _ = app.load(request=req("ann"))
     assert view[COMPARE].startswith('<table class="sp-compare">') and "/gradio_api/file=" in view[COMPARE]
     assert view[HEADER].startswith("### Tell ") and "Which story is better" in guidelines
     assert admin_tab["visible"] is False
-    assert app.load(request=req("boss"))[-1]["visible"] is True
+    assert app.load(request=req("boss"))[-3]["visible"] is True
 
 
 def test_vote_uses_the_login_identity_and_maps_sides(app):
     app, factory = app
-    *view, _, _ = app.load(request=req("ann"))
+    *view, _, _, _, _ = app.load(request=req("ann"))
     a = view[0].assignment
     nxt = _vote(app, view, "right", "ann", strength=STRENGTHS[3], aspects=("left", None, "tie", None), rationale="B is grounded")
     with factory() as s:
@@ -59,7 +59,7 @@ def test_vote_uses_the_login_identity_and_maps_sides(app):
 
 def test_double_submit_records_one_vote(app):
     app, factory = app
-    *view, _, _ = app.load(request=req("ann"))
+    *view, _, _, _, _ = app.load(request=req("ann"))
     after_first = _vote(app, view, "left", "ann")
     # The second click of a double click carries the same token; the server state has moved on.
     again = app.vote_handler("left")(view[TOKEN], None, *(None,) * 4, "", False, after_first[0], request=req("ann"))
@@ -85,7 +85,7 @@ def test_unauthenticated_and_disabled_users_are_refused(app):
 def test_one_annotator_cannot_vote_with_anothers_state(app):
     """Even holding ann's state and token, bob's request records a vote for bob, never for ann."""
     app, factory = app
-    *ann_view, _, _ = app.load(request=req("ann"))
+    *ann_view, _, _, _, _ = app.load(request=req("ann"))
     _vote(app, ann_view, "left", "bob")
     with factory() as s:
         assert [v.annotator.username for v in s.scalars(select(Vote))] == ["bob"]
@@ -93,7 +93,7 @@ def test_one_annotator_cannot_vote_with_anothers_state(app):
 
 def test_skip_and_undo(app):
     app, factory = app
-    *view, _, _ = app.load(request=req("ann"))
+    *view, _, _, _, _ = app.load(request=req("ann"))
     first = view[0].assignment
     skipped = app.skip(False, view[0], request=req("ann"))
     assert skipped[0].assignment.comparison_id != first.comparison_id
@@ -112,7 +112,7 @@ def test_skip_and_undo(app):
 
 def test_admin_views_return_nothing_to_annotators(app, tmp_path):
     app, _ = app
-    *view, _, _ = app.load(request=req("ann"))
+    *view, _, _, _, _ = app.load(request=req("ann"))
     for k in range(3):
         view = _vote(app, view, "left", "ann")
     assert app.admin_refresh(request=req("ann")) == (None, "", None, None, None, "", None)
@@ -126,7 +126,7 @@ def test_admin_views_return_nothing_to_annotators(app, tmp_path):
 
 def test_admin_statistics_are_cached_until_the_votes_change(app):
     app, _ = app
-    *view, _, _ = app.load(request=req("ann"))
+    *view, _, _, _, _ = app.load(request=req("ann"))
     view = _vote(app, view, "left", "ann")
     people, *_ = app.admin_refresh(request=req("boss"))
     assert app.last_refresh_seconds["cached"] == 0.0
@@ -216,3 +216,74 @@ def test_admin_statistics_on_each_database(session_factory, tmp_path):
         votes = s.scalar(select(func.count(Vote.id)).where(Vote.active, ~Vote.is_repeat))
     assert int(people["votes"].sum()) == votes > 0
     assert "Krippendorff's α** (−1/0/+1): 0." in summary and len(board) >= 2
+
+
+@pytest.fixture
+def two_projects(app, tmp_path):
+    """The demo project plus a second one, `captions`, from a tiny items file; ann is assigned to captions."""
+    from annotate.ingest import ingest
+    from annotate.users import assign
+    from storyworld import make_world
+
+    app, factory = app
+    make_world(tmp_path / "w2", 4, seed=9, frames=(1, 1), image_size=(32, 32))
+    ingest(factory, str(tmp_path / "w2" / "items.jsonl"), "captions", media_root=tmp_path / "media",
+           project_settings={"overlap": 1, "guidelines": "Caption rules."})  # fmt: skip
+    with factory.begin() as s:
+        assign(s, "ann", "captions")
+    return app, factory
+
+
+def test_annotators_see_and_pick_only_their_projects(two_projects):
+    """ann (assigned to captions) sees the open demo project and captions; bob (no assignment) sees only
+    the demo; an admin sees both; a project ann is not assigned to is refused, whatever the client sends."""
+    from annotate.users import assign, unassign
+
+    app, factory = two_projects
+    *view, guidelines, _, picker, _ = app.load(request=req("ann"))
+    assert picker["choices"] == ["captions", DEMO_PROJECT] and picker["value"] == DEMO_PROJECT and picker["visible"]
+    *bob_view, _, _, bob_picker, _ = app.load(request=req("bob"))
+    assert bob_picker["choices"] == [DEMO_PROJECT] and bob_picker["visible"] is False  # one project: no picker
+    *switched, guidelines = app.switch("captions", False, view[0], request=req("ann"))
+    assert guidelines == "Caption rules." and switched[0].project == "captions"
+    with factory() as s:
+        comp = s.get(Comparison, switched[0].assignment.comparison_id)
+        assert comp.project.name == "captions"
+    assert switched[5]["visible"] is False  # captions asks no strength (the demo does)
+    nxt = _vote(app, switched, "left", "ann")  # the vote lands in captions, and the next one comes from it
+    with factory() as s:
+        assert s.get(Comparison, nxt[0].assignment.comparison_id).project.name == "captions"
+        assert s.scalar(select(func.count(Vote.id)).join(Comparison).where(Comparison.project_id == comp.project_id)) == 1
+    with pytest.raises(gr.Error, match="not assigned to the project 'captions'"):
+        app.switch("captions", False, bob_view[0], request=req("bob"))
+    with pytest.raises(gr.Error, match="not assigned"):
+        app.switch("no-such-project", False, bob_view[0], request=req("bob"))
+    # Once the demo has a member too, bob (not one) sees no project at all, and is told why.
+    with factory.begin() as s:
+        assign(s, "ann", DEMO_PROJECT)
+    *bob_view, _, _, bob_picker, _ = app.load(request=req("bob"))
+    assert bob_picker["choices"] == [] and "not assigned to any project" in bob_view[HEADER] and bob_view[0].assignment is None
+    # ann, unassigned from captions mid-session, is stopped on her next event there.
+    with factory.begin() as s:
+        unassign(s, "ann", "captions")
+        assign(s, "bob", "captions")
+    with pytest.raises(gr.Error, match="not assigned to the project 'captions'"):
+        _vote(app, nxt, "left", "ann")
+    assert app.load(request=req("boss"))[-1]["choices"] == ["captions", DEMO_PROJECT]  # admins see every project
+
+
+def test_admin_statistics_and_export_are_per_project(two_projects):
+    app, _ = two_projects
+    *view, _, _, _, _ = app.load(request=req("ann"))
+    view = _vote(app, view, "left", "ann")  # one vote in the demo
+    *cap, _ = app.switch("captions", False, view[0], request=req("ann"))
+    cap = _vote(app, cap, "left", "ann")
+    cap = _vote(app, cap, "right", "ann")  # two in captions
+    demo_people, *_ = app.admin_refresh(DEMO_PROJECT, request=req("boss"))
+    cap_people, *_ = app.admin_refresh("captions", request=req("boss"))
+    assert int(demo_people["votes"].sum()) == 1 and int(cap_people["votes"].sum()) == 2
+    path, message = app.admin_export("pairs", "none", "captions", request=req("boss"))
+    assert message.startswith("Exported captions:") and sum(1 for _ in open(path)) == 2
+    with pytest.raises(gr.Error, match="no project 'nope'"):
+        app.admin_refresh("nope", request=req("boss"))
+    assert app.admin_refresh("captions", request=req("ann"))[0] is None  # still nothing for annotators

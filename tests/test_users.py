@@ -68,3 +68,37 @@ def test_imported_annotator_becomes_a_login(sqlite_url):
         assert user.password_hash and user.active
     with factory() as s:
         assert authenticate(s, "imported-ann", "now-a-password") is not None
+
+
+def test_cli_assign_and_unassign(tmp_path, monkeypatch, capsys):
+    from annotate.ingest import ingest
+    from annotate.users import may_label, visible_projects
+    from db import Project
+    from storyworld import make_world
+
+    url = f"sqlite:///{tmp_path}/a.db"
+    _, factory = open_db(url)
+    make_world(tmp_path / "w", 2, seed=1, frames=(1, 1), image_size=(32, 32))
+    for name in ("p1", "p2"):
+        ingest(factory, str(tmp_path / "w" / "items.jsonl"), name, media_root=tmp_path / "m")
+    with factory.begin() as s:
+        add_user(s, "ann", "ann-password")
+        add_user(s, "bob", "bob-password")
+    capsys.readouterr()
+    assert main(["--db", url, "assign", "ann", "p1", "p2"]) == 0
+    out = capsys.readouterr().out
+    assert "'ann' added to 'p1' (members: ann)" in out and "'ann' added to 'p2'" in out
+    assert main(["--db", url, "assign", "ann", "p1"]) == 0 and "already a member" in capsys.readouterr().out
+    with factory() as s:
+        bob = s.scalar(select(Annotator).where(Annotator.username == "bob"))
+        assert visible_projects(s, bob) == [] and not may_label(s, bob, s.scalar(select(Project).where(Project.name == "p1")))
+    assert main(["--db", url, "unassign", "ann", "p2"]) == 0
+    assert "no members: open to every annotator" in capsys.readouterr().out
+    with factory() as s:
+        bob = s.scalar(select(Annotator).where(Annotator.username == "bob"))
+        assert [p.name for p in visible_projects(s, bob)] == ["p2"]
+    assert main(["--db", url, "list"]) == 0
+    listing = capsys.readouterr().out
+    assert "ann" in listing and "p1, p2" in listing.split("ann", 1)[1].splitlines()[0]
+    assert main(["--db", url, "assign", "ann", "p9"]) == 1 and "no project named 'p9' (projects: p1, p2)" in capsys.readouterr().err
+    assert main(["--db", url, "assign", "zed", "p1"]) == 1 and "no user named 'zed'" in capsys.readouterr().err
