@@ -184,6 +184,35 @@ def one_world(seed: int, args, out: Path) -> dict:
     return result
 
 
+def plot(report: dict, path: Path) -> None:
+    """Reward-model accuracy against the share of the budget spent, one line per world and order."""
+    try:
+        import matplotlib
+
+        matplotlib.use("Agg")
+        import matplotlib.pyplot as plt
+    except ImportError:
+        print("no plot: pip install -e '.[bench]' (matplotlib)")
+        return
+    fig, ax = plt.subplots(figsize=(6.4, 4.0), dpi=120)
+    for name, points, color in (("default (fewest votes first)", DEFAULT_POINTS, "tab:gray"), ("active (rlhf.prioritize)", ACTIVE_POINTS, "tab:blue")):
+        key = name.split()[0]
+        for k, (seed, w) in enumerate(sorted(report["worlds"].items())):
+            xs = [100 * p for p in points]
+            ys = [w[key][str(p)]["vs_utility"] for p in points]
+            ax.plot(xs, ys, marker="o", color=color, alpha=0.8, label=name if k == 0 else None)
+            ax.annotate(f"w{seed}", (xs[-1], ys[-1]), fontsize=7, color=color, xytext=(3, 0), textcoords="offset points")
+    ax.set_xlabel("votes spent (% of the budget: every comparison × overlap 3)")
+    ax.set_ylabel("reward model vs hidden utility (held-out pairs)")
+    ax.set_title("Active pair selection on storyworld")
+    ax.grid(alpha=0.3)
+    ax.legend(loc="lower right", fontsize=8)
+    fig.tight_layout()
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fig.savefig(path)
+    print(f"plot: {path}")
+
+
 def main() -> None:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0], epilog=__doc__.split("\n\n", 1)[1], formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--worlds", default="81,82,83", help="world seeds, comma-separated (fresh ones)")
@@ -192,6 +221,7 @@ def main() -> None:
     p.add_argument("--epochs", type=int, default=2, help="reward-model epochs at each point")
     p.add_argument("--clip-minutes", type=float, default=2.0, help="train-clip time limit per world")
     p.add_argument("--out", type=Path, default=Path("bench/out/active"))
+    p.add_argument("--plot", type=Path, default=None, help="also draw the curves into this PNG (needs matplotlib: the [bench] extra)")
     args = p.parse_args()
     args.out.mkdir(parents=True, exist_ok=True)
     path = args.out / "report.json"
@@ -211,6 +241,8 @@ def main() -> None:
             reached = sum(v >= f for v, f in zip(values, full))
             print(f"{name:8} {point:.0%} of the budget: median {statistics.median(values):.3f} "
                   f"({min(values):.3f}–{max(values):.3f}); reaches the default's 100% on {reached} of {len(values)} worlds")  # fmt: skip
+    if args.plot:
+        plot(report, args.plot)
 
 
 if __name__ == "__main__":
