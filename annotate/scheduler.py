@@ -80,10 +80,12 @@ def _pending(
         query = query.where(Comparison.item_id != last_item_id)
     if skipped:
         query = query.where(Comparison.id.not_in(skipped))
-    if prioritized and not gold:  # `rlhf.prioritize` scored them: the highest first, unscored ones last
-        query = query.add_columns(ComparisonPriority.priority)
-        query = query.outerjoin(ComparisonPriority, ComparisonPriority.comparison_id == Comparison.id)
-        return query.order_by(ComparisonPriority.priority.desc().nulls_last(), Comparison.n_votes, Comparison.id).limit(CANDIDATE_WINDOW)
+    if prioritized and not gold:  # `rlhf.prioritize` scored them: walk its index from the highest priority down
+        # (ordered by priority alone, so the database reads ix_priority_project instead of sorting the
+        # project; `_pick` breaks ties by fewest votes)
+        query = query.add_columns(ComparisonPriority.priority).join(ComparisonPriority, ComparisonPriority.comparison_id == Comparison.id)
+        query = query.where(ComparisonPriority.project_id == project.id)
+        return query.order_by(ComparisonPriority.priority.desc()).limit(CANDIDATE_WINDOW)
     return query.order_by(Comparison.n_votes, Comparison.id).limit(CANDIDATE_WINDOW)
 
 
@@ -101,7 +103,7 @@ def _pick(session: Session, query, rng: random.Random, in_flight: Mapping[int, i
     if not rows:
         return None
     if "priority" in rows[0][1]._fields:
-        best = rows[0][1].priority  # the query orders by priority, unscored last
+        best = rows[0][1].priority  # the query orders by priority
         rows = [(n, r) for n, r in rows if r.priority == best]
     fewest = min(n for n, _ in rows)
     return rng.choice([r for n, r in rows if n == fewest])
@@ -153,14 +155,20 @@ def next_assignment(
         order: tuple[bool, ...] = (False,)
     else:
         order = (True, False) if rng.random() < project.gold_rate else (False, True)
-    ranked = is_prioritized(session, project)
+    # Prioritized: the scored comparisons by priority first; once none of them is left for this
+    # annotator, the rest (unscored ones) in the usual order.
+    tiers = (True, False) if is_prioritized(session, project) else (False,)
     for gold in order:
         cap = None if gold else project.overlap
-        row = _pick(session, _pending(project, annotator_id, last_item_id, skipped, gold, ranked), rng, in_flight, cap)
-        if row is None and last_item_id is not None:  # only the last item is left: better than nothing
-            row = _pick(session, _pending(project, annotator_id, None, skipped, gold, ranked), rng, in_flight, cap)
-        if row is None and in_flight and not gold:  # all remaining ones are held by others: share
-            row = _pick(session, _pending(project, annotator_id, None, skipped, gold, ranked), rng, {}, cap)
+        row = None
+        for ranked in tiers if not gold else (False,):
+            row = _pick(session, _pending(project, annotator_id, last_item_id, skipped, gold, ranked), rng, in_flight, cap)
+            if row is None and last_item_id is not None:  # only the last item is left: better than nothing
+                row = _pick(session, _pending(project, annotator_id, None, skipped, gold, ranked), rng, in_flight, cap)
+            if row is None and in_flight and not gold:  # all remaining ones are held by others: share
+                row = _pick(session, _pending(project, annotator_id, None, skipped, gold, ranked), rng, {}, cap)
+            if row is not None:
+                break
         if row is not None:
             return Assignment(row.id, row.item_id, shown_left_for(annotator_id, row.id), is_gold=gold)
     return None

@@ -250,6 +250,7 @@ class LabelingApp:
         a = state.assignment
         with self.sessions.begin() as s:  # the write: one short transaction
             user = self._user(s, request)
+            self._project(s, user, state)  # still theirs? (an unassigned annotator's answer is refused)
             try:
                 _, created = record_vote(
                     s,

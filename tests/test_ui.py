@@ -267,8 +267,12 @@ def test_annotators_see_and_pick_only_their_projects(two_projects):
     with factory.begin() as s:
         unassign(s, "ann", "captions")
         assign(s, "bob", "captions")
+    with factory() as s:
+        before = s.scalar(select(func.count(Vote.id)))
     with pytest.raises(gr.Error, match="not assigned to the project 'captions'"):
         _vote(app, nxt, "left", "ann")
+    with factory() as s:
+        assert s.scalar(select(func.count(Vote.id))) == before  # refused, not recorded
     assert app.load(request=req("boss"))[-1]["choices"] == ["captions", DEMO_PROJECT]  # admins see every project
 
 
