@@ -87,5 +87,41 @@ def frame_sentences(story: str, n_frames: int) -> list[list[str]]:
 
 
 def plain_text(story: str) -> str:
-    """The story without grounding tags."""
-    return re.sub(r"\s+", " ", _ANY_TAG.sub(" ", story)).strip()
+    """The story without grounding tags (a tag's place leaves no space before punctuation).
+
+    >>> plain_text("<gdo char1>Ana</gdo>, <gdo char2>Bo</gdo>.")
+    'Ana, Bo.'
+    """
+    return re.sub(r"\s+([.,!?;:])", r"\1", re.sub(r"\s+", " ", _ANY_TAG.sub(" ", story))).strip()
+
+
+def next_frame_windows(story: str, n_frames: int, k: int) -> list[tuple[int, str, str]]:
+    """Next-frame examples of a story of `n_frames` frames, K frames of context each.
+
+    One example per frame t after the K-th (0-based t = K .. n_frames − 1), as (t, context, target):
+    the images of frames t−K..t go with it (the caller slices them), `context` is the plain text of
+    every frame before t (the story so far), and `target` is frame t's own text. The per-frame text
+    comes from the story's `<gdi imageN>` tags, else from its sentences in order (`split_frames`). A
+    tagged target is kept tagged, re-numbered as the window's last image (image K+1), so that it
+    still sits beside its frame when shown; an untagged one stays plain. A story of K frames or
+    fewer gives no example.
+
+    >>> next_frame_windows("<gdi image1>A cat.</gdi><gdi image2>It runs.</gdi><gdi image3>It naps.</gdi>", 3, 1)
+    [(1, 'A cat.', '<gdi image2>It runs.</gdi>'), (2, 'A cat. It runs.', '<gdi image2>It naps.</gdi>')]
+    >>> next_frame_windows("One. Two. Three.", 3, 2)
+    [(2, 'One. Two.', 'Three.')]
+    """
+    if k < 1:
+        raise ValueError(f"--window must be 1 or more frames of context, got {k}")
+    if n_frames <= k:
+        return []
+    tagged = bool(_FRAME.search(story))
+    parts = [" ".join(p) for p in split_frames(story, n_frames)]
+    out = []
+    for t in range(k, n_frames):
+        context = plain_text(" ".join(parts[:t]))
+        target = parts[t].strip()
+        if tagged and target:
+            target = f"<gdi image{k + 1}>{target}</gdi>"
+        out.append((t, context, target))
+    return out

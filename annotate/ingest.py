@@ -31,6 +31,7 @@ from sqlalchemy import select
 from sqlalchemy.orm import Session
 
 from annotate import media
+from annotate.formats import next_frame_windows
 from db import (
     ASPECTS,
     DEFAULT_MEDIA_ROOT,
@@ -114,12 +115,13 @@ class IngestStats:
     candidates_added: int = 0
     comparisons_added: int = 0
     votes_added: int = 0
+    notes: list[str] = field(default_factory=list)  # what the reader left out, and why
 
     def summary(self) -> str:
         return (
             f"{self.items_added} items added ({self.items_existing} already there), "
             f"{self.candidates_added} candidates, {self.comparisons_added} comparisons, "
-            f"{self.votes_added} votes, {self.images_stored} new image files"
+            f"{self.votes_added} votes, {self.images_stored} new image files" + "".join(f"; {n}" for n in self.notes)
         )
 
 
@@ -371,8 +373,15 @@ def read_pairs(reader: _Reader) -> Iterator[ItemRecord]:
     yield from items.values()
 
 
-def read_storyreasoning(source: str, split: str, instruction: str, reader: _Reader) -> Iterator[ItemRecord]:
-    """A Hugging Face dataset with the StoryReasoning schema (story_id, images, frame_count, story, ...)."""
+def read_storyreasoning(
+    source: str, split: str, instruction: str, reader: _Reader, window: int = 0, notes: list[str] | None = None
+) -> Iterator[ItemRecord]:
+    """A Hugging Face dataset with the StoryReasoning schema (story_id, images, frame_count, story, ...).
+
+    With `window` K, each story becomes its next-frame examples (`formats.next_frame_windows`): item
+    `STORY/T` shows frames T−K..T, carries the text of the frames before T as its context, and has
+    frame T's text as its reference candidate. Stories of K frames or fewer give none; `notes`
+    gets how many were skipped."""
     try:
         import datasets
     except ImportError:
@@ -392,6 +401,7 @@ def read_storyreasoning(source: str, split: str, instruction: str, reader: _Read
     missing = {"story_id", "images", "story"} - set(ds.column_names)
     if missing:
         raise IngestError(f"{source}: not the StoryReasoning schema, missing columns {sorted(missing)}")
+    short = 0
     for row_no, row in enumerate(ds):
         where = f"{source}[{split}][{row_no}]"
         images = []
@@ -405,8 +415,18 @@ def read_storyreasoning(source: str, split: str, instruction: str, reader: _Read
         if not images:
             raise IngestError(f"{where}: story {row['story_id']!r} has no images")
         story = reader.check_length(row["story"], where, "story")
+        if window:
+            examples = next_frame_windows(story, len(images), window)
+            short += not examples
+            for t, context, target in examples:
+                meta = {"story_id": str(row["story_id"]), "frame": t + 1, "window": window}
+                yield ItemRecord(f"{where} frame {t + 1}", f"{row['story_id']}/{t + 1}", instruction, images[t - window : t + 1],
+                                 [CandidateRecord(target, "reference")] if target else [], context=context or None, meta=meta)  # fmt: skip
+            continue
         meta = {k: row[k] for k in ("frame_count", "chain_of_thought") if row.get(k) is not None}
         yield ItemRecord(where, str(row["story_id"]), instruction, images, [CandidateRecord(story, "reference")], meta=meta)
+    if window and notes is not None:
+        notes.append(f"{short} of {len(ds)} stories skipped: {window} frames or fewer, too short for --window {window}")
 
 
 def detect_format(source: str) -> str:
@@ -437,11 +457,20 @@ def read_source(
     instruction: str = DEFAULT_INSTRUCTION,
     split: str = "train",
     max_text_chars: int = MAX_TEXT_CHARS,
+    window: int = 0,
+    notes: list[str] | None = None,
 ) -> tuple[str, list[ItemRecord]]:
-    """Parse and check the whole source. Returns (format, records) or raises IngestError."""
+    """Parse and check the whole source. Returns (format, records) or raises IngestError.
+
+    `window` K (storyreasoning only) turns each story into next-frame examples; `notes` collects
+    what the reader left out."""
     fmt = fmt or detect_format(source)
     if fmt not in FORMATS:
         raise IngestError(f"unknown format {fmt!r}; use one of {', '.join(FORMATS)}")
+    if window and fmt != "storyreasoning":
+        raise IngestError(f"--window applies to the storyreasoning format, not {fmt}; for your own data, write one item per window")
+    if window < 0:
+        raise IngestError(f"--window must be 1 or more frames of context, got {window}")
     path = Path(source)
     if fmt != "storyreasoning" and not path.exists():
         raise IngestError(f"{source}: no such file or directory")
@@ -451,7 +480,7 @@ def read_source(
         "csv": lambda: read_csv(reader),
         "folder": lambda: read_folder(reader, instruction),
         "pairs": lambda: read_pairs(reader),
-        "storyreasoning": lambda: read_storyreasoning(source, split, instruction, reader),
+        "storyreasoning": lambda: read_storyreasoning(source, split, instruction, reader, window, notes),
     }
     try:
         records = list(readers[fmt]())
@@ -652,10 +681,12 @@ def ingest(
     max_text_chars: int = MAX_TEXT_CHARS,
     source_name: str | None = None,
     project_settings: dict[str, Any] | None = None,
+    window: int = 0,
 ) -> tuple[str, IngestStats]:
     """Read, check and write `source` all-or-nothing. Returns (format, stats)."""
+    notes: list[str] = []
     fmt, records = read_source(
-        source, fmt, image_root=image_root, instruction=instruction, split=split, max_text_chars=max_text_chars
+        source, fmt, image_root=image_root, instruction=instruction, split=split, max_text_chars=max_text_chars, window=window, notes=notes
     )
     with write_transaction(session_factory, media_root) as (session, root, created):
         proj = get_or_create_project(session, project, **(project_settings or {}))
@@ -663,6 +694,7 @@ def ingest(
         stats = write_records(
             session, proj, records, source=name, media_root=root, pairs_per_item=pairs_per_item, created_files=created
         )
+    stats.notes.extend(notes)
     return fmt, stats
 
 
@@ -675,7 +707,8 @@ def build_parser() -> argparse.ArgumentParser:
         "  folder          a directory of images (one item each) or of sub-directories of frames\n"
         "  pairs           preference lines: image_path(s), instruction, response_a, response_b, preference\n"
         "                  (+ optional annotator, strength, aspects, shown_left); votes are imported\n"
-        "  storyreasoning  a Hugging Face dataset id or save_to_disk dir with the StoryReasoning schema\n\n"
+        "  storyreasoning  a Hugging Face dataset id or save_to_disk dir with the StoryReasoning schema\n"
+        "                  (--window K: next-frame windows, K frames of context each)\n\n"
         "All or nothing: any bad line stops the import with file:line and nothing is written.",
         formatter_class=argparse.RawDescriptionHelpFormatter,
     )
@@ -688,6 +721,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--pairs-per-item", type=int, default=None, help="compare K sampled candidate pairs per item (default: all)")
     p.add_argument("--instruction", default=DEFAULT_INSTRUCTION, help="instruction for folder/storyreasoning items")
     p.add_argument("--split", default="train", help="dataset split for storyreasoning")
+    p.add_argument("--window", type=int, default=0, metavar="K",
+                   help="storyreasoning: one item per frame T after the K-th, showing frames T-K..T with the text before T "
+                        "as context and frame T's text as the reference (next-frame windows; default 0: whole stories)")  # fmt: skip
     p.add_argument("--max-text-chars", type=int, default=MAX_TEXT_CHARS, help="longest text accepted")
     p.add_argument("--source-name", default=None, help="the name items are keyed under (default: the file name)")
     g = p.add_argument_group("settings for a new project (ignored if the project exists)")
@@ -729,6 +765,7 @@ def main(argv: list[str] | None = None) -> int:
             max_text_chars=args.max_text_chars,
             source_name=args.source_name,
             project_settings=settings,
+            window=args.window,
         )
     except (IngestError, RuntimeError) as e:
         print(f"error: {e}\nNothing was written.", file=sys.stderr)

@@ -119,6 +119,7 @@ def train_and_score(db: Path, work: Path, utility: dict, args, clip: Path, cache
 
 
 def one_world(seed: int, args, out: Path) -> dict:
+    default_points, active_points = args.default_points, args.active_points
     from sqlalchemy import func, select
 
     from annotate.export import export
@@ -160,21 +161,21 @@ def one_world(seed: int, args, out: Path) -> dict:
     # The default order: fewest votes first, to each point; the 30% copy starts the active run.
     copy_db(db, work / "default.db")
     _, factory = open_db(f"sqlite:///{work}/default.db")
-    for point in DEFAULT_POINTS:
+    for point in default_points:
         with factory() as s:
             have = s.scalar(select(func.count(Vote.id)).join(Comparison).join(Project).where(Project.name == "pool"))
         spend(factory, "pool", round(point * budget) - have, utility, rng)
-        if point == ACTIVE_POINTS[0]:
+        if point == active_points[0]:
             copy_db(work / "default.db", work / "active.db")
         result["default"][str(point)] = train_and_score(work / "default.db", work / f"default-{point}", utility, args, work / "clip", cache)
-        if point == ACTIVE_POINTS[0]:
+        if point == active_points[0]:
             result["active"][str(point)] = result["default"][str(point)]
             latest = work / f"default-{point}" / "rm"
         print(json.dumps({"world": seed, "default": {str(point): result["default"][str(point)]}}), flush=True)
 
     # Active: prioritize with the latest reward model, spend the next slice by priority, retrain.
     _, factory = open_db(f"sqlite:///{work}/active.db")
-    for before, point in zip(ACTIVE_POINTS, ACTIVE_POINTS[1:]):
+    for before, point in zip(active_points, active_points[1:]):
         summary = prioritize(PrioritizeConfig(project="pool", db=f"sqlite:///{work}/active.db", reward_model=[str(latest)], cache_dir=str(cache)))
         spend(factory, "pool", round((point - before) * budget), utility, rng)
         result["active"][str(point)] = train_and_score(work / "active.db", work / f"active-{point}", utility, args, work / "clip", cache)
@@ -184,7 +185,7 @@ def one_world(seed: int, args, out: Path) -> dict:
     return result
 
 
-def plot(report: dict, path: Path) -> None:
+def plot(report: dict, path: Path, default_points=DEFAULT_POINTS, active_points=ACTIVE_POINTS) -> None:
     """Reward-model accuracy against the share of the budget spent, one line per world and order."""
     try:
         import matplotlib
@@ -195,7 +196,7 @@ def plot(report: dict, path: Path) -> None:
         print("no plot: pip install -e '.[bench]' (matplotlib)")
         return
     fig, ax = plt.subplots(figsize=(6.4, 4.0), dpi=120)
-    for name, points, color in (("default (fewest votes first)", DEFAULT_POINTS, "tab:gray"), ("active (rlhf.prioritize)", ACTIVE_POINTS, "tab:blue")):
+    for name, points, color in (("default (fewest votes first)", default_points, "tab:gray"), ("active (rlhf.prioritize)", active_points, "tab:blue")):
         key = name.split()[0]
         for k, (seed, w) in enumerate(sorted(report["worlds"].items())):
             xs = [100 * p for p in points]
@@ -221,8 +222,15 @@ def main() -> None:
     p.add_argument("--epochs", type=int, default=2, help="reward-model epochs at each point")
     p.add_argument("--clip-minutes", type=float, default=2.0, help="train-clip time limit per world")
     p.add_argument("--out", type=Path, default=Path("bench/out/active"))
+    p.add_argument("--default-points", default=",".join(map(str, DEFAULT_POINTS)), help="shares of the budget where the default order is measured")
+    p.add_argument("--active-points", default=",".join(map(str, ACTIVE_POINTS)),
+                   help="shares where active selection is measured; the first must be a default point (the random start)")
     p.add_argument("--plot", type=Path, default=None, help="also draw the curves into this PNG (needs matplotlib: the [bench] extra)")
     args = p.parse_args()
+    args.default_points = [float(x) for x in args.default_points.split(",")]
+    args.active_points = [float(x) for x in args.active_points.split(",")]
+    if args.active_points[0] not in args.default_points:
+        p.error("--active-points must start at one of --default-points (the shared start)")
     args.out.mkdir(parents=True, exist_ok=True)
     path = args.out / "report.json"
     report = json.loads(path.read_text()) if path.exists() else {"worlds": {}}
@@ -234,15 +242,16 @@ def main() -> None:
         report["date"] = time.strftime("%Y-%m-%d")
         path.write_text(json.dumps(report, indent=1))
     worlds = report["worlds"].values()
-    full = [w["default"]["1.0"]["vs_utility"] for w in worlds]
-    for name, points in (("default", DEFAULT_POINTS), ("active", ACTIVE_POINTS)):
+    top = str(max(args.default_points))
+    full = [w["default"][top]["vs_utility"] for w in worlds]
+    for name, points in (("default", args.default_points), ("active", args.active_points)):
         for point in points:
             values = [w[name][str(point)]["vs_utility"] for w in worlds]
             reached = sum(v >= f for v, f in zip(values, full))
             print(f"{name:8} {point:.0%} of the budget: median {statistics.median(values):.3f} "
-                  f"({min(values):.3f}–{max(values):.3f}); reaches the default's 100% on {reached} of {len(values)} worlds")  # fmt: skip
+                  f"({min(values):.3f}–{max(values):.3f}); reaches the default's {float(top):.0%} on {reached} of {len(values)} worlds")  # fmt: skip
     if args.plot:
-        plot(report, args.plot)
+        plot(report, args.plot, args.default_points, args.active_points)
 
 
 if __name__ == "__main__":

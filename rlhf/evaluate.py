@@ -9,6 +9,11 @@ The helpers are plain functions, so PPO's reward signals and the benchmarks use 
 * `bleu`: corpus BLEU with sacrebleu against the items' reference stories, where they have one.
 * `distinct_n`: distinct n-grams over all n-grams of a set of stories (Li et al., 2016).
 * `mean_length`: words per story.
+
+With `--window K` the items are next-frame examples (`rlhf.stories`): the policy writes the part for
+frame T from frames T−K..T and the story so far, BLEU is against frame T's reference text, and
+`clip_score_target_frame` scores the part against frame T alone (beside `clip_score` over all the
+window's frames).
 """
 
 from __future__ import annotations
@@ -44,6 +49,7 @@ def bleu(hypotheses: Sequence[str], references: Sequence[str]) -> float:
 class EvaluateConfig:
     policy: str = field(metadata={"help": "the policy to evaluate: HF id or path, or a dir from rlhf.sft / rlhf.ppo"})
     items: str = field(metadata={"help": "items JSONL (image_paths, instruction, [style, context, story]) or an HF dataset"})
+    window: int = field(default=0, metadata={"help": "K: cut each story into next-frame examples (frames T-K..T, the text before T as context, frame T's text as the target); 0: whole stories"})
     out: str = field(default="eval_report.json", metadata={"help": "where the JSON report goes"})
     sft_adapter: str | None = field(default=None, metadata={"help": "an SFT adapter to merge into --policy first"})
     clip_model: str | None = field(default="ViT-B-32", metadata={"help": "open_clip model name or local dir for CLIPScore; empty to skip"})
@@ -62,7 +68,7 @@ def main(cfg: EvaluateConfig) -> dict:
     from rlhf.stories import read_examples
 
     # 1. Items and models.
-    examples = read_examples(cfg.items, limit=cfg.limit)
+    examples = read_examples(cfg.items, limit=cfg.limit, window=cfg.window)
     device = "cuda" if torch.cuda.is_available() else "cpu"
     policy = load_policy(cfg.policy, sft_adapter=cfg.sft_adapter, device=device, trainable=False)
     features = None
@@ -84,6 +90,8 @@ def main(cfg: EvaluateConfig) -> dict:
         report["bleu"] = bleu([s for s, _ in refs], [r for _, r in refs])
     if features is not None:
         report["clip_score"] = clip_score(features, [e.images for e in examples], stories).mean().item()
+        if cfg.window:  # the part written for frame T, against frame T alone (as StoryReasoning's users report it)
+            report["clip_score_target_frame"] = clip_score(features, [e.images[-1:] for e in examples], stories).mean().item()
     report["samples"] = [{"item_id": e.item_id, "story": s} for e, s in zip(examples, stories)]
     Path(cfg.out).write_text(json.dumps(report, indent=1))
     print(json.dumps({k: v for k, v in report.items() if k != "samples"}, indent=1))

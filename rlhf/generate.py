@@ -50,6 +50,7 @@ class GenerateConfig:
     reward: str | None = field(default=None, metadata={"help": "a reward model dir (rlhf.train_rm) for --best_of"})
     batch_size: int = field(default=16, metadata={"help": "prompts per generate call"})
     limit: int | None = field(default=None, metadata={"help": "only the first N items"})
+    window: int = field(default=0, metadata={"help": "with --items: K, write the next part of each story for every frame T after the K-th (from frames T-K..T and the text before T); 0: whole stories"})
     seed: int = field(default=0, metadata={"help": "sampling seed"})
     device: str | None = field(default=None, metadata={"help": "cpu, cuda, cuda:1 … (default: cuda if available)"})
 
@@ -80,12 +81,12 @@ def items_from_db(url: str, project: str, limit: int | None) -> list[tuple[Story
     return out
 
 
-def items_from_file(path: str, limit: int | None) -> list[tuple[StoryExample, dict]]:
-    examples = read_examples(path, limit=limit)
+def items_from_file(path: str, limit: int | None, window: int = 0) -> list[tuple[StoryExample, dict]]:
+    examples = read_examples(path, limit=limit, window=window)
     rows = []
-    lines = [json.loads(x) for x in Path(path).open(encoding="utf-8") if x.strip()]
+    lines = [json.loads(x) for x in Path(path).open(encoding="utf-8") if x.strip()] if Path(path).is_file() else []
     for e in examples:
-        d = lines[e.meta["line"] - 1] if "line" in e.meta else {}
+        d = lines[e.meta["line"] - 1] if "line" in e.meta and not window and lines else {}  # a window's candidates are new
         rows.append({"external_id": e.item_id, "source": Path(path).name, "image_paths": e.images, "instruction": e.instruction,
                      "style": e.style, "context": e.context, "candidates": list(d.get("candidates") or [])})  # fmt: skip
     return list(zip(examples, rows))
@@ -167,7 +168,8 @@ def write_db(rows: list[dict], url: str, project: str) -> dict:
             _, records = read_source(str(path), "jsonl", image_root=image_root)
             stats = write_records(session, proj, records, source=source, media_root=root, created_files=created)
             for k, v in asdict(stats).items():
-                totals[k] += v
+                if isinstance(v, int):  # counts (not the reader's notes)
+                    totals[k] += v
     return dict(totals)
 
 
@@ -177,7 +179,9 @@ def main(cfg: GenerateConfig) -> dict:
         raise StoryDataError("pass --items FILE, or --db URL with --project NAME")
     if cfg.out is None and (cfg.db is None or cfg.project is None):
         raise StoryDataError("pass --out FILE, or --db URL with --project NAME to write into the database")
-    items = items_from_file(cfg.items, cfg.limit) if cfg.items else items_from_db(cfg.db, cfg.project, cfg.limit)
+    if cfg.window and not cfg.items:
+        raise StoryDataError("--window cuts stories read with --items; a project's items are windowed at ingest (annotate.ingest --window K)")
+    items = items_from_file(cfg.items, cfg.limit, cfg.window) if cfg.items else items_from_db(cfg.db, cfg.project, cfg.limit)
     # 2. Generate.
     rows = generate_candidates(cfg, items)
     new = sum(r["new"] for r in rows)

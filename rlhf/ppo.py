@@ -53,6 +53,7 @@ from rlhf.stories import StoryDataError, StoryExample, read_examples
 class PPOConfig:
     # Models.
     policy: str = field(metadata={"help": "the policy: HF id or path (ViT-GPT2, LLaVA, Qwen2-VL), or a dir from rlhf.sft"})
+    window: int = field(default=0, metadata={"help": "K: cut each story into next-frame examples (frames T-K..T, the text before T as context, frame T's text as the target); 0: whole stories"})
     prompts: str = field(default="", metadata={"help": "prompts: items JSONL (image_paths, instruction, style, context) or an HF dataset"})
     output_dir: str = field(default="runs/ppo", metadata={"help": "adapter, value head, checkpoints and logs"})
     sft_adapter: str | None = field(default=None, metadata={"help": "an SFT LoRA adapter to merge first (it becomes the reference)"})
@@ -149,7 +150,7 @@ class PolicyAndValue(nn.Module):
 def check_prompts(cfg: PPOConfig) -> list[StoryExample]:
     if not cfg.prompts:
         raise StoryDataError("--prompts is required: an items JSONL (image_paths, instruction, style) or an HF dataset")
-    return read_examples(cfg.prompts)
+    return read_examples(cfg.prompts, window=cfg.window)
 
 
 def sample_table(examples: list[StoryExample], texts: list[str], total: torch.Tensor, components: dict, n: int = 4) -> list[dict]:

@@ -38,6 +38,7 @@ INITS = ("tiny-vit-gpt2",)
 @dataclass
 class SFTConfig:
     data: str = field(metadata={"help": "JSONL of image_paths, instruction, [style, context,] story; or an HF dataset (StoryReasoning schema)"})
+    window: int = field(default=0, metadata={"help": "K: cut each story into next-frame examples (frames T-K..T, the text before T as context, frame T's text as the target); 0: whole stories"})
     output_dir: str = field(default="runs/sft", metadata={"help": "where the policy (adapter or full model), checkpoints and logs go"})
     policy: str | None = field(default=None, metadata={"help": "a policy to fine-tune: HF id or path (ViT-GPT2, LLaVA, Qwen2-VL, Qwen2.5-VL)"})
     init: str | None = field(default=None, metadata={"help": "instead of --policy, build a fresh model: tiny-vit-gpt2 (word-level, from scratch)"})
@@ -137,11 +138,12 @@ def build_tiny_vit_gpt2(examples: list[StoryExample], out_dir: Path, image_size:
 
 
 def split_examples(examples: list[StoryExample], fraction: float, seed: int) -> tuple[list[StoryExample], list[StoryExample]]:
-    """A seeded held-out share, by item id, so that the same item never lands on both sides."""
-    ids = sorted({e.item_id for e in examples})
+    """A seeded held-out share, by item (by story for next-frame windows), so that no item or story
+    lands on both sides."""
+    ids = sorted({e.group for e in examples})
     random.Random(seed).shuffle(ids)
     held = set(ids[: max(1, round(fraction * len(ids)))]) if fraction > 0 and len(ids) > 1 else set()
-    return [e for e in examples if e.item_id not in held], [e for e in examples if e.item_id in held]
+    return [e for e in examples if e.group not in held], [e for e in examples if e.group in held]
 
 
 def nll(model, policy: StoryPolicy, chunk: list[StoryExample]) -> torch.Tensor:
@@ -201,7 +203,7 @@ def train(cfg: SFTConfig) -> tuple[StoryPolicy, dict]:
         raise ModelLoadError("pass exactly one of --policy (a model to fine-tune) and --init (tiny-vit-gpt2)")
     if cfg.vision_encoder and cfg.init is None:
         raise ModelLoadError("--vision_encoder sets the ViT of a fresh --init model; a --policy brings its own vision encoder")
-    examples = read_examples(cfg.data, need_story=True)
+    examples = read_examples(cfg.data, need_story=True, window=cfg.window)
     train_set, eval_set = split_examples(examples, cfg.eval_fraction, cfg.seed)
     cfg.train_examples, cfg.eval_examples = len(train_set), len(eval_set)
     cfg.steps_per_epoch = len(train_set) // (accelerator.num_processes * cfg.batch_size) // cfg.grad_accum

@@ -9,6 +9,12 @@ Two sources, detected from the path:
   schema: `story_id`, `images`, `story`.
 
 Every image path is checked before any model work starts, and a bad line is named by file:line.
+
+`window=K` (the `--window K` of rlhf.sft, generate, ppo, dpo and evaluate) turns each story into
+its next-frame examples (`annotate.formats.next_frame_windows`): example `ID/T` has the images of
+frames T−K..T, the text of the frames before T as its context, and frame T's text as its story.
+A story of K frames or fewer gives none. `story_id` in each example's meta keeps the windows of one
+story together, so splits are by story (`StoryExample.group`).
 """
 
 from __future__ import annotations
@@ -36,21 +42,52 @@ class StoryExample:
     story: str | None = None
     meta: dict = field(default_factory=dict)
 
+    @property
+    def group(self) -> str:
+        """The unit of a train/test split: the story a next-frame window came from, else the item."""
+        return str(self.meta.get("story_id", self.item_id))
+
     def load_images(self) -> list[Image.Image]:
         return [Image.open(i).convert("RGB") if isinstance(i, (str, Path)) else i.convert("RGB") for i in self.images]
 
 
 def read_examples(source: str, *, need_story: bool = False, split: str = "train", instruction: str = DEFAULT_INSTRUCTION,
-                  limit: int | None = None) -> list[StoryExample]:  # fmt: skip
-    """All examples of `source` (see the module docstring), checked; `need_story` demands a story each."""
+                  limit: int | None = None, window: int = 0) -> list[StoryExample]:  # fmt: skip
+    """All examples of `source` (see the module docstring), checked; `need_story` demands a story each;
+    `window` K cuts each story into its next-frame examples."""
     path = Path(source)
     if path.is_file():
-        examples = _read_jsonl(path, need_story)
+        examples = _read_jsonl(path, need_story or window > 0)
     else:
         examples = _read_hf(source, split, instruction)
+    if window:
+        examples = windows(examples, window, source)
     if not examples:
         raise StoryDataError(f"{source}: no examples")
     return examples[:limit] if limit else examples
+
+
+def windows(examples: list[StoryExample], k: int, source: str = "") -> list[StoryExample]:
+    """Each example's next-frame windows of K frames of context (see the module docstring)."""
+    from annotate.formats import next_frame_windows
+
+    if k < 1:
+        raise StoryDataError(f"--window must be 1 or more frames of context, got {k}")
+    out, short = [], 0
+    for e in examples:
+        if not e.story:
+            raise StoryDataError(f"{source}: example {e.item_id!r} has no story to cut into --window {k} examples")
+        cut = next_frame_windows(e.story, len(e.images), k)
+        short += not cut
+        for t, context, target in cut:
+            before = " ".join(x for x in (e.context, context) if x) or None
+            out.append(StoryExample(f"{e.item_id}/{t + 1}", e.images[t - k : t + 1], e.instruction, e.style, before, target,
+                                    {**e.meta, "story_id": e.item_id, "frame": t + 1, "window": k}))  # fmt: skip
+    if not out:
+        raise StoryDataError(f"{source}: every one of its {len(examples)} stories has {k} frames or fewer: too short for --window {k}")
+    if short:
+        print(f"--window {k}: {short} of {len(examples)} stories skipped ({k} frames or fewer), {len(out)} next-frame examples")
+    return out
 
 
 def _read_jsonl(path: Path, need_story: bool) -> list[StoryExample]:

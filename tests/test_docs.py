@@ -25,6 +25,7 @@ DATACLASS_CLIS = {
     "rlhf.dpo": ("DPOConfig", "training.md"),
     "rlhf.rewards": ("CheckConfig", "training.md"),
     "rlhf.verdicts": ("VerdictsConfig", "reward-model.md"),
+    "rlhf.prioritize": ("PrioritizeConfig", "app.md"),
 }
 ARGPARSE_CLIS = {"app": "app.md", "annotate.users": "app.md", "annotate.ingest": "data.md", "annotate.export": "data.md", "storyworld.__main__": "storyworld.md"}
 

@@ -6,7 +6,7 @@ from pathlib import Path
 import pytest
 from sqlalchemy import func, select
 
-from annotate.ingest import IngestError, detect_format, ingest, main
+from annotate.ingest import IngestError, detect_format, ingest, main, read_source
 from db import Annotator, Candidate, Comparison, Item, ItemImage, Vote
 from tests.conftest import count_rows, make_image
 
@@ -210,3 +210,29 @@ def test_cli_ingest_prints_summary(sqlite_url, items_source, tmp_path, capsys):
     assert "3 items added" in capsys.readouterr().out
     # A second run with another media root is refused: the db already keeps its images elsewhere.
     assert main([str(items_source), "--db", sqlite_url, "--media-root", str(tmp_path / "other")]) == 1
+
+
+def test_storyreasoning_windows_become_next_frame_items(session_factory, tmp_path):
+    """--window 2 on stories of 2, 3 and 5 frames: 0 + 1 + 3 items, each showing frames T-2..T with the
+    text before T as context and frame T's text (re-tagged as the window's last image) as the reference."""
+    pytest.importorskip("datasets")
+    from tests.fixtures.storyreasoning import tiny_storyreasoning
+
+    src = tiny_storyreasoning(tmp_path / "sr", [2, 3, 5])
+    fmt, stats = ingest(session_factory, str(src), "w", media_root=tmp_path / "m", window=2)
+    assert stats.items_added == 4 and "1 of 3 stories skipped: 2 frames or fewer" in stats.summary()
+    with session_factory() as s:
+        items = {i.external_id: i for i in s.scalars(select(Item))}
+        assert sorted(items) == ["s1/3", "s2/3", "s2/4", "s2/5"]
+        last = items["s2/5"]
+        assert [img.position for img in last.images] == [0, 1, 2] and last.meta == {"story_id": "s2", "frame": 5, "window": 2}
+        assert last.context == "Ana sees blue in frame 1 of s2. Ana sees green in frame 2 of s2. Ana sees yellow in frame 3 of s2. Ana sees purple in frame 4 of s2."
+        assert last.candidates[0].text == "<gdi image3><gdo char1>Ana</gdo> sees orange in frame 5 of s2.</gdi>"
+        # The window's images are frames 3..5 of the story: the same files as the whole story's frames.
+        whole = tiny_storyreasoning(tmp_path / "whole", [2, 3, 5])
+    _, _ = ingest(session_factory, str(whole), "whole", media_root=tmp_path / "m")
+    with session_factory() as s:
+        story = s.scalar(select(Item).where(Item.external_id == "s2", Item.project.has(name="whole")))
+        assert [i.sha256 for i in story.images[2:5]] == [i.sha256 for i in s.scalar(select(Item).where(Item.external_id == "s2/5")).images]
+    with pytest.raises(IngestError, match="--window applies to the storyreasoning format"):
+        read_source(str(tmp_path / "m"), "folder", window=2)

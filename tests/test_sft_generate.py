@@ -281,3 +281,49 @@ def test_init_starts_from_a_pretrained_vision_encoder(world, tmp_path):
         build_tiny_vit_gpt2(examples, tmp_path / "bad", vision_encoder=str(tmp_path / "no-such-dir"))
     with pytest.raises(ModelLoadError, match="--vision_encoder sets the ViT of a fresh --init model"):
         train(SFTConfig(data=str(world / "sft.jsonl"), policy=str(out), output_dir=str(tmp_path / "x"), vision_encoder=str(vit_dir)))
+
+
+def test_next_frame_windows_by_hand():
+    from annotate.formats import next_frame_windows
+
+    tagged = "<gdi image1>A.</gdi><gdi image2>B.</gdi><gdi image3><gdo char1>C</gdo>.</gdi><gdi image4>D.</gdi>"
+    assert next_frame_windows(tagged, 4, 2) == [(2, "A. B.", "<gdi image3><gdo char1>C</gdo>.</gdi>"), (3, "A. B. C.", "<gdi image3>D.</gdi>")]
+    assert next_frame_windows(tagged, 4, 4) == [] and next_frame_windows(tagged, 2, 2) == []  # K frames or fewer: none
+    assert next_frame_windows("One. Two. Three. Four.", 2, 1) == [(1, "One. Two.", "Three. Four.")]  # untagged: sentences split evenly
+    with pytest.raises(ValueError, match="1 or more"):
+        next_frame_windows(tagged, 4, 0)
+
+
+def test_windows_from_a_storyreasoning_dataset_split_by_story(tmp_path):
+    from rlhf.sft import split_examples
+    from tests.fixtures.storyreasoning import tiny_storyreasoning
+
+    src = tiny_storyreasoning(tmp_path / "sr", [2, 3, 5, 6, 4])
+    examples = read_examples(str(src), window=2)
+    assert [e.item_id for e in examples] == ["s1/3", "s2/3", "s2/4", "s2/5", "s3/3", "s3/4", "s3/5", "s3/6", "s4/3", "s4/4"]
+    assert all(len(e.images) == 3 for e in examples)
+    s3_6 = examples[7]
+    assert s3_6.load_images()[-1].getpixel((0, 0)) == (255, 0, 0)  # the window's last image is frame 6 of s3 (red in the fixture)
+    assert s3_6.context.endswith("Ana sees purple in frame 4 of s3. Ana sees orange in frame 5 of s3.")
+    assert s3_6.story == "<gdi image3><gdo char1>Ana</gdo> sees white in frame 6 of s3.</gdi>" and s3_6.group == "s3"
+    for seed in range(5):
+        train, held = split_examples(examples, 0.34, seed)
+        assert held and not {e.group for e in train} & {e.group for e in held}  # no story on both sides
+    with pytest.raises(StoryDataError, match="too short for --window 6"):
+        read_examples(str(src), window=6)
+
+
+def test_sft_and_evaluate_on_next_frame_windows(world, tmp_path):
+    """--window 1 on the world's 2-frame stories: SFT trains on the second frame's part, and evaluate
+    scores the written part against that frame alone as well as against both."""
+    examples = read_examples(str(world / "sft.jsonl"), window=1)
+    assert examples and all(len(e.images) == 2 and e.meta["frame"] == 2 and e.context for e in examples)
+    cfg = SFTConfig(data=str(world / "sft.jsonl"), window=1, init="tiny-vit-gpt2", output_dir=str(tmp_path / "sft"), epochs=1,
+                    batch_size=4, lr=3e-3, image_size=32, samples=2, max_new_tokens=12, logging_steps=1)  # fmt: skip
+    _, metrics = train(cfg)
+    assert metrics["train_examples"] + metrics["eval_examples"] == len(examples)
+    make_tiny.tiny_clip(tmp_path / "clip")
+    report = ev.main(ev.EvaluateConfig(policy=str(tmp_path / "sft"), items=str(world / "sft.jsonl"), window=1, out=str(tmp_path / "r.json"),
+                                       clip_model=str(tmp_path / "clip"), clip_pretrained=None, limit=3, max_new_tokens=12))  # fmt: skip
+    assert report["items"] == 3 and {"clip_score", "clip_score_target_frame", "bleu"} <= set(report)
+    assert [s["item_id"] for s in report["samples"]] == [e.item_id for e in examples[:3]]
