@@ -159,29 +159,39 @@ def one_world(seed: int, args, out: Path) -> dict:
     rng = random.Random(seed)
 
     # The default order: fewest votes first, to each point; the 30% copy starts the active run.
-    copy_db(db, work / "default.db")
+    # Each point's figures go to DIR/result.json, and a rerun after an interruption keeps them.
+    finished = lambda d: json.loads((d / "result.json").read_text()) if (d / "result.json").exists() else None  # noqa: E731
+    if not (work / "default.db").exists():
+        copy_db(db, work / "default.db")
     _, factory = open_db(f"sqlite:///{work}/default.db")
     for point in default_points:
-        with factory() as s:
-            have = s.scalar(select(func.count(Vote.id)).join(Comparison).join(Project).where(Project.name == "pool"))
-        spend(factory, "pool", round(point * budget) - have, utility, rng)
+        out_dir = work / f"default-{point}"
+        if (done := finished(out_dir)) is None:
+            with factory() as s:
+                have = s.scalar(select(func.count(Vote.id)).join(Comparison).join(Project).where(Project.name == "pool"))
+            spend(factory, "pool", round(point * budget) - have, utility, rng)
+            if point == active_points[0]:
+                copy_db(work / "default.db", work / "active.db")
+            done = train_and_score(work / "default.db", out_dir, utility, args, work / "clip", cache)
+            (out_dir / "result.json").write_text(json.dumps(done))
+        result["default"][str(point)] = done
         if point == active_points[0]:
-            copy_db(work / "default.db", work / "active.db")
-        result["default"][str(point)] = train_and_score(work / "default.db", work / f"default-{point}", utility, args, work / "clip", cache)
-        if point == active_points[0]:
-            result["active"][str(point)] = result["default"][str(point)]
-            latest = work / f"default-{point}" / "rm"
-        print(json.dumps({"world": seed, "default": {str(point): result["default"][str(point)]}}), flush=True)
+            result["active"][str(point)] = done
+            latest = out_dir / "rm"
+        print(json.dumps({"world": seed, "default": {str(point): done}}), flush=True)
 
     # Active: prioritize with the latest reward model, spend the next slice by priority, retrain.
     _, factory = open_db(f"sqlite:///{work}/active.db")
     for before, point in zip(active_points, active_points[1:]):
-        summary = prioritize(PrioritizeConfig(project="pool", db=f"sqlite:///{work}/active.db", reward_model=[str(latest)], cache_dir=str(cache)))
-        spend(factory, "pool", round((point - before) * budget), utility, rng)
-        result["active"][str(point)] = train_and_score(work / "active.db", work / f"active-{point}", utility, args, work / "clip", cache)
-        latest = work / f"active-{point}" / "rm"
-        result["active"][str(point)]["scored_comparisons"] = summary["comparisons"]
-        print(json.dumps({"world": seed, "active": {str(point): result["active"][str(point)]}}), flush=True)
+        out_dir = work / f"active-{point}"
+        if (done := finished(out_dir)) is None:
+            summary = prioritize(PrioritizeConfig(project="pool", db=f"sqlite:///{work}/active.db", reward_model=[str(latest)], cache_dir=str(cache)))
+            spend(factory, "pool", round((point - before) * budget), utility, rng)
+            done = train_and_score(work / "active.db", out_dir, utility, args, work / "clip", cache) | {"scored_comparisons": summary["comparisons"]}
+            (out_dir / "result.json").write_text(json.dumps(done))
+        result["active"][str(point)] = done
+        latest = out_dir / "rm"
+        print(json.dumps({"world": seed, "active": {str(point): done}}), flush=True)
     return result
 
 

@@ -77,7 +77,9 @@ def test_three_workers_on_postgresql_then_kill_9_one(tmp_path):
 
     gradio_client = pytest.importorskip("gradio_client")
     pg_url = fresh_postgres_url()
-    overlap, lease_seconds, n_annotators = 3, 4.0, 24
+    # Leases must outlive phase 1 (24 annotators through 3 workers; far longer than 4 s on a loaded
+    # machine), or they expire before they are counted; phase 2 waits them out.
+    overlap, lease_seconds, n_annotators = 3, 15.0, 24
     make_world(tmp_path / "w", 7, seed=21)  # 7 items × 6 pairs = 42 comparisons (2 of them gold, not served here)
     _, factory = open_db(pg_url)
     ingest(factory, str(tmp_path / "w" / "items.jsonl"), "multi", media_root=tmp_path / "media", project_settings={"overlap": overlap})
