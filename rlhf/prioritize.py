@@ -14,10 +14,10 @@ after each retrained reward model (score, label a batch, retrain, score again).
 
 Strategies (`--strategy`), on p = σ(r_a − r_b), the Bradley–Terry probability that a beats b:
 - `margin` (default): 1 − |2p − 1|, with p averaged over the models; highest where the model is least
-  sure which story is better (uncertainty sampling).
+  sure which story is better (uncertainty sampling, Lewis & Gale 1994).
 - `disagreement` (two or more `--reward_model`): the spread (population standard deviation) of p
   over the models, ×2 so that it spans [0, 1]; highest where an ensemble (e.g. reward models trained
-  with different seeds) disagrees (query by committee).
+  with different seeds) disagrees (query by committee, Seung et al. 1992).
 - `mixed`: the mean of the two (two or more models).
 """
 

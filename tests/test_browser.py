@@ -49,18 +49,24 @@ def server(tmp_path):
     app.stop()
 
 
+def login(browser, url: str, name: str, password: str):
+    """A new page, logged in as `name`, with its first comparison on screen."""
+    page = browser.new_page(viewport={"width": 1300, "height": 900})
+    page.goto(url)
+    page.get_by_label("username").fill(name)
+    page.get_by_label("password").fill(password)
+    page.get_by_role("button", name="Login").click()
+    page.wait_for_selector(".sp-compare img", timeout=30_000)
+    return page
+
+
 def test_login_vote_click_and_key_undo_and_xss_inert(server, tmp_path):
     from playwright.sync_api import sync_playwright
 
     app, factory = server
     with sync_playwright() as p:
         browser = p.chromium.launch(executable_path=CHROMIUM, args=ARGS)
-        page = browser.new_page(viewport={"width": 1300, "height": 900})
-        page.goto(app.url)
-        page.get_by_label("username").fill("ann")
-        page.get_by_label("password").fill("ann-password")
-        page.get_by_role("button", name="Login").click()
-        page.wait_for_selector(".sp-compare img", timeout=30_000)
+        page = login(browser, app.url, "ann", "ann-password")
         page.screenshot(path=str(tmp_path / "comparison.png"), full_page=True)
 
         # The payloads are visible as text, and none of them ran.
@@ -119,12 +125,7 @@ def test_an_annotator_picks_another_project(server, tmp_path):
     ingest(factory, str(src / "items.jsonl"), "captions", media_root=tmp_path / "media")
     with sync_playwright() as p:
         browser = p.chromium.launch(executable_path=CHROMIUM, args=ARGS)
-        page = browser.new_page(viewport={"width": 1300, "height": 900})
-        page.goto(app.url)
-        page.get_by_label("username").fill("ann")
-        page.get_by_label("password").fill("ann-password")
-        page.get_by_role("button", name="Login").click()
-        page.wait_for_selector(".sp-compare img", timeout=30_000)
+        page = login(browser, app.url, "ann", "ann-password")
         assert "Tell a story" in page.inner_text("body")  # the app's --project first
         page.locator("#sp-project input").click()
         page.get_by_role("option", name="captions").click()
