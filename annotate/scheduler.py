@@ -10,7 +10,8 @@ Where `rlhf.prioritize` has written priorities for the project (active pair sele
 highest-priority comparison left under its overlap comes first instead (ties: fewest votes); the
 overlap, gold, repeats and the rules above still hold. With probability `gold_rate` a gold
 comparison is served instead, and with `repeat_rate` one the annotator already answered, with left
-and right swapped (to measure self-consistency and left bias). Left/right order is a hash of (annotator, comparison), so a reload shows the same order.
+and right swapped (to measure self-consistency and left bias). Left/right order is a hash of
+(annotator, comparison), so a reload shows the same order.
 
 Correctness under concurrency: a vote is one INSERT plus `n_votes = n_votes + 1` in the same
 transaction. The unique index on active votes forbids a second answer by the same annotator, and
@@ -36,7 +37,7 @@ from sqlalchemy.orm import Session
 
 from db import ASPECTS, CHOICES, Annotator, Comparison, ComparisonPriority, Lease, Project, Vote
 
-CANDIDATE_WINDOW = 64  # look at this many least-voted (or highest-priority) comparisons, then pick among the least held
+CANDIDATE_WINDOW = 64  # look at this many least-voted (or highest-priority) comparisons, then pick the least held
 LEASE_SECONDS = 600  # an assignment nobody answered for this long is no longer counted as in flight
 
 

