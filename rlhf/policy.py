@@ -51,13 +51,20 @@ FAMILIES = {
     "llava": "llava",
     "qwen2_vl": "qwen2-vl",
     "qwen2_5_vl": "qwen2-vl",
+    "storypref-clip-prefix": "clip-prefix",
 }
 # LoRA targets: the language model only (the vision tower keeps its features).
 LORA_TARGETS = {
     "vision-encoder-decoder": r".*decoder.*\.(c_attn|q_attn|c_proj|c_fc)$",
     "llava": r".*language_model.*\.(q_proj|k_proj|v_proj|o_proj|gate_proj|up_proj|down_proj)$",
     "qwen2-vl": r".*language_model.*\.(q_proj|k_proj|v_proj|o_proj|gate_proj|up_proj|down_proj)$",
+    "clip-prefix": r".*gpt\..*\.(c_attn|c_proj|c_fc)$",
 }
+# Modules trained in full next to a LoRA adapter (peft's modules_to_save; the reference keeps the originals):
+# clip-prefix's small mapping network, which a fresh model starts from random.
+LORA_MODULES_TO_SAVE = {"clip-prefix": ["mapper", "slots"]}
+# clip-prefix: the context's last words go through CLIP's text tower (77 tokens at most).
+CONTEXT_WORDS = 40
 
 
 class UnsupportedPolicyError(ModelLoadError):
@@ -153,7 +160,7 @@ class _Adapter:
     def prompt_text(self, n_frames: int, instruction: str, style: str | None, context: str | None) -> str:
         raise NotImplementedError
 
-    def batch(self, images: Sequence[Sequence], prompts: list[str]) -> PolicyBatch:
+    def batch(self, images: Sequence[Sequence], prompts: list[str], contexts: Sequence[str | None] | None = None) -> PolicyBatch:
         raise NotImplementedError
 
     # the model ---------------------------------------------------------------------------------
@@ -163,6 +170,17 @@ class _Adapter:
     def forward(self, model, batch: PolicyBatch, ids: torch.Tensor, mask: torch.Tensor, keep: int) -> tuple[torch.Tensor, torch.Tensor]:
         """Logits of the last `keep` positions of `ids` (prompt + response), and the last hidden states of all."""
         raise NotImplementedError
+
+
+def _left_padded(tok, prompts: Sequence[str], start_id: int | None) -> tuple[torch.Tensor, torch.Tensor]:
+    """Prompt token ids (after `start_id`, if any), left-padded, and their mask."""
+    rows = [([start_id] if start_id is not None else []) + tok(p, add_special_tokens=False)["input_ids"] for p in prompts]
+    width = max(len(r) for r in rows)
+    ids = torch.full((len(rows), width), tok.pad_token_id, dtype=torch.long)
+    mask = torch.zeros(len(rows), width, dtype=torch.long)
+    for b, r in enumerate(rows):
+        ids[b, width - len(r) :], mask[b, width - len(r) :] = torch.tensor(r), 1
+    return ids, mask
 
 
 def _positions(mask: torch.Tensor) -> torch.Tensor:
@@ -178,7 +196,7 @@ class _ChatAdapter(_Adapter):
                                                  {"type": "text", "text": format_prompt(instruction, style, context)}]}]  # fmt: skip
         return self.processor.apply_chat_template(messages, add_generation_prompt=True, tokenize=False)
 
-    def batch(self, images, prompts):
+    def batch(self, images, prompts, contexts=None):
         self.processor.tokenizer.padding_side = "left"
         flat = [img for frames in images for img in frames]
         enc = self.processor(text=prompts, images=flat or None, padding=True, return_tensors="pt")
@@ -215,7 +233,7 @@ class _VisionEncoderDecoderAdapter(_Adapter):
     def prompt_text(self, n_frames, instruction, style, context):
         return format_prompt(instruction, style, context) + "\n" + STORY_CUE
 
-    def batch(self, images, prompts):
+    def batch(self, images, prompts, contexts=None):
         tok = self.tokenizer
         k = max(len(f) for f in images)
         flat = [img for frames in images for img in frames]
@@ -227,12 +245,7 @@ class _VisionEncoderDecoderAdapter(_Adapter):
             frames[b, : len(f)], frame_mask[b, : len(f)] = pixels[start : start + len(f)], 1
             start += len(f)
         start_id = tok.bos_token_id if tok.bos_token_id is not None else self.model_config.decoder_start_token_id
-        rows = [[start_id] + tok(p, add_special_tokens=False)["input_ids"] for p in prompts]
-        width = max(len(r) for r in rows)
-        ids = torch.full((len(rows), width), tok.pad_token_id, dtype=torch.long)
-        mask = torch.zeros(len(rows), width, dtype=torch.long)
-        for b, r in enumerate(rows):  # left padding
-            ids[b, width - len(r) :], mask[b, width - len(r) :] = torch.tensor(r), 1
+        ids, mask = _left_padded(tok, prompts, start_id)
         return PolicyBatch({"frames": frames, "frame_mask": frame_mask}, ids, mask, [len(f) for f in images])
 
     @property
@@ -273,7 +286,63 @@ class _VisionEncoderDecoderAdapter(_Adapter):
         return out.logits, out.hidden_states[-1]
 
 
-ADAPTERS = {a.family: a for a in (_VisionEncoderDecoderAdapter, _LlavaAdapter, _QwenAdapter)}
+class _ClipPrefixAdapter(_Adapter):
+    """clip-prefix (`rlhf.clip_prefix`): frozen CLIP features of the frames (and context) as a GPT-2 prefix.
+
+    `batch` runs CLIP (image embeddings cached by sha256 in `self.features`), so the batch holds
+    features, not pixels; the prompt is a token prefix after them, as in the ViT-GPT2 family.
+    """
+
+    family = "clip-prefix"
+    features = None  # a rlhf.clip.ClipFeatures, set by _load_base
+
+    def prompt_text(self, n_frames, instruction, style, context):
+        return format_prompt(instruction, style, context) + "\n" + STORY_CUE
+
+    def batch(self, images, prompts, contexts=None):
+        from rlhf.data import ImageRef
+
+        k, dim, limit = max(len(f) for f in images), self.features.dim, self.model.config.max_frames
+        if k > limit:
+            raise ValueError(f"a clip-prefix policy reads at most {limit} frames (its max_frames), got a story of {k}; "
+                             "cut longer stories into next-frame windows with --window K")  # fmt: skip
+        emb = self.features.images([ImageRef(image=img) for frames in images for img in frames])  # (N, D)
+        frame_features = torch.zeros(len(images), k, dim)
+        frame_mask = torch.zeros(len(images), k, dtype=torch.long)
+        start = 0
+        for b, f in enumerate(images):
+            frame_features[b, : len(f)], frame_mask[b, : len(f)] = emb[start : start + len(f)], 1
+            start += len(f)
+        tails = [" ".join(c.split()[-CONTEXT_WORDS:]) if c else "" for c in (contexts or [None] * len(images))]
+        told = [t for t in tails if t]
+        table = dict(zip(told, self.features.sentences(told)))
+        context_features = torch.stack([table[t] if t else torch.zeros(dim) for t in tails])
+        context_mask = torch.tensor([1 if t else 0 for t in tails])
+        ids, mask = _left_padded(self.tokenizer, prompts, self.tokenizer.bos_token_id)
+        inputs = {"frame_features": frame_features, "frame_mask": frame_mask, "context_features": context_features, "context_mask": context_mask}
+        return PolicyBatch(inputs, ids, mask, [len(f) for f in images])
+
+    @staticmethod
+    def _parts(model):
+        """The ClipPrefixModel under any peft wrapping (its LoRA layers are in place)."""
+        from peft import PeftModel
+
+        return model.get_base_model() if isinstance(model, PeftModel) else model
+
+    def generate(self, model, batch, **kwargs):
+        inner = self._parts(model)
+        prefix, prefix_mask = inner.prefix(**batch.inputs)
+        embeds, mask = inner.embed(prefix, prefix_mask, batch.prompt_ids, batch.prompt_mask)
+        out = inner.gpt.generate(inputs_embeds=embeds, attention_mask=mask, **kwargs)  # returns the new tokens only
+        out.sequences = torch.cat([batch.prompt_ids, out.sequences], 1)
+        return out
+
+    def forward(self, model, batch, ids, mask, keep):
+        out = self._parts(model)(input_ids=ids, attention_mask=mask, **batch.inputs, output_hidden_states=True, use_cache=False, logits_to_keep=keep)
+        return out.logits, out.hidden_states[-1]
+
+
+ADAPTERS = {a.family: a for a in (_VisionEncoderDecoderAdapter, _LlavaAdapter, _QwenAdapter, _ClipPrefixAdapter)}
 
 
 # ------------------------------------------------------------------------------------------------
@@ -339,7 +408,7 @@ class StoryPolicy(nn.Module):
         if not self.has_adapter:
             return None
         h = hashlib.sha256()
-        for name, p in sorted((n, p) for n, p in self.model.named_parameters() if "lora_" in n):
+        for name, p in sorted((n, p) for n, p in self.model.named_parameters() if "lora_" in n or "modules_to_save" in n):
             h.update(name.encode())
             h.update(p.detach().float().cpu().numpy().tobytes())
         return h.hexdigest()[:12]
@@ -359,7 +428,7 @@ class StoryPolicy(nn.Module):
         if any(not f for f in frames):
             raise ValueError("every story needs at least one image")
         prompts = [self.prompt(len(f), i, s, c) for f, i, s, c in zip(frames, as_list(instructions), as_list(styles), as_list(contexts))]
-        return self.adapter.batch(frames, prompts).to(self.device)
+        return self.adapter.batch(frames, prompts, as_list(contexts)).to(self.device)
 
     def examples_batch(self, examples: Sequence, style: str | None = None) -> PolicyBatch:
         """Prompt inputs for `StoryExample`s: each one's frames, instruction, style (or `style` for all) and context."""
@@ -494,12 +563,14 @@ def _dtype(dtype: str | torch.dtype | None):
 def family_of(name_or_path: str) -> str:
     from transformers import AutoConfig
 
+    import rlhf.clip_prefix  # noqa: F401  (registers the clip-prefix model type with AutoConfig)
+
     config = load_pretrained(AutoConfig, name_or_path, "policy config")
     family = FAMILIES.get(config.model_type)
     if family is None:
         raise UnsupportedPolicyError(
             f"{name_or_path!r} is a {config.model_type!r} model; storypref policies are VisionEncoderDecoder "
-            "(ViT-GPT2), LLaVA, Qwen2-VL or Qwen2.5-VL"
+            "(ViT-GPT2), clip-prefix (rlhf.sft --init tiny-clip-prefix), LLaVA, Qwen2-VL or Qwen2.5-VL"
         )
     return family
 
@@ -541,8 +612,8 @@ def _add_lora(policy: StoryPolicy, lora: LoraSpec | dict | None) -> StoryPolicy:
     if lora is None:
         return policy
     spec = lora if isinstance(lora, LoraSpec) else LoraSpec(**lora)
-    config = LoraConfig(r=spec.r, lora_alpha=spec.alpha, lora_dropout=spec.dropout,
-                        target_modules=spec.target_modules or LORA_TARGETS[policy.family])  # fmt: skip
+    config = LoraConfig(r=spec.r, lora_alpha=spec.alpha, lora_dropout=spec.dropout, target_modules=spec.target_modules or LORA_TARGETS[policy.family],
+                        modules_to_save=LORA_MODULES_TO_SAVE.get(policy.family))  # fmt: skip
     policy.model = policy.adapter.model = get_peft_model(policy.model, config).eval()  # peft's new modules start in train mode
     policy.info.lora = asdict(spec)
     return policy
@@ -560,6 +631,11 @@ def _load_base(name_or_path, family, merged: list[str], dtype, device_map, devic
         model = load_pretrained(VisionEncoderDecoderModel, name_or_path, "policy", **kwargs)
         processor = load_pretrained(AutoImageProcessor, name_or_path, "image processor")
         tokenizer = load_pretrained(AutoTokenizer, name_or_path, "tokenizer")
+    elif family == "clip-prefix":
+        from rlhf.clip_prefix import ClipPrefixModel
+
+        model = load_pretrained(ClipPrefixModel, name_or_path, "policy", **kwargs)
+        processor, tokenizer = None, load_pretrained(AutoTokenizer, name_or_path, "tokenizer")
     else:
         model = load_pretrained(AutoModelForImageTextToText, name_or_path, "policy", **kwargs)
         processor = load_pretrained(AutoProcessor, name_or_path, "processor")
@@ -576,6 +652,14 @@ def _load_base(name_or_path, family, merged: list[str], dtype, device_map, devic
         model = model.to(device)
     model.eval()  # dropout off: generation and PPO's log-probs must agree
     adapter = ADAPTERS[family](model, processor, tokenizer)
+    if family == "clip-prefix":  # the frozen CLIP it reads, named in its config; embeddings cached as PPO's are
+        from rlhf.clip import ClipFeatures
+
+        cfg = model.config
+        adapter.features = ClipFeatures(cfg.clip_model, cfg.clip_pretrained, Path.home() / ".cache" / "storypref" / "clip",
+                                        str(next(model.parameters()).device))  # fmt: skip
+        if adapter.features.dim != cfg.clip_dim:
+            raise ModelLoadError(f"{name_or_path}: its mapper reads {cfg.clip_dim}-d CLIP embeddings, but {cfg.clip_model} makes {adapter.features.dim}-d ones")
     if len(merged) > 1:
         raise ModelLoadError(f"{name_or_path}: only one merged SFT adapter can be recorded, got {merged}; merge and save the SFT model first")
     return StoryPolicy(model, adapter, PolicyInfo(base=local_path(name_or_path), family=family, sft_adapter=local_path(merged[0]) if merged else None))  # absolute: loads from any cwd

@@ -10,7 +10,9 @@ its EOS given the images and the prompt. With `--lora` (the default for a pretra
 only a LoRA adapter trains and the output dir holds the adapter: pass it to PPO as
 `--sft_adapter`. `--init tiny-vit-gpt2` builds a small ViT-GPT2 from scratch with a word-level
 tokenizer on the data's own vocabulary and trains all of it: storyworld's starting policy, fluent in
-a few CPU minutes. Each epoch ends with a held-out loss and a checkpoint (`--resume` continues),
+a few CPU minutes. `--init tiny-clip-prefix --clip_model DIR` builds the clip-prefix family the same
+way (a frozen CLIP, a new mapper, a small GPT-2); `--init clip-prefix --clip_model ViT-B-32
+--clip_pretrained laion2b_s34b_b79k --language_model gpt2` puts a new mapper in front of a real GPT-2. Each epoch ends with a held-out loss and a checkpoint (`--resume` continues),
 and the run ends with sample stories (`samples.jsonl`) and `metrics.json`.
 """
 
@@ -32,7 +34,7 @@ from rlhf.policy import STORY_CUE, LoraSpec, StoryPolicy, load_policy
 from rlhf.runlog import clip_gradients, device_summary, log_metrics, prefer_safe_attention, restore_training_state, save_training_state
 from rlhf.stories import StoryDataError, StoryExample, read_examples
 
-INITS = ("tiny-vit-gpt2",)
+INITS = ("tiny-vit-gpt2", "tiny-clip-prefix", "clip-prefix")
 
 
 @dataclass
@@ -41,7 +43,7 @@ class SFTConfig:
     window: int = field(default=0, metadata={"help": "K: cut each story into next-frame examples (frames T-K..T, the text before T as context, frame T's text as the target); 0: whole stories"})
     output_dir: str = field(default="runs/sft", metadata={"help": "where the policy (adapter or full model), checkpoints and logs go"})
     policy: str | None = field(default=None, metadata={"help": "a policy to fine-tune: HF id or path (ViT-GPT2, LLaVA, Qwen2-VL, Qwen2.5-VL)"})
-    init: str | None = field(default=None, metadata={"help": "instead of --policy, build a fresh model: tiny-vit-gpt2 (word-level, from scratch)"})
+    init: str | None = field(default=None, metadata={"help": "instead of --policy, build a fresh model: tiny-vit-gpt2 or tiny-clip-prefix (word-level, from scratch), or clip-prefix (a new mapper between --clip_model and the GPT-2 --language_model)"})
     lora: bool | None = field(default=None, metadata={"help": "train a LoRA adapter (default: on for --policy, off for --init)"})
     lora_r: int = field(default=16, metadata={"help": "LoRA rank"})
     lora_alpha: int = field(default=32, metadata={"help": "LoRA alpha"})
@@ -56,6 +58,10 @@ class SFTConfig:
     max_new_tokens: int = field(default=160, metadata={"help": "sample length limit"})
     image_size: int = field(default=64, metadata={"help": "--init: the ViT input size (a --vision_encoder brings its own)"})
     vision_encoder: str | None = field(default=None, metadata={"help": "--init: start from this pretrained ViT (HF id or path, e.g. google/vit-base-patch16-224-in21k, or storyworld train-vit's output) instead of a random one"})
+    clip_model: str | None = field(default=None, metadata={"help": "--init tiny-clip-prefix / clip-prefix: the frozen CLIP it reads (open_clip name such as ViT-B-32, or a local dir such as storyworld train-clip's output)"})
+    clip_pretrained: str | None = field(default=None, metadata={"help": "--init clip-prefix: open_clip weights tag for a named --clip_model (e.g. laion2b_s34b_b79k)"})
+    language_model: str | None = field(default=None, metadata={"help": "--init clip-prefix: the GPT-2 to start from (any GPT2LMHeadModel, HF id or path, e.g. gpt2)"})
+    prefix_length: int = field(default=4, metadata={"help": "--init tiny-clip-prefix / clip-prefix: prefix vectors per frame and for the context"})
     dtype: str | None = field(default=None, metadata={"help": "load dtype: float32 | bfloat16 | float16 | auto"})
     bf16: bool = field(default=False, metadata={"help": "bfloat16 autocast (GPUs that support it)"})
     gradient_checkpointing: bool = field(default=False, metadata={"help": "trade compute for memory (non-reentrant, peft-safe)"})
@@ -132,6 +138,45 @@ def build_tiny_vit_gpt2(examples: list[StoryExample], out_dir: Path, image_size:
     return out_dir
 
 
+def build_clip_prefix(examples: list[StoryExample], out_dir: Path, clip_model: str, clip_pretrained: str | None = None,
+                      language_model: str | None = None, prefix_length: int = 4, seed: int = 0) -> Path:  # fmt: skip
+    """A clip-prefix model (`rlhf.clip_prefix`): a new mapper between the frozen `clip_model` and GPT-2.
+
+    GPT-2 is `language_model`'s (weights and tokenizer), or without one a new 3-layer, 128-wide
+    GPT-2 over a word-level tokenizer on the examples' own words (`tiny-clip-prefix`: storyworld's).
+    The mapper reads up to the longest example's frame count (at least 8).
+    """
+    from transformers import AutoTokenizer, GPT2Config, GPT2LMHeadModel
+
+    from rlhf.clip import ClipFeatures
+    from rlhf.clip_prefix import ClipPrefixModel, build_config
+    from rlhf.loading import load_pretrained, local_path
+
+    torch.manual_seed(seed)
+    out_dir.mkdir(parents=True, exist_ok=True)
+    clip = ClipFeatures(clip_model, clip_pretrained)  # fails early, naming what to pass, if the CLIP cannot load
+    texts = [format_prompt(e.instruction, e.style, e.context) + "\n" + STORY_CUE + " " + (e.story or "") for e in examples]
+    if language_model:
+        gpt = load_pretrained(GPT2LMHeadModel, language_model, "--language_model (a GPT-2)")
+        tokenizer = load_pretrained(AutoTokenizer, language_model, "tokenizer of --language_model")
+        tokenizer.save_pretrained(out_dir)
+        text = gpt.config
+    else:
+        gpt, tokenizer = None, word_tokenizer(texts, out_dir)
+        longest = max(len(tokenizer(t)["input_ids"]) for t in texts)
+        text = GPT2Config(vocab_size=len(tokenizer), n_embd=128, n_layer=3, n_head=4, n_positions=max(256, 2 * longest),
+                          resid_pdrop=0.0, embd_pdrop=0.0, attn_pdrop=0.0, bos_token_id=tokenizer.bos_token_id,
+                          eos_token_id=tokenizer.eos_token_id, pad_token_id=tokenizer.pad_token_id)  # fmt: skip
+    name = local_path(clip_model) if Path(clip_model).is_dir() else clip_model  # absolute: the policy loads from any cwd
+    config = build_config(name, None if Path(clip_model).is_dir() else clip_pretrained, clip.dim, text, prefix_length=prefix_length,
+                          max_frames=max(8, max(len(e.images) for e in examples)))  # fmt: skip
+    model = ClipPrefixModel(config)
+    if gpt is not None:
+        model.gpt.load_state_dict(gpt.state_dict())
+    model.save_pretrained(out_dir)
+    return out_dir
+
+
 # ------------------------------------------------------------------------------------------------
 # Training helpers.
 # ------------------------------------------------------------------------------------------------
@@ -200,9 +245,17 @@ def train(cfg: SFTConfig) -> tuple[StoryPolicy, dict]:
 
     # 1. Data, checked before any model work; a held-out share by item.
     if (cfg.policy is None) == (cfg.init is None):
-        raise ModelLoadError("pass exactly one of --policy (a model to fine-tune) and --init (tiny-vit-gpt2)")
-    if cfg.vision_encoder and cfg.init is None:
-        raise ModelLoadError("--vision_encoder sets the ViT of a fresh --init model; a --policy brings its own vision encoder")
+        raise ModelLoadError(f"pass exactly one of --policy (a model to fine-tune) and --init ({', '.join(INITS)})")
+    if cfg.init is not None and cfg.init not in INITS:
+        raise ModelLoadError(f"--init {cfg.init!r}: choose one of {', '.join(INITS)}")
+    if cfg.vision_encoder and cfg.init != "tiny-vit-gpt2":
+        raise ModelLoadError("--vision_encoder sets the ViT of a fresh --init tiny-vit-gpt2; other policies bring their own vision encoder")
+    if cfg.init in ("tiny-clip-prefix", "clip-prefix") and not cfg.clip_model:
+        raise ModelLoadError(f"--init {cfg.init} needs --clip_model: an open_clip name (ViT-B-32 with --clip_pretrained) or a local "
+                             "directory (storyworld: python -m storyworld train-clip --world DIR --out DIR)")  # fmt: skip
+    if (cfg.init == "clip-prefix") != bool(cfg.language_model):
+        raise ModelLoadError("--language_model (a GPT-2) goes with --init clip-prefix, and --init clip-prefix needs one; "
+                             "--init tiny-clip-prefix builds its own small GPT-2")  # fmt: skip
     examples = read_examples(cfg.data, need_story=True, window=cfg.window)
     train_set, eval_set = split_examples(examples, cfg.eval_fraction, cfg.seed)
     cfg.train_examples, cfg.eval_examples = len(train_set), len(eval_set)
@@ -210,13 +263,14 @@ def train(cfg: SFTConfig) -> tuple[StoryPolicy, dict]:
     if cfg.steps_per_epoch == 0:
         raise StoryDataError(f"{cfg.data}: {len(train_set)} training examples are fewer than one update; lower --batch_size")
 
-    # 2. The policy: a pretrained one (LoRA by default) or a fresh tiny-vit-gpt2 (fully trained).
+    # 2. The policy: a pretrained one (LoRA by default) or a fresh --init model (fully trained by default).
     if cfg.init is not None:
-        if cfg.init not in INITS:
-            raise ModelLoadError(f"--init {cfg.init!r}: choose one of {', '.join(INITS)}")
         base_dir = out / "init"
         if accelerator.is_main_process and not (base_dir / "config.json").exists():
-            build_tiny_vit_gpt2(examples, base_dir, cfg.image_size, cfg.seed, cfg.vision_encoder)
+            if cfg.init == "tiny-vit-gpt2":
+                build_tiny_vit_gpt2(examples, base_dir, cfg.image_size, cfg.seed, cfg.vision_encoder)
+            else:
+                build_clip_prefix(examples, base_dir, cfg.clip_model, cfg.clip_pretrained, cfg.language_model, cfg.prefix_length, cfg.seed)
         accelerator.wait_for_everyone()
         base = str(base_dir)
     else:

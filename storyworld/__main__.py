@@ -12,8 +12,8 @@ from pathlib import Path
 def _frames(text: str) -> tuple[int, int]:
     lo, _, hi = text.partition("-")
     lo_i, hi_i = int(lo), int(hi or lo)
-    if not 1 <= lo_i <= hi_i <= 4:
-        raise argparse.ArgumentTypeError("--frames takes N or LO-HI within 1-4, e.g. 1-4 or 3")
+    if not 1 <= lo_i <= hi_i <= 8:
+        raise argparse.ArgumentTypeError("--frames takes N or LO-HI within 1-8, e.g. 1-4, 5-8 or 3")
     return lo_i, hi_i
 
 
@@ -33,7 +33,9 @@ def build_parser() -> argparse.ArgumentParser:
     make.add_argument("--out", required=True, type=Path, help="directory to write the world into")
     make.add_argument("--items", type=int, default=100, help="number of items (scenes)")
     make.add_argument("--seed", type=int, default=0, help="the same seed always makes the same world")
-    make.add_argument("--frames", type=_frames, default=(1, 4), help="frames per scene: N or LO-HI (default 1-4)")
+    make.add_argument("--frames", type=_frames, default=(1, 4), help="frames per scene: N or LO-HI, up to 8 (default 1-4; 5-8 for next-frame windows)")
+    make.add_argument("--frame-tags", action="store_true",
+                      help="mark each frame's sentences of the SFT stories with <gdi imageN> (StoryReasoning's schema), so --window K cuts them at the frames")
     make.add_argument("--image-size", type=_size, default=(128, 96), help="frame size WxH (default 128x96)")
 
     ann = sub.add_parser(
@@ -91,7 +93,7 @@ def main(argv: list[str] | None = None) -> int:
         from storyworld.world import make_world
 
         start = time.perf_counter()
-        make_world(args.out, args.items, seed=args.seed, frames=args.frames, image_size=args.image_size, progress=True)
+        make_world(args.out, args.items, seed=args.seed, frames=args.frames, image_size=args.image_size, progress=True, frame_tags=args.frame_tags)
         print(f"wrote {args.items} items to {args.out} in {time.perf_counter() - start:.1f}s")
         print(f"next: python -m annotate.ingest {args.out / 'items.jsonl'} --project storyworld")
     elif args.command == "annotate" and args.app:

@@ -254,8 +254,9 @@ class _Writer:
         return out
 
 
-def write_story(scene: Scene, style: str, knobs: Knobs | None = None, rng: random.Random | None = None) -> str:
-    """A story for `scene` asked in `style`, with the flaws `knobs` turns on."""
+def write_story(scene: Scene, style: str, knobs: Knobs | None = None, rng: random.Random | None = None, frame_tags: bool = False) -> str:
+    """A story for `scene` asked in `style`, with the flaws `knobs` turns on; `frame_tags` wraps each
+    frame's sentences in a `<gdi imageN>` tag (as `knobs.tags` does, without the object tags)."""
     knobs = knobs or Knobs()
     rng = rng or random.Random(f"story:{scene.id}:{style}")
     w = _Writer(scene, style, knobs, rng)
@@ -289,7 +290,7 @@ def write_story(scene: Scene, style: str, knobs: Knobs | None = None, rng: rando
         spot = rng.randrange(len(frames))
         frames[spot].append(rng.choice(frames[spot]))
     parts = [" ".join(s) for s in frames]
-    if knobs.tags:
+    if knobs.tags or frame_tags:
         parts = [f"<gdi image{i + 1}>{p}</gdi>" for i, p in enumerate(parts)]
     return " ".join(parts)
 

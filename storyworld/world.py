@@ -77,7 +77,8 @@ def quality_band(q: float) -> str:
     return "good" if q > 0.66 else "fair" if q > 0.33 else "poor"
 
 
-def _item(seed: int, index: int, frames: tuple[int, int], image_size: tuple[int, int], images_dir: Path) -> tuple[dict, dict, dict]:
+def _item(seed: int, index: int, frames: tuple[int, int], image_size: tuple[int, int], images_dir: Path,
+          frame_tags: bool = False) -> tuple[dict, dict, dict]:  # fmt: skip
     item_id = f"sw{seed}-{index:05d}"
     rng = random.Random(f"item:{seed}:{index}")
     scene = make_scene(f"{seed}:{index}", frames_range=frames)
@@ -127,7 +128,7 @@ def _item(seed: int, index: int, frames: tuple[int, int], image_size: tuple[int,
     if truth[best]["utility"] - truth[worst]["utility"] >= GOLD_GAP:
         item["gold"] = [[best, worst]]  # an answer any careful annotator gives: for quality control
     sft = {"item_id": item_id, "image_paths": paths, "instruction": instruction, "style": style, "context": context,
-           "story": write_story(scene, style, sft_knobs, rng)}  # fmt: skip
+           "story": write_story(scene, style, sft_knobs, rng, frame_tags=frame_tags)}  # fmt: skip
     world = {"external_id": item_id, "image_paths": paths, "instruction": instruction, "style": style, "context": context,
              "scene": scene.to_dict(), "candidates": truth, "slices": slices}  # fmt: skip
     return item, sft, world
@@ -140,8 +141,13 @@ def make_world(
     frames: tuple[int, int] = (1, 4),
     image_size: tuple[int, int] = (128, 96),
     progress: bool = False,
+    frame_tags: bool = False,
 ) -> Path:
-    """Write a world of `n_items` items to `out`; the same seed always writes the same world."""
+    """Write a world of `n_items` items to `out`; the same seed always writes the same world.
+
+    `frame_tags`: the SFT stories mark each frame's sentences with `<gdi imageN>` (the StoryReasoning
+    schema), so that `--window K` cuts them at the frames' own boundaries.
+    """
     out = Path(out)
     images = out / "images"
     images.mkdir(parents=True, exist_ok=True)
@@ -156,7 +162,7 @@ def make_world(
         (out / "world.jsonl").open("w") as world_f,
     ):
         for i in indices:
-            item, sft, world = _item(seed, i, frames, image_size, images)
+            item, sft, world = _item(seed, i, frames, image_size, images, frame_tags)
             items_f.write(json.dumps(item) + "\n")
             sft_f.write(json.dumps(sft) + "\n")
             world_f.write(json.dumps(world) + "\n")
@@ -257,8 +263,26 @@ def annotate_world(
     return {"votes": n_votes, "ties": n_ties, "annotators": [a.name for a in pool]}
 
 
+def window_scene(world: dict[str, dict], item_id: str) -> tuple[Scene, str] | None:
+    """(the one-frame scene of frame T, style) for a next-frame window's id `ID/T` (`rlhf --window`), else None.
+
+    The hidden utility of a next part is that of a story of frame T alone: its mentions grounded in
+    that frame, its recall of what that frame holds, its style, fluency and length for one frame.
+    """
+    base, _, t = item_id.rpartition("/")
+    if base not in world or not t.isdigit():
+        return None
+    scene = Scene.from_dict(world[base]["scene"])
+    if not 1 <= int(t) <= len(scene.frames):
+        return None
+    return Scene(f"{scene.id}/{t}", [scene.frames[int(t) - 1]]), world[base]["style"]
+
+
 def score_stories(world_dir: str | Path, stories_file: str | Path) -> dict:
-    """Hidden utility of each story in `stories_file` (JSONL with item_id/external_id and story/text)."""
+    """Hidden utility of each story in `stories_file` (JSONL with item_id/external_id and story/text).
+
+    An id `ID/T` of a next-frame window scores the next part against frame T (`window_scene`).
+    """
     world = {w["external_id"]: w for w in read_world(world_dir)}
     rows = []
     for lineno, line in enumerate(Path(stories_file).open(), 1):
@@ -267,10 +291,11 @@ def score_stories(world_dir: str | Path, stories_file: str | Path) -> dict:
         d = json.loads(line)
         item_id = d.get("item_id") or d.get("external_id")
         story = d.get("story") or d.get("text")
-        if item_id not in world or not isinstance(story, str):
-            raise ValueError(f"{stories_file}:{lineno}: needs an item_id of this world and a story (or text)")
-        w = world[item_id]
-        comp = components(Scene.from_dict(w["scene"]), story, d.get("style") or w["style"])
+        part = window_scene(world, item_id) if isinstance(item_id, str) and item_id not in world else None
+        if (item_id not in world and part is None) or not isinstance(story, str):
+            raise ValueError(f"{stories_file}:{lineno}: needs an item_id of this world (or ID/T, a next-frame window of one) and a story (or text)")
+        scene, style = part if part else (Scene.from_dict(world[item_id]["scene"]), world[item_id]["style"])
+        comp = components(scene, story, d.get("style") or style)
         rows.append({"item_id": item_id, **comp.to_dict()})
     keys = [k for k in (rows[0] if rows else {}) if k != "item_id"]
     mean = {k: round(sum(r[k] for r in rows) / len(rows), 4) for k in keys} if rows else {}
@@ -282,4 +307,5 @@ def make_demo(out: str | Path, n_items: int = 50, seed: int = 0) -> Path:
     return make_world(out, n_items, seed=seed) / "items.jsonl"
 
 
-__all__ = ["Knobs", "annotate_world", "cast_context", "fresh_frames", "make_demo", "make_world", "read_world", "score_stories", "world_frames"]
+__all__ = ["Knobs", "annotate_world", "cast_context", "fresh_frames", "make_demo", "make_world", "read_world", "score_stories", "window_scene",
+           "world_frames"]  # fmt: skip

@@ -11,6 +11,7 @@ from tests.fixtures import make_tiny
 
 FAMILIES = {
     "vit-gpt2": lambda d: make_tiny.tiny_vit_gpt2(d),
+    "clip-prefix": lambda d: make_tiny.tiny_clip_prefix(d),
     "llava": lambda d: make_tiny.tiny_llava(d),
     "qwen2-vl": lambda d: make_tiny.tiny_qwen2_vl(d, "2"),
     "qwen2.5-vl": lambda d: make_tiny.tiny_qwen2_vl(d, "2.5"),
@@ -31,11 +32,19 @@ def frames(n: int, seed: int = 0) -> list[Image.Image]:
 
 
 def perturb_lora(policy) -> None:
-    """LoRA B starts at zero (the adapter is a no-op); give it weights, as training would."""
+    """LoRA B starts at zero (the adapter is a no-op); give it weights, as training would, and move the
+    fully trained copies (clip-prefix's mapper) too."""
     with torch.no_grad():
         for name, p in policy.model.named_parameters():
             if "lora_B" in name:
                 p.normal_(0, 0.5)
+            elif "modules_to_save" in name:
+                p.add_(torch.randn_like(p) * 0.5)
+
+
+def adapter_owned(name: str) -> bool:
+    """A parameter of the adapter: LoRA's, or a fully trained copy that the reference swaps out."""
+    return "lora_" in name or "modules_to_save" in name
 
 
 def test_generate_logprobs_match_forward_on_multi_frame_batches(tiny_model):
@@ -77,7 +86,7 @@ def test_lora_changes_outputs_and_the_reference_restores_the_base(tiny_model):
         torch.testing.assert_close(policy.forward(batch, ids, mask).logprobs, reference)
     torch.testing.assert_close(policy.forward(batch, ids, mask).logprobs, tuned)  # the adapter is back on
     trainable = {n for n, p in policy.model.named_parameters() if p.requires_grad}
-    assert trainable and all("lora_" in n for n in trainable)
+    assert trainable and all(adapter_owned(n) for n in trainable)
     assert not any("vision" in n or "visual" in n or "encoder.encoder" in n for n in trainable), "the vision tower stays frozen"
 
 
@@ -92,7 +101,7 @@ def test_lora_training_step_with_gradient_checkpointing(tiny_model):
     loss.backward()
     torch.optim.SGD(policy.trainable_parameters(), lr=1.0).step()
     changed = {n for n, p in policy.model.named_parameters() if not torch.equal(p, before[n])}
-    assert changed and all("lora_" in n for n in changed)
+    assert changed and all(adapter_owned(n) for n in changed)
     assert any("lora_B" in n for n in changed)
 
 
