@@ -92,3 +92,18 @@ def test_hidden_utility_blind_to_shapes(tmp_path):
     assert blind[good].consistency == blind[wrong].consistency == 1.0  # one look each, of the hero's own color
     assert blind[two_looks].consistency == 0.0  # the only named character, with two looks
     assert utility_components(world, item, two_looks).consistency == 0.0  # as the whole utility judges it
+
+
+@pytest.mark.timeout(600)
+def test_clip_prefix_storyworld_smoke(tmp_path):
+    """bench/clip_prefix_storyworld.py --smoke: one tiny world of 5-8 frame scenes, SFT on windows, votes, export and DPO."""
+    env = {**os.environ, "PYTHONPATH": str(REPO), "TOKENIZERS_PARALLELISM": "false"}
+    run = subprocess.run([sys.executable, str(REPO / "bench" / "clip_prefix_storyworld.py"), "--smoke", "--worlds", "5", "--seeds", "1", "--out", str(tmp_path)],
+                         env=env, capture_output=True, text=True, timeout=580)  # fmt: skip
+    assert run.returncode == 0, run.stderr[-3000:]
+    world = json.loads((tmp_path / "world-5" / "report.json").read_text())
+    assert world["export"]["train"] > 0 and world["windows"]["held_out"] > 0 and len(world["dpo"]) == 1
+    assert set(world["minutes"]) == {"make_and_clip", "sft", "generate_annotate_export", "evaluate_sft", "dpo_seed_0"}
+    summary = json.loads((tmp_path / "report.json").read_text())
+    assert 0.0 <= summary["win_rate_median"] <= 1.0 and summary["utility"]["reference"] > 5  # the data's own parts are good stories
+    assert {"sft", "dpo", "reference"} == set(summary["clip_score_target_frame"])

@@ -259,6 +259,34 @@ def test_cli_make_annotate_score_and_ingest(tmp_path, capsys):
     assert stats.votes_added == 60
 
 
+def test_long_scenes_with_frame_tags_cut_into_windows_scored_against_their_frame(tmp_path, capsys):
+    """--frames 5-8 --frame-tags: each SFT story tags every frame once; a window's part `ID/T` is scored
+    as a story of frame T alone."""
+    from rlhf.stories import read_examples
+
+    assert main(["make", "--out", str(tmp_path / "w"), "--items", "6", "--seed", "4", "--frames", "5-8", "--frame-tags"]) == 0
+    sft = [json.loads(x) for x in (tmp_path / "w" / "sft.jsonl").open()]
+    for row in sft:
+        n = len(row["image_paths"])
+        assert 5 <= n <= 8 and [f"<gdi image{i}>" in row["story"] for i in range(1, n + 2)] == [True] * n + [False]
+    windows = read_examples(str(tmp_path / "w" / "sft.jsonl"), window=4)
+    assert len(windows) == sum(len(r["image_paths"]) - 4 for r in sft)
+    world = {w["external_id"]: w for w in map(json.loads, (tmp_path / "w" / "world.jsonl").open())}
+    e = windows[0]
+    story_id, t = e.item_id.split("/")
+    scene = Scene.from_dict(world[story_id]["scene"])
+    expected = components(Scene("x", [scene.frames[int(t) - 1]]), e.story, world[story_id]["style"]).utility
+    (tmp_path / "parts.jsonl").write_text(json.dumps({"item_id": e.item_id, "story": e.story}) + "\n")
+    capsys.readouterr()
+    assert main(["score", "--world", str(tmp_path / "w"), "--stories", str(tmp_path / "parts.jsonl")]) == 0
+    assert json.loads(capsys.readouterr().out)["mean_utility"] == pytest.approx(expected, abs=1e-4)
+    (tmp_path / "bad.jsonl").write_text(json.dumps({"item_id": f"{story_id}/9", "story": "x"}) + "\n")  # no frame 9
+    with pytest.raises(ValueError, match="ID/T"):
+        main(["score", "--world", str(tmp_path / "w"), "--stories", str(tmp_path / "bad.jsonl")])
+    with pytest.raises(SystemExit):
+        main(["make", "--out", str(tmp_path / "x"), "--frames", "5-9"])
+
+
 def test_swapped_caption_changes_one_attribute_and_is_false():
     from storyworld.clip import swapped_caption
     from storyworld.grammar import describe_frame
