@@ -6,9 +6,10 @@ which the caller took from the login session (never from a form field).
 Scheduling: a comparison of the project that still needs votes (`n_votes < overlap`, fewest first),
 that this annotator never answered and did not skip, and that is not of the item just seen. A
 random pick among the least-voted few spreads concurrent annotators over different comparisons.
-Where `rlhf.prioritize` has written priorities for the project (active pair selection), the
-highest-priority comparison left under its overlap comes first instead (ties: fewest votes); the
-overlap, gold, repeats and the rules above still hold. With probability `gold_rate` a gold
+Where `rlhf.prioritize` has written priorities for the project (active pair selection), the scored
+comparisons come first, breadth-first by priority: the highest-priority one among the least voted
+(every scored comparison gets its first vote, most informative first, before any gets a second);
+the overlap, gold, repeats and the rules above still hold. With probability `gold_rate` a gold
 comparison is served instead, and with `repeat_rate` one the annotator already answered, with left
 and right swapped (to measure self-consistency and left bias). Left/right order is a hash of
 (annotator, comparison), so a reload shows the same order.
@@ -73,7 +74,8 @@ def _answered_by(annotator_id: int):
 
 
 def _pending(
-    project: Project, annotator_id: int, last_item_id: int | None, skipped: frozenset[int], gold: bool, prioritized: bool = False
+    project: Project, annotator_id: int, last_item_id: int | None, skipped: frozenset[int], gold: bool, prioritized: bool = False,
+    level: int | None = None,
 ):
     query = select(Comparison.id, Comparison.item_id, Comparison.n_votes).where(
         Comparison.project_id == project.id, Comparison.is_gold == gold, ~_answered_by(annotator_id)
@@ -86,7 +88,9 @@ def _pending(
         query = query.where(Comparison.id.not_in(skipped))
     if prioritized and not gold:  # `rlhf.prioritize` scored them: walk its index from the highest priority down
         # (ordered by priority alone, so the database reads ix_priority_project instead of sorting the
-        # project; `_pick` breaks ties by fewest votes)
+        # project), at one vote count (`level`) at a time: breadth-first
+        if level is not None:
+            query = query.where(Comparison.n_votes == level)
         query = query.add_columns(ComparisonPriority.priority).join(ComparisonPriority, ComparisonPriority.comparison_id == Comparison.id)
         query = query.where(ComparisonPriority.project_id == project.id)
         return query.order_by(ComparisonPriority.priority.desc()).limit(CANDIDATE_WINDOW)
@@ -100,17 +104,18 @@ def is_prioritized(session: Session, project: Project) -> bool:
 
 def _pick(session: Session, query, rng: random.Random, in_flight: Mapping[int, int], cap: int | None):
     """Among the least-voted rows, counting the ones handed out and not yet answered as votes; where
-    the rows carry a priority, among the least voted of the highest priority left under the cap."""
+    the rows carry a priority, the highest priority among those least voted (breadth-first)."""
     rows = [(r.n_votes + in_flight.get(r.id, 0), r) for r in session.execute(query)]
     if cap is not None:
         rows = [(n, r) for n, r in rows if n < cap]
     if not rows:
         return None
-    if "priority" in rows[0][1]._fields:
-        best = rows[0][1].priority  # the query orders by priority
-        rows = [(n, r) for n, r in rows if r.priority == best]
     fewest = min(n for n, _ in rows)
-    return rng.choice([r for n, r in rows if n == fewest])
+    rows = [(n, r) for n, r in rows if n == fewest]
+    if "priority" in rows[0][1]._fields:
+        best = max(r.priority for _, r in rows)
+        rows = [(n, r) for n, r in rows if r.priority == best]
+    return rng.choice([r for _, r in rows])
 
 
 def _repeat(session: Session, project: Project, annotator_id: int, last_item_id: int | None, rng: random.Random):
@@ -159,18 +164,18 @@ def next_assignment(
         order: tuple[bool, ...] = (False,)
     else:
         order = (True, False) if rng.random() < project.gold_rate else (False, True)
-    # Prioritized: the scored comparisons by priority first; once none of them is left for this
-    # annotator, the rest (unscored ones) in the usual order.
-    tiers = (True, False) if is_prioritized(session, project) else (False,)
+    # Prioritized: the scored comparisons first, breadth-first (each vote count from 0 up, by priority
+    # within it); once none of them is left for this annotator, the rest (unscored ones) in the usual order.
+    tiers: tuple = tuple((True, level) for level in range(project.overlap)) + ((True, None), (False, None)) if is_prioritized(session, project) else ((False, None),)
     for gold in order:
         cap = None if gold else project.overlap
         row = None
-        for ranked in tiers if not gold else (False,):
-            row = _pick(session, _pending(project, annotator_id, last_item_id, skipped, gold, ranked), rng, in_flight, cap)
+        for ranked, level in tiers if not gold else ((False, None),):
+            row = _pick(session, _pending(project, annotator_id, last_item_id, skipped, gold, ranked, level), rng, in_flight, cap)
             if row is None and last_item_id is not None:  # only the last item is left: better than nothing
-                row = _pick(session, _pending(project, annotator_id, None, skipped, gold, ranked), rng, in_flight, cap)
+                row = _pick(session, _pending(project, annotator_id, None, skipped, gold, ranked, level), rng, in_flight, cap)
             if row is None and in_flight and not gold:  # all remaining ones are held by others: share
-                row = _pick(session, _pending(project, annotator_id, None, skipped, gold, ranked), rng, {}, cap)
+                row = _pick(session, _pending(project, annotator_id, None, skipped, gold, ranked, level), rng, {}, cap)
             if row is not None:
                 break
         if row is not None:

@@ -168,9 +168,10 @@ def test_concurrent_annotators_respect_overlap_and_never_repeat(project):
         assert sum(c > 2 for c in counts) <= 16
 
 
-def test_priorities_serve_the_highest_first_and_keep_the_overlap(project):
-    """With `rlhf.prioritize`'s rows, votes go to the high-priority comparisons first, each up to its
-    overlap, never twice to one annotator; unscored comparisons wait until the scored ones are done."""
+def test_priorities_serve_breadth_first_by_priority_and_keep_the_overlap(project):
+    """With `rlhf.prioritize`'s rows, each scored comparison gets its first vote, highest priority
+    first, before any gets a second; each up to its overlap, never twice to one annotator; unscored
+    comparisons wait until the scored ones are done."""
     from db import ComparisonPriority
 
     rng = random.Random(2)
@@ -180,16 +181,22 @@ def test_priorities_serve_the_highest_first_and_keep_the_overlap(project):
         top = set(ids[-20:])  # the 20 newest get a high priority, 40 more a low one, the rest none
         s.add_all([ComparisonPriority(comparison_id=c, project_id=p.id, priority=0.9 if c in top else 0.1) for c in ids[-60:]])
     served = []
-    for k in range(40):  # 2 annotators × 20 = the top 20 to their overlap of 2, before anything else
+    for k in range(100):  # 2 annotators: the top 20 once, the low 40 once, then the top 20 again (overlap 2), then the low 40
         name = ("u0", "u1")[k % 2]
         with project.begin() as s:
             p, users = _ids(s)
             a = next_assignment(s, users[name], p, rng=rng)
-            served.append(a.comparison_id)
+            served.append((name, a.comparison_id))
             record_vote(s, users[name], a, "left", client_token=f"p{k}")
-    assert set(served) == top and max(Counter(served).values()) == 2
+    order = [c for _, c in served]
+    assert set(order[:20]) == top and len(set(order[:20])) == 20  # level 0, highest priority first
+    assert set(order[20:60]) == set(ids[-60:-20]) and len(set(order[20:60])) == 40  # level 0, then the low ones
+    assert set(order[60:80]) == top  # level 1: the top ones again, now at their overlap of 2
+    assert set(order[80:]) <= set(ids[-60:-20])
+    assert max(Counter(served).values()) == 1  # never twice to one annotator
     with project.begin() as s:
         p, users = _ids(s)
+        assert all(s.get(Comparison, c).n_votes == 2 for c in top)
         nxt = next_assignment(s, users["u2"], p, rng=rng)
         assert nxt.comparison_id in set(ids[-60:-20])  # the low-priority ones, still before the unscored
-        assert s.get(Comparison, nxt.comparison_id).n_votes == 0
+        assert s.get(Comparison, nxt.comparison_id).n_votes == 1
