@@ -39,6 +39,9 @@ from sqlalchemy.orm import Session
 from db import ASPECTS, CHOICES, Annotator, Comparison, ComparisonPriority, Lease, Project, Vote
 
 CANDIDATE_WINDOW = 64  # look at this many least-voted (or highest-priority) comparisons, then pick the least held
+LEVEL_FETCH = 4096  # prioritized: read at most this many comparisons of one vote count and sort them by priority here
+DENSE_WALK = 1024  # a vote count with more than LEVEL_FETCH: walk the priority index this many rows at a time for its best,
+DENSE_PAGES = 16  # for at most this many pages
 LEASE_SECONDS = 600  # an assignment nobody answered for this long is no longer counted as in flight
 
 
@@ -86,15 +89,34 @@ def _pending(
         query = query.where(Comparison.item_id != last_item_id)
     if skipped:
         query = query.where(Comparison.id.not_in(skipped))
-    if prioritized and not gold:  # `rlhf.prioritize` scored them: walk its index from the highest priority down
-        # (ordered by priority alone, so the database reads ix_priority_project instead of sorting the
-        # project), at one vote count (`level`) at a time: breadth-first
-        if level is not None:
-            query = query.where(Comparison.n_votes == level)
+    if prioritized and not gold:  # `rlhf.prioritize` scored them (see _by_priority)
         query = query.add_columns(ComparisonPriority.priority).join(ComparisonPriority, ComparisonPriority.comparison_id == Comparison.id)
         query = query.where(ComparisonPriority.project_id == project.id)
-        return query.order_by(ComparisonPriority.priority.desc()).limit(CANDIDATE_WINDOW)
+        if level is not None:  # one vote count's comparisons, unordered: the caller sorts at most LEVEL_FETCH of them
+            return query.where(Comparison.n_votes == level).limit(LEVEL_FETCH)
+        return query.order_by(ComparisonPriority.priority.desc(), Comparison.id).limit(DENSE_WALK)  # walks ix_priority_project
     return query.order_by(Comparison.n_votes, Comparison.id).limit(CANDIDATE_WINDOW)
+
+
+def _by_priority(session: Session, pending, level: int) -> list:
+    """The highest-priority comparisons with `level` votes, best first (at most CANDIDATE_WINDOW).
+
+    `pending(level)` gives the query. Neither a sort of every comparison of the project nor a walk
+    down the priority index filtered to one vote count stays fast at every stage of a campaign (the
+    walk is slow once that count is rare), so: read the level's comparisons, unordered, up to
+    LEVEL_FETCH, and sort them here; a level with more than that is common among the scored ones,
+    so a walk down the priority index, a page at a time, finds its best soon (after DENSE_PAGES pages
+    without one, the best of those read stands in).
+    """
+    rows = session.execute(pending(level)).all()
+    if len(rows) == LEVEL_FETCH:
+        for page in range(DENSE_PAGES):
+            walked = session.execute(pending(None).offset(page * DENSE_WALK)).all()
+            found = [r for r in walked if r.n_votes == level]
+            if found or len(walked) < DENSE_WALK:
+                rows = found or rows
+                break
+    return sorted(rows, key=lambda r: -r.priority)[:CANDIDATE_WINDOW]
 
 
 def is_prioritized(session: Session, project: Project) -> bool:
@@ -105,7 +127,7 @@ def is_prioritized(session: Session, project: Project) -> bool:
 def _pick(session: Session, query, rng: random.Random, in_flight: Mapping[int, int], cap: int | None):
     """Among the least-voted rows, counting the ones handed out and not yet answered as votes; where
     the rows carry a priority, the highest priority among those least voted (breadth-first)."""
-    rows = [(r.n_votes + in_flight.get(r.id, 0), r) for r in session.execute(query)]
+    rows = [(r.n_votes + in_flight.get(r.id, 0), r) for r in (query if isinstance(query, list) else session.execute(query))]
     if cap is not None:
         rows = [(n, r) for n, r in rows if n < cap]
     if not rows:
@@ -171,11 +193,17 @@ def next_assignment(
         cap = None if gold else project.overlap
         row = None
         for ranked, level in tiers if not gold else ((False, None),):
-            row = _pick(session, _pending(project, annotator_id, last_item_id, skipped, gold, ranked, level), rng, in_flight, cap)
+
+            def candidates(last: int | None):
+                if level is None:
+                    return _pending(project, annotator_id, last, skipped, gold, ranked)
+                return _by_priority(session, lambda lv: _pending(project, annotator_id, last, skipped, gold, ranked, lv), level)
+
+            row = _pick(session, candidates(last_item_id), rng, in_flight, cap)
             if row is None and last_item_id is not None:  # only the last item is left: better than nothing
-                row = _pick(session, _pending(project, annotator_id, None, skipped, gold, ranked, level), rng, in_flight, cap)
+                row = _pick(session, candidates(None), rng, in_flight, cap)
             if row is None and in_flight and not gold:  # all remaining ones are held by others: share
-                row = _pick(session, _pending(project, annotator_id, None, skipped, gold, ranked, level), rng, {}, cap)
+                row = _pick(session, candidates(None), rng, {}, cap)
             if row is not None:
                 break
         if row is not None:

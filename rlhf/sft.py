@@ -42,7 +42,7 @@ class SFTConfig:
     data: str = field(metadata={"help": "JSONL of image_paths, instruction, [style, context,] story; or an HF dataset (StoryReasoning schema)"})
     window: int = field(default=0, metadata={"help": "K: cut each story into next-frame examples (frames T-K..T, the text before T as context, frame T's text as the target); 0: whole stories"})
     output_dir: str = field(default="runs/sft", metadata={"help": "where the policy (adapter or full model), checkpoints and logs go"})
-    policy: str | None = field(default=None, metadata={"help": "a policy to fine-tune: HF id or path (ViT-GPT2, LLaVA, Qwen2-VL, Qwen2.5-VL)"})
+    policy: str | None = field(default=None, metadata={"help": "a policy to fine-tune: HF id or path (ViT-GPT2, clip-prefix, LLaVA, Qwen2-VL, Qwen2.5-VL)"})
     init: str | None = field(default=None, metadata={"help": "instead of --policy, build a fresh model: tiny-vit-gpt2 or tiny-clip-prefix (word-level, from scratch), or clip-prefix (a new mapper between --clip_model and the GPT-2 --language_model)"})
     lora: bool | None = field(default=None, metadata={"help": "train a LoRA adapter (default: on for --policy, off for --init)"})
     lora_r: int = field(default=16, metadata={"help": "LoRA rank"})

@@ -168,11 +168,18 @@ def test_concurrent_annotators_respect_overlap_and_never_repeat(project):
         assert sum(c > 2 for c in counts) <= 16
 
 
-def test_priorities_serve_breadth_first_by_priority_and_keep_the_overlap(project):
+@pytest.mark.parametrize("fetch", [None, (5, 8)], ids=["sparse", "dense"])
+def test_priorities_serve_breadth_first_by_priority_and_keep_the_overlap(project, fetch, monkeypatch):
     """With `rlhf.prioritize`'s rows, each scored comparison gets its first vote, highest priority
     first, before any gets a second; each up to its overlap, never twice to one annotator; unscored
-    comparisons wait until the scored ones are done."""
+    comparisons wait until the scored ones are done. `dense`: vote counts with more comparisons than
+    the scheduler reads at once, as at the start of a large campaign (it walks the priority index)."""
+    import annotate.scheduler as scheduler
     from db import ComparisonPriority
+
+    if fetch:
+        monkeypatch.setattr(scheduler, "LEVEL_FETCH", fetch[0])
+        monkeypatch.setattr(scheduler, "DENSE_WALK", fetch[1])
 
     rng = random.Random(2)
     with project.begin() as s:
