@@ -40,8 +40,8 @@ from db import ASPECTS, CHOICES, Annotator, Comparison, ComparisonPriority, Leas
 
 CANDIDATE_WINDOW = 64  # look at this many least-voted (or highest-priority) comparisons, then pick the least held
 LEVEL_FETCH = 4096  # prioritized: read at most this many comparisons of one vote count and sort them by priority here
-DENSE_WALK = 1024  # a vote count with more than LEVEL_FETCH: walk the priority index this many rows at a time for its best,
-DENSE_PAGES = 16  # for at most this many pages
+DENSE_WALK = 256  # prioritized: walk the priority index this many rows at a time for a vote count's best,
+DENSE_PAGES = 32  # for at most this many pages
 LEASE_SECONDS = 600  # an assignment nobody answered for this long is no longer counted as in flight
 
 
@@ -94,29 +94,42 @@ def _pending(
         query = query.where(ComparisonPriority.project_id == project.id)
         if level is not None:  # one vote count's comparisons, unordered: the caller sorts at most LEVEL_FETCH of them
             return query.where(Comparison.n_votes == level).limit(LEVEL_FETCH)
-        return query.order_by(ComparisonPriority.priority.desc(), Comparison.id).limit(DENSE_WALK)  # walks ix_priority_project
+        return query.order_by(ComparisonPriority.priority.desc()).limit(DENSE_WALK)  # walks ix_priority_project (no tiebreak: it would sort)
     return query.order_by(Comparison.n_votes, Comparison.id).limit(CANDIDATE_WINDOW)
 
 
-def _by_priority(session: Session, pending, level: int) -> list:
-    """The highest-priority comparisons with `level` votes, best first (at most CANDIDATE_WINDOW).
+def _by_priority(session: Session, pending, overlap: int, pick):
+    """The scored comparisons breadth-first: for each vote count from 0 up, `pick` (see `_pick`) among
+    that count's highest-priority comparisons; the first row picked, or None.
 
-    `pending(level)` gives the query. Neither a sort of every comparison of the project nor a walk
-    down the priority index filtered to one vote count stays fast at every stage of a campaign (the
-    walk is slow once that count is rare), so: read the level's comparisons, unordered, up to
-    LEVEL_FETCH, and sort them here; a level with more than that is common among the scored ones,
-    so a walk down the priority index, a page at a time, finds its best soon (after DENSE_PAGES pages
-    without one, the best of those read stands in).
+    `pending(level)` gives one count's comparisons unordered (at most LEVEL_FETCH), `pending(None)`
+    all scored ones down the priority index (DENSE_WALK rows a page). Neither a sort of the project
+    nor a walk down the index filtered to one count stays fast at every stage of a campaign (the walk
+    is slow once the count is rare), so: one walk's first page, which holds a count's best wherever
+    that count is common (and every scored comparison left, when it is short); else that count read
+    whole and sorted here, where it is rare; else (common, but not near the top) the walk a page at
+    a time, DENSE_PAGES pages at most, after which the best of the rows read stands in.
     """
-    rows = session.execute(pending(level)).all()
-    if len(rows) == LEVEL_FETCH:
-        for page in range(DENSE_PAGES):
-            walked = session.execute(pending(None).offset(page * DENSE_WALK)).all()
-            found = [r for r in walked if r.n_votes == level]
-            if found or len(walked) < DENSE_WALK:
-                rows = found or rows
-                break
-    return sorted(rows, key=lambda r: -r.priority)[:CANDIDATE_WINDOW]
+    best = lambda rows: sorted(rows, key=lambda r: -r.priority)[:CANDIDATE_WINDOW]  # noqa: E731
+    page = session.execute(pending(None)).all()
+    if not page:
+        return None  # nothing scored is left for this annotator
+    levels = range(overlap) if len(page) == DENSE_WALK else sorted({r.n_votes for r in page})
+    for level in levels:
+        found = [r for r in page if r.n_votes == level]
+        if not found and len(page) == DENSE_WALK:
+            rows = session.execute(pending(level)).all()
+            if len(rows) == LEVEL_FETCH:
+                for k in range(1, DENSE_PAGES):
+                    walked = session.execute(pending(None).offset(k * DENSE_WALK)).all()
+                    found = [r for r in walked if r.n_votes == level]
+                    if found or len(walked) < DENSE_WALK:
+                        break
+            found = found or rows
+        row = pick(best(found)) if found else None
+        if row is not None:
+            return row
+    return pick(page)  # above the project's overlap: comparisons with a higher overlap of their own
 
 
 def is_prioritized(session: Session, project: Project) -> bool:
@@ -188,22 +201,23 @@ def next_assignment(
         order = (True, False) if rng.random() < project.gold_rate else (False, True)
     # Prioritized: the scored comparisons first, breadth-first (each vote count from 0 up, by priority
     # within it); once none of them is left for this annotator, the rest (unscored ones) in the usual order.
-    tiers: tuple = tuple((True, level) for level in range(project.overlap)) + ((True, None), (False, None)) if is_prioritized(session, project) else ((False, None),)
+    tiers = (True, False) if is_prioritized(session, project) else (False,)
     for gold in order:
         cap = None if gold else project.overlap
         row = None
-        for ranked, level in tiers if not gold else ((False, None),):
+        for ranked in tiers if not gold else (False,):
 
-            def candidates(last: int | None):
-                if level is None:
-                    return _pending(project, annotator_id, last, skipped, gold, ranked)
-                return _by_priority(session, lambda lv: _pending(project, annotator_id, last, skipped, gold, ranked, lv), level)
+            def choose(last: int | None, held: Mapping[int, int]):
+                pick = lambda rows: _pick(session, rows, rng, held, cap)  # noqa: E731
+                if ranked:
+                    return _by_priority(session, lambda lv: _pending(project, annotator_id, last, skipped, gold, True, lv), project.overlap, pick)
+                return pick(_pending(project, annotator_id, last, skipped, gold))
 
-            row = _pick(session, candidates(last_item_id), rng, in_flight, cap)
+            row = choose(last_item_id, in_flight)
             if row is None and last_item_id is not None:  # only the last item is left: better than nothing
-                row = _pick(session, candidates(None), rng, in_flight, cap)
+                row = choose(None, in_flight)
             if row is None and in_flight and not gold:  # all remaining ones are held by others: share
-                row = _pick(session, candidates(None), rng, {}, cap)
+                row = choose(None, {})
             if row is not None:
                 break
         if row is not None:

@@ -248,8 +248,8 @@ class ProjectMember(Base):
 class ComparisonPriority(Base):
     """How soon a comparison should get its votes (higher first), written by `rlhf.prioritize`.
 
-    The scheduler serves a project's scored comparisons by priority, then by fewest votes; it still
-    honours the overlap, gold and repeats. Comparisons without a row wait until the scored ones are done.
+    The scheduler serves a project's scored comparisons breadth-first: the highest priority among the
+    least voted; it still honours the overlap, gold and repeats. Comparisons without a row wait until the scored ones are done.
     """
 
     __tablename__ = "comparison_priority"

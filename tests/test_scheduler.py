@@ -168,12 +168,14 @@ def test_concurrent_annotators_respect_overlap_and_never_repeat(project):
         assert sum(c > 2 for c in counts) <= 16
 
 
-@pytest.mark.parametrize("fetch", [None, (5, 8)], ids=["sparse", "dense"])
+@pytest.mark.parametrize("fetch", [None, (5, 8), (50, 8)], ids=["small", "dense", "mixed"])
 def test_priorities_serve_breadth_first_by_priority_and_keep_the_overlap(project, fetch, monkeypatch):
     """With `rlhf.prioritize`'s rows, each scored comparison gets its first vote, highest priority
     first, before any gets a second; each up to its overlap, never twice to one annotator; unscored
-    comparisons wait until the scored ones are done. `dense`: vote counts with more comparisons than
-    the scheduler reads at once, as at the start of a large campaign (it walks the priority index)."""
+    comparisons wait until the scored ones are done. `small`: every scored comparison fits on the
+    first page of the priority walk; `dense` and `mixed` shrink the scheduler's reads so that a vote
+    count holds more comparisons than it reads at once (it walks the index a page at a time) and,
+    later, fewer (it reads them whole and sorts), as over a large campaign."""
     import annotate.scheduler as scheduler
     from db import ComparisonPriority
 
