@@ -98,7 +98,7 @@ def _pending(
     return query.order_by(Comparison.n_votes, Comparison.id).limit(CANDIDATE_WINDOW)
 
 
-def _by_priority(session: Session, pending, overlap: int, pick):
+def _by_priority(session: Session, pending, overlap: int, pick, any_at):
     """The scored comparisons breadth-first: for each vote count from 0 up, `pick` (see `_pick`) among
     that count's highest-priority comparisons; the first row picked, or None.
 
@@ -108,7 +108,9 @@ def _by_priority(session: Session, pending, overlap: int, pick):
     is slow once the count is rare), so: one walk's first page, which holds a count's best wherever
     that count is common (and every scored comparison left, when it is short); else that count read
     whole and sorted here, where it is rare; else (common, but not near the top) the walk a page at
-    a time, DENSE_PAGES pages at most, after which the best of the rows read stands in.
+    a time, DENSE_PAGES pages at most, after which the best of the rows read stands in. `any_at(level)`
+    says whether the project has any comparison with that count at all (an index probe), so a count
+    nobody is at costs no read of this annotator's votes.
     """
     best = lambda rows: sorted(rows, key=lambda r: -r.priority)[:CANDIDATE_WINDOW]  # noqa: E731
     page = session.execute(pending(None)).all()
@@ -118,6 +120,8 @@ def _by_priority(session: Session, pending, overlap: int, pick):
     for level in levels:
         found = [r for r in page if r.n_votes == level]
         if not found and len(page) == DENSE_WALK:
+            if not any_at(level):
+                continue
             rows = session.execute(pending(level)).all()
             if len(rows) == LEVEL_FETCH:
                 for k in range(1, DENSE_PAGES):
@@ -130,6 +134,12 @@ def _by_priority(session: Session, pending, overlap: int, pick):
         if row is not None:
             return row
     return pick(page)  # above the project's overlap: comparisons with a higher overlap of their own
+
+
+def _any_at(session: Session, project: Project, level: int) -> bool:
+    """Whether any regular comparison of the project has `level` votes (reads ix_comparison_pending only)."""
+    probe = select(Comparison.id).where(Comparison.project_id == project.id, ~Comparison.is_gold, Comparison.n_votes == level).limit(1)
+    return session.scalar(probe) is not None
 
 
 def is_prioritized(session: Session, project: Project) -> bool:
@@ -210,7 +220,8 @@ def next_assignment(
             def choose(last: int | None, held: Mapping[int, int]):
                 pick = lambda rows: _pick(session, rows, rng, held, cap)  # noqa: E731
                 if ranked:
-                    return _by_priority(session, lambda lv: _pending(project, annotator_id, last, skipped, gold, True, lv), project.overlap, pick)
+                    return _by_priority(session, lambda lv: _pending(project, annotator_id, last, skipped, gold, True, lv), project.overlap, pick,
+                                        lambda lv: _any_at(session, project, lv))  # fmt: skip
                 return pick(_pending(project, annotator_id, last, skipped, gold))
 
             row = choose(last_item_id, in_flight)

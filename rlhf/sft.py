@@ -249,7 +249,7 @@ def train(cfg: SFTConfig) -> tuple[StoryPolicy, dict]:
     if cfg.init is not None and cfg.init not in INITS:
         raise ModelLoadError(f"--init {cfg.init!r}: choose one of {', '.join(INITS)}")
     if cfg.vision_encoder and cfg.init != "tiny-vit-gpt2":
-        raise ModelLoadError("--vision_encoder sets the ViT of a fresh --init tiny-vit-gpt2; other policies bring their own vision encoder")
+        raise ModelLoadError("--vision_encoder sets the ViT of a fresh --init model (tiny-vit-gpt2); other policies bring their own vision encoder")
     if cfg.init in ("tiny-clip-prefix", "clip-prefix") and not cfg.clip_model:
         raise ModelLoadError(f"--init {cfg.init} needs --clip_model: an open_clip name (ViT-B-32 with --clip_pretrained) or a local "
                              "directory (storyworld: python -m storyworld train-clip --world DIR --out DIR)")  # fmt: skip
