@@ -40,7 +40,7 @@ from db import ASPECTS, CHOICES, Annotator, Comparison, ComparisonPriority, Leas
 
 CANDIDATE_WINDOW = 64  # look at this many least-voted (or highest-priority) comparisons, then pick the least held
 LEVEL_FETCH = 4096  # prioritized: read at most this many comparisons of one vote count and sort them by priority here
-DENSE_WALK = 256  # prioritized: walk the priority index this many rows at a time for a vote count's best,
+DENSE_WALK = 64  # prioritized: walk the priority index this many rows at a time for a vote count's best,
 DENSE_PAGES = 32  # for at most this many pages
 LEASE_SECONDS = 600  # an assignment nobody answered for this long is no longer counted as in flight
 
