@@ -168,3 +168,29 @@ def test_lora_on_a_clip_prefix_trains_gpt2_projections_and_the_mapper(trained):
     assert any(".gpt." in n and "lora_" in n for n in trainable)
     assert any("mapper.modules_to_save" in n for n in trainable) and any("slots.modules_to_save" in n for n in trainable)
     assert not any("wte" in n or "wpe" in n for n in trainable)
+
+
+def test_init_clip_prefix_puts_a_new_mapper_before_a_pretrained_gpt2(trained, tmp_path):
+    """--init clip-prefix --language_model DIR: GPT-2's own weights and tokenizer, a new mapper; with
+    --lora true, LoRA on GPT-2 and the mapper trained in full."""
+    from transformers import GPT2Config, GPT2LMHeadModel
+
+    root, world, _ = trained
+    tok = make_tiny.tiny_tokenizer(tmp_path / "gpt2")
+    torch.manual_seed(3)
+    gpt2 = GPT2LMHeadModel(GPT2Config(vocab_size=len(tok), n_embd=32, n_layer=2, n_head=2, n_positions=1024, bos_token_id=tok.bos_token_id,
+                                      eos_token_id=tok.eos_token_id, pad_token_id=tok.pad_token_id))  # fmt: skip
+    gpt2.save_pretrained(tmp_path / "gpt2")
+    _, metrics = train(SFTConfig(data=str(world / "sft.jsonl"), window=WINDOW, init="clip-prefix", clip_model=str(root / "clip"),
+                                 language_model=str(tmp_path / "gpt2"), lora=True, lora_r=4, output_dir=str(tmp_path / "sft"), epochs=1,
+                                 batch_size=4, lr=3e-3, samples=1, max_new_tokens=8))  # fmt: skip
+    assert metrics["family"] == "clip-prefix" and metrics["lora"] is True
+    init = load_policy(str(tmp_path / "sft" / "init"))
+    for name, value in gpt2.state_dict().items():  # the new model starts from GPT-2's weights
+        torch.testing.assert_close(init.model.gpt.state_dict()[name], value, msg=name)
+    tuned = load_policy(str(tmp_path / "sft"))
+    assert tuned.has_adapter and tuned.tokenizer.get_vocab() == tok.get_vocab()
+    state = tuned.model.state_dict()
+    mapper = [k for k in state if "mapper.modules_to_save" in k and k.endswith("weight")]
+    assert mapper and any(not torch.equal(state[k], init.model.state_dict()[k.split("base_model.model.")[1].replace("modules_to_save.default.", "")])
+                          for k in mapper)  # fmt: skip
