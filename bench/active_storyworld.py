@@ -4,7 +4,7 @@
 
 Per world (a fresh seed): `storyworld make`, the world's tiny CLIP (`train-clip`), and two projects
 in one SQLite database through `annotate.ingest`: a *pool* of 200 items with 3 comparisons each
-(600 comparisons, overlap 3: a full budget of 1,800 votes) and a *test* project of 80 other items
+(about 630 with the image-twin pairs ingest adds; the budget is 200 × 3 × overlap 3 = 1,800 votes) and a *test* project of 80 other items
 whose every pair gets 3 simulated votes (never counted in the budget). Storyworld's default pool of
 5 simulated annotators then answers the pool's comparisons one vote at a time, each served by the
 app's own scheduler (`annotate.scheduler.next_assignment`, the code the app runs) and recorded with
@@ -13,7 +13,7 @@ app's own scheduler (`annotate.scheduler.next_assignment`, the code the app runs
 - **default**: the scheduler's order, fewest votes first, to 30%, 60% and 100% of the budget;
 - **active**: the same first 30%; then, per round, `rlhf.train_rm` on the export so far,
   `rlhf.prioritize` (margin: the pairs the model is least sure of) and the next 15% of the budget
-  served by priority, to 45% and 60%.
+  served by priority (breadth-first, as the app serves it), to 45% and 60%.
 
 At every point, `annotate.export --format trl --aggregate majority` of the pool trains a reward model
 (clip-fusion: the tiny CLIP and the real all-MiniLM-L6-v2 with LoRA; 2 epochs), scored on the test
