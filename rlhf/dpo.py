@@ -48,7 +48,7 @@ from rlhf.runlog import clip_gradients, device_summary, latest_checkpoint, log_m
 
 @dataclass
 class DPOConfig:
-    policy: str = field(metadata={"help": "the policy: HF id or path (ViT-GPT2, LLaVA, Qwen2-VL, Qwen2.5-VL), or a dir from rlhf.sft"})
+    policy: str = field(metadata={"help": "the policy: HF id or path (ViT-GPT2, clip-prefix, LLaVA, Qwen2-VL, Qwen2.5-VL), or a dir from rlhf.sft"})
     data: str = field(default="", metadata={"help": "preference data, as rlhf.train_rm reads it: an annotate.export dir or file (TRL or pairs "
                                                     "JSONL), or a saved HF dataset"})  # fmt: skip
     output_dir: str = field(default="runs/dpo", metadata={"help": "adapter, checkpoints and logs"})

@@ -52,7 +52,7 @@ from rlhf.stories import StoryDataError, StoryExample, read_examples
 @dataclass
 class PPOConfig:
     # Models.
-    policy: str = field(metadata={"help": "the policy: HF id or path (ViT-GPT2, LLaVA, Qwen2-VL), or a dir from rlhf.sft"})
+    policy: str = field(metadata={"help": "the policy: HF id or path (ViT-GPT2, clip-prefix, LLaVA, Qwen2-VL), or a dir from rlhf.sft"})
     window: int = field(default=0, metadata={"help": "K: cut each story into next-frame examples (frames T-K..T, the text before T as context, frame T's text as the target); 0: whole stories"})
     prompts: str = field(default="", metadata={"help": "prompts: items JSONL (image_paths, instruction, style, context) or an HF dataset"})
     output_dir: str = field(default="runs/ppo", metadata={"help": "adapter, value head, checkpoints and logs"})
