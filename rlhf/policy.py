@@ -171,6 +171,10 @@ class _Adapter:
         """Logits of the last `keep` positions of `ids` (prompt + response), and the last hidden states of all."""
         raise NotImplementedError
 
+    def positions(self, batch: PolicyBatch) -> tuple[int | None, int]:
+        """(the model's position limit, or None where it has none that matters; positions before the prompt's tokens)."""
+        return None, 0
+
 
 def _left_padded(tok, prompts: Sequence[str], start_id: int | None) -> tuple[torch.Tensor, torch.Tensor]:
     """Prompt token ids (after `start_id`, if any), left-padded, and their mask."""
@@ -251,6 +255,9 @@ class _VisionEncoderDecoderAdapter(_Adapter):
     @property
     def model_config(self):
         return self.model.config
+
+    def positions(self, batch):
+        return getattr(self._parts(self.model).decoder.config, "n_positions", None), 0
 
     @staticmethod
     def _parts(model):
@@ -336,6 +343,10 @@ class _ClipPrefixAdapter(_Adapter):
         out = inner.gpt.generate(inputs_embeds=embeds, attention_mask=mask, **kwargs)  # returns the new tokens only
         out.sequences = torch.cat([batch.prompt_ids, out.sequences], 1)
         return out
+
+    def positions(self, batch):
+        config = self.model.config
+        return config.text_config.n_positions, (batch.inputs["frame_features"].shape[1] + int(config.context_prefix)) * config.prefix_length
 
     def forward(self, model, batch, ids, mask, keep):
         out = self._parts(model)(input_ids=ids, attention_mask=mask, **batch.inputs, output_hidden_states=True, use_cache=False, logits_to_keep=keep)
@@ -443,6 +454,7 @@ class StoryPolicy(nn.Module):
         """Sample one story per row. Log-probs are of the sampling distribution at `temperature`."""
         from transformers import GenerationConfig
 
+        self._check_length(batch, max_new_tokens, "max_new_tokens")
         config = GenerationConfig(max_new_tokens=max_new_tokens, do_sample=do_sample, temperature=temperature if do_sample else 1.0,
                                   top_k=top_k if do_sample else None, top_p=top_p if do_sample else None, min_new_tokens=min_new_tokens,
                                   eos_token_id=self.eos_token_id, pad_token_id=self.pad_token_id, bos_token_id=self.tokenizer.bos_token_id,
@@ -455,6 +467,17 @@ class StoryPolicy(nn.Module):
         mask, ended = self.response_mask(response)
         response = response.masked_fill(mask == 0, self.pad_token_id)
         return Generation(response, mask, logprobs.masked_fill(mask == 0, 0.0), self.decode(response, mask), ended)
+
+    def _check_length(self, batch: PolicyBatch, new: int, what: str) -> None:
+        """A clear error, instead of an index error deep in the model, when prompt + story outgrow its positions."""
+        limit, before = self.adapter.positions(batch)
+        need = before + batch.prompt_ids.shape[1] + new
+        if limit is not None and need > limit:
+            raise ValueError(
+                f"{before + batch.prompt_ids.shape[1]} prompt positions ({before} of them image prefix) + {new} for the {what} need {need}, "
+                f"more than this {self.family} model's {limit} (n_positions): shorten the story so far (--window K with a smaller "
+                "K, or shorter contexts), lower --max_new_tokens, or build the model with more positions"
+            )
 
     def response_mask(self, response: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """(mask up to and including the first EOS, whether an EOS came) for (B, T) token ids."""
@@ -470,6 +493,7 @@ class StoryPolicy(nn.Module):
     def forward(self, batch: PolicyBatch, response_ids: torch.Tensor, response_mask: torch.Tensor,
                 temperature: float = 1.0) -> ForwardOutput:  # fmt: skip
         """Log-probs (at `temperature`) and last hidden states of `response_ids` given the prompt."""
+        self._check_length(batch, response_ids.shape[1], "story")
         ids = torch.cat([batch.prompt_ids, response_ids], 1)
         mask = torch.cat([batch.prompt_mask, response_mask.to(batch.prompt_mask.dtype)], 1)
         t = response_ids.shape[1]

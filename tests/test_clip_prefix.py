@@ -194,3 +194,16 @@ def test_init_clip_prefix_puts_a_new_mapper_before_a_pretrained_gpt2(trained, tm
     mapper = [k for k in state if "mapper.modules_to_save" in k and k.endswith("weight")]
     assert mapper and any(not torch.equal(state[k], init.model.state_dict()[k.split("base_model.model.")[1].replace("modules_to_save.default.", "")])
                           for k in mapper)  # fmt: skip
+
+
+def test_a_prompt_longer_than_the_models_positions_is_refused_clearly(trained):
+    root, world, _ = trained
+    policy = load_policy(str(root / "sft"))
+    e = read_examples(str(world / "sft.jsonl"), window=WINDOW)[0]
+    limit = policy.model.config.text_config.n_positions
+    batch = policy.batch([e.load_images()], e.instruction, e.style, " ".join(["red"] * limit))  # a story so far longer than the model
+    with pytest.raises(ValueError, match=r"n_positions.*shorten the story so far"):
+        policy.generate(batch, max_new_tokens=8)
+    ids, mask = policy.tokenize_responses([e.story])
+    with pytest.raises(ValueError, match=r"image prefix.*n_positions"):
+        policy.forward(batch, ids, mask)
