@@ -13,13 +13,17 @@ import pytest
 REPO = Path(__file__).resolve().parents[1]
 
 
+def run_bench(script: str, *args: str, timeout: int) -> None:
+    """bench/SCRIPT with `args` in a fresh process, as a user runs it; its stderr's end on failure."""
+    env = {**os.environ, "PYTHONPATH": str(REPO), "TOKENIZERS_PARALLELISM": "false"}
+    run = subprocess.run([sys.executable, str(REPO / "bench" / script), *args], env=env, capture_output=True, text=True, timeout=timeout)
+    assert run.returncode == 0, run.stderr[-3000:]
+
+
 @pytest.mark.timeout(1500)
 def test_methods_and_ppo_storyworld_smoke(tmp_path):
     """bench/methods_storyworld.py --smoke: one tiny world through bench/ppo_storyworld.py with every method, two seeds each, and the oracles."""
-    env = {**os.environ, "PYTHONPATH": str(REPO), "TOKENIZERS_PARALLELISM": "false"}
-    run = subprocess.run([sys.executable, str(REPO / "bench" / "methods_storyworld.py"), "--smoke", "--worlds", "0", "--seeds", "2", "--out", str(tmp_path)],
-                         env=env, capture_output=True, text=True, timeout=1450)  # fmt: skip
-    assert run.returncode == 0, run.stderr[-3000:]
+    run_bench("methods_storyworld.py", "--smoke", "--worlds", "0", "--seeds", "2", "--out", str(tmp_path), timeout=1450)
     world = tmp_path / "world-0"
     report = json.loads((world / "report.json").read_text())
     for key in ("utility_sft", "utility_ppo", "win_rate_vs_sft", "kl_to_sft", "minutes"):
@@ -57,9 +61,7 @@ def test_methods_and_ppo_storyworld_smoke(tmp_path):
     assert table.count("\n") == 2 + 7 and "ceiling" in table
     # --oracle-only on the finished world: a new ceiling run, everything else of the report kept as it was.
     (world / "ppo-oracle" / "metrics.json").unlink()
-    run = subprocess.run([sys.executable, str(REPO / "bench" / "ppo_storyworld.py"), "--smoke", "--out", str(world), "--seed", "0", "--oracle-only"],
-                         env=env, capture_output=True, text=True, timeout=600)  # fmt: skip
-    assert run.returncode == 0, run.stderr[-3000:]
+    run_bench("ppo_storyworld.py", "--smoke", "--out", str(world), "--seed", "0", "--oracle-only", timeout=600)
     again = json.loads((world / "report.json").read_text())
     assert again["methods"] == report["methods"] and again["ppo"] == report["ppo"] and again["seeds"] == report["seeds"]
     assert (world / "ppo-oracle" / "metrics.json").exists() and 0.0 <= again["oracle"]["win_rate_vs_sft"] <= 1.0
@@ -97,10 +99,7 @@ def test_hidden_utility_blind_to_shapes(tmp_path):
 @pytest.mark.timeout(600)
 def test_clip_prefix_storyworld_smoke(tmp_path):
     """bench/clip_prefix_storyworld.py --smoke: one tiny world of 5-8 frame scenes, SFT on windows, votes, export and DPO."""
-    env = {**os.environ, "PYTHONPATH": str(REPO), "TOKENIZERS_PARALLELISM": "false"}
-    run = subprocess.run([sys.executable, str(REPO / "bench" / "clip_prefix_storyworld.py"), "--smoke", "--worlds", "5", "--seeds", "1", "--out", str(tmp_path)],
-                         env=env, capture_output=True, text=True, timeout=580)  # fmt: skip
-    assert run.returncode == 0, run.stderr[-3000:]
+    run_bench("clip_prefix_storyworld.py", "--smoke", "--worlds", "5", "--seeds", "1", "--out", str(tmp_path), timeout=580)
     world = json.loads((tmp_path / "world-5" / "report.json").read_text())
     assert world["export"]["train"] > 0 and world["windows"]["held_out"] > 0 and len(world["dpo"]) == 1
     assert set(world["minutes"]) == {"make_and_clip", "sft", "generate_annotate_export", "evaluate_sft", "dpo_seed_0"}
