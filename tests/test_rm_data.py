@@ -4,7 +4,7 @@ import json
 
 import pytest
 
-from rlhf.data import load_preferences
+from rlhf.data import ImageRef, load_preferences
 from tests.conftest import make_image
 
 
@@ -90,3 +90,12 @@ def test_slices_are_read_and_a_bad_one_is_named(tmp_path):
 
     with pytest.raises(DataError, match=r"bad.jsonl:2: `slices` must be a list of slice names"):
         load_preferences(tmp_path / "bad.jsonl", test_fraction=0.0)
+
+
+def test_an_in_memory_image_is_keyed_by_its_pixels():
+    from PIL import Image
+
+    red, also_red = Image.new("RGB", (4, 3), (255, 0, 0)), Image.new("RGB", (4, 3), (255, 0, 0))
+    assert ImageRef(image=red).key == ImageRef(image=also_red).key  # the same pixels: one cache entry
+    assert ImageRef(image=red).key != ImageRef(image=Image.new("RGB", (4, 3), (255, 0, 1))).key  # one channel of one pixel
+    assert ImageRef(image=red).key != ImageRef(image=Image.new("RGB", (3, 4), (255, 0, 0))).key  # the same bytes, another shape
