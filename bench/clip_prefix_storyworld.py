@@ -111,9 +111,9 @@ def run_world(seed: int, out: Path, s: dict, dpo_seeds: int) -> dict:
 
     # 3. Next parts from the SFT policy on the training stories' windows; 4. simulated votes on every pair.
     held_stories = {e.group for e in held}
-    (out / "train-stories.jsonl").write_text("".join(
-        json.dumps({**json.loads(x), "image_paths": [str(world_dir / p) for p in json.loads(x)["image_paths"]]}) + "\n"
-        for x in (world_dir / "sft.jsonl").open() if json.loads(x)["item_id"] not in held_stories))  # fmt: skip
+    stories = [json.loads(x) for x in (world_dir / "sft.jsonl").open()]
+    (out / "train-stories.jsonl").write_text("".join(json.dumps({**d, "image_paths": [str(world_dir / p) for p in d["image_paths"]]}) + "\n"
+                                                     for d in stories if d["item_id"] not in held_stories))  # fmt: skip
     generate(GenerateConfig(policy=str(sft_dir), items=str(out / "train-stories.jsonl"), window=WINDOW, per_item=s["per_item"],
                             temperature=s["temperature"], max_new_tokens=s["max_new_tokens"], out=str(out / "generated.jsonl"), device="cpu",
                             seed=seed))  # fmt: skip

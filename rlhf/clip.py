@@ -26,6 +26,7 @@ from annotate.formats import frame_sentences
 from rlhf.data import ImageRef
 from rlhf.loading import ModelLoadError
 
+DEFAULT_CACHE = Path.home() / ".cache" / "storypref" / "clip"  # image embeddings on disk, unless a --cache_dir says otherwise
 SENTENCE_CACHE_LIMIT = 100_000  # sentence embeddings kept in memory; PPO scores new sentences forever
 
 

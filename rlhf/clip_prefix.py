@@ -17,7 +17,8 @@ CLIP itself is not part of this model: it is named by `config.clip_model` (an op
 local directory) and run by the policy adapter in `rlhf.policy`, which caches image embeddings by
 sha256 as the reward model does. This module holds only what trains: the mapper, the slot
 embeddings and GPT-2 (`ClipPrefixModel.gpt`, any `GPT2LMHeadModel`). LoRA goes on GPT-2's
-projections and the mapper's two linear layers; `--init tiny-clip-prefix` trains all of it.
+projections, and the mapper and slot embeddings train in full beside it (`rlhf.policy`'s
+`LORA_MODULES_TO_SAVE`); `--init tiny-clip-prefix` trains all of it.
 """
 
 from __future__ import annotations
@@ -29,6 +30,13 @@ from transformers import AutoConfig, AutoModel, GPT2Config, GPT2LMHeadModel, Pre
 from transformers.configuration_utils import SubConfigSpec
 
 MODEL_TYPE = "storypref-clip-prefix"
+
+
+def check_frames(n: int, limit: int) -> None:
+    """A story of more frames than the model has slots for is refused, with what to do."""
+    if n > limit:
+        raise ValueError(f"a clip-prefix policy reads at most {limit} frames (its max_frames), got a story of {n}; "
+                         "cut longer stories into next-frame windows with --window K")  # fmt: skip
 
 
 @strict
@@ -89,9 +97,7 @@ class ClipPrefixModel(PreTrainedModel):
                context_features: torch.Tensor | None = None, context_mask: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor]:  # fmt: skip
         """(B, S·L, C) prefix vectors and their (B, S·L) mask, S = frames (+ 1 for the context)."""
         b, f, _ = frame_features.shape
-        if f > self.config.max_frames:
-            raise ValueError(f"a clip-prefix policy reads at most {self.config.max_frames} frames (max_frames), got {f}; "
-                             "cut longer stories into next-frame windows with --window K")  # fmt: skip
+        check_frames(f, self.config.max_frames)
         width, length = self.config.text_config.n_embd, self.config.prefix_length
         slots = torch.arange(f, device=frame_features.device)
         inputs, masks = [frame_features], [frame_mask]

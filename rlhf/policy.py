@@ -302,17 +302,14 @@ class _ClipPrefixAdapter(_Adapter):
 
     family = "clip-prefix"
     features = None  # a rlhf.clip.ClipFeatures, set by _load_base
-
-    def prompt_text(self, n_frames, instruction, style, context):
-        return format_prompt(instruction, style, context) + "\n" + STORY_CUE
+    prompt_text = _VisionEncoderDecoderAdapter.prompt_text  # the same token prompt, ending in `Story:`
 
     def batch(self, images, prompts, contexts=None):
+        from rlhf.clip_prefix import check_frames
         from rlhf.data import ImageRef
 
-        k, dim, limit = max(len(f) for f in images), self.features.dim, self.model.config.max_frames
-        if k > limit:
-            raise ValueError(f"a clip-prefix policy reads at most {limit} frames (its max_frames), got a story of {k}; "
-                             "cut longer stories into next-frame windows with --window K")  # fmt: skip
+        k, dim = max(len(f) for f in images), self.features.dim
+        check_frames(k, self.model.config.max_frames)  # before any CLIP work
         emb = self.features.images([ImageRef(image=img) for frames in images for img in frames])  # (N, D)
         frame_features = torch.zeros(len(images), k, dim)
         frame_mask = torch.zeros(len(images), k, dtype=torch.long)
@@ -677,10 +674,10 @@ def _load_base(name_or_path, family, merged: list[str], dtype, device_map, devic
     model.eval()  # dropout off: generation and PPO's log-probs must agree
     adapter = ADAPTERS[family](model, processor, tokenizer)
     if family == "clip-prefix":  # the frozen CLIP it reads, named in its config; embeddings cached as PPO's are
-        from rlhf.clip import ClipFeatures
+        from rlhf.clip import DEFAULT_CACHE, ClipFeatures
 
         cfg = model.config
-        adapter.features = ClipFeatures(cfg.clip_model, cfg.clip_pretrained, Path.home() / ".cache" / "storypref" / "clip",
+        adapter.features = ClipFeatures(cfg.clip_model, cfg.clip_pretrained, DEFAULT_CACHE,
                                         str(next(model.parameters()).device))  # fmt: skip
         if adapter.features.dim != cfg.clip_dim:
             raise ModelLoadError(f"{name_or_path}: its mapper reads {cfg.clip_dim}-d CLIP embeddings, but {cfg.clip_model} makes {adapter.features.dim}-d ones")

@@ -42,6 +42,7 @@ import torch
 from torch import nn
 
 from rlhf import losses
+from rlhf.clip import DEFAULT_CACHE
 from rlhf.loading import ModelLoadError
 from rlhf.policy import LoraSpec, PolicyBatch, StoryPolicy, load_policy
 from rlhf.rewards import SIGNALS, CompositeReward, build_reward, ends_a_sentence, parse_weights
@@ -205,7 +206,7 @@ def train(cfg: PPOConfig, reward: CompositeReward | None = None) -> tuple[StoryP
         descriptions = json.loads(Path(cfg.style_descriptions).read_text()) if cfg.style_descriptions else None
         reward = build_reward(weights, reward_model=cfg.reward_model, clip_model=cfg.clip_model, clip_pretrained=cfg.clip_pretrained,
                               sentence_model=cfg.sentence_model, style_descriptions=descriptions, device=device,
-                              cache_dir=cfg.cache_dir or str(Path.home() / ".cache" / "storypref" / "clip"))  # fmt: skip
+                              cache_dir=cfg.cache_dir or str(DEFAULT_CACHE))  # fmt: skip
     policy = load_policy(cfg.policy, lora=LoraSpec(r=cfg.lora_r, alpha=cfg.lora_alpha), sft_adapter=cfg.sft_adapter,
                          dtype=cfg.dtype, device=device)  # fmt: skip
     disable_dropout_in_model(policy.model)  # dropout off: rollout and update log-probs must agree

@@ -39,7 +39,7 @@ from pathlib import Path
 import torch
 
 from annotate.formats import parse_prompt, plain_text, split_sentences
-from rlhf.clip import ClipFeatures, clip_score, trim_cache
+from rlhf.clip import DEFAULT_CACHE, ClipFeatures, clip_score, trim_cache
 from rlhf.evaluate import distinct_n
 from rlhf.loading import ModelLoadError
 
@@ -376,7 +376,7 @@ def check(cfg: CheckConfig) -> dict:
     descriptions = json.loads(Path(cfg.style_descriptions).read_text()) if cfg.style_descriptions else None
     reward = build_reward(weights, reward_model=cfg.reward_model, clip_model=cfg.clip_model, clip_pretrained=cfg.clip_pretrained,
                           sentence_model=cfg.sentence_model, style_descriptions=descriptions, device=cfg.device,
-                          cache_dir=cfg.cache_dir or str(Path.home() / ".cache" / "storypref" / "clip"))  # fmt: skip
+                          cache_dir=cfg.cache_dir or str(DEFAULT_CACHE))  # fmt: skip
     print(message, file=sys.stderr)
     result = signal_agreement(reward, pairs, progress=True, batch_size=cfg.batch_size) | {"split": cfg.split, "preferences": cfg.preferences}
     if not result["pairs"]:

@@ -12,7 +12,8 @@ only a LoRA adapter trains and the output dir holds the adapter: pass it to PPO 
 tokenizer on the data's own vocabulary and trains all of it: storyworld's starting policy, fluent in
 a few CPU minutes. `--init tiny-clip-prefix --clip_model DIR` builds the clip-prefix family the same
 way (a frozen CLIP, a new mapper, a small GPT-2); `--init clip-prefix --clip_model ViT-B-32
---clip_pretrained laion2b_s34b_b79k --language_model gpt2` puts a new mapper in front of a real GPT-2. Each epoch ends with a held-out loss and a checkpoint (`--resume` continues),
+--clip_pretrained laion2b_s34b_b79k --language_model gpt2` puts a new mapper in front of a real
+GPT-2. Each epoch ends with a held-out loss and a checkpoint (`--resume` continues),
 and the run ends with sample stories (`samples.jsonl`) and `metrics.json`.
 """
 

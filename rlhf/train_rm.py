@@ -26,6 +26,7 @@ from pathlib import Path
 import torch
 
 from annotate.formats import plain_text
+from rlhf.clip import DEFAULT_CACHE
 from rlhf.data import DataError, PreferencePair, load_preferences
 from rlhf.loading import ModelLoadError
 from rlhf.losses import bradley_terry_loss, fit_logit_coef, pearson_correlation, preference_accuracy, shorter_preferred
@@ -246,7 +247,7 @@ def train(cfg: TrainRMConfig) -> tuple[RewardModel, dict]:
         log(f"length control: the labels alone give β = {length_labels:+.3f} log-odds per {cfg.length_scale:.1f} words more")
 
     # 2. Model; frozen CLIP features for every image and story, computed (or read from cache) once.
-    cache = cfg.cache_dir or str(Path.home() / ".cache" / "storypref" / "clip")
+    cache = cfg.cache_dir or str(DEFAULT_CACHE)
     rm = RewardModel.build(cfg.model_config(), cache_dir=cache, device=str(accelerator.device))
     if rm.features is not None:
         with accelerator.main_process_first():  # the main process fills the disk cache, the rest read it
