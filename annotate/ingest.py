@@ -35,6 +35,8 @@ from annotate.formats import next_frame_windows
 from db import (
     ASPECTS,
     DEFAULT_MEDIA_ROOT,
+    MAX_RANK_K,
+    MODES,
     Annotator,
     Candidate,
     Comparison,
@@ -104,6 +106,7 @@ class ItemRecord:
     meta: dict[str, Any] = field(default_factory=dict)
     votes: list[VoteRecord] = field(default_factory=list)
     gold: list[tuple[int, int]] = field(default_factory=list)  # (better, worse) candidate indices
+    gold_rank: list[int] = field(default_factory=list)  # rank mode: candidate indices, best first
     slices: dict[str, list[tuple[int, int]]] = field(default_factory=dict)  # named evaluation slices: candidate index pairs
 
 
@@ -225,6 +228,13 @@ class _Reader:
             for g in gold
         ):
             raise IngestError(f"{where}: `gold` must be a list of [better, worse] candidate indices, e.g. [[0, 2]]")
+        gold_rank = d.get("gold_rank") or []
+        if isinstance(gold_rank, str):
+            gold_rank = json.loads(gold_rank)
+        if not isinstance(gold_rank, list) or not all(isinstance(i, int) and 0 <= i < len(candidates) for i in gold_rank) or (
+            gold_rank and (len(gold_rank) < 2 or len(set(gold_rank)) != len(gold_rank) or len(gold_rank) > MAX_RANK_K)
+        ):
+            raise IngestError(f"{where}: `gold_rank` must list 2 to {MAX_RANK_K} distinct candidate indices, best first, e.g. [2, 0, 1]")
         slices = d.get("slices") or {}
         if not isinstance(slices, dict) or not all(
             isinstance(name, str) and SLICE_NAME.fullmatch(name) and isinstance(pairs, list)
@@ -244,6 +254,7 @@ class _Reader:
             context=self.text(d, "context", where),
             meta=meta,
             gold=[(g[0], g[1]) for g in gold],
+            gold_rank=list(gold_rank),
             slices={name: [(p[0], p[1]) for p in pairs] for name, pairs in slices.items()},
         )
 
@@ -517,6 +528,32 @@ def _sample_pairs(n: int, k: int | None, seed_key: str) -> list[tuple[int, int]]
     return sorted(rng.sample(pairs, k))
 
 
+def rank_sets(ids: list[int], k: int) -> list[list[int]]:
+    """The rank sets of one item's candidates (ids, any order): windows of K over them ascending, the
+    last one moved back to end at the last candidate, so every candidate is in one set and the last
+    set is full. Fewer than two candidates give none; K or fewer, one set of them all.
+
+    >>> rank_sets([5, 1, 2, 3, 4, 6, 7], 3)
+    [[1, 2, 3], [4, 5, 6], [5, 6, 7]]
+    >>> rank_sets([9, 4], 4)
+    [[4, 9]]
+    """
+    ids = sorted(set(ids))
+    if len(ids) < 2:
+        return []
+    if len(ids) <= k:
+        return [ids]
+    starts = list(range(0, len(ids) - k + 1, k))
+    if starts[-1] + k < len(ids):
+        starts.append(len(ids) - k)
+    return [ids[s : s + k] for s in starts]
+
+
+def implied_choice(ranks: dict[int, int], a: int, b: int) -> str:
+    """What a ranking (candidate id -> rank, 1 best) says about candidates a and b: 'a', 'b' or 'tie'."""
+    return "a" if ranks[a] < ranks[b] else "b" if ranks[b] < ranks[a] else "tie"
+
+
 def _canonical(choice: str, swapped: bool) -> str:
     return {"a": "b", "b": "a"}.get(choice, choice) if swapped else choice
 
@@ -574,13 +611,32 @@ def write_records(
                 stats.candidates_added += 1
             ids.append(row.id)
 
-        comps = {
-            (c.candidate_a_id, c.candidate_b_id): c
-            for c in session.scalars(select(Comparison).where(Comparison.item_id == item.id))
-        }
+        rows = list(session.scalars(select(Comparison).where(Comparison.item_id == item.id)))
+        comps = {(c.candidate_a_id, c.candidate_b_id): c for c in rows if not c.candidate_ids}  # pairs
+        sets = {tuple(c.candidate_ids): c for c in rows if c.candidate_ids}  # rank sets
+        comps.update({(c.candidate_a_id, c.candidate_b_id): c for c in sets.values()})  # their pair columns are taken too
+
+        def rank_set(members: list[int]) -> Comparison:
+            members = sorted(members)
+            found = sets.get(tuple(members))
+            if found is None:  # its pair columns: a pair of the set that no other comparison of the item uses,
+                free = [p for p in itertools.combinations(members, 2) if p not in comps]  # and none a gold pair asks for
+                if not free:
+                    raise IngestError(f"{record.where}: every pair of the rank set {members} is taken by another comparison")
+                a, b = next((p for p in free if p not in reserved), free[0])
+                found = comps[(a, b)] = sets[tuple(members)] = Comparison(
+                    project_id=project.id, item_id=item.id, candidate_a_id=a, candidate_b_id=b, candidate_ids=members)
+                session.add(found)
+                stats.comparisons_added += 1
+            return found
+
+        reserved = {tuple(sorted((ids[i], ids[j]))) for i, j in record.gold}
 
         def comparison(i: int, j: int) -> Comparison:
             a, b = sorted((ids[i], ids[j]))
+            if (a, b) in comps and comps[(a, b)].candidate_ids:
+                raise IngestError(f"{record.where}: the pair of candidates {a} and {b} already stands for a rank set of this item; "
+                                  "import pairs into a pairwise project")  # fmt: skip
             if (a, b) not in comps:
                 comps[(a, b)] = Comparison(project_id=project.id, item_id=item.id, candidate_a_id=a, candidate_b_id=b)
                 session.add(comps[(a, b)])
@@ -623,19 +679,34 @@ def write_records(
                 )
                 comp.n_votes += 1
                 stats.votes_added += 1
+        elif project.mode == "rank":  # every candidate in one rank set of up to rank_k
+            for members in rank_sets(ids, project.rank_k):
+                rank_set(members)
         else:
             for i, j in _sample_pairs(len(ids), pairs_per_item, f"{source}/{record.external_id}"):
                 if ids[i] != ids[j]:  # the same story listed twice is one candidate, never compared with itself
                     comparison(i, j)
+        if record.gold_rank:  # a gold ranking: its own rank set, scored against the order given
+            order = [ids[i] for i in record.gold_rank]
+            if len(set(order)) != len(order):
+                raise IngestError(f"{record.where}: `gold_rank` names the same story twice (two candidates with one text)")
+            comp = rank_set(order)
+            comp.is_gold, comp.gold_ranks = True, {str(c): r + 1 for r, c in enumerate(order)}
+            comp.gold_choice = implied_choice({c: r for r, c in enumerate(order)}, comp.candidate_a_id, comp.candidate_b_id)
         for better, worse in record.gold:  # gold: served at the project's gold rate, scored against the answer
-            comp = comparison(better, worse)
+            if project.mode == "rank" and not record.votes:  # a ranking of the two
+                comp = rank_set([ids[better], ids[worse]])
+                comp.gold_ranks = {str(ids[better]): 1, str(ids[worse]): 2}
+            else:
+                comp = comparison(better, worse)
             comp.is_gold, comp.gold_choice = True, "a" if ids[better] < ids[worse] else "b"
         if record.slices:  # named evaluation slices, as canonical candidate id pairs: export tags their rows
             known = {name: {tuple(p) for p in pairs} for name, pairs in (item.meta or {}).get("slices", {}).items()}
             for name, pairs in record.slices.items():
                 for i, j in pairs:
                     if ids[i] != ids[j]:
-                        comparison(i, j)
+                        if project.mode != "rank":  # in rank mode the pair is inside a ranking, which export expands
+                            comparison(i, j)
                         known.setdefault(name, set()).add(tuple(sorted((ids[i], ids[j]))))
             item.meta = {**(item.meta or {}), "slices": {name: sorted(map(list, pairs)) for name, pairs in sorted(known.items())}}
         session.flush()
@@ -733,6 +804,11 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument("--ask-strength", action="store_true", default=None, help="ask the 4-level strength of preference")
     g.add_argument("--gold-rate", type=float, default=None, help="share of gold comparisons served")
     g.add_argument("--repeat-rate", type=float, default=None, help="share of position-swapped repeats served")
+    g.add_argument("--mode", choices=MODES, default=None,
+                   help="pairwise (default): choose the better of two stories; rank: order K stories at once (ties allowed)")  # fmt: skip
+    g.add_argument("--rank-k", type=int, default=None, metavar="K", help=f"rank mode: stories per ranking, 2 to {MAX_RANK_K} (default 4)")
+    g.add_argument("--span-marks", action="store_true", default=None,
+                   help="let annotators mark the words that are wrong (hallucinated, contradicts itself, other), in either mode")  # fmt: skip
     return p
 
 
@@ -749,7 +825,13 @@ def main(argv: list[str] | None = None) -> int:
         "ask_strength": args.ask_strength,
         "gold_rate": args.gold_rate,
         "repeat_rate": args.repeat_rate,
+        "mode": args.mode,
+        "rank_k": args.rank_k,
+        "span_marks": args.span_marks,
     }
+    if args.rank_k is not None and not 2 <= args.rank_k <= MAX_RANK_K:
+        print(f"error: --rank-k takes 2 to {MAX_RANK_K} stories per ranking, not {args.rank_k}", file=sys.stderr)
+        return 2
     try:
         _, session_factory = open_db(args.db)
         fmt, stats = ingest(

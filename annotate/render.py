@@ -45,17 +45,28 @@ def diff_words(left: str, right: str) -> tuple[set[int], set[int]]:
     return only_a, only_b
 
 
-def render_part(text: str, marked: set[int] | None = None, offset: int = 0) -> tuple[str, int]:
-    """HTML for one part: entities highlighted, diff words marked. Returns (html, words consumed)."""
+def _blank_tags(text: str) -> str:
+    """The text with its grounding tags blanked out, character for character, so offsets still hold."""
+    return _ANY_TAG.sub(lambda m: " " * len(m.group()), text)
+
+
+def render_part(text: str, marked: set[int] | None = None, offset: int = 0, *, base: int | None = None) -> tuple[str, int]:
+    """HTML for one part: entities highlighted, diff words marked. Returns (html, words consumed).
+
+    With `base` (the part's offset in its story's text), every word is a `<span class="sp-w">` that
+    carries its character offsets into the story (`data-s`, `data-e`): what span marks are made of.
+    """
     out, pos, word_index = [], 0, offset
     marked = marked or set()
 
-    def words_html(chunk: str) -> str:
+    def words_html(chunk: str, at: int) -> str:
         """Escaped words; runs of marked words (with the spaces between them) share one <mark>."""
         nonlocal word_index
         tokens = [t for t in re.split(r"(\s+)", chunk) if t]
-        flags = []
+        flags, starts, p = [], [], at
         for token in tokens:
+            starts.append(p)
+            p += len(token)
             if token.isspace():
                 flags.append(None)
             else:
@@ -68,7 +79,7 @@ def render_part(text: str, marked: set[int] | None = None, offset: int = 0) -> t
                 if open_run and not inside:
                     pieces.append("</mark>")
                     open_run = False
-                pieces.append(token)
+                pieces.append(" " if base is not None else token)
                 continue
             if flag and not open_run:
                 pieces.append('<mark class="sp-diff">')
@@ -76,19 +87,82 @@ def render_part(text: str, marked: set[int] | None = None, offset: int = 0) -> t
             elif not flag and open_run:
                 pieces.append("</mark>")
                 open_run = False
-            pieces.append(html.escape(token))
+            word = html.escape(token)
+            if base is not None:
+                word = f'<span class="sp-w" data-s="{base + starts[k]}" data-e="{base + starts[k] + len(token)}">{word}</span>'
+            pieces.append(word)
         if open_run:
             pieces.append("</mark>")
         return "".join(pieces)
 
     for m in _ENTITY.finditer(text):
-        out.append(words_html(_ANY_TAG.sub(" ", text[pos : m.start()])))
-        kind, eid, inner = m.group(1).lower(), m.group(2), _ANY_TAG.sub(" ", m.group(3))
+        out.append(words_html(_blank_tags(text[pos : m.start()]), pos))
+        kind, eid, inner = m.group(1).lower(), m.group(2), _blank_tags(m.group(3))
         title = html.escape(f"{KIND_LABEL[kind]} {eid}", quote=True)
-        out.append(f'<span class="sp-entity" style="background:{entity_color(eid)}" title="{title}">{words_html(inner)}</span>')
+        out.append(f'<span class="sp-entity" style="background:{entity_color(eid)}" title="{title}">{words_html(inner, m.start(3))}</span>')
         pos = m.end()
-    out.append(words_html(_ANY_TAG.sub(" ", text[pos:])))
+    out.append(words_html(_blank_tags(text[pos:]), pos))
     return "".join(out), word_index - offset
+
+
+def _part_offsets(story: str, parts: list[list[str]]) -> list[list[int | None]]:
+    """Where each part of `split_frames` starts in the story (None: not a piece of it verbatim)."""
+    taken: set[int] = set()
+    out = []
+    for frame in parts:
+        row = []
+        for part in frame:
+            at = story.find(part)
+            while at in taken and at >= 0:
+                at = story.find(part, at + 1)
+            row.append(at if at >= 0 else None)
+            if at >= 0:
+                taken.add(at)
+        out.append(row)
+    return out
+
+
+def render_stories(
+    stories: list[str],
+    image_urls: list[str],
+    *,
+    show_diff: bool = False,
+    labels: list[str] | None = None,
+    word_offsets: bool = False,
+) -> str:
+    """One table row per frame: the frame, then the part of each story that belongs to it.
+
+    Two stories (a pair) or more (a ranking). `show_diff` marks, for a pair, the words one story has
+    and the other lacks. `word_offsets` wraps every word in a span with its offsets into its story
+    (`render_part`), and tags each story's cells with `data-p` (its index here): span marking.
+    """
+    n = max(1, len(image_urls))
+    labels = labels or [chr(ord("A") + i) for i in range(len(stories))]
+    parts = [split_frames(story, n) for story in stories]
+    starts = [_part_offsets(story, p) for story, p in zip(stories, parts)] if word_offsets else None
+    marked = list(diff_words(stories[0], stories[1])) if show_diff and len(stories) == 2 else [set() for _ in stories]
+    offsets = [0] * len(stories)
+    rows = []
+    for i in range(n):
+        cells = []
+        for k in range(len(stories)):
+            html_parts = []
+            for j, part in enumerate(parts[k][i]):
+                base = starts[k][i][j] if starts is not None else None
+                h, used = render_part(part, marked[k], offsets[k], base=base)
+                offsets[k] += used
+                html_parts.append(h)
+            body = " ".join(html_parts) or '<span class="sp-empty">(nothing for this frame)</span>'
+            cells.append(f'<td class="sp-story" data-p="{k}">{body}</td>' if word_offsets else f'<td class="sp-story">{body}</td>')
+        img = (
+            f'<img src="{html.escape(image_urls[i], quote=True)}" alt="frame {i + 1}" loading="lazy">'
+            if i < len(image_urls)
+            else ""
+        )
+        rows.append(f'<tr><td class="sp-frame"><div class="sp-frame-no">{i + 1}</div>{img}</td>{"".join(cells)}</tr>')
+    head = "<tr><th>Frame</th>" + "".join(f"<th>Story {html.escape(label)}</th>" for label in labels) + "</tr>"
+    klass = "sp-compare" + (" sp-rank" if len(stories) > 2 else "") + (" sp-markable" if word_offsets else "")
+    return f'<table class="{klass}">{head}{"".join(rows)}</table>'
 
 
 def render_comparison(
@@ -98,36 +172,10 @@ def render_comparison(
     *,
     show_diff: bool = False,
     labels: tuple[str, str] = ("A", "B"),
+    word_offsets: bool = False,
 ) -> str:
-    """One table row per frame: the frame, then the part of each story that belongs to it."""
-    n = max(1, len(image_urls))
-    parts_l, parts_r = split_frames(left, n), split_frames(right, n)
-    marked_l, marked_r = diff_words(left, right) if show_diff else (set(), set())
-    rows, offset_l, offset_r = [], 0, 0
-    for i in range(n):
-        cells = []
-        for parts, marked, offset_name in ((parts_l, marked_l, "l"), (parts_r, marked_r, "r")):
-            html_parts = []
-            for part in parts[i]:
-                offset = offset_l if offset_name == "l" else offset_r
-                h, used = render_part(part, marked, offset)
-                if offset_name == "l":
-                    offset_l += used
-                else:
-                    offset_r += used
-                html_parts.append(h)
-            cells.append(" ".join(html_parts) or '<span class="sp-empty">(nothing for this frame)</span>')
-        img = (
-            f'<img src="{html.escape(image_urls[i], quote=True)}" alt="frame {i + 1}" loading="lazy">'
-            if i < len(image_urls)
-            else ""
-        )
-        rows.append(
-            f'<tr><td class="sp-frame"><div class="sp-frame-no">{i + 1}</div>{img}</td>'
-            f'<td class="sp-story">{cells[0]}</td><td class="sp-story">{cells[1]}</td></tr>'
-        )
-    head = f'<tr><th>Frame</th><th>Story {html.escape(labels[0])}</th><th>Story {html.escape(labels[1])}</th></tr>'
-    return f'<table class="sp-compare">{head}{"".join(rows)}</table>'
+    """A pair: `render_stories` of (left, right)."""
+    return render_stories([left, right], image_urls, show_diff=show_diff, labels=list(labels), word_offsets=word_offsets)
 
 
 CSS = """
@@ -140,6 +188,13 @@ CSS = """
 .sp-frame { width: 20%; }
 .sp-frame img { width: 100%; max-width: 240px; border-radius: 6px; image-rendering: pixelated; display: block; margin: 0 !important; }
 .sp-frame-no { font-weight: 600; font-size: 0.8em; margin-bottom: 4px; color: var(--body-text-color-subdued); }
+.sp-rank .sp-story { width: auto; font-size: 0.98em; }
+.sp-w.sp-marked-hallucinated { background: #ff8fa3; color: #111; }
+.sp-w.sp-marked-contradicts { background: #ffb347; color: #111; }
+.sp-w.sp-marked-other { background: #b3b3ff; color: #111; }
+.sp-markable .sp-story { cursor: text; }
+.sp-hidden { display: none !important; }
+.sp-marks-list li { font-size: 0.9em; }
 .sp-story { width: 40%; font-size: 1.05em; line-height: 1.6; border-left: 3px solid var(--border-color-primary) !important; }
 .sp-entity { border-radius: 4px; padding: 0 3px; color: #111; }
 .sp-diff { background: #ffe066; color: #111; border-radius: 3px; padding: 0 1px; }

@@ -36,17 +36,26 @@ from sqlalchemy import case, delete, exists, func, select, update
 from sqlalchemy.exc import IntegrityError
 from sqlalchemy.orm import Session
 
-from db import ASPECTS, CHOICES, Annotator, Comparison, ComparisonPriority, Lease, Project, Vote
+from db import ASPECTS, CHOICES, SPAN_LABELS, Annotator, Candidate, Comparison, ComparisonPriority, Lease, Project, Vote
 
 CANDIDATE_WINDOW = 64  # look at this many least-voted (or highest-priority) comparisons, then pick the least held
 LEVEL_FETCH = 4096  # prioritized: read at most this many comparisons of one vote count and sort them by priority here
 DENSE_WALK = 64  # prioritized: walk the priority index this many rows at a time for a vote count's best,
 DENSE_PAGES = 32  # for at most this many pages
 LEASE_SECONDS = 600  # an assignment nobody answered for this long is no longer counted as in flight
+MAX_SPANS = 50  # span marks per answer
 
 
 class VoteError(ValueError):
     """An answer that cannot be recorded; the message is shown to the annotator."""
+
+
+class RankError(VoteError):
+    """A ranking that is incomplete or malformed: the annotator can fix it on the same page."""
+
+
+class SpanError(VoteError):
+    """A span mark that does not fit the story shown: the annotator can fix it on the same page."""
 
 
 @dataclass(frozen=True)
@@ -63,6 +72,19 @@ def shown_left_for(annotator_id: int, comparison_id: int) -> str:
     """A stable coin flip per (annotator, comparison)."""
     digest = hashlib.sha256(f"{annotator_id}:{comparison_id}".encode()).digest()
     return "a" if digest[0] % 2 == 0 else "b"
+
+
+def shown_order_for(annotator_id: int, comparison: Comparison, repeat: bool = False) -> list[int]:
+    """The candidate ids of a comparison in the order this annotator sees them, stable per
+    (annotator, comparison); a repeat shows them reversed. For a pair, left then right."""
+    ids = comparison.candidate_id_list
+    if comparison.candidate_ids:
+        seed = hashlib.sha256(f"{annotator_id}:{comparison.id}:order".encode()).digest()
+        random.Random(seed).shuffle(ids)
+        return ids[::-1] if repeat else ids
+    side = shown_left_for(annotator_id, comparison.id)
+    order = ids if side == "a" else ids[::-1]
+    return order[::-1] if repeat else order
 
 
 def _other(side: str) -> str:
@@ -321,6 +343,45 @@ def to_canonical(answer: str, shown_left: str) -> str:
     raise VoteError(f"unknown answer {answer!r}; use left, right, tie or both_bad")
 
 
+def check_spans(spans: list[dict] | None, shown: list[Candidate]) -> list[dict] | None:
+    """Span marks as sent by the page ({"pos": shown story index, "start", "end", "label"}, offsets
+    into that story's text) → stored marks ({"candidate_id", "start", "end", "label", "text"})."""
+    if not spans:
+        return None
+    if not isinstance(spans, list) or len(spans) > MAX_SPANS:
+        raise SpanError(f"span marks must be a list of at most {MAX_SPANS}; reload the page")
+    out = []
+    for mark in spans:
+        if not isinstance(mark, dict):
+            raise SpanError("a span mark must be an object with pos, start, end and label; reload the page")
+        pos, start, end, label = mark.get("pos"), mark.get("start"), mark.get("end"), mark.get("label")
+        if not isinstance(pos, int) or not 0 <= pos < len(shown):
+            raise SpanError(f"a span mark names story {pos!r}, which is not on the page; reload the page")
+        text = shown[pos].text
+        if not (isinstance(start, int) and isinstance(end, int) and 0 <= start < end <= len(text)):
+            raise SpanError(f"a span mark's offsets {start!r}..{end!r} fall outside the story; reload the page")
+        if label not in SPAN_LABELS:
+            raise SpanError(f"unknown span label {label!r}; use {', '.join(SPAN_LABELS)}")
+        out.append({"candidate_id": shown[pos].id, "start": start, "end": end, "label": label, "text": text[start:end]})
+    return sorted(out, key=lambda m: (m["candidate_id"], m["start"], m["end"], m["label"]))
+
+
+def check_ranks(ranks: list, n: int) -> list[int]:
+    """A ranking as sent: one rank per shown story (1 best; equal ranks tie). Returned as dense ranks.
+
+    >>> check_ranks([3, 1, 3, 2], 4)
+    [3, 1, 3, 2]
+    >>> check_ranks([4, 1, 4, 1], 4)
+    [2, 1, 2, 1]
+    """
+    if not isinstance(ranks, list) or len(ranks) != n or not all(isinstance(r, int) and not isinstance(r, bool) for r in ranks):
+        raise RankError(f"give every one of the {n} stories a rank (1 = best; the same rank for a tie), or choose All bad")
+    if any(not 1 <= r <= n for r in ranks):
+        raise RankError(f"ranks go from 1 (best) to {n}")
+    dense = {r: i + 1 for i, r in enumerate(sorted(set(ranks)))}
+    return [dense[r] for r in ranks]
+
+
 def record_vote(
     session: Session,
     annotator_id: int,
@@ -332,17 +393,42 @@ def record_vote(
     aspects: dict[str, str] | None = None,
     rationale: str | None = None,
     time_spent_ms: int | None = None,
+    ranks: list[int] | None = None,
+    spans: list[dict] | None = None,
 ) -> tuple[Vote, bool]:
-    """Record an answer given in displayed terms (left/right/tie/both_bad). Returns (vote, created).
+    """Record an answer given in displayed terms. Returns (vote, created).
 
-    Idempotent on `client_token`: the same token returns the vote it made the first time.
+    A pair: `answer` is left/right/tie/both_bad. A rank set: `answer` is "rank" with `ranks`, one per
+    story in the order shown (1 best, equal ranks tie), or "all_bad"; the vote keeps the ranking as
+    given and, in `choice`, what it implies for the comparison's candidates a and b. `spans` are span
+    marks in displayed terms (see `check_spans`). Idempotent on `client_token`: the same token
+    returns the vote it made the first time.
     """
     if not client_token or len(client_token) > 64:
         raise VoteError("missing or malformed client token; reload the page")
     existing = session.scalar(select(Vote).where(Vote.annotator_id == annotator_id, Vote.client_token == client_token))
     if existing is not None:
         return existing, False
-    choice = to_canonical(answer, assignment.shown_left)
+    comparison = session.get(Comparison, assignment.comparison_id)
+    order = shown_order_for(annotator_id, comparison, assignment.is_repeat) if comparison.candidate_ids else None
+    ranking = None
+    if order is not None:  # a rank set
+        shown_left = "a" if order.index(comparison.candidate_a_id) < order.index(comparison.candidate_b_id) else "b"
+        if answer == "all_bad":
+            ranking, choice = {"shown": order, "ranks": None, "all_bad": True}, "both_bad"
+        elif answer == "rank":
+            dense = check_ranks(ranks, len(order))
+            ranking = {"shown": order, "ranks": dense, "all_bad": False}
+            by_id = dict(zip(order, dense))
+            a, b = by_id[comparison.candidate_a_id], by_id[comparison.candidate_b_id]
+            choice = "a" if a < b else "b" if b < a else "tie"
+        else:
+            raise RankError(f"this is a ranking of {len(order)} stories: give each a rank, or choose All bad (not {answer!r})")
+        strength, aspects = None, None  # asked of a pair only
+    else:
+        shown_left = assignment.shown_left
+        choice = to_canonical(answer, shown_left)
+        order = [comparison.candidate_a_id, comparison.candidate_b_id][:: 1 if shown_left == "a" else -1]
     if strength is not None and (choice not in ("a", "b") or not 1 <= int(strength) <= 4):
         strength = None  # strength only qualifies a preference for one side
     canonical_aspects = {}
@@ -350,9 +436,12 @@ def record_vote(
         if aspect not in ASPECTS:
             raise VoteError(f"unknown aspect {aspect!r}")
         if value:
-            canonical_aspects[aspect] = to_canonical(value, assignment.shown_left)
+            canonical_aspects[aspect] = to_canonical(value, shown_left)
     if rationale is not None and len(rationale) > 5000:
         raise VoteError("the rationale is over 5,000 characters; shorten it")
+    if spans:
+        texts = {c.id: c for c in session.scalars(select(Candidate).where(Candidate.id.in_(order)))}
+        spans = check_spans(spans, [texts[i] for i in order])
 
     editing = session.get(Vote, assignment.editing_vote_id) if assignment.editing_vote_id else None
     if editing is not None and (editing.annotator_id != annotator_id or editing.comparison_id != assignment.comparison_id):
@@ -372,10 +461,12 @@ def record_vote(
         strength=strength,
         aspects=canonical_aspects,
         rationale=(rationale or "").strip() or None,
-        shown_left=assignment.shown_left,
+        shown_left=shown_left,
         time_spent_ms=time_spent_ms,
         client_token=client_token,
         is_repeat=assignment.is_repeat,
+        ranking=ranking,
+        spans=spans or None,
     )
     try:
         with session.begin_nested():
@@ -458,5 +549,5 @@ def annotator_by_name(session: Session, username: str | None) -> Annotator | Non
     return user if user is not None and user.active else None
 
 
-__all__ = ["CHOICES", "Assignment", "Leases", "Progress", "VoteError", "annotator_by_name", "next_assignment", "progress", "project_progress",
-           "record_vote", "shown_left_for", "to_canonical", "undo_last"]  # fmt: skip
+__all__ = ["CHOICES", "Assignment", "Leases", "Progress", "RankError", "SpanError", "VoteError", "annotator_by_name", "check_ranks", "check_spans", "next_assignment",
+           "progress", "project_progress", "record_vote", "shown_left_for", "shown_order_for", "to_canonical", "undo_last"]  # fmt: skip

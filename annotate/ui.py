@@ -35,18 +35,21 @@ from sqlalchemy.orm import aliased
 from annotate import stats
 from annotate.auth import authenticate
 from annotate.export import AGGREGATES, export, vote_facts_query
-from annotate.render import CSS, render_comparison
+from annotate.render import CSS, render_stories
 from annotate.scheduler import (
     LEASE_SECONDS,
     Assignment,
     DbLeases,
     Leases,
+    RankError,
+    SpanError,
     VoteError,
     annotator_by_name,
     next_assignment,
     progress,
     project_progress,
     record_vote,
+    shown_order_for,
     undo_last,
 )
 from annotate.throttle import LoginThrottle, LoginThrottleMiddleware
@@ -54,6 +57,7 @@ from annotate.users import may_label, visible_projects
 from db import (
     ASPECTS,
     DEFAULT_MEDIA_ROOT,
+    MAX_RANK_K,
     Annotator,
     Candidate,
     Comparison,
@@ -70,19 +74,105 @@ ASPECT_CHOICES = [("A", "left"), ("B", "right"), ("Same", "tie")]
 ANSWERS = {"left": "sp-a", "right": "sp-b", "tie": "sp-tie", "both_bad": "sp-bad"}
 KEYS_JS = """
 <script>
-document.addEventListener('keydown', (e) => {
-  const t = e.target;
-  if (e.ctrlKey || e.metaKey || e.altKey || e.repeat) return;
-  if (t && (t.tagName === 'INPUT' || t.tagName === 'TEXTAREA' || t.isContentEditable)) return;
-  const id = {'1': 'sp-a', '2': 'sp-b', '0': 'sp-tie', 'x': 'sp-bad', 's': 'sp-skip', 'u': 'sp-undo'}[e.key.toLowerCase()];
-  const el = id && document.getElementById(id);
-  if (el) { e.preventDefault(); (el.tagName === 'BUTTON' ? el : el.querySelector('button') || el).click(); }
-});
+(() => {
+  // Keys, span marks and rank keys. Everything the page sends is checked again by the server.
+  const shown = (id) => { const el = document.getElementById(id); return el && el.offsetParent !== null ? el : null; };
+  const press = (id) => { const el = document.getElementById(id); if (el) (el.tagName === 'BUTTON' ? el : el.querySelector('button') || el).click(); };
+  const LABELS = {h: 'hallucinated', c: 'contradicts', o: 'other'};
+  const NAMES = {hallucinated: 'wrong in the picture', contradicts: 'contradicts itself', other: 'other'};
+  const box = () => document.querySelector('#sp-spans textarea, #sp-spans input');
+  const marks = () => { try { const v = JSON.parse((box() || {}).value || '[]'); return Array.isArray(v) ? v : []; } catch (_) { return []; } };
+  function save(list) {
+    const b = box(); if (!b) return;
+    b.value = list.length ? JSON.stringify(list) : '';
+    b.dispatchEvent(new Event('input', {bubbles: true}));
+    paint(true);
+  }
+  const cellOf = (w) => w.closest('[data-p]');
+  let painted = '';
+  function paint(force) {
+    const table = document.querySelector('#sp-compare table');
+    const sig = ((box() || {}).value || '') + '|' + (table ? table.dataset.spSeen || (table.dataset.spSeen = String(Math.random())) : '');
+    if (!force && sig === painted) return;
+    painted = sig;
+    const list = marks();
+    document.querySelectorAll('#sp-compare .sp-w').forEach((w) => w.classList.remove('sp-marked-hallucinated', 'sp-marked-contradicts', 'sp-marked-other'));
+    list.forEach((m) => document.querySelectorAll(`#sp-compare [data-p="${Number(m.pos)}"] .sp-w`).forEach((w) => {
+      if (+w.dataset.s >= m.start && +w.dataset.e <= m.end) w.classList.add('sp-marked-' + m.label);
+    }));
+    const ul = document.getElementById('sp-marks-list');
+    if (!ul) return;
+    ul.replaceChildren();
+    list.forEach((m, i) => {
+      const words = [...document.querySelectorAll(`#sp-compare [data-p="${Number(m.pos)}"] .sp-w`)]
+        .filter((w) => +w.dataset.s >= m.start && +w.dataset.e <= m.end).map((w) => w.textContent).join(' ');
+      const li = document.createElement('li');
+      li.textContent = `Story ${String.fromCharCode(65 + Number(m.pos))}: “${words}” (${NAMES[m.label] || m.label}) `;
+      const rm = document.createElement('button');
+      rm.type = 'button'; rm.className = 'sp-unmark'; rm.dataset.i = String(i); rm.textContent = '×';
+      rm.setAttribute('aria-label', 'remove this mark');
+      li.appendChild(rm); ul.appendChild(li);
+    });
+  }
+  setInterval(() => paint(false), 250);
+  function markSelection(label) {
+    const sel = window.getSelection();
+    if (!sel || sel.isCollapsed || !sel.rangeCount) return false;
+    const range = sel.getRangeAt(0);
+    const words = [...document.querySelectorAll('#sp-compare .sp-markable .sp-w')].filter((w) => range.intersectsNode(w));
+    if (!words.length) return false;
+    const pos = cellOf(words[0]).dataset.p;
+    const mine = words.filter((w) => cellOf(w).dataset.p === pos);
+    const start = Math.min(...mine.map((w) => +w.dataset.s)), end = Math.max(...mine.map((w) => +w.dataset.e));
+    save([...marks(), {pos: Number(pos), start, end, label}]);
+    sel.removeAllRanges();
+    return true;
+  }
+  document.addEventListener('mousedown', (e) => { if (e.target.closest && e.target.closest('.sp-mark')) e.preventDefault(); });
+  document.addEventListener('click', (e) => {
+    const mark = e.target.closest && e.target.closest('.sp-mark');
+    if (mark) { markSelection(mark.dataset.label); return; }
+    const rm = e.target.closest && e.target.closest('.sp-unmark');
+    if (rm) { const list = marks(); list.splice(Number(rm.dataset.i), 1); save(list); }
+  });
+  document.addEventListener('keydown', (e) => {
+    const t = e.target;
+    if (e.ctrlKey || e.metaKey || e.altKey || e.repeat) return;
+    if (t && (t.tagName === 'INPUT' || t.tagName === 'TEXTAREA' || t.isContentEditable)) return;
+    const key = e.key.toLowerCase();
+    if (LABELS[key] && shown('sp-span-tools') && markSelection(LABELS[key])) { e.preventDefault(); return; }
+    let id;
+    if (shown('sp-rank-actions')) {
+      if (/^[1-8]$/.test(key) && document.getElementById('sp-rank-' + (+key - 1))) {
+        // The next story in order of preference: its rank is the next free one, or, after '=', the last one given.
+        const checked = [...document.querySelectorAll('[id^="sp-rank-"] input[type="radio"]:checked')].map((i) => +i.value);
+        const rank = document.body.dataset.spTie === '1' && checked.length ? Math.max(...checked) : checked.length + 1;
+        document.body.dataset.spTie = '';
+        const input = document.querySelector(`#sp-rank-${+key - 1} input[type="radio"][value="${rank}"]`);
+        if (input) { e.preventDefault(); input.click(); }
+        return;
+      }
+      if (key === '=') { document.body.dataset.spTie = '1'; e.preventDefault(); return; }
+      id = {'enter': 'sp-rank-submit', 'backspace': 'sp-rank-clear', 'x': 'sp-all-bad', 's': 'sp-rank-skip', 'u': 'sp-rank-undo'}[key];
+    } else {
+      id = {'1': 'sp-a', '2': 'sp-b', '0': 'sp-tie', 'x': 'sp-bad', 's': 'sp-skip', 'u': 'sp-undo'}[key];
+    }
+    if (id && document.getElementById(id)) { e.preventDefault(); press(id); }
+  });
+})();
 </script>
 """
 KEYS_HELP = (
     '<div class="sp-keys">Keys: <kbd>1</kbd> A &nbsp; <kbd>2</kbd> B &nbsp; <kbd>0</kbd> tie &nbsp; '
-    "<kbd>x</kbd> both bad &nbsp; <kbd>s</kbd> skip &nbsp; <kbd>u</kbd> undo</div>"
+    "<kbd>x</kbd> both bad &nbsp; <kbd>s</kbd> skip &nbsp; <kbd>u</kbd> undo. Ranking: press the stories' numbers best first "
+    "(<kbd>=</kbd> before one ties it with the last), <kbd>Enter</kbd> submits, <kbd>Backspace</kbd> clears.</div>"
+)
+SPAN_TOOLS = (
+    '<div class="sp-span-tools">Select words in a story, then mark them: '
+    '<button type="button" class="sp-mark" data-label="hallucinated">Wrong in the picture <kbd>h</kbd></button> '
+    '<button type="button" class="sp-mark" data-label="contradicts">Contradicts itself <kbd>c</kbd></button> '
+    '<button type="button" class="sp-mark" data-label="other">Other <kbd>o</kbd></button>'
+    '<ul id="sp-marks-list" class="sp-marks-list"></ul></div>'
 )
 
 
@@ -168,9 +258,22 @@ class LabelingApp:
             self._totals[project.id] = (time.monotonic(), totals)
         return totals
 
+    @staticmethod
+    def _controls(project: Project | None, n_ranked: int = 0, spans: str = "") -> list:
+        """Updates for what is asked besides the view: strength, aspects, rationale, the rank radios, the
+        pair and rank buttons, the span box and tools. `n_ranked`: the stories of a ranking (0: a pair)."""
+        pair = n_ranked == 0
+        aspects = set(project.aspects or []) if project is not None and pair else set()
+        ask_strength = project is not None and project.ask_strength and pair
+        ranks = [gr.update(value=None, visible=i < n_ranked, choices=[str(r) for r in range(1, n_ranked + 1)] or ["1"],
+                           label=f"Rank of story {chr(ord('A') + i)} (1 = best)") for i in range(MAX_RANK_K)]  # fmt: skip
+        return ([gr.update(value=None, visible=ask_strength)] + [gr.update(value=None, visible=x in aspects) for x in ASPECTS]
+                + [gr.update(value="")] + ranks + [gr.update(visible=pair), gr.update(visible=not pair), gr.update(value=spans),
+                   gr.update(visible=bool(project is not None and project.span_marks))])  # fmt: skip
+
     def _view(self, s, user: Annotator, project: Project | None, state: Session, show_diff: bool, notice: str = "") -> tuple:
         if project is None:
-            reset = [gr.update(value=None, visible=False) for _ in range(1 + len(ASPECTS))] + [gr.update(value="")]
+            reset = [gr.update(value=None, visible=False) for _ in range(1 + len(ASPECTS))] + self._controls(None)[1 + len(ASPECTS):]
             nothing = "### No project for you yet\nYou are not assigned to any project. Ask your project admin to assign you."
             return (state, "", nothing, "", "", *reset, notice)
         prog = progress(s, user.id, project, self._project_totals(s, project))
@@ -179,22 +282,32 @@ class LabelingApp:
             f'<progress max="{max(prog.target, 1)}" value="{prog.done}" style="width:40%"></progress> {prog.fraction:.0%}</div>'
         )
         a = state.assignment
-        aspects = set(project.aspects or [])  # what this project asks beside the choice
-        reset = ([gr.update(value=None, visible=project.ask_strength)] + [gr.update(value=None, visible=x in aspects) for x in ASPECTS]
-                 + [gr.update(value="")])  # fmt: skip
         if a is None:
             done = "### All done\nThere is nothing left for you to label in this project. Thank you!"
-            return (state, "", done, bar, "", *reset, notice)
+            return (state, "", done, bar, "", *self._controls(project), notice)
         comp = s.get(Comparison, a.comparison_id)
         item = s.get(Item, comp.item_id)
-        left, right = (comp.candidate_a, comp.candidate_b) if a.shown_left == "a" else (comp.candidate_b, comp.candidate_a)
+        if comp.candidate_ids:  # a ranking: every story of the set, in this annotator's order
+            order = shown_order_for(user.id, comp, a.is_repeat)
+        else:
+            order = [comp.candidate_a_id, comp.candidate_b_id][:: 1 if a.shown_left == "a" else -1]
+        texts = dict(s.execute(select(Candidate.id, Candidate.text).where(Candidate.id.in_(order))).all())
         urls = [f"/gradio_api/file={self.media_root / img.path}" for img in item.images]
         style = f" &nbsp;·&nbsp; style: **{html.escape(item.style)}**" if item.style else ""
         header = f"### {html.escape(item.instruction)}\n{len(urls)} frame{'s' if len(urls) != 1 else ''}{style}"
+        if comp.candidate_ids:
+            header += f" &nbsp;·&nbsp; **rank these {len(order)} stories** (1 = best; equal ranks for a tie)"
         if item.context:
             header += f"\n\n> Story so far: {html.escape(item.context)}"
-        table = render_comparison(left.text, right.text, urls, show_diff=show_diff)
-        return (state, state.token, header, bar, table, *reset, notice)
+        table = render_stories([texts[i] for i in order], urls, show_diff=show_diff and len(order) == 2, word_offsets=project.span_marks)
+        spans = ""
+        if a.editing_vote_id and project.span_marks:  # undo: the marks of the withdrawn answer, to edit
+            old = s.get(Vote, a.editing_vote_id)
+            shown = [{"pos": order.index(m["candidate_id"]), "start": m["start"], "end": m["end"], "label": m["label"]}
+                     for m in (old.spans or []) if m["candidate_id"] in order]  # fmt: skip
+            spans = json.dumps(shown) if shown else ""
+        controls = self._controls(project, len(order) if comp.candidate_ids else 0, spans)
+        return (state, state.token, header, bar, table, *controls, notice)
 
     # -- events -------------------------------------------------------------------------------
 
@@ -240,13 +353,24 @@ class LabelingApp:
         show_diff: bool,
         state: Session | None,
         request: gr.Request | None = None,
+        *,
+        ranks: list[int] | None = None,
+        spans: str | None = None,
     ):
+        """Record the answer on the page and serve the next one. A pair: `answer` is left, right, tie or
+        both_bad. A ranking: "rank" with `ranks` (one per story shown), or "all_bad". `spans`: the span
+        marks as the page keeps them (JSON). An incomplete ranking or an unreadable mark is refused with
+        the page left as it is, so nothing typed is lost."""
         state = state or Session()
         if state.assignment is None or token != state.token:
             # A second click on an answer already recorded, or a stale page: show where we are.
             with self.reads() as s:
                 user = self._user(s, request)
                 return self._view(s, user, self._project(s, user, state), state, show_diff)
+        try:
+            marks = json.loads(spans) if spans and spans.strip() else None
+        except ValueError:
+            raise gr.Error("The word marks on this page could not be read; remove them and mark again.") from None
         a = state.assignment
         with self.sessions.begin() as s:  # the write: one short transaction
             user = self._user(s, request)
@@ -262,8 +386,12 @@ class LabelingApp:
                     aspects={k: v for k, v in zip(ASPECTS, aspect_values) if v},
                     rationale=rationale,
                     time_spent_ms=int((time.time() - state.served_at) * 1000) if state.served_at else None,
+                    ranks=ranks,
+                    spans=marks,
                 )
                 notice = ""
+            except (RankError, SpanError) as e:  # fixable on this page: keep it
+                raise gr.Error(str(e)) from None
             except VoteError as e:
                 gr.Warning(str(e))
                 notice = f"⚠️ {e}"
@@ -277,12 +405,43 @@ class LabelingApp:
         """`vote` bound to one answer, as a plain function with type hints. (A functools.partial hides
         its hints from Gradio, which then never passes the gr.Request, so no user would be known.)"""
 
-        def handler(token, strength, grounding, coherence, style, fluency, rationale, show_diff, state, request: gr.Request):
+        def handler(token, strength, grounding, coherence, style, fluency, rationale, show_diff, state, spans: str | None = None,
+                    request: gr.Request = None):  # fmt: skip
             aspects = (grounding, coherence, style, fluency)  # the order of db.ASPECTS
-            return self.vote(answer, token, strength, aspects, rationale, show_diff, state, request=request)
+            return self.vote(answer, token, strength, aspects, rationale, show_diff, state, request=request, spans=spans)
 
         handler.__name__ = f"vote_{answer}"
         return handler
+
+    def rank_handler(self, answer: str):
+        """`vote` for a ranking: "rank" (the rank radios, in the order shown) or "all_bad"."""
+
+        def handler(token, r0, r1, r2, r3, r4, r5, r6, r7, spans, rationale, show_diff, state, request: gr.Request):
+            state = state or Session()
+            ranks = None
+            if answer == "rank":
+                given = [r0, r1, r2, r3, r4, r5, r6, r7]
+                n = self._ranked_count(state, request)
+                ranks = [int(r) if r not in (None, "") else None for r in given[:n]]
+                if any(r is None for r in ranks):
+                    missing = ", ".join(chr(ord("A") + i) for i, r in enumerate(ranks) if r is None)
+                    raise gr.Error(f"Give every story a rank first (missing: {missing}); equal ranks make a tie.")
+            return self.vote(answer, token, None, (None,) * len(ASPECTS), rationale, show_diff, state, request=request, ranks=ranks,
+                             spans=spans)  # fmt: skip
+
+        handler.__name__ = f"rank_{answer}"
+        return handler
+
+    def _ranked_count(self, state: Session, request) -> int:
+        """How many stories the tab's current assignment shows (0 without one)."""
+        if state.assignment is None:
+            return 0
+        with self.reads() as s:
+            self._user(s, request)
+            return len(s.get(Comparison, state.assignment.comparison_id).candidate_id_list)
+
+    def clear_ranks(self):
+        return [gr.update(value=None) for _ in range(MAX_RANK_K)]
 
     def skip(self, show_diff: bool, state: Session | None, request: gr.Request | None = None):
         state = state or Session()
@@ -481,8 +640,8 @@ def build_app(session_factory, project: str | None = None, *, concurrency_limit:
             raise ValueError("the database has no project yet; ingest items first (python -m annotate.ingest SOURCE "
                              "--project NAME), or start without --no-demo for the storyworld demo")  # fmt: skip
         media_root = Path(get_meta(s, "media_root") or DEFAULT_MEDIA_ROOT).resolve()
-        settings = (row.name, row.ask_strength, list(row.aspects or []))
-    name, ask_strength, aspects = settings
+        settings = (row.name, row.ask_strength, list(row.aspects or []), row.span_marks)
+    name, ask_strength, aspects, span_marks = settings
     app = LabelingApp(session_factory, name, media_root, leases=leases, lease_seconds=lease_seconds)
 
     with gr.Blocks(title=title) as demo:
@@ -504,8 +663,19 @@ def build_app(session_factory, project: str | None = None, *, concurrency_limit:
                     gr.Radio(ASPECT_CHOICES, label=f"Better {aspect}", visible=aspect in aspects, scale=1)
                     for aspect in ASPECTS
                 ]
+            with gr.Row(elem_id="sp-ranks"):  # rank mode: one rank per story shown (the view shows as many as it has)
+                rank_radios = [gr.Radio(["1"], label=f"Rank of story {chr(ord('A') + i)}", visible=False, elem_id=f"sp-rank-{i}",
+                                        min_width=120) for i in range(MAX_RANK_K)]  # fmt: skip
+            span_tools = gr.HTML(SPAN_TOOLS, visible=span_marks, elem_id="sp-span-tools")
+            spans_box = gr.Textbox(value="", elem_id="sp-spans", elem_classes=["sp-hidden"], show_label=False, container=False)
             rationale = gr.Textbox(label="Why? (optional)", lines=1, max_lines=4)
-            with gr.Row(elem_id="sp-actions"):
+            with gr.Row(elem_id="sp-rank-actions", visible=False) as rank_actions:
+                rank_submit = gr.Button("Submit ranking", variant="primary", elem_id="sp-rank-submit")
+                all_bad = gr.Button("All bad", variant="stop", elem_id="sp-all-bad")
+                rank_clear = gr.Button("Clear ranks", elem_id="sp-rank-clear", variant="secondary")
+                rank_skip = gr.Button("Skip", elem_id="sp-rank-skip", variant="secondary")
+                rank_undo = gr.Button("Undo last", elem_id="sp-rank-undo", variant="secondary")
+            with gr.Row(elem_id="sp-actions") as pair_actions:
                 buttons = {
                     "left": gr.Button("A is better", variant="primary", elem_id="sp-a"),
                     "right": gr.Button("B is better", variant="primary", elem_id="sp-b"),
@@ -535,20 +705,27 @@ def build_app(session_factory, project: str | None = None, *, concurrency_limit:
             export_file = gr.File(label="Download")
             export_msg = gr.Markdown()
 
-        view = [state, token, header, progress_bar, compare, strength, *aspect_radios, rationale, notice]
+        view = [state, token, header, progress_bar, compare, strength, *aspect_radios, rationale, *rank_radios, pair_actions, rank_actions,
+                spans_box, span_tools, notice]  # fmt: skip
         demo.load(app.load, inputs=[show_diff], outputs=[*view, guidelines, admin_tab, picker, admin_project], api_name="load",
                   concurrency_limit=concurrency_limit)  # fmt: skip
         picker.input(app.switch, [picker, show_diff, state], [*view, guidelines], api_name="switch_project", concurrency_limit=concurrency_limit)
         for answer, button in buttons.items():  # one handler, bound per answer
             button.click(
                 app.vote_handler(answer),
-                inputs=[token, strength, *aspect_radios, rationale, show_diff, state],
+                inputs=[token, strength, *aspect_radios, rationale, show_diff, state, spans_box],
                 outputs=view,
                 api_name=f"vote_{answer}",
                 concurrency_limit=concurrency_limit,
             )
-        skip.click(app.skip, [show_diff, state], view, api_name="skip", concurrency_limit=concurrency_limit)
-        undo.click(app.undo, [show_diff, state], view, api_name="undo", concurrency_limit=concurrency_limit)
+        for answer, button in (("rank", rank_submit), ("all_bad", all_bad)):
+            button.click(app.rank_handler(answer), inputs=[token, *rank_radios, spans_box, rationale, show_diff, state], outputs=view,
+                         api_name=f"rank_{answer}", concurrency_limit=concurrency_limit)  # fmt: skip
+        rank_clear.click(app.clear_ranks, None, rank_radios, api_name=False, queue=False)
+        for button, name in ((skip, "skip"), (rank_skip, False)):
+            button.click(app.skip, [show_diff, state], view, api_name=name, concurrency_limit=concurrency_limit)
+        for button, name in ((undo, "undo"), (rank_undo, False)):
+            button.click(app.undo, [show_diff, state], view, api_name=name, concurrency_limit=concurrency_limit)
         show_diff.change(app.redraw, [show_diff, state], view, api_name="redraw", concurrency_limit=concurrency_limit)
         admin_outputs = [people, agreement, board, votes_plot, board_plot, model_summary, model_table]
         refresh.click(app.admin_refresh, [admin_project], admin_outputs, api_name="admin_stats")

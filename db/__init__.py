@@ -16,10 +16,14 @@ from db.engine import (
     open_db,
     read_session_factory,
     set_meta,
+    upgrade,
 )
 from db.models import (
     ASPECTS,
     CHOICES,
+    MAX_RANK_K,
+    MODES,
+    SPAN_LABELS,
     Annotator,
     Base,
     Candidate,
@@ -38,6 +42,9 @@ __all__ = [
     "ASPECTS",
     "CHOICES",
     "DEFAULT_MEDIA_ROOT",
+    "MAX_RANK_K",
+    "MODES",
+    "SPAN_LABELS",
     "DEFAULT_URL",
     "SCHEMA_VERSION",
     "Annotator",
@@ -61,4 +68,5 @@ __all__ = [
     "open_db",
     "read_session_factory",
     "set_meta",
+    "upgrade",
 ]

@@ -20,7 +20,9 @@ from db.models import Base, Meta
 
 DEFAULT_URL = "sqlite:///data/storypref.db"
 DEFAULT_MEDIA_ROOT = "data/media"
-SCHEMA_VERSION = 1
+SCHEMA_VERSION = 2
+# Versions this storypref upgrades in place on open, and what each upgrade adds.
+UPGRADES = {1: "rank mode and span marks: project.mode/rank_k/span_marks, comparison.candidate_ids/gold_ranks, vote.ranking/spans"}
 SQLITE_BUSY_TIMEOUT_MS = 30_000
 
 
@@ -88,6 +90,8 @@ def check_schema(engine: Engine) -> None:
         )
     with Session(engine) as s:
         found = s.scalar(select(Meta.value).where(Meta.key == "schema_version"))
+    if found is not None and int(found) in UPGRADES:
+        return  # init_db upgrades it
     if found is None or int(found) != SCHEMA_VERSION:
         newer = found is not None and int(found) > SCHEMA_VERSION
         raise SchemaVersionError(
@@ -109,8 +113,42 @@ def init_db(engine: Engine) -> None:
             s.add(Meta(key="schema_version", value=str(SCHEMA_VERSION)))
         return
     check_schema(engine)
+    upgrade(engine)
     # Same version, possibly from a build that lacked a table we added since: create what is missing.
     Base.metadata.create_all(engine, checkfirst=True)
+
+
+def _add_column_sql(engine: Engine, table, column) -> str:
+    sql = f"ALTER TABLE {table.name} ADD COLUMN {column.name} {column.type.compile(engine.dialect)}"
+    default = column.server_default
+    if default is not None:
+        arg = default.arg
+        literal = f"'{arg}'" if isinstance(arg, str) and not arg.isdigit() else arg
+        if not isinstance(literal, str):
+            literal = str(arg.compile(dialect=engine.dialect))
+        sql += f" DEFAULT {literal}" + ("" if column.nullable else " NOT NULL")
+    return sql
+
+
+def upgrade(engine: Engine) -> list[int]:
+    """Bring an older storypref database up to SCHEMA_VERSION in place, in one transaction: the
+    columns added since (all nullable or with a default, so every row stays valid) and the version.
+    Returns the versions it upgraded from (empty when it was current)."""
+    with Session(engine) as s:
+        found = int(s.scalar(select(Meta.value).where(Meta.key == "schema_version")) or SCHEMA_VERSION)
+    if found >= SCHEMA_VERSION:
+        return []
+    with engine.begin() as conn:
+        inspector = inspect(conn)  # on this connection: another one would wait on this transaction's lock
+        for table in Base.metadata.sorted_tables:
+            if not inspector.has_table(table.name):
+                continue  # create_all makes it whole
+            have = {c["name"] for c in inspector.get_columns(table.name)}
+            for column in table.columns:
+                if column.name not in have:
+                    conn.exec_driver_sql(_add_column_sql(engine, table, column))
+        conn.execute(Meta.__table__.update().where(Meta.key == "schema_version").values(value=str(SCHEMA_VERSION)))
+    return list(range(found, SCHEMA_VERSION))
 
 
 def open_db(url: str | None = None) -> tuple[Engine, sessionmaker[Session]]:

@@ -24,6 +24,7 @@ from sqlalchemy import (
     String,
     Text,
     UniqueConstraint,
+    false,
     text,
 )
 from sqlalchemy.orm import DeclarativeBase, Mapped, mapped_column, relationship
@@ -31,6 +32,9 @@ from sqlalchemy.orm import DeclarativeBase, Mapped, mapped_column, relationship
 CHOICES = ("a", "b", "tie", "both_bad")
 ROLES = ("annotator", "admin")
 ASPECTS = ("grounding", "coherence", "style", "fluency")
+MODES = ("pairwise", "rank")  # what an annotator is shown: two stories to choose from, or K to order
+SPAN_LABELS = ("hallucinated", "contradicts", "other")  # what a span mark says is wrong with the words
+MAX_RANK_K = 8
 
 
 def utcnow() -> datetime:
@@ -38,7 +42,7 @@ def utcnow() -> datetime:
 
 
 class Base(DeclarativeBase):
-    type_annotation_map = {dict[str, Any]: JSON, list[str]: JSON}
+    type_annotation_map = {dict[str, Any]: JSON, list[str]: JSON, list[int]: JSON, dict[str, int]: JSON, list[dict[str, Any]]: JSON}
 
 
 class Meta(Base):
@@ -81,6 +85,10 @@ class Project(Base):
     ask_strength: Mapped[bool] = mapped_column(Boolean, default=False)
     gold_rate: Mapped[float] = mapped_column(Float, default=0.0)  # share of gold comparisons served
     repeat_rate: Mapped[float] = mapped_column(Float, default=0.0)  # share of position-swapped repeats
+    # Schema 2: the kind of feedback asked. (Server defaults, so that an upgraded database fills them.)
+    mode: Mapped[str] = mapped_column(String(16), default="pairwise", server_default="pairwise")  # MODES
+    rank_k: Mapped[int] = mapped_column(Integer, default=4, server_default="4")  # stories per ranking (rank mode)
+    span_marks: Mapped[bool] = mapped_column(Boolean, default=False, server_default=false())  # may mark words
     created_at: Mapped[datetime] = mapped_column(DateTime(timezone=True), default=utcnow)
 
     items: Mapped[list[Item]] = relationship(back_populates="project")
@@ -171,7 +179,15 @@ class Comparison(Base):
     gold_choice: Mapped[str | None] = mapped_column(String(16))
     # Count of active, non-repeat votes, kept in the same transaction as the vote rows.
     n_votes: Mapped[int] = mapped_column(Integer, default=0)
+    # Rank mode: every candidate shown together, ascending (candidate_a/b are its two lowest ids); None for a pair.
+    candidate_ids: Mapped[list[int] | None] = mapped_column(JSON)
+    gold_ranks: Mapped[dict[str, int] | None] = mapped_column(JSON)  # rank-mode gold: candidate id -> rank (1 best)
     created_at: Mapped[datetime] = mapped_column(DateTime(timezone=True), default=utcnow)
+
+    @property
+    def candidate_id_list(self) -> list[int]:
+        """Every candidate this comparison shows, ascending: the pair, or the rank set."""
+        return list(self.candidate_ids) if self.candidate_ids else [self.candidate_a_id, self.candidate_b_id]
 
     project: Mapped[Project] = relationship(back_populates="comparisons")
     item: Mapped[Item] = relationship()
@@ -214,6 +230,11 @@ class Vote(Base):
     time_spent_ms: Mapped[int | None] = mapped_column(Integer)
     client_token: Mapped[str] = mapped_column(String(64))  # idempotency key from the client
     is_repeat: Mapped[bool] = mapped_column(Boolean, default=False)
+    # Rank mode, as given: {"shown": [candidate ids in the order shown], "ranks": [rank per shown story, 1 best,
+    # equal = tie], "all_bad": bool}; `choice` then holds what it implies for candidates a and b.
+    ranking: Mapped[dict[str, Any] | None] = mapped_column(JSON)
+    # Span marks: [{"candidate_id", "start", "end", "label", "text"}], offsets into the candidate's text.
+    spans: Mapped[list[dict[str, Any]] | None] = mapped_column(JSON)
     active: Mapped[bool] = mapped_column(Boolean, default=True)
     superseded_by_id: Mapped[int | None] = mapped_column(ForeignKey("vote.id"))
     created_at: Mapped[datetime] = mapped_column(DateTime(timezone=True), default=utcnow)

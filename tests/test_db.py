@@ -124,3 +124,35 @@ def test_comparison_must_be_canonical_and_foreign_keys_hold(db_url):
         with factory.begin() as s:
             s.add(Vote(comparison_id=999, annotator_id=999, choice="a", shown_left="a", client_token="x"))
     engine.dispose()
+
+
+NEW_IN_2 = {"project": ["mode", "rank_k", "span_marks"], "comparison": ["candidate_ids", "gold_ranks"], "vote": ["ranking", "spans"]}
+
+
+def test_version_1_database_is_upgraded_in_place(db_url):
+    """A database made before rank mode and span marks (schema 1) opens: the new columns are added, its
+    rows keep their data and get the defaults, and the new fields can be written."""
+    engine, factory = open_db(db_url)
+    with factory.begin() as s:
+        comp, user = _seed(s)
+        s.add(Vote(comparison_id=comp.id, annotator_id=user.id, choice="a", shown_left="a", client_token="t1"))
+        s.get(Meta, "schema_version").value = "1"
+    with engine.begin() as conn:  # what schema 1 lacked
+        for table, columns in NEW_IN_2.items():
+            for column in columns:
+                conn.execute(text(f"ALTER TABLE {table} DROP COLUMN {column}"))
+    engine.dispose()
+
+    engine, factory = open_db(db_url)
+    for table, columns in NEW_IN_2.items():
+        assert set(columns) <= {c["name"] for c in inspect(engine).get_columns(table)}
+    with factory.begin() as s:
+        assert s.get(Meta, "schema_version").value == str(SCHEMA_VERSION)
+        project, vote = s.scalar(select(Project)), s.scalar(select(Vote))
+        assert (project.mode, project.rank_k, project.span_marks) == ("pairwise", 4, False)
+        assert (vote.choice, vote.ranking, vote.spans) == ("a", None, None)
+        vote.spans = [{"candidate_id": 1, "start": 0, "end": 3, "label": "other", "text": "one"}]
+        project.mode = "rank"
+    with factory() as s:
+        assert s.scalar(select(Vote)).spans[0]["end"] == 3 and s.scalar(select(Project)).mode == "rank"
+    engine.dispose()
