@@ -188,6 +188,7 @@ CSS = """
 .sp-frame { width: 20%; }
 .sp-frame img { width: 100%; max-width: 240px; border-radius: 6px; image-rendering: pixelated; display: block; margin: 0 !important; }
 .sp-frame-no { font-weight: 600; font-size: 0.8em; margin-bottom: 4px; color: var(--body-text-color-subdued); }
+.sp-compare.sp-rank { table-layout: fixed; }
 .sp-rank .sp-story { width: auto; font-size: 0.98em; }
 .sp-w.sp-marked-hallucinated { background: #ff8fa3; color: #111; }
 .sp-w.sp-marked-contradicts { background: #ffb347; color: #111; }

@@ -209,3 +209,92 @@ def test_a_throttled_login_shows_the_servers_message(tmp_path):
             browser.close()
     finally:
         app.stop()
+
+
+@pytest.fixture
+def rank_server(tmp_path):
+    """A rank project (K = 3, span marks on): three stories per item, one of them made of XSS payloads."""
+    pytest.importorskip("playwright")
+    if not shutil.which(CHROMIUM):
+        pytest.skip("Debian's chromium is not installed (apt-get install chromium)")
+    src = tmp_path / "src"
+    lines = []
+    for i in range(4):
+        frames = [make_image(src / f"r{i}_{k}.png", (60 * k, 40 * i, 120)) for k in range(2)]
+        lines.append({"external_id": f"r{i}", "image_paths": [p.name for p in frames], "instruction": f"Tell a story {i}.",
+                      "candidates": [XSS, f"A calm scene {i}. It rests.", f"A blue dog {i} runs. The dog naps."]})  # fmt: skip
+    (src / "items.jsonl").write_text("".join(json.dumps(x) + "\n" for x in lines))
+    url = f"sqlite:///{tmp_path}/rank.db"
+    _, factory = open_db(url)
+    ingest(factory, str(src / "items.jsonl"), "rank", media_root=tmp_path / "media",
+           project_settings={"mode": "rank", "rank_k": 3, "span_marks": True})  # fmt: skip
+    with factory.begin() as s:
+        add_user(s, "ann", "ann-password")
+    app = AppServer(url, tmp_path / "app.log", project="rank").start()
+    yield app, factory
+    app.stop()
+
+
+def test_rank_by_keyboard_and_mark_a_span_with_xss_inert(rank_server, tmp_path):
+    """Rank three stories from the keyboard (with a tie), then mark words as hallucinated and rank by
+    clicking; the database holds both rankings as given and the mark's offsets; no payload runs."""
+    from playwright.sync_api import sync_playwright
+
+    from db import Candidate
+
+    app, factory = rank_server
+
+    def wait_votes(page, n):
+        for _ in range(150):
+            with factory() as s:
+                votes = s.scalars(select(Vote).order_by(Vote.id)).all()
+            if len(votes) == n:
+                return votes
+            page.wait_for_timeout(100)
+        raise AssertionError(f"expected {n} votes, have {len(votes)}: {page.inner_text('body')[:2000]}")
+
+    with sync_playwright() as p:
+        browser = p.chromium.launch(executable_path=CHROMIUM, args=ARGS)
+        page = login(browser, app.url, "ann", "ann-password")
+        page.wait_for_selector(".sp-compare.sp-rank")
+        assert page.locator(".sp-rank th").count() == 4  # the frame column and stories A, B, C
+        assert "<script>window.__xss = 1</script>" in page.inner_text("#sp-compare") and page.evaluate("window.__xss") is None
+        page.screenshot(path=str(tmp_path / "ranking.png"), full_page=True)
+
+        # Keyboard: B best, C tied with it (=), then A.
+        page.locator("body").click(position={"x": 5, "y": 5})
+        for key in ["2", "=", "3", "1"]:
+            page.keyboard.press(key)
+            page.wait_for_timeout(150)
+        checked = page.evaluate("[0, 1, 2].map(i => (document.querySelector(`#sp-rank-${i} input:checked`) || {}).value)")
+        assert checked == ["3", "1", "1"]
+        page.keyboard.press("Enter")
+        first = wait_votes(page, 1)[0]
+        assert first.ranking["ranks"] == [2, 1, 1] and not first.ranking["all_bad"]
+
+        # A span mark: select the first two words of story A (a range, as a mouse drag makes), press h.
+        page.wait_for_function("document.querySelectorAll('#sp-rank-0 input:checked').length === 0", timeout=20_000)
+        page.wait_for_timeout(300)
+        words = page.evaluate("""() => {
+            const ws = [...document.querySelectorAll('#sp-compare [data-p="0"] .sp-w')].slice(0, 2);
+            const r = document.createRange(); r.setStartBefore(ws[0]); r.setEndAfter(ws[1]);
+            const sel = window.getSelection(); sel.removeAllRanges(); sel.addRange(r);
+            return ws.map(w => [w.textContent, +w.dataset.s, +w.dataset.e]);
+        }""")
+        page.keyboard.press("h")
+        page.wait_for_selector("#sp-marks-list li")
+        assert "wrong in the picture" in page.inner_text("#sp-marks-list")
+        assert page.locator("#sp-compare .sp-marked-hallucinated").count() == 2
+        for i, rank in ((0, "3"), (1, "2"), (2, "1")):  # clicks this time
+            page.locator(f"#sp-rank-{i} input[value='{rank}']").check()
+        page.click("#sp-rank-submit")
+        second = wait_votes(page, 2)[1]
+        assert second.ranking["ranks"] == [3, 2, 1] and len(second.spans) == 1
+        mark = second.spans[0]
+        with factory() as s:
+            text = s.get(Candidate, mark["candidate_id"]).text
+        assert mark["candidate_id"] == second.ranking["shown"][0] and mark["label"] == "hallucinated"
+        assert (mark["start"], mark["end"]) == (words[0][1], words[1][2]) and mark["text"] == text[mark["start"]:mark["end"]]
+        assert mark["text"].startswith(words[0][0]) and mark["text"].endswith(words[1][0])
+        assert page.evaluate("window.__xss") is None  # marked payload words stay text too
+        browser.close()

@@ -291,3 +291,64 @@ def test_admin_statistics_and_export_are_per_project(two_projects):
     with pytest.raises(gr.Error, match="no project 'nope'"):
         app.admin_refresh("nope", request=req("boss"))
     assert app.admin_refresh("captions", request=req("ann"))[0] is None  # still nothing for annotators
+
+
+@pytest.fixture
+def rank_app(tmp_path, items_source):
+    """A rank project (K = 3, span marks on) of the three-candidate items, and one annotator."""
+    from annotate.ingest import ingest
+
+    _, factory = open_db(f"sqlite:///{tmp_path}/rank.db")
+    ingest(factory, str(items_source), "rank", media_root=tmp_path / "media", project_settings={"mode": "rank", "rank_k": 3, "span_marks": True})
+    with factory.begin() as s:
+        add_user(s, "ann", "ann-password")
+    demo = build_app(factory, "rank")
+    return LabelingApp(factory, "rank", demo.storypref_media_root), factory
+
+
+# the view's rank radios, the pair and rank button rows, the span box and tools sit between the rationale and the notice
+RANKS, PAIR_ROW, RANK_ROW, SPANS, SPAN_TOOLS = slice(11, 19), 19, 20, 21, 22
+
+
+def _rank(app, view, ranks, spans="", answer="rank"):
+    radios = [str(r) if r else None for r in ranks] + [None] * (8 - len(ranks))
+    return app.rank_handler(answer)(view[TOKEN], *radios, spans, "", False, view[0], request=req("ann"))
+
+
+def test_rank_view_asks_for_ranks_and_records_them_with_marks(rank_app):
+    import json
+
+    app, factory = rank_app
+    *view, _, _, _, _ = app.load(request=req("ann"))
+    assert 'class="sp-compare sp-markable"' in view[COMPARE] or "sp-rank" in view[COMPARE]
+    assert view[COMPARE].count('class="sp-story"') >= 3 and "rank these 3 stories" in view[HEADER]
+    radios = view[RANKS]
+    assert [r["visible"] for r in radios] == [True] * 3 + [False] * 5 and radios[0]["choices"] == ["1", "2", "3"]
+    assert view[PAIR_ROW]["visible"] is False and view[RANK_ROW]["visible"] is True and view[SPAN_TOOLS]["visible"] is True
+    with pytest.raises(gr.Error, match="missing: B"):  # an incomplete ranking is refused, the page kept
+        _rank(app, view, [1, None, 2])
+    with pytest.raises(gr.Error, match="could not be read"):
+        _rank(app, view, [1, 2, 3], spans="{not json")
+    marks = json.dumps([{"pos": 2, "start": 0, "end": 5, "label": "hallucinated"}])
+    nxt = _rank(app, view, [2, 1, 2], spans=marks)
+    with factory() as s:
+        vote = s.scalar(select(Vote))
+        comp = s.get(Comparison, vote.comparison_id)
+        assert vote.ranking["ranks"] == [2, 1, 2] and sorted(vote.ranking["shown"]) == comp.candidate_ids
+        assert vote.spans[0]["candidate_id"] == vote.ranking["shown"][2] and vote.time_spent_ms is not None
+    assert nxt[0].assignment.comparison_id != vote.comparison_id and nxt[SPANS]["value"] == ""
+    # Undo brings the ranking back with its marks, to edit.
+    again = app.undo(False, nxt[0], request=req("ann"))
+    assert again[0].assignment.comparison_id == vote.comparison_id and json.loads(again[SPANS]["value"]) == json.loads(marks)
+    _rank(app, again, [1, 2, 3], answer="all_bad")
+    with factory() as s:
+        votes = s.scalars(select(Vote).order_by(Vote.id)).all()
+        assert [v.active for v in votes] == [False, True] and votes[1].choice == "both_bad" and votes[1].ranking["all_bad"]
+
+
+def test_pair_view_hides_the_rank_controls(app):
+    app, _ = app
+    *view, _, _, _, _ = app.load(request=req("ann"))
+    assert [r["visible"] for r in view[RANKS]] == [False] * 8
+    assert view[PAIR_ROW]["visible"] is True and view[RANK_ROW]["visible"] is False and view[SPAN_TOOLS]["visible"] is False
+    assert "data-s=" not in view[COMPARE]  # words carry offsets only where marks are asked
