@@ -13,6 +13,10 @@ Three formats (docs/data.md documents each field):
   plain strings for encoders without a chat template).
 * `hf`: the same rows as a `datasets.DatasetDict` saved with `save_to_disk`, images as `Image`.
 
+A ranking (rank mode) becomes the K(K-1)/2 pairs it implies, marked `source: rank` and weighted
+(`--rank-weight`) so that one ranking counts as K-1 votes by default; span marks travel as `spans`,
+by story (`response_a`/`response_b` in pairs, `chosen`/`rejected` in trl and hf).
+
 The split is by item and deterministic: items that share any image are grouped, and each group goes
 to test when a hash of its images falls under `--test-fraction`, so train and test never share an
 image and every export of the same data splits it the same way. Output is written to a temporary
@@ -23,6 +27,7 @@ from __future__ import annotations
 
 import argparse
 import hashlib
+import itertools
 import json
 import os
 import shutil
@@ -102,6 +107,74 @@ class VoteRow(NamedTuple):
     context: str | None
     text_a: str
     text_b: str
+    candidate_a_id: int
+    candidate_b_id: int
+    ranking: str | dict | None  # rank mode: the ranking as given (raw JSON)
+    spans: str | list | None  # span marks (raw JSON)
+    # Set by `_expand_rankings`: one row per implied pair of a ranking.
+    source: str = "pair"  # pair | rank
+    weight: float = 1.0
+
+
+RANK_WEIGHTS = ("ranking", "pair", "instructgpt")  # what one ranking of K stories counts as: K − 1 votes, C(K, 2), or 1
+
+
+def rank_pair_weight(k: int, mode: str = "ranking") -> float:
+    """The weight of each of the K(K−1)/2 pairs a ranking of K stories implies.
+
+    `ranking` (the default): 2/K, so the ranking's pairs together count as K − 1 votes, the
+    comparisons a sort of K needs and no more: its pairs are not independent votes, and counting each
+    as one would let one reader's ranking outweigh K − 1 separate votes. `pair`: 1 each (the ranking
+    counts as C(K, 2) votes). `instructgpt`: 1/C(K, 2) each (the ranking counts as one vote, as
+    InstructGPT's loss averages a ranking's pairs as one batch element).
+
+    >>> rank_pair_weight(4), rank_pair_weight(4, "pair"), round(rank_pair_weight(4, "instructgpt"), 4)
+    (0.5, 1.0, 0.1667)
+    """
+    pairs = k * (k - 1) / 2
+    if mode == "ranking":
+        return (k - 1) / pairs
+    if mode == "pair":
+        return 1.0
+    if mode == "instructgpt":
+        return 1.0 / pairs
+    raise ExportError(f"unknown --rank-weight {mode!r}; use one of {', '.join(RANK_WEIGHTS)}")
+
+
+def _json(raw):
+    return json.loads(raw) if isinstance(raw, str) else raw
+
+
+def _expand_rankings(rows: Iterator[VoteRow], texts: dict[int, str], weight_mode: str) -> Iterator[VoteRow]:
+    """Pair votes as they are; each ranking as the pairs it implies, canonical (lower candidate id as
+    a), with `source="rank"` and its weight (`rank_pair_weight`). A tie in the ranking is a tie; "all
+    bad" makes every pair both_bad. Rows stay grouped by (comparison, pair), as aggregation needs."""
+    pending: list[VoteRow] = []
+
+    def flush():
+        expanded = []
+        for r in pending:
+            ranking = _json(r.ranking)
+            shown = ranking["shown"]
+            weight = rank_pair_weight(len(shown), weight_mode)
+            ranks = dict(zip(shown, ranking["ranks"] or [1] * len(shown)))
+            for a, b in itertools.combinations(sorted(shown), 2):
+                choice = "both_bad" if ranking.get("all_bad") else "a" if ranks[a] < ranks[b] else "b" if ranks[b] < ranks[a] else "tie"
+                expanded.append(r._replace(choice=choice, strength=None, aspects="{}", candidate_a_id=a, candidate_b_id=b,
+                                           text_a=texts[a], text_b=texts[b], shown_left="a" if shown.index(a) < shown.index(b) else "b",
+                                           source="rank", weight=weight))  # fmt: skip
+        pending.clear()
+        expanded.sort(key=lambda r: (r.candidate_a_id, r.candidate_b_id))  # stable: votes keep their order within a pair
+        return expanded
+
+    for r in rows:
+        if pending and r.comparison_id != pending[0].comparison_id:
+            yield from flush()
+        if r.ranking is None or r.ranking == "null":
+            yield r
+        else:
+            pending.append(r)
+    yield from flush()
 
 
 def _aspects(raw: str | dict | None) -> dict:
@@ -127,6 +200,10 @@ def _vote_rows(session: Session, project: str | None) -> Iterator[VoteRow]:
             Item.context,
             cand_a.text.label("text_a"),
             cand_b.text.label("text_b"),
+            Comparison.candidate_a_id,
+            Comparison.candidate_b_id,
+            Vote.ranking,
+            Vote.spans,
         )
         .join(Comparison, Vote.comparison_id == Comparison.id)
         .join(Item, Comparison.item_id == Item.id)
@@ -141,7 +218,21 @@ def _vote_rows(session: Session, project: str | None) -> Iterator[VoteRow]:
     # Core, not ORM, execution: plain tuples, streamed in chunks (the ORM layer doubled export time).
     result = session.connection().execution_options(yield_per=5000).execute(query)
     for chunk in result.partitions():
-        yield from map(VoteRow._make, chunk)
+        for r in chunk:
+            yield VoteRow(*r)
+
+
+def _rank_texts(session: Session, project: str | None) -> dict[int, str]:
+    """The text of every candidate in a rank set (of `project`): what expanding a ranking needs."""
+    query = select(Comparison.candidate_ids).where(Comparison.candidate_ids.is_not(None))
+    if project is not None:
+        query = query.join(Project, Comparison.project_id == Project.id).where(Project.name == project)
+    ids = {c for raw in session.scalars(query) for c in (_json(raw) or [])}
+    texts: dict[int, str] = {}
+    ids_list = sorted(ids)
+    for k in range(0, len(ids_list), 5000):
+        texts.update(session.execute(select(Candidate.id, Candidate.text).where(Candidate.id.in_(ids_list[k : k + 5000]))).all())
+    return texts
 
 
 def _item_images(session: Session, media_root: Path) -> tuple[dict[int, list[str]], dict[int, str]]:
@@ -171,19 +262,16 @@ def _item_images(session: Session, media_root: Path) -> tuple[dict[int, list[str
     return paths, split_key
 
 
-def _comparison_slices(session: Session) -> dict[int, list[str]]:
-    """Comparison id → the named evaluation slices its pair belongs to (ingest keeps them in item meta)."""
+def _pair_slices(session: Session) -> dict[tuple[int, int, int], list[str]]:
+    """(item id, candidate a, candidate b) → the named evaluation slices the pair belongs to (ingest
+    keeps them in item meta), whether the pair was voted on alone or inside a ranking."""
     names: dict[tuple[int, int, int], list[str]] = defaultdict(list)  # (item id, candidate a, candidate b) → slices
     for item_id, meta in session.execute(select(Item.id, Item.meta).where(cast(Item.meta, Text).like('%"slices"%'))):
         meta = json.loads(meta) if isinstance(meta, str) else meta or {}
         for name, pairs in (meta.get("slices") or {}).items():
             for a, b in pairs:
                 names[(item_id, a, b)].append(name)
-    if not names:
-        return {}
-    rows = session.execute(select(Comparison.id, Comparison.item_id, Comparison.candidate_a_id, Comparison.candidate_b_id)
-                           .where(Comparison.item_id.in_({k[0] for k in names})))  # fmt: skip
-    return {comp_id: sorted(names[(item_id, a, b)]) for comp_id, item_id, a, b in rows if (item_id, a, b) in names}
+    return {key: sorted(v) for key, v in names.items()}
 
 
 def is_test(split_key: str, test_fraction: float) -> bool:
@@ -197,9 +285,29 @@ def is_test(split_key: str, test_fraction: float) -> bool:
 # ------------------------------------------------------------------------------------------------
 
 
+def _pair_spans(votes: list[VoteRow]) -> dict[str, list[dict]]:
+    """The span marks of `votes` on this row's two stories: {"a": [...], "b": [...]}, each mark
+    {start, end, label, text} and, where several votes made the same mark, `n` (how many)."""
+    found: dict[str, Counter] = {"a": Counter(), "b": Counter()}
+    for v in votes:
+        for m in _json(v.spans) or []:
+            side = "a" if m["candidate_id"] == v.candidate_a_id else "b" if m["candidate_id"] == v.candidate_b_id else None
+            if side:
+                found[side][(m["start"], m["end"], m["label"], m.get("text", ""))] += 1
+    many = len(votes) > 1
+    return {side: [{"start": s, "end": e, "label": lab, "text": t, **({"n": n} if many else {})}
+                   for (s, e, lab, t), n in sorted(c.items())] for side, c in found.items()}  # fmt: skip
+
+
+def _key(r: VoteRow) -> tuple[int, int, int]:
+    """What aggregation groups by: the comparison, and for a ranking the pair within it."""
+    return (r.comparison_id, r.candidate_a_id, r.candidate_b_id)
+
+
 def _per_vote(rows: Iterator[VoteRow]) -> Iterator[dict]:
     for r in rows:
         yield {
+            "spans": _pair_spans([r]),
             "row": r,
             "choice": r.choice,
             "strength": r.strength,
@@ -216,7 +324,7 @@ def _groups(rows: Iterator[VoteRow]) -> Iterator[list[VoteRow]]:
     """The votes of each comparison together (the query orders them by comparison)."""
     group: list[VoteRow] = []
     for r in rows:
-        if group and r.comparison_id != group[0].comparison_id:
+        if group and _key(r) != _key(group[0]):
             yield group
             group = []
         group.append(r)
@@ -238,12 +346,13 @@ def _crowdkit(rows: Iterator[VoteRow], method: str) -> Iterator[dict]:
     except ImportError:
         raise ExportError(f"--aggregate {method} needs crowd-kit: pip install crowd-kit (or pip install -e \".[quality]\")") from None
     groups = list(_groups(rows))
-    answers = pd.DataFrame([(r.comparison_id, r.username, r.choice) for g in groups for r in g if r.choice in ("a", "b", "tie")],
+    task = lambda r: "%d:%d:%d" % _key(r)  # noqa: E731
+    answers = pd.DataFrame([(task(r), r.username, r.choice) for g in groups for r in g if r.choice in ("a", "b", "tie")],
                            columns=["task", "worker", "label"])  # fmt: skip
     labels = getattr(ck, CROWDKIT[method])().fit_predict(answers) if len(answers) else pd.Series(dtype=object)
     labels = labels.to_dict()
     for group in groups:
-        yield _aggregate(group, choice=labels.get(group[0].comparison_id))
+        yield _aggregate(group, choice=labels.get(task(group[0])))
 
 
 def _aggregate(votes: list[VoteRow], choice: str | None = None) -> dict:
@@ -264,6 +373,7 @@ def _aggregate(votes: list[VoteRow], choice: str | None = None) -> dict:
         aspect_counts = Counter((v.aspects or {}).get(aspect) for v in counted if (v.aspects or {}).get(aspect))
         aspects[aspect] = aspect_counts.most_common(1)[0][0]
     return {
+        "spans": _pair_spans(votes),
         "row": votes[0],
         "choice": choice,
         "strength": round(sum(strengths) / len(strengths)) if strengths else None,
@@ -300,12 +410,19 @@ def _pairs_line(rec: dict, images: list[str], slices: list[str]) -> dict:
         line["n_votes"], line["agreement"] = rec["n_votes"], rec["agreement"]
     if slices:
         line["slices"] = slices
+    if r.source == "rank":
+        line["source"], line["weight"] = "rank", r.weight
+    spans = rec["spans"]
+    if spans["a"] or spans["b"]:
+        line["spans"] = {"response_a": spans["a"], "response_b": spans["b"]}
     return line
 
 
 def _trl_line(rec: dict, images: list[str], style: str, slices: list[str]) -> dict:
     r = rec["row"]
     chosen, rejected = (r.text_b, r.text_a) if rec["choice"] == "b" else (r.text_a, r.text_b)
+    spans = rec["spans"]
+    spans = {"chosen": spans["b"], "rejected": spans["a"]} if rec["choice"] == "b" else {"chosen": spans["a"], "rejected": spans["b"]}
     # Aspects relative to this row: "chosen" means the aspect agrees with the overall preference.
     chosen_side = "b" if rec["choice"] == "b" else "a"
     aspects = {k: v if v in ("tie", "both_bad") else "chosen" if v == chosen_side else "rejected" for k, v in rec["aspects"].items()}
@@ -327,6 +444,9 @@ def _trl_line(rec: dict, images: list[str], style: str, slices: list[str]) -> di
         "n_votes": rec["n_votes"],
         "agreement": rec["agreement"],
         "slices": slices,
+        "source": r.source,
+        "weight": r.weight,
+        "spans": spans,
     }
 
 
@@ -381,6 +501,7 @@ def export(
     exclude_annotators: tuple[str, ...] | list[str] = (),
     min_gold_accuracy: float | None = None,
     max_left_share: float | None = None,
+    rank_weight: str = "ranking",
 ) -> ExportStats:
     """Write the votes of `session`'s database to `out`. Returns counts of what was written and skipped."""
     if fmt not in FORMATS:
@@ -397,11 +518,12 @@ def export(
         raise ExportError(f"no project named {project!r} (projects: {names})")
     root = Path(media_root or get_meta(session, "media_root") or DEFAULT_MEDIA_ROOT).resolve()
     images, split_key = _item_images(session, root)
-    slices = _comparison_slices(session)
+    slices = _pair_slices(session)
 
     stats = ExportStats()
     excluded = _excluded_annotators(session, project, exclude_annotators, min_gold_accuracy, max_left_share)
-    rows = _vote_rows(session, project)
+    rank_pair_weight(2, rank_weight)  # a bad --rank-weight fails here, before any work
+    rows = _expand_rankings(_vote_rows(session, project), _rank_texts(session, project), rank_weight)
     if excluded:
         stats.excluded_annotators = tuple(sorted(excluded))
         rows = _leave_out(rows, excluded, stats)
@@ -421,11 +543,13 @@ def export(
         ):
             stats.skipped_ties += 1
             continue
-        item_images = images.get(rec["row"].item_id, [])
+        r = rec["row"]
+        item_images = images.get(r.item_id, [])
+        pair_slices = slices.get((r.item_id, r.candidate_a_id, r.candidate_b_id), [])
         if fmt == "pairs":
-            train.append(_pairs_line(rec, item_images, slices.get(rec["row"].comparison_id, [])))
+            train.append(_pairs_line(rec, item_images, pair_slices))
         else:
-            line = _trl_line(rec, item_images, trl_style, slices.get(rec["row"].comparison_id, []))
+            line = _trl_line(rec, item_images, trl_style, pair_slices)
             key = split_key.get(rec["row"].item_id, rec["row"].external_id)
             (test if is_test(key, test_fraction) else train).append(line)
     stats.rows = len(train) + len(test)
@@ -496,7 +620,7 @@ def _save_hf(path: Path, train: list[dict], test: list[dict]) -> None:
         raise ExportError('--format hf needs `datasets`: pip install -e ".[train]"') from None
     splits = {}
     for name, rows in (("train", train), ("test", test)):
-        ds = datasets.Dataset.from_list([{**r, "aspects": json.dumps(r["aspects"])} for r in rows]) if rows else None
+        ds = datasets.Dataset.from_list([{**r, "aspects": json.dumps(r["aspects"]), "spans": json.dumps(r["spans"])} for r in rows]) if rows else None
         if ds is not None:
             ds = ds.cast_column("slices", datasets.Sequence(datasets.Value("string")))  # all empty: no type to infer
             splits[name] = ds.cast_column("images", datasets.Sequence(datasets.Image()))
@@ -521,6 +645,9 @@ def build_parser() -> argparse.ArgumentParser:
                    help="leave out annotators whose accuracy on gold comparisons is under X (those without gold answers stay)")  # fmt: skip
     p.add_argument("--max-left-share", type=float, default=None, metavar="Y",
                    help="leave out annotators who chose the story shown on the left in more than Y of their decisive answers")  # fmt: skip
+    p.add_argument("--rank-weight", choices=RANK_WEIGHTS, default="ranking",
+                   help="rankings become the pairs they imply, each weighted so that one ranking of K stories counts as K-1 votes "
+                        "(ranking, the default), as K(K-1)/2 (pair), or as 1 (instructgpt)")  # fmt: skip
     p.add_argument("--include-ties", action="store_true", help="keep ties (trl/hf: as rows with tie=true)")
     p.add_argument("--include-both-bad", action="store_true", help="keep both-bad answers (pairs only)")
     p.add_argument("--test-fraction", type=float, default=0.1, help="share of items in test.jsonl (trl, hf)")
@@ -551,6 +678,7 @@ def main(argv: list[str] | None = None) -> int:
                 exclude_annotators=args.exclude_annotators.split(","),
                 min_gold_accuracy=args.min_gold_accuracy,
                 max_left_share=args.max_left_share,
+                rank_weight=args.rank_weight,
             )
     except (ExportError, RuntimeError) as e:
         print(f"error: {e}\nNothing was written.", file=sys.stderr)

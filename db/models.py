@@ -180,8 +180,8 @@ class Comparison(Base):
     # Count of active, non-repeat votes, kept in the same transaction as the vote rows.
     n_votes: Mapped[int] = mapped_column(Integer, default=0)
     # Rank mode: every candidate shown together, ascending (candidate_a/b are its two lowest ids); None for a pair.
-    candidate_ids: Mapped[list[int] | None] = mapped_column(JSON)
-    gold_ranks: Mapped[dict[str, int] | None] = mapped_column(JSON)  # rank-mode gold: candidate id -> rank (1 best)
+    candidate_ids: Mapped[list[int] | None] = mapped_column(JSON(none_as_null=True))
+    gold_ranks: Mapped[dict[str, int] | None] = mapped_column(JSON(none_as_null=True))  # rank-mode gold: candidate id -> rank (1 best)
     created_at: Mapped[datetime] = mapped_column(DateTime(timezone=True), default=utcnow)
 
     @property
@@ -232,9 +232,9 @@ class Vote(Base):
     is_repeat: Mapped[bool] = mapped_column(Boolean, default=False)
     # Rank mode, as given: {"shown": [candidate ids in the order shown], "ranks": [rank per shown story, 1 best,
     # equal = tie], "all_bad": bool}; `choice` then holds what it implies for candidates a and b.
-    ranking: Mapped[dict[str, Any] | None] = mapped_column(JSON)
+    ranking: Mapped[dict[str, Any] | None] = mapped_column(JSON(none_as_null=True))
     # Span marks: [{"candidate_id", "start", "end", "label", "text"}], offsets into the candidate's text.
-    spans: Mapped[list[dict[str, Any]] | None] = mapped_column(JSON)
+    spans: Mapped[list[dict[str, Any]] | None] = mapped_column(JSON(none_as_null=True))
     active: Mapped[bool] = mapped_column(Boolean, default=True)
     superseded_by_id: Mapped[int | None] = mapped_column(ForeignKey("vote.id"))
     created_at: Mapped[datetime] = mapped_column(DateTime(timezone=True), default=utcnow)

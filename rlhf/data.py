@@ -75,6 +75,9 @@ class PreferencePair:
     item_id: str = ""
     where: str = ""
     slices: tuple[str, ...] = ()  # named evaluation slices the pair belongs to, e.g. ("image-only",)
+    weight: float = 1.0  # its share of the loss: < 1 for the pairs a ranking implies (annotate.export --rank-weight)
+    # Span marks: {"chosen": [...], "rejected": [...]}, each {"start", "end", "label", "text"?}, offsets into that story.
+    spans: dict[str, list[dict]] = field(default_factory=dict)
 
     @property
     def tie(self) -> bool:
@@ -131,7 +134,36 @@ def _trl_row(row: dict, base: Path, where: str) -> PreferencePair:
         item_id=str(row.get("item_id") or ""),
         where=where,
         slices=_slices(row.get("slices"), where),
+        weight=_weight(row.get("weight"), where),
+        spans=_spans(row.get("spans"), {"chosen": _message_text(row["chosen"]), "rejected": _message_text(row["rejected"])}, where),
     )
+
+
+def _weight(value: Any, where: str) -> float:
+    if value is None:
+        return 1.0
+    if isinstance(value, bool) or not isinstance(value, int | float) or not value > 0:
+        raise DataError(f"{where}: `weight` must be a positive number (1 for a vote of its own), got {value!r}")
+    return float(value)
+
+
+def _spans(value: Any, texts: dict[str, str], where: str) -> dict[str, list[dict]]:
+    """Span marks by story ({"chosen": [...], "rejected": [...]}, or JSON text of it), checked against the stories."""
+    if value in (None, "", "{}"):
+        return {}
+    if isinstance(value, str):
+        value = json.loads(value)
+    if not isinstance(value, dict) or not set(value) <= set(texts):
+        raise DataError(f"{where}: `spans` must map {' and '.join(texts)} to lists of marks, got {value!r}")
+    out = {}
+    for side, marks in value.items():
+        for m in marks or []:
+            if not (isinstance(m, dict) and isinstance(m.get("start"), int) and isinstance(m.get("end"), int)
+                    and 0 <= m["start"] < m["end"] <= len(texts[side])):  # fmt: skip
+                raise DataError(f"{where}: a span mark of `{side}` ({m!r}) does not fit its story of {len(texts[side])} characters")
+        if marks:
+            out[side] = list(marks)
+    return out
 
 
 def _slices(value: Any, where: str) -> tuple[str, ...]:
@@ -148,7 +180,8 @@ def _pairs(path: Path, aggregate: str) -> list[PreferencePair]:
         for key in ("instruction", "response_a", "response_b", "preference"):
             if key not in row:
                 raise DataError(f"{path}:{lineno}: missing `{key}`; pairs lines need instruction, response_a, response_b, preference")
-        key = row.get("comparison_id") or (row.get("item_id"), row["response_a"], row["response_b"])
+        # a comparison's votes; a ranking's (source: rank) share its comparison id, so the pair is part of the key
+        key = (row.get("comparison_id"), row["response_a"], row["response_b"]) if row.get("comparison_id") else (row.get("item_id"), row["response_a"], row["response_b"])
         groups[key if aggregate != "none" else (key, lineno)].append((lineno, row))
     out = []
     for votes in groups.values():
@@ -175,6 +208,12 @@ def _pairs(path: Path, aggregate: str) -> list[PreferencePair]:
             winner = said.most_common(1)[0][0]
             aspects[aspect] = "tie" if winner == "tie" else "chosen" if winner == chosen else "rejected"
         paths = first.get("image_paths") or ([first["image_path"]] if first.get("image_path") else [])
+        marks: dict[str, list[dict]] = {}
+        for lineno, r in votes:
+            for side, found in _spans(r.get("spans"), {"response_a": first["response_a"], "response_b": first["response_b"]},
+                                      f"{path}:{lineno}").items():  # fmt: skip
+                role = "chosen" if side == chosen else "rejected"
+                marks.setdefault(role, []).extend(m for m in found if m not in marks.get(role, []))
         out.append(
             PreferencePair(
                 images=_images(paths, path.parent, where),
@@ -187,6 +226,8 @@ def _pairs(path: Path, aggregate: str) -> list[PreferencePair]:
                 item_id=str(first.get("item_id") or ""),
                 where=where,
                 slices=tuple(sorted({s for lineno, r in votes for s in _slices(r.get("slices"), f"{path}:{lineno}")})),
+                weight=sum(_weight(r.get("weight"), f"{path}:{n}") for n, r in votes) / len(votes),
+                spans=marks,
             )
         )
     return out

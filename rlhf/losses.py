@@ -22,6 +22,7 @@ def bradley_terry_loss(
     center_coef: float = 0.0,
     target: torch.Tensor | None = None,
     offset: torch.Tensor | None = None,
+    weight: torch.Tensor | None = None,
 ) -> torch.Tensor:
     """Mean Bradley-Terry loss −log σ(r_c − r_r − m) over a batch (Ouyang et al. 2022; Llama 2 margin).
 
@@ -31,7 +32,9 @@ def bradley_terry_loss(
     `center_coef` adds c·mean((r_c + r_r)²), which keeps rewards centered on zero
     (Eisenstein et al. 2023). `offset` is added to every pair's logit, ties included: a term the
     labels depend on that the reward should not carry, such as β·(length difference) in a
-    length-controlled model (Dubois et al. 2024). Shapes: all (B,).
+    length-controlled model (Dubois et al. 2024). `weight` makes it the weighted mean Σ w·ℓ / Σ w
+    (the pairs a ranking implies weigh less than a vote each: annotate.export --rank-weight).
+    Shapes: all (B,).
 
     >>> bradley_terry_loss(torch.tensor([0.0]), torch.tensor([0.0])).item()  # ln 2
     0.6931471824645996
@@ -46,7 +49,11 @@ def bradley_terry_loss(
     target = target.to(delta.dtype)
     if margin is not None:
         delta = delta - margin.to(delta.dtype) * (target >= 1)  # ties and soft labels have no margin
-    loss = F.binary_cross_entropy_with_logits(delta, target, reduction="mean")
+    if weight is None:
+        loss = F.binary_cross_entropy_with_logits(delta, target, reduction="mean")
+    else:
+        weight = weight.to(delta.dtype)
+        loss = (F.binary_cross_entropy_with_logits(delta, target, reduction="none") * weight).sum() / weight.sum().clamp_min(1e-12)
     if center_coef:
         loss = loss + center_coef * ((chosen_rewards + rejected_rewards) ** 2).mean()
     return loss

@@ -106,6 +106,7 @@ def pair_targets(pairs: list[PreferencePair]) -> dict[str, torch.Tensor]:
     return {
         "target": torch.tensor([p.target for p in pairs]),
         "margin": torch.tensor([p.margin for p in pairs]),
+        "weight": torch.tensor([p.weight for p in pairs]),
         "word_diff": torch.tensor(chosen) - torch.tensor(rejected),
         "words": torch.tensor(chosen + rejected),
     }
@@ -318,7 +319,8 @@ def train(cfg: TrainRMConfig) -> tuple[RewardModel, dict]:
                 chosen, rejected = scores[: len(chunk)], scores[len(chunk) :]
                 target, margin = t["target"].to(scores.device), t["margin"].to(scores.device)
                 offset = length_coef * t["word_diff"].to(scores.device) / cfg.length_scale if cfg.length_control else None
-                loss = bradley_terry_loss(chosen, rejected, margin=margin, target=target, center_coef=cfg.center_coef, offset=offset)
+                loss = bradley_terry_loss(chosen, rejected, margin=margin, target=target, center_coef=cfg.center_coef, offset=offset,
+                                          weight=t["weight"].to(scores.device))  # fmt: skip
                 length_corr = pearson_correlation(scores, t["words"].to(scores.device))
                 if cfg.length_decorrelation:
                     loss = loss + cfg.length_decorrelation * length_corr.abs()

@@ -354,3 +354,13 @@ def test_dpo_loss_matches_trl(loss_type):
     ours, stats = dpo_loss(ratios[:b], ratios[b:], beta=beta, loss_type=loss_type, chosen_tokens=tokens[:b], rejected_tokens=tokens[b:])
     assert ours.item() == pytest.approx(float(trl_loss), rel=1e-5)
     assert stats["rewards/margins"].item() == pytest.approx(fake._metrics["train"]["rewards/margins"][0], rel=1e-5)
+
+
+def test_bradley_terry_weighted_mean_by_hand():
+    # Δ = 1 and Δ = −1: losses log(1 + e^−1) = 0.31326 and log(1 + e) = 1.31326; weights 2/3 and 1/3.
+    chosen, rejected, w = torch.tensor([1.0, 0.0]), torch.tensor([0.0, 1.0]), torch.tensor([2 / 3, 1 / 3])
+    expected = (2 / 3 * math.log1p(math.exp(-1)) + 1 / 3 * math.log1p(math.e)) / 1.0
+    assert bradley_terry_loss(chosen, rejected, weight=w).item() == pytest.approx(expected, rel=1e-6)
+    # equal weights of any size give the plain mean
+    assert bradley_terry_loss(chosen, rejected, weight=torch.full((2,), 0.5)).item() == pytest.approx(
+        bradley_terry_loss(chosen, rejected).item(), rel=1e-6)

@@ -186,3 +186,92 @@ def test_span_marks_on_a_pair_follow_left_and_right(session_factory, items_sourc
         vote, _ = record_vote(s, user, a, "left", client_token="t", spans=[{"pos": 0, "start": 0, "end": 3, "label": "contradicts"}])
         assert vote.spans == [{"candidate_id": left.id, "start": 0, "end": 3, "label": "contradicts", "text": left.text[:3]}]
         assert vote.ranking is None and vote.choice == a.shown_left
+
+
+# -- export ----------------------------------------------------------------------------------------
+
+
+def _rank_votes(factory):
+    """Two annotators rank the first rank set (K = 3): u0 with a tie and a mark, u1 strictly; u2 says all bad."""
+    with factory.begin() as s:
+        project, users = _ids(s)
+        comp = s.scalars(select(Comparison).where(~Comparison.is_gold).order_by(Comparison.id)).first()
+        from annotate.scheduler import Assignment
+
+        a = Assignment(comp.id, comp.item_id, "a")
+        by_rank = {}  # annotator -> {candidate id: rank}
+        for name, wanted in (("u0", [1, 1, 2]), ("u1", [1, 2, 3])):  # ranks of the set's candidates in id order
+            order = shown_order_for(users[name], comp)
+            ranks = [wanted[comp.candidate_ids.index(c)] for c in order]
+            spans = [{"pos": order.index(comp.candidate_ids[2]), "start": 0, "end": 4, "label": "hallucinated"}] if name == "u0" else None
+            record_vote(s, users[name], a, "rank", ranks=ranks, client_token=name, spans=spans)
+            by_rank[name] = dict(zip(comp.candidate_ids, wanted))
+        record_vote(s, users["u2"], a, "all_bad", client_token="u2")
+        return comp.id, list(comp.candidate_ids)
+
+
+def test_export_expands_rankings_into_weighted_pairs(ranked, tmp_path):
+    import json
+
+    from annotate.export import export
+
+    comp_id, (c1, c2, c3) = _rank_votes(ranked)
+    with ranked() as s:
+        texts = dict(s.execute(select(Candidate.id, Candidate.text)).all())
+        stats = export(s, tmp_path / "p.jsonl", "pairs", include_ties=True, include_both_bad=True)
+    lines = [json.loads(x) for x in (tmp_path / "p.jsonl").read_text().splitlines()]
+    assert stats.rows == 9 and len(lines) == 9  # 3 annotators × 3 pairs
+    assert all(x["source"] == "rank" and x["weight"] == pytest.approx(2 / 3) and x["comparison_id"] == comp_id for x in lines)
+    got = {(x["annotator"], x["response_a"], x["response_b"]): x["preference"] for x in lines}
+    # u0 ranked c1 = c2 > c3; u1 c1 > c2 > c3; u2 all bad
+    expected = {
+        ("u0", c1, c2): "tie", ("u0", c1, c3): "response_a", ("u0", c2, c3): "response_a",
+        ("u1", c1, c2): "response_a", ("u1", c1, c3): "response_a", ("u1", c2, c3): "response_a",
+        ("u2", c1, c2): "both_bad", ("u2", c1, c3): "both_bad", ("u2", c2, c3): "both_bad",
+    }  # fmt: skip
+    assert got == {(u, texts[a], texts[b]): p for (u, a, b), p in expected.items()}
+    marked = [x for x in lines if x["annotator"] == "u0" and texts[c3] in (x["response_a"], x["response_b"])]
+    assert len(marked) == 2 and all(x["spans"]["response_b"] == [{"start": 0, "end": 4, "label": "hallucinated", "text": texts[c3][:4]}]
+                                    and x["spans"]["response_a"] == [] for x in marked)  # fmt: skip
+
+    # majority per implied pair: (c1, c2) is a draw between a tie and a → tie; the other two are a
+    with ranked() as s:
+        export(s, tmp_path / "m.jsonl", "pairs", aggregate="majority", include_ties=True)
+    major = {(x["response_a"], x["response_b"]): (x["preference"], x["n_votes"]) for x in map(json.loads, (tmp_path / "m.jsonl").read_text().splitlines())}
+    assert major == {(texts[c1], texts[c2]): ("tie", 3), (texts[c1], texts[c3]): ("response_a", 3), (texts[c2], texts[c3]): ("response_a", 3)}
+
+    # trl: spans by chosen/rejected; the weight per --rank-weight
+    for mode, w in (("ranking", 2 / 3), ("pair", 1.0), ("instructgpt", 1 / 3)):
+        with ranked() as s:
+            export(s, tmp_path / f"trl-{mode}", "trl", test_fraction=0.0, rank_weight=mode)
+        rows = [json.loads(x) for x in (tmp_path / f"trl-{mode}" / "train.jsonl").read_text().splitlines()]
+        assert len(rows) == 5 and all(r["weight"] == pytest.approx(w) and r["source"] == "rank" for r in rows)  # u0's tie left out
+    spans = [r["spans"] for r in rows if r["spans"]["rejected"]]
+    assert len(spans) == 2 and all(x["rejected"][0]["label"] == "hallucinated" and x["chosen"] == [] for x in spans)
+
+
+def test_export_hf_and_read_back_carry_weights_and_spans(ranked, tmp_path):
+    pytest.importorskip("datasets")
+    from annotate.export import export
+    from rlhf.data import load_preferences
+
+    _rank_votes(ranked)
+    with ranked() as s:
+        export(s, tmp_path / "hf", "hf", test_fraction=0.0)
+        export(s, tmp_path / "trl", "trl", test_fraction=0.0)
+        export(s, tmp_path / "p.jsonl", "pairs")
+    for src in ("hf", "trl", "p.jsonl"):
+        pairs, _, _ = load_preferences(tmp_path / src, test_fraction=0.0)
+        assert len(pairs) == (3 if src == "p.jsonl" else 5), src  # pairs: one per implied pair; trl/hf: one per vote
+        assert all(p.weight == pytest.approx(2 / 3) for p in pairs), src
+        marked = [p for p in pairs if p.spans.get("rejected")]
+        assert marked and all(m["label"] == "hallucinated" and p.rejected[m["start"]:m["end"]] == m["text"]
+                              for p in marked for m in p.spans["rejected"]), src  # fmt: skip
+
+
+def test_bad_rank_weight_is_refused_before_anything_is_written(ranked, tmp_path):
+    from annotate.export import ExportError, export
+
+    with ranked() as s, pytest.raises(ExportError, match="unknown --rank-weight 'votes'"):
+        export(s, tmp_path / "x.jsonl", "pairs", rank_weight="votes")
+    assert not (tmp_path / "x.jsonl").exists()
