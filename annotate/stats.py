@@ -9,6 +9,9 @@
   bootstrap resample of the votes is one multinomial draw over the cells.
 * `annotator_report`: per-annotator counts, speed, gold accuracy, left bias and self-consistency.
 * `agreement_report`: α and pairwise κ over the votes, in pandas.
+* `kendall_tau_b` and `ranking_agreement`: for rank mode, Kendall's τ-b between two annotators'
+  rankings of the same stories (Kendall, 1945), averaged over the rank sets and the annotator pairs,
+  and α over the pairs the rankings imply (each pair a unit, coded as above).
 
 The votes arrive as `VoteFact`s or as a `votes_frame` (one row per vote), which the app builds
 straight from its query. For agreement, votes are coded +1 (canonical A better), 0 (tie) and −1
@@ -282,6 +285,55 @@ def agreement_report(votes: Iterable[VoteFact] | pd.DataFrame) -> dict:
         "mean_pairwise_kappa": round(float(np.mean(finite)), 3) if finite else None,
         "kappa_per_annotator": {k: round(float(np.mean(v)), 3) for k, v in sorted(per.items())},
         "units_with_2plus_votes": int((per_unit >= 2).sum()),
+    }
+
+
+def kendall_tau_b(x: Sequence[float], y: Sequence[float]) -> float:
+    """Kendall's τ-b of two rankings of the same items (ties allowed): (C − D) / √((n0 − n1)(n0 − n2)),
+    with C and D the concordant and discordant pairs, n0 all pairs, n1 and n2 the pairs tied in x
+    and in y. NaN when either ranking ties everything.
+
+    >>> kendall_tau_b([1, 2, 3], [1, 2, 3]), kendall_tau_b([1, 2, 3], [3, 2, 1])
+    (1.0, -1.0)
+    >>> round(kendall_tau_b([1, 1, 2], [1, 2, 3]), 4)  # C = 2, D = 0, n0 = 3, n1 = 1, n2 = 0: 2 / √6
+    0.8165
+    """
+    x, y = np.asarray(x, dtype=float), np.asarray(y, dtype=float)
+    i, j = np.triu_indices(len(x), 1)
+    sx, sy = np.sign(x[i] - x[j]), np.sign(y[i] - y[j])
+    n0, n1, n2 = len(i), int((sx == 0).sum()), int((sy == 0).sum())
+    denom = math.sqrt((n0 - n1) * (n0 - n2))
+    return float((sx * sy).sum() / denom) if denom else float("nan")
+
+
+def ranking_agreement(rankings: Iterable[tuple[str, int, dict[int, int]]]) -> dict:
+    """Agreement of rankings, given as (annotator, comparison id, {candidate id: rank, 1 best}).
+
+    `mean_kendall_tau`: τ-b for every two annotators who ranked the same set, averaged (NaN pairs,
+    where one ranking ties everything, left out). `alpha_implied_pairs`: Krippendorff's α with every
+    (set, candidate pair) as a unit, coded +1 (the lower id ranked better), 0 (tie), −1.
+    """
+    by_set: dict[int, dict[str, dict[int, int]]] = defaultdict(dict)
+    for annotator, comparison_id, ranks in rankings:
+        by_set[comparison_id][annotator] = {int(k): v for k, v in ranks.items()}
+    taus, units = [], []
+    for ranked in by_set.values():
+        people = sorted(ranked)
+        for p, q in ((p, q) for k, p in enumerate(people) for q in people[k + 1 :]):
+            ids = sorted(ranked[p])
+            if ids == sorted(ranked[q]):
+                tau = kendall_tau_b([ranked[p][c] for c in ids], [ranked[q][c] for c in ids])
+                if not math.isnan(tau):
+                    taus.append(tau)
+        ids = sorted(next(iter(ranked.values())))
+        for k, a in enumerate(ids):
+            for b in ids[k + 1 :]:
+                units.append([float(np.sign(r[b] - r[a])) for r in ranked.values() if a in r and b in r])
+    alpha = krippendorff_alpha(units) if units else float("nan")
+    return {
+        "mean_kendall_tau": round(float(np.mean(taus)), 3) if taus else None,
+        "alpha_implied_pairs": None if math.isnan(alpha) else round(alpha, 3),
+        "sets_with_2plus_rankings": sum(len(r) >= 2 for r in by_set.values()),
     }
 
 

@@ -508,6 +508,7 @@ class LabelingApp:
             cached = project in self._stats_cache and self._stats_cache[project][0] == key
             if not cached:
                 votes, cells = self._vote_facts(s, project)
+                rankings = self._rankings(s, project)
             verdicts = self._verdicts(s, project)
         timing["query"] = time.perf_counter() - t
         if cached:
@@ -532,6 +533,11 @@ class LabelingApp:
                 f"{agreement['mean_pairwise_kappa']} · comparisons with 2+ votes: {agreement['units_with_2plus_votes']}"
                 f"<ul>{kappas}</ul>"
             )
+            if rankings:
+                ranked = stats.ranking_agreement(rankings)
+                summary += (f"**Rankings**: {len(rankings)} · **mean Kendall's τ-b** between annotators: {ranked['mean_kendall_tau']} "
+                            f"· **α over the pairs they imply**: {ranked['alpha_implied_pairs']} · sets with 2+ rankings: "
+                            f"{ranked['sets_with_2plus_rankings']}")  # fmt: skip
             majorities = stats.majorities(votes)
             self._stats_cache[project] = (key, (people, summary, board, majorities))
         t = time.perf_counter()
@@ -558,6 +564,17 @@ class LabelingApp:
             .where(Vote.active, Project.name == project)
         ).one()  # fmt: skip
         return (project, row[0], row[1])
+
+    def _rankings(self, s, project: str) -> list[tuple[str, int, dict[int, int]]]:
+        """The project's active rankings (not all-bad, not repeats) as (annotator, rank set, {candidate: rank})."""
+        rows = s.execute(
+            select(Annotator.username, Vote.comparison_id, Vote.ranking)
+            .join(Annotator, Vote.annotator_id == Annotator.id)
+            .join(Comparison, Vote.comparison_id == Comparison.id)
+            .join(Project, Comparison.project_id == Project.id)
+            .where(Vote.active, ~Vote.is_repeat, Vote.ranking.is_not(None), Project.name == project)
+        ).all()  # fmt: skip
+        return [(name, cid, dict(zip(r["shown"], r["ranks"]))) for name, cid, r in rows if r and r.get("ranks")]
 
     def _verdicts(self, s, project: str) -> list[tuple[int, str, dict]]:
         """(comparison id, item, {signal: (score a, score b)}) for the comparisons `rlhf.verdicts` scored."""

@@ -2,6 +2,7 @@
 
 import math
 
+import numpy as np
 import pytest
 
 from annotate.stats import (
@@ -165,3 +166,46 @@ def test_majorities_agree_with_majority_comparison_by_comparison():
             by.setdefault(v.comparison_id, []).append(v.choice)
     expected = {c: majority(ch) for c, ch in by.items() if majority(ch) is not None}
     assert majorities(votes) == expected and len(expected) > 100
+
+
+def test_kendall_tau_b_by_hand_and_against_scipy():
+    from scipy.stats import kendalltau
+
+    from annotate.stats import kendall_tau_b
+
+    # x = [1, 2, 3, 4], y = [2, 1, 4, 3]: C = 4, D = 2, no ties → (4 − 2) / 6
+    assert kendall_tau_b([1, 2, 3, 4], [2, 1, 4, 3]) == pytest.approx(1 / 3)
+    # ties in both: x = [1, 1, 2, 3], y = [1, 2, 2, 3]: C = 4, D = 0, n1 = n2 = 1 → 4 / 5
+    assert kendall_tau_b([1, 1, 2, 3], [1, 2, 2, 3]) == pytest.approx(0.8)
+    assert math.isnan(kendall_tau_b([1, 1, 1], [1, 2, 3]))
+    rng = np.random.default_rng(0)
+    for _ in range(20):
+        x, y = rng.integers(1, 4, 6), rng.integers(1, 5, 6)
+        expected = kendalltau(x, y).statistic  # τ-b is scipy's default variant
+        got = kendall_tau_b(x, y)
+        assert (math.isnan(got) and math.isnan(expected)) or got == pytest.approx(expected)
+
+
+def test_ranking_agreement_over_sets_and_implied_pairs():
+    import krippendorff
+
+    from annotate.stats import ranking_agreement
+
+    rankings = [
+        ("u0", 1, {10: 1, 11: 2, 12: 3}), ("u1", 1, {10: 1, 11: 2, 12: 3}), ("u2", 1, {10: 3, 11: 2, 12: 1}),
+        ("u0", 2, {20: 1, 21: 1, 22: 2}), ("u1", 2, {20: 1, 21: 2, 22: 3}),
+        ("u0", 3, {30: 1, 31: 2}),  # one ranking only: no pair of annotators, one-coder units
+    ]  # fmt: skip
+    report = ranking_agreement(rankings)
+    # set 1: τ(u0, u1) = 1, τ(u0, u2) = τ(u1, u2) = −1; set 2: τ-b = 2 / √6 (u0 ties 20 and 21)
+    assert report["mean_kendall_tau"] == pytest.approx(round((1 - 1 - 1 + 2 / math.sqrt(6)) / 4, 3))
+    assert report["sets_with_2plus_rankings"] == 2
+    # α over implied pairs, against the krippendorff package: units (set, pair) × coders u0, u1, u2
+    nan = np.nan
+    data = np.array([
+        # (10,11) (10,12) (11,12) (20,21) (20,22) (21,22) (30,31)
+        [1, 1, 1, 0, 1, 1, 1],
+        [1, 1, 1, 1, 1, 1, nan],
+        [-1, -1, -1, nan, nan, nan, nan],
+    ])  # fmt: skip
+    assert report["alpha_implied_pairs"] == pytest.approx(krippendorff.alpha(reliability_data=data, level_of_measurement="interval"), abs=1e-3)

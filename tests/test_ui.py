@@ -352,3 +352,15 @@ def test_pair_view_hides_the_rank_controls(app):
     assert [r["visible"] for r in view[RANKS]] == [False] * 8
     assert view[PAIR_ROW]["visible"] is True and view[RANK_ROW]["visible"] is False and view[SPAN_TOOLS]["visible"] is False
     assert "data-s=" not in view[COMPARE]  # words carry offsets only where marks are asked
+
+
+def test_admin_reports_ranking_agreement(rank_app):
+    app, factory = rank_app
+    with factory.begin() as s:
+        add_user(s, "boss", "boss-password", admin=True)
+    for name in ("ann", "boss"):
+        *view, _, _, _, _ = app.load(request=req(name))
+        # both rank the first set the same way: best is story shown first
+        app.rank_handler("rank")(view[TOKEN], "1", "2", "3", *[None] * 5, "", "", False, view[0], request=req(name))
+    _, summary, *_ = app.admin_refresh("rank", request=req("boss"))
+    assert "**Rankings**: 2" in summary and "Kendall's τ-b" in summary and "α over the pairs they imply" in summary
