@@ -95,6 +95,49 @@ def plain_text(story: str) -> str:
     return re.sub(r"\s+([.,!?;:])", r"\1", re.sub(r"\s+", " ", _ANY_TAG.sub(" ", story))).strip()
 
 
+def plain_text_offsets(story: str) -> tuple[str, list[int]]:
+    """`plain_text(story)`, and for each of its characters the offset of the character of `story` it
+    came from: how a span mark (offsets into the story as stored and shown) finds its words in the
+    plain text that models read.
+
+    >>> text, at = plain_text_offsets("<gdo char1>Ana</gdo> , ran.")
+    >>> text, [at[i] for i in range(len(text))]
+    ('Ana, ran.', [11, 12, 13, 21, 22, 23, 24, 25, 26])
+    """
+    chars = []  # (character, offset in story)
+    for m in re.finditer(r"(?P<tag>" + _ANY_TAG.pattern + r")|(?P<ch>.)", story, re.S | re.I):
+        chars.append((" ", m.start()) if m.group("tag") else (m.group("ch"), m.start()))
+    out: list[tuple[str, int]] = []
+    for ch, at in chars:  # whitespace runs → one space
+        if ch.isspace():
+            if out and out[-1][0] == " ":
+                continue
+            ch = " "
+        out.append((ch, at))
+    kept = [c for k, c in enumerate(out) if not (c[0] == " " and k + 1 < len(out) and out[k + 1][0] in ".,!?;:")]
+    while kept and kept[0][0] == " ":
+        kept.pop(0)
+    while kept and kept[-1][0] == " ":
+        kept.pop()
+    return "".join(c for c, _ in kept), [at for _, at in kept]
+
+
+def plain_spans(story: str, spans: list[dict]) -> list[tuple[int, int]]:
+    """Span marks (`start`/`end` into `story`) as (start, end) into `plain_text(story)`; a mark that
+    covers no plain character (only a tag) is left out.
+
+    >>> plain_spans("<gdo c1>Pip</gdo> the red star.", [{"start": 18, "end": 30}])
+    [(4, 16)]
+    """
+    _, at = plain_text_offsets(story)
+    out = []
+    for m in spans:
+        inside = [i for i, a in enumerate(at) if m["start"] <= a < m["end"]]
+        if inside:
+            out.append((inside[0], inside[-1] + 1))
+    return out
+
+
 def next_frame_windows(story: str, n_frames: int, k: int) -> list[tuple[int, str, str]]:
     """Next-frame examples of a story of `n_frames` frames, K frames of context each.
 

@@ -21,6 +21,11 @@ storyworld's simulated ones, about 0.75). A tie trains toward equal log-ratios (
 ½), and a soft vote share (`--aggregate soft`) is its own target, as in the reward model;
 `--skip_ties` leaves ties out.
 
+Segment-level DPO (`--span_weight γ`): where annotators marked words (span marks), the rejected
+story's marked tokens weigh γ in its log-ratio, so the loss pushes hardest on the words people said
+are wrong, as RLHF-V's dense DPO does with corrected segments (Yu et al., 2024); the chosen story's
+marked tokens weigh 0, so a flaw the winner shares is not reinforced. Unmarked pairs are plain DPO.
+
 Every `--eval_steps` steps and at the end: the held-out loss, the implicit reward's accuracy (β·log-
 ratio, chosen above rejected on decisive pairs) and the chosen/rejected margins. Logs go to
 metrics.jsonl, TensorBoard and metrics.json; `checkpoint-last` is written every `--save_steps`
@@ -38,7 +43,7 @@ from pathlib import Path
 
 import torch
 
-from annotate.formats import parse_prompt, plain_text
+from annotate.formats import parse_prompt, plain_spans, plain_text
 from rlhf import losses
 from rlhf.data import DataError, PreferencePair, load_preferences
 from rlhf.loading import ModelLoadError
@@ -57,6 +62,10 @@ class DPOConfig:
     loss_type: str = field(default="sigmoid", metadata={"help": "sigmoid (DPO) | ipo"})
     beta: float = field(default=0.1, metadata={"help": "β: how far from the reference the policy may move (higher: closer)"})
     label_smoothing: float = field(default=0.0, metadata={"help": "conservative DPO's ε in [0, 0.5): the share of labels taken to be flipped"})
+    span_weight: float = field(default=0.0, metadata={"help": "segment-level DPO from the data's span marks (annotate.export `spans`): in the "
+                                                               "rejected story's log-ratio each marked token weighs γ (RLHF-V's dense DPO used "
+                                                               "γ = 5), and the chosen story's marked tokens weigh 0 (flaws of the winner are "
+                                                               "not reinforced); 0 = off (plain DPO: every token weighs 1)"})  # fmt: skip
     skip_ties: bool = field(default=False, metadata={"help": "leave tied pairs out (default: they pull the two log-ratios together)"})
     epochs: int = field(default=1, metadata={"help": "passes over the training pairs"})
     lr: float = field(default=5e-5, metadata={"help": "peak AdamW learning rate of the LoRA adapter"})
@@ -88,6 +97,8 @@ def check_config(cfg: DPOConfig) -> None:
         raise ValueError(f"--beta {cfg.beta}: give a positive number (0.1 is common for sigmoid, 0.5 for ipo)")
     if not 0.0 <= cfg.label_smoothing < 0.5:
         raise ValueError(f"--label_smoothing {cfg.label_smoothing}: use a value in [0, 0.5)")
+    if cfg.span_weight < 0:
+        raise ValueError(f"--span_weight {cfg.span_weight}: give γ ≥ 0 (0 = off; RLHF-V used 5)")
     if not cfg.data:
         raise DataError("--data is required: an annotate.export dir or file (TRL or pairs JSONL) or a saved HF dataset")
 
@@ -103,8 +114,31 @@ def usable_pairs(pairs: list[PreferencePair], cfg: DPOConfig, where: str) -> lis
     return keep
 
 
-def sequence_logprobs(model, policy: StoryPolicy, pairs: list[PreferencePair], max_length: int, reference: bool = False):
-    """(log π of the chosen stories (B,), of the rejected (B,), token counts (B,), (B,)); `reference`: adapter off, no grad."""
+def span_token_weights(policy: StoryPolicy, pairs: list[PreferencePair], width: int, gamma: float) -> torch.Tensor:
+    """(2B, width) weights of the chosen stories' tokens, then the rejected ones': 1, except γ on a
+    rejected story's marked tokens and 0 on a chosen story's (see --span_weight); EOS weighs 1."""
+    stories = [(p.chosen, p.spans.get("chosen", [])) for p in pairs] + [(p.rejected, p.spans.get("rejected", [])) for p in pairs]
+    weights = torch.ones(len(stories), width)
+    marked_rows = [k for k, (_, marks) in enumerate(stories) if marks]
+    if not marked_rows:
+        return weights
+    offsets = policy.response_offsets([plain_text(stories[k][0]) for k in marked_rows])
+    for k, token_spans in zip(marked_rows, offsets):
+        story, marks = stories[k]
+        value = gamma if k >= len(pairs) else 0.0
+        for start, end in plain_spans(story, marks):
+            for t, (a, b) in enumerate(token_spans[:width]):
+                if b > a and a < end and start < b:
+                    weights[k, t] = value
+    return weights
+
+
+def sequence_logprobs(model, policy: StoryPolicy, pairs: list[PreferencePair], max_length: int, reference: bool = False,
+                      span_weight: float = 0.0):  # fmt: skip
+    """(log π of the chosen stories (B,), of the rejected (B,), token counts (B,), (B,)); `reference`: adapter off, no grad.
+
+    With `span_weight` γ > 0 each sum is weighted per token (`span_token_weights`): the segment-level DPO of --span_weight.
+    """
     prompts = [parse_prompt(p.prompt) for p in pairs]
     frames = [[r.load() for r in p.images] for p in pairs] * 2
     batch = policy.batch(frames, [i for i, _, _ in prompts] * 2, [s for _, s, _ in prompts] * 2, [c for _, _, c in prompts] * 2)
@@ -115,14 +149,16 @@ def sequence_logprobs(model, policy: StoryPolicy, pairs: list[PreferencePair], m
             logprobs = policy(batch, ids, mask).logprobs
     else:
         logprobs = model(batch, ids, mask).logprobs  # (2B, T), 0 where masked
+    if span_weight:
+        logprobs = logprobs * span_token_weights(policy, pairs, ids.shape[1], span_weight).to(logprobs.device, logprobs.dtype)
     total, tokens = logprobs.sum(1), mask.sum(1)
     b = len(pairs)
     return total[:b], total[b:], tokens[:b], tokens[b:]
 
 
 def pair_loss(model, policy: StoryPolicy, pairs: list[PreferencePair], cfg: DPOConfig):
-    chosen, rejected, n_chosen, n_rejected = sequence_logprobs(model, policy, pairs, cfg.max_length)
-    ref_chosen, ref_rejected, _, _ = sequence_logprobs(model, policy, pairs, cfg.max_length, reference=True)
+    chosen, rejected, n_chosen, n_rejected = sequence_logprobs(model, policy, pairs, cfg.max_length, span_weight=cfg.span_weight)
+    ref_chosen, ref_rejected, _, _ = sequence_logprobs(model, policy, pairs, cfg.max_length, reference=True, span_weight=cfg.span_weight)
     target = torch.tensor([p.target for p in pairs], device=chosen.device)
     return losses.dpo_loss(chosen - ref_chosen, rejected - ref_rejected, cfg.beta, cfg.loss_type, cfg.label_smoothing, target,
                            n_chosen, n_rejected)  # fmt: skip
@@ -159,6 +195,9 @@ def train(cfg: DPOConfig) -> tuple[StoryPolicy, dict]:
     check_config(cfg)
     train_all, test_all, message = load_preferences(cfg.data, cfg.aggregate)
     train_set = usable_pairs(train_all, cfg, cfg.data)
+    if cfg.span_weight and not any(p.spans for p in train_set):
+        raise DataError(f"{cfg.data}: --span_weight {cfg.span_weight} needs span marks, and no train pair has any. Export a project "
+                        "whose annotators mark words (annotate.ingest --span-marks), or leave --span_weight at 0")  # fmt: skip
     eval_set = usable_pairs(test_all, cfg, cfg.data) if any(not p.tie for p in test_all) else []  # held-out figures need a decisive pair
     accelerator = Accelerator(mixed_precision="bf16" if cfg.bf16 else "no", gradient_accumulation_steps=cfg.grad_accum,
                               cpu=cfg.device == "cpu")  # fmt: skip

@@ -512,6 +512,17 @@ class StoryPolicy(nn.Module):
             ids[b, : len(r)], mask[b, : len(r)] = torch.tensor(r), 1
         return ids.to(self.device), mask.to(self.device)
 
+    def response_offsets(self, texts: Sequence[str]) -> list[list[tuple[int, int]]]:
+        """Per text, the character span of each token `tokenize_responses` gives it (its EOS not included).
+
+        Needs a fast (Rust) tokenizer, which every supported family has; span marks map to tokens with it.
+        """
+        if not getattr(self.tokenizer, "is_fast", False):
+            raise ValueError(f"{type(self.tokenizer).__name__} is not a fast tokenizer, so token offsets are unknown; span marks "
+                             "need one (load the policy's tokenizer with use_fast=True)")  # fmt: skip
+        enc = self.tokenizer(list(texts), add_special_tokens=False, return_offsets_mapping=True)
+        return [[tuple(o) for o in offsets] for offsets in enc["offset_mapping"]]
+
     # -- the reference and training -----------------------------------------------------------
 
     @contextlib.contextmanager

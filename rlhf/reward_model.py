@@ -33,7 +33,7 @@ from typing import Any
 import torch
 import torch.nn as nn
 
-from annotate.formats import format_prompt, plain_text
+from annotate.formats import format_prompt, plain_spans, plain_text
 from rlhf.clip import ClipFeatures
 from rlhf.data import ImageRef
 from rlhf.loading import ModelLoadError, load_pretrained, local_path
@@ -59,6 +59,7 @@ class RewardModelConfig:
     use_images: bool = True  # False: a text-only ablation (no CLIP at all)
     use_text_encoder: bool = True  # False: a CLIP-only ablation
     sentence_alignment: bool = False  # clip-fusion: per-frame sentence↔frame cosine features (ALIGN_FEATURES)
+    span_head: bool = False  # clip-fusion: a per-token head (text state + the frames) trained on span marks (train_rm --span_loss_coef)
     lora_r: int = 16
     lora_alpha: int = 32
     lora_dropout: float = 0.0
@@ -116,6 +117,22 @@ def sentence_alignment(features: ClipFeatures, image_emb: torch.Tensor, story: s
     return out * ALIGN_SCALE
 
 
+def span_token_labels(sequence_ids: list[int | None], offsets: list[tuple[int, int]], marks: list[tuple[int, int]]) -> torch.Tensor:
+    """Per token of a (prompt, story) encoding: −100 unless a story token of a story with marks; then 0
+    where the token overlaps a mark (plain-text offsets) and 1 elsewhere.
+
+    >>> span_token_labels([None, 0, None, 1, 1, 1, None], [(0, 0), (0, 3), (0, 0), (0, 3), (4, 7), (8, 12), (0, 0)], [(4, 7)]).tolist()
+    [-100, -100, -100, 1, 0, 1, -100]
+    """
+    labels = torch.full((len(offsets),), -100, dtype=torch.long)
+    if not marks:
+        return labels
+    for t, (seq, (start, end)) in enumerate(zip(sequence_ids, offsets)):
+        if seq == 1 and end > start:
+            labels[t] = 0 if any(start < m_end and m_start < end for m_start, m_end in marks) else 1
+    return labels
+
+
 class ClipFusion(nn.Module):
     """Text encoder (LoRA) + per-frame MLP over CLIP features; the CLIP model itself stays outside."""
 
@@ -127,10 +144,18 @@ class ClipFusion(nn.Module):
         in_dim = (4 * clip_dim + (ALIGN_FEATURES if cfg.sentence_alignment else 0) if cfg.use_images else 0) + text_dim
         self.head = nn.Sequential(nn.LayerNorm(in_dim), nn.Linear(in_dim, cfg.hidden_size), nn.GELU(),
                                   nn.Linear(cfg.hidden_size, 1))  # fmt: skip
+        if cfg.span_head:
+            if text_encoder is None:
+                raise ModelLoadError("span_head needs the text encoder (use_text_encoder): it scores the story's tokens")
+            token_dim = text_dim + (clip_dim if cfg.use_images else 0)  # each token beside the mean of its frames
+            self.span_head = nn.Sequential(nn.LayerNorm(token_dim), nn.Linear(token_dim, cfg.hidden_size), nn.GELU(),
+                                           nn.Linear(cfg.hidden_size, 1))  # fmt: skip
 
     def forward(self, input_ids=None, attention_mask=None, image_emb=None, frame_text_emb=None, frame_mask=None,
-                story_text_emb=None, alignment=None) -> torch.Tensor:  # fmt: skip
+                story_text_emb=None, alignment=None, token_labels=None) -> torch.Tensor | tuple[torch.Tensor, torch.Tensor]:  # fmt: skip
+        """(B,) scores; with `token_labels` (B, T) also the span head's (B, T) token logits (high: the token is fine)."""
         parts = []
+        hidden = None
         if self.cfg.use_images:
             story = story_text_emb.unsqueeze(1).expand_as(frame_text_emb)  # (B, F, D)
             parts += [image_emb, frame_text_emb, image_emb * frame_text_emb, story]
@@ -144,7 +169,14 @@ class ClipFusion(nn.Module):
         x = torch.cat(parts, dim=-1)  # (B, F, in_dim)
         per_frame = self.head(x).squeeze(-1)  # (B, F)
         mask = frame_mask.to(per_frame.dtype) if self.cfg.use_images else torch.ones_like(per_frame)
-        return (per_frame * mask).sum(1) / mask.sum(1).clamp(min=1)  # (B,)
+        scores = (per_frame * mask).sum(1) / mask.sum(1).clamp(min=1)  # (B,)
+        if token_labels is None or not self.cfg.span_head:
+            return scores
+        tokens = [hidden]  # (B, T, C)
+        if self.cfg.use_images:
+            frames = (image_emb * frame_mask.unsqueeze(-1)).sum(1) / frame_mask.sum(1, keepdim=True).clamp(min=1)  # (B, D)
+            tokens.append(frames.unsqueeze(1).expand(-1, hidden.shape[1], -1))  # (B, T, D)
+        return scores, self.span_head(torch.cat(tokens, dim=-1)).squeeze(-1)  # (B,), (B, T)
 
 
 class VLMScorer(nn.Module):
@@ -243,17 +275,24 @@ class RewardModel:
             return {"prompt": policy.batch([[r.load() for r in refs] for refs in images], prompts), "response_ids": ids, "response_mask": mask}
         return self.collate(self.encode(images, prompts, stories))
 
-    def encode(self, images: list[list[ImageRef]], prompts: list[str], stories: list[str]) -> list[dict[str, torch.Tensor]]:
+    def encode(self, images: list[list[ImageRef]], prompts: list[str], stories: list[str],
+               spans: list[list[dict]] | None = None) -> list[dict[str, torch.Tensor]]:  # fmt: skip
         """clip-fusion: one unpadded example per triple (token ids, CLIP features), for `collate`.
 
         Training encodes its whole dataset once with this, as TRL's trainers tokenize up front, so a
-        step only pads and stacks.
+        step only pads and stacks. `spans` (per story, its span marks, offsets into the story as
+        given) adds `token_labels` for the span head: for a story with marks, 0 on a token inside a
+        mark and 1 on its other story tokens; −100 (ignored) elsewhere and on stories without marks.
         """
         examples: list[dict[str, torch.Tensor]] = [{} for _ in stories]
         if self.tokenizer is not None:
-            enc = self.tokenizer(prompts, [plain_text(s) for s in stories], truncation=True, max_length=self.cfg.max_length)
-            for ex, ids in zip(examples, enc["input_ids"]):
+            labelled = spans is not None and self.cfg.span_head
+            enc = self.tokenizer(prompts, [plain_text(s) for s in stories], truncation=True, max_length=self.cfg.max_length,
+                                 return_offsets_mapping=labelled)  # fmt: skip
+            for b, (ex, ids) in enumerate(zip(examples, enc["input_ids"])):
                 ex["input_ids"] = torch.tensor(ids)
+                if labelled:
+                    ex["token_labels"] = span_token_labels(enc.sequence_ids(b), enc["offset_mapping"][b], plain_spans(stories[b], spans[b] or []))
         if self.features is not None:
             counts = [max(1, len(refs[: self.cfg.max_frames])) for refs in images]
             texts = self.features.stories(stories, counts)
@@ -277,6 +316,12 @@ class RewardModel:
             for i, ex in enumerate(examples):
                 ids[i, : len(ex["input_ids"])], mask[i, : len(ex["input_ids"])] = ex["input_ids"], 1
             out["input_ids"], out["attention_mask"] = ids, mask
+            if any("token_labels" in ex for ex in examples):
+                labels = torch.full((b, length), -100, dtype=torch.long)
+                for i, ex in enumerate(examples):
+                    if "token_labels" in ex:
+                        labels[i, : len(ex["token_labels"])] = ex["token_labels"]
+                out["token_labels"] = labels
         if self.features is not None:
             n, d = max(len(ex["image_emb"]) for ex in examples), self.features.dim
             image_emb, frame_text, frame_mask = torch.zeros(b, n, d), torch.zeros(b, n, d), torch.zeros(b, n)
@@ -305,7 +350,7 @@ class RewardModel:
         return dict(enc)
 
     def raw_scores(self, batch: dict[str, torch.Tensor]) -> torch.Tensor:
-        return self.module(**{k: v.to(self.device) for k, v in batch.items()})
+        return self.module(**{k: v.to(self.device) for k, v in batch.items() if k != "token_labels"})
 
     @torch.no_grad()
     def score(self, images, instruction, story, context=None, style=None, batch_size: int = 32) -> torch.Tensor:
@@ -333,7 +378,8 @@ class RewardModel:
 
     def trained_state(self) -> dict[str, torch.Tensor]:
         """Exactly the weights training changes: LoRA adapters and the head."""
-        return {k: v.detach().cpu().contiguous() for k, v in self.module.state_dict().items() if "lora_" in k or k.startswith("head.")}
+        return {k: v.detach().cpu().contiguous() for k, v in self.module.state_dict().items()
+                if "lora_" in k or k.startswith(("head.", "span_head."))}  # fmt: skip
 
     def save_pretrained(self, path: str | Path) -> None:
         from safetensors.torch import save_file

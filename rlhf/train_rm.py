@@ -29,7 +29,7 @@ from annotate.formats import plain_text
 from rlhf.clip import DEFAULT_CACHE
 from rlhf.data import DataError, PreferencePair, load_preferences
 from rlhf.loading import ModelLoadError
-from rlhf.losses import bradley_terry_loss, fit_logit_coef, pearson_correlation, preference_accuracy, shorter_preferred
+from rlhf.losses import bradley_terry_loss, fit_logit_coef, pearson_correlation, preference_accuracy, shorter_preferred, span_token_loss
 from rlhf.reward_model import DEFAULT_TEXT_MODEL, RewardModel, RewardModelConfig
 from rlhf.runlog import checkpoint_dir, clip_gradients, device_summary, latest_checkpoint, log_metrics, prefer_safe_attention
 
@@ -49,6 +49,10 @@ class TrainRMConfig:
                                                                       "(min, mean and max over the frame's own sentences, the frame's best "
                                                                       "sentence, the story's worst-grounded sentence): a single false look "
                                                                       "or phantom lowers one sentence's match, which a mean hides"})  # fmt: skip
+    span_loss_coef: float = field(default=0.0, metadata={"help": "clip-fusion: λ of a token-level auxiliary loss from the data's span marks "
+                                                                 "(annotate.export `spans`): a per-token head, on the text encoder's states "
+                                                                 "and the frames, learns that marked tokens score low and a marked story's "
+                                                                 "other tokens high, as in fine-grained RLHF; 0 = off"})  # fmt: skip
     lora_r: int = field(default=16, metadata={"help": "LoRA rank"})
     lora_alpha: int = field(default=32, metadata={"help": "LoRA alpha"})
     lora_dropout: float = field(default=0.0, metadata={"help": "LoRA dropout"})
@@ -81,7 +85,8 @@ class TrainRMConfig:
     def model_config(self) -> RewardModelConfig:
         return RewardModelConfig(
             backbone=self.backbone, text_model=self.text_model, clip_model=self.clip_model, clip_pretrained=self.clip_pretrained,
-            use_images=self.use_images, use_text_encoder=self.use_text_encoder, sentence_alignment=self.sentence_alignment, lora_r=self.lora_r, lora_alpha=self.lora_alpha,
+            use_images=self.use_images, use_text_encoder=self.use_text_encoder, sentence_alignment=self.sentence_alignment,
+            span_head=self.span_loss_coef > 0, lora_r=self.lora_r, lora_alpha=self.lora_alpha,
             lora_dropout=self.lora_dropout, lora_target_modules=self.lora_target_modules, hidden_size=self.hidden_size,
             max_length=self.max_length,
         )  # fmt: skip
@@ -130,8 +135,9 @@ class PairEncoder:
             self.encoded = []
             for k in range(0, len(pairs), chunk):
                 part = pairs[k : k + chunk]
+                spans = ([p.spans.get("chosen", []) for p in part] + [p.spans.get("rejected", []) for p in part]) if rm.cfg.span_head else None
                 ex = rm.encode([p.images for p in part] * 2, [p.prompt for p in part] * 2,
-                               [p.chosen for p in part] + [p.rejected for p in part])  # fmt: skip
+                               [p.chosen for p in part] + [p.rejected for p in part], spans=spans)  # fmt: skip
                 self.encoded += list(zip(ex[: len(part)], ex[len(part) :]))
 
     def __call__(self, indices: list[int]) -> tuple[dict, dict]:
@@ -182,7 +188,33 @@ def evaluate(rm: RewardModel, pairs: list[PreferencePair], batch_size: int = 64)
         if idx:
             agree = [(c[i] > r[i]).item() == (pairs[i].aspects[aspect] == "chosen") for i in idx]
             out[f"eval_accuracy_{aspect}"] = sum(agree) / len(agree)
-    return out | slice_accuracies(c, r, t, [p.slices for p in pairs])
+    return out | slice_accuracies(c, r, t, [p.slices for p in pairs]) | span_head_accuracy(rm, pairs, batch_size)
+
+
+@torch.no_grad()
+def span_head_accuracy(rm: RewardModel, pairs: list[PreferencePair], batch_size: int = 64) -> dict[str, float]:
+    """The span head on the held-out stories with marks: its token accuracy (fine vs marked, at logit 0),
+    and the share of marked tokens it scores as marked (`eval_span_marked_recall`)."""
+    stories = [(p, side) for p in pairs for side in ("chosen", "rejected") if p.spans.get(side)]
+    if not rm.cfg.span_head or not stories:
+        return {}
+    rm.module.eval()
+    right = total = caught = marked = 0
+    for k in range(0, len(stories), batch_size):
+        part = stories[k : k + batch_size]
+        ex = rm.encode([p.images for p, _ in part], [p.prompt for p, _ in part], [getattr(p, side) for p, side in part],
+                       spans=[p.spans[side] for p, side in part])  # fmt: skip
+        batch = rm.collate(ex)
+        labels = batch.pop("token_labels")
+        _, logits = rm.module(**{k_: v.to(rm.device) for k_, v in batch.items()}, token_labels=labels.to(rm.device))
+        keep = labels != -100
+        said = (logits.float().cpu() > 0).long()
+        right += int((said[keep] == labels[keep]).sum())
+        total += int(keep.sum())
+        caught += int(((said == 0) & (labels == 0)).sum())
+        marked += int((labels == 0).sum())
+    rm.module.train()
+    return {"eval_span_token_accuracy": right / max(total, 1), "eval_span_marked_recall": caught / max(marked, 1)}
 
 
 def slice_accuracies(chosen: torch.Tensor, rejected: torch.Tensor, target: torch.Tensor, slices: list[tuple[str, ...]]) -> dict[str, float]:
@@ -218,6 +250,10 @@ def train(cfg: TrainRMConfig) -> tuple[RewardModel, dict]:
     from tqdm import tqdm
     from transformers import get_linear_schedule_with_warmup
 
+    if cfg.span_loss_coef < 0:
+        raise ValueError(f"--span_loss_coef {cfg.span_loss_coef}: give λ ≥ 0 (0 turns the span head off; 0.5 is a start)")
+    if cfg.span_loss_coef and (cfg.backbone != "clip-fusion" or not cfg.use_text_encoder):
+        raise ValueError("--span_loss_coef needs --backbone clip-fusion with its text encoder: the span head scores the text encoder's tokens")
     if cfg.length_decorrelation < 0:
         raise ValueError(f"--length_decorrelation {cfg.length_decorrelation}: give λ ≥ 0 (0 turns it off; ODIN used about 1 on large batches, and 0.2 suits batches of 8 pairs)")
     accelerator = Accelerator(mixed_precision="bf16" if cfg.bf16 else "no", gradient_accumulation_steps=cfg.grad_accum)
@@ -232,6 +268,9 @@ def train(cfg: TrainRMConfig) -> tuple[RewardModel, dict]:
     # 1. Data: detect the format, split by item if there is no test split.
     train, test, message = load_preferences(cfg.data, cfg.aggregate)
     log(message)
+    if cfg.span_loss_coef and not any(p.spans for p in train):
+        raise DataError(f"{cfg.data}: --span_loss_coef {cfg.span_loss_coef} needs span marks, and no train pair has any. Export a "
+                        "project whose annotators mark words (annotate.ingest --span-marks), or leave --span_loss_coef at 0")  # fmt: skip
     cfg.train_pairs, cfg.eval_pairs, cfg.world_size = len(train), len(test), accelerator.num_processes
     cfg.steps_per_epoch = len(train) // (cfg.world_size * cfg.batch_size) // cfg.grad_accum
     if cfg.steps_per_epoch == 0:
@@ -315,12 +354,18 @@ def train(cfg: TrainRMConfig) -> tuple[RewardModel, dict]:
             chunk = order[b * cfg.batch_size : (b + 1) * cfg.batch_size]
             batch, t = encoder(chunk)
             with accelerator.accumulate(ddp_module):
-                scores = ddp_module(**{k: v.to(accelerator.device) for k, v in batch.items()}).float()  # (2B,)
+                out_ = ddp_module(**{k: v.to(accelerator.device) for k, v in batch.items()})
+                scores, token_logits = out_ if isinstance(out_, tuple) else (out_, None)
+                scores = scores.float()  # (2B,)
                 chosen, rejected = scores[: len(chunk)], scores[len(chunk) :]
                 target, margin = t["target"].to(scores.device), t["margin"].to(scores.device)
                 offset = length_coef * t["word_diff"].to(scores.device) / cfg.length_scale if cfg.length_control else None
                 loss = bradley_terry_loss(chosen, rejected, margin=margin, target=target, center_coef=cfg.center_coef, offset=offset,
                                           weight=t["weight"].to(scores.device))  # fmt: skip
+                if token_logits is not None:
+                    span_loss = span_token_loss(token_logits.float(), batch["token_labels"].to(scores.device))
+                    loss = loss + cfg.span_loss_coef * span_loss
+                    window.setdefault("span_loss", []).append(span_loss.item())
                 length_corr = pearson_correlation(scores, t["words"].to(scores.device))
                 if cfg.length_decorrelation:
                     loss = loss + cfg.length_decorrelation * length_corr.abs()

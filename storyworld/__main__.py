@@ -51,6 +51,7 @@ def build_parser() -> argparse.ArgumentParser:
     ann.add_argument("--pairs-per-item", type=int, default=None, help="sample K of the 6 pairs per item (default all)")
     ann.add_argument("--annotators", type=int, default=5, help="size of the simulated pool")
     ann.add_argument("--votes-per-pair", type=int, default=3, help="annotators per pair")
+    ann.add_argument("--marks", action="store_true", help="--out: each voter also marks the flaws it notices (span marks, as export writes them)")
     ann.add_argument("--seed", type=int, default=0)
 
     score = sub.add_parser("score", help="print the hidden utility of stories (JSON)")
@@ -108,7 +109,7 @@ def main(argv: list[str] | None = None) -> int:
     elif args.command == "annotate":
         from storyworld.world import annotate_world
 
-        stats = annotate_world(args.world, args.out, args.pairs_per_item, args.annotators, args.votes_per_pair, args.seed)
+        stats = annotate_world(args.world, args.out, args.pairs_per_item, args.annotators, args.votes_per_pair, args.seed, marks=args.marks)
         print(f"wrote {stats['votes']} votes ({stats['ties']} ties) by {', '.join(stats['annotators'])} to {args.out}")
     elif args.command == "score":
         from storyworld.world import score_stories

@@ -26,6 +26,7 @@ class SimAnnotator:
     left_bias: float = 0.0  # added to the logit of the left story
     careless: float = 0.0  # chance of a random answer
     tie_threshold: float = 0.1  # utilities closer than this are a tie
+    mark_recall: float = 0.8  # span marks: the chance of marking each flaw the frames show (a careless one marks half as many)
 
     def choose(self, u_left: float, u_right: float, rng: random.Random) -> str:
         """'left', 'right' or 'tie'."""
@@ -36,6 +37,36 @@ class SimAnnotator:
             return "tie"
         p_left = 1.0 / (1.0 + math.exp(-(diff / self.temperature + self.left_bias)))
         return "left" if rng.random() < p_left else "right"
+
+
+    def rank(self, utilities: list[float], rng: random.Random) -> list[int]:
+        """Ranks (1 best; equal ranks tie) for stories of these utilities, in the order given.
+
+        Plackett-Luce on exp(u / temperature): the best is drawn first, then the best of the rest, so
+        any two stories are ordered as `choose` would order them, σ((u_i − u_j) / temperature).
+        Neighbours in the drawn order whose utilities are closer than `tie_threshold` tie. A careless
+        annotator gives a random order part of the time.
+        """
+        n = len(utilities)
+        if rng.random() < self.careless:
+            order = rng.sample(range(n), n)
+        else:
+            left, order = list(range(n)), []
+            while left:
+                top = max(utilities[i] for i in left)
+                weights = [math.exp((utilities[i] - top) / self.temperature) for i in left]
+                order.append(left.pop(rng.choices(range(len(left)), weights)[0]))
+        ranks, rank = [0] * n, 0
+        for k, i in enumerate(order):
+            if k == 0 or abs(utilities[i] - utilities[order[k - 1]]) >= self.tie_threshold:
+                rank = k + 1
+            ranks[i] = rank
+        return ranks
+
+    def mark(self, flaws: list[tuple[int, int, str]], rng: random.Random) -> list[tuple[int, int, str]]:
+        """The flaws (start, end, label) this annotator notices and marks: each with `mark_recall`."""
+        recall = self.mark_recall * (0.5 if self.careless else 1.0)
+        return [f for f in flaws if rng.random() < recall]
 
 
 def default_pool(n: int = 5) -> list[SimAnnotator]:

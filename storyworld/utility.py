@@ -145,6 +145,53 @@ def components(scene: Scene, story: str, style: str) -> Components:
     return Components(precision, recall, non_repetition, consistency, style_match, length, fluency)
 
 
+def mentions(scene: Scene, story: str) -> list[tuple[int, int, str | None]]:
+    """Every checkable mention of `story` (a look, a name, a setting, a time) as (start, end, flaw),
+    character offsets into the story as given (tags included). `flaw` is what a careful reader who
+    sees the frames would mark: "hallucinated" (the frames do not hold it), "contradicts" (a look a
+    name is given after a first, different one), or None (right). The same mentions `components`
+    counts.
+    """
+    blank = _TAG.sub(lambda m: " " * len(m.group()), story)
+    words = [(m.group(), m.start(), m.end()) for m in _WORD.finditer(blank)]
+    cast = scene.all_entities()
+    looks = {(e.color, e.shape) for f in scene.frames for e in f.entities}
+    names = {e.name for e in cast.values() if e.name}
+    times = {f.time for f in scene.frames}
+    out: list[tuple[int, int, str | None]] = []
+    first_look: dict[str, tuple[str, str]] = {}
+    lower = [w.lower() for w, _, _ in words]
+    for i, (w, start, end) in enumerate(words):
+        lw = lower[i]
+        if lw in COLORS and i + 1 < len(words) and lower[i + 1] in SHAPES:
+            look, span_end = (lw, lower[i + 1]), words[i + 1][2]
+            named = words[i - 2][0] if i >= 2 and lower[i - 1] == "the" and words[i - 2][0] in NAMES else None
+            if named and named in first_look and first_look[named] != look:
+                out.append((start, span_end, "contradicts"))
+            else:
+                out.append((start, span_end, None if look in looks else "hallucinated"))
+            if named:
+                first_look.setdefault(named, look)
+        elif w in NAMES:
+            out.append((start, end, None if w in names else "hallucinated"))
+        elif lw in SETTINGS:
+            out.append((start, end, None if lw == scene.setting else "hallucinated"))
+        elif lw in TIME_WORDS:
+            out.append((start, end, None if TIME_WORDS[lw] in times else "hallucinated"))
+    return out
+
+
+def flaw_spans(scene: Scene, story: str) -> list[tuple[int, int, str]]:
+    """The mentions a careful reader would mark (see `mentions`), as (start, end, label)."""
+    return [(s, e, flaw) for s, e, flaw in mentions(scene, story) if flaw]
+
+
+def hallucination_rate(scene: Scene, story: str) -> float:
+    """The share of a story's checkable mentions that the frames do not hold (0 for a story with none)."""
+    found = mentions(scene, story)
+    return sum(f == "hallucinated" for _, _, f in found) / len(found) if found else 0.0
+
+
 def utility(scene: Scene, story: str, style: str) -> float:
     """The hidden utility of `story` for `scene` asked in `style`, in [0, 10]."""
     return components(scene, story, style).utility

@@ -23,7 +23,7 @@ from PIL import Image
 from storyworld.annotators import SimAnnotator, default_pool
 from storyworld.grammar import STYLES, Knobs, random_knobs, write_story
 from storyworld.scene import Frame, Scene, make_scene, render_frame
-from storyworld.utility import components, utility
+from storyworld.utility import components, flaw_spans, utility
 
 CANDIDATES_PER_ITEM = 4
 SFT_QUALITY = 0.8  # "good but imperfect"
@@ -216,8 +216,13 @@ def annotate_world(
     votes_per_pair: int = 3,
     seed: int = 0,
     pool: list[SimAnnotator] | None = None,
+    marks: bool = False,
 ) -> dict:
-    """Simulated votes on the world's candidate pairs, one pairs-format line per vote. Returns counts."""
+    """Simulated votes on the world's candidate pairs, one pairs-format line per vote. Returns counts.
+
+    With `marks`, each voter also marks the flaws it notices in the two stories (`utility.flaw_spans`,
+    each with its `mark_recall`), written as the line's `spans` as annotate.export writes them.
+    """
     world_dir, out = Path(world_dir), Path(out)
     pool = pool or default_pool(n_annotators)
     if votes_per_pair > len(pool):
@@ -255,6 +260,13 @@ def annotate_world(
                         "annotator": ann.name,
                         "shown_left": shown_left,
                     }
+                    if marks:
+                        scene = Scene.from_dict(item["scene"])
+                        found = {side: [{"start": a, "end": b, "label": lab, "text": cands[k]["text"][a:b]}
+                                        for a, b, lab in ann.mark(flaw_spans(scene, cands[k]["text"]), rng)]
+                                 for side, k in (("response_a", i), ("response_b", j))}  # fmt: skip
+                        if found["response_a"] or found["response_b"]:
+                            line["spans"] = found
                     names = [name for name, pairs in (item.get("slices") or {}).items() if sorted([i, j]) in map(sorted, pairs)]
                     if names:
                         line["slices"] = names

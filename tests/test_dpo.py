@@ -164,3 +164,60 @@ def test_two_processes_with_accelerate(setup):
     metrics = json.loads((out / "metrics.json").read_text())
     assert metrics["world_size"] == 2 and metrics["steps"] == 20 // 2 // 2  # each process takes half the pairs
     assert load_policy(str(out)).has_adapter
+
+
+def test_span_weights_reweigh_exactly_the_marked_tokens(setup):
+    """--span_weight γ: the rejected story's marked tokens count γ times in its log-ratio, the chosen
+    story's marked tokens 0 times, everything else once; checked against the per-token log-probs."""
+    import re
+
+    from annotate.formats import parse_prompt, plain_spans, plain_text
+    from rlhf.data import load_preferences
+    from rlhf.dpo import sequence_logprobs, span_token_weights
+
+    root = setup
+    policy = load_policy(str(root / "policy"))
+    pair = load_preferences(root / "trl")[0][1]
+    words = [m for m in re.finditer(r"[A-Za-z]+", re.sub(r"<[^>]*>", lambda m: " " * len(m.group()), pair.rejected))]
+    third, first_c = words[2], re.search(r"[A-Za-z]+", re.sub(r"<[^>]*>", lambda m: " " * len(m.group()), pair.chosen))
+    pair.spans = {"rejected": [{"start": third.start(), "end": third.end(), "label": "hallucinated"}],
+                  "chosen": [{"start": first_c.start(), "end": first_c.end(), "label": "other"}]}  # fmt: skip
+    texts = [plain_text(pair.chosen), plain_text(pair.rejected)]
+    ids, mask = policy.tokenize_responses(texts)
+    ids, mask = ids[:, :48], mask[:, :48]
+    weights = span_token_weights(policy, [pair], ids.shape[1], 5.0)
+    offsets = policy.response_offsets(texts)
+    (at, end), = plain_spans(pair.rejected, pair.spans["rejected"])
+    assert texts[1][at:end] == third.group()
+    marked_r = [t for t, (a, b) in enumerate(offsets[1][:48]) if b > a and a < end and at < b]
+    assert marked_r and all(weights[1, t] == 5.0 for t in marked_r) and weights[1].tolist().count(5.0) == len(marked_r)
+    assert third.group() in policy.tokenizer.decode(ids[1, marked_r].tolist())
+    zeroed = [t for t in range(ids.shape[1]) if weights[0, t] == 0]
+    assert zeroed and policy.tokenizer.decode(ids[0, zeroed].tolist()).strip() == first_c.group()
+    assert (weights == 1).sum() == weights.numel() - len(marked_r) - len(zeroed)  # every other token (and the EOS) weighs 1
+    # The weighted sums are the per-token log-probs times these weights.
+    with torch.no_grad():
+        plain_c, plain_r, _, _ = sequence_logprobs(policy, policy, [pair], 48)
+        weighted_c, weighted_r, _, _ = sequence_logprobs(policy, policy, [pair], 48, span_weight=5.0)
+        instruction, style, context = parse_prompt(pair.prompt)
+        batch = policy.batch([[r.load() for r in pair.images]] * 2, [instruction] * 2, [style] * 2, [context] * 2)
+        per_token = policy(batch, ids, mask).logprobs
+    assert torch.allclose(torch.cat([plain_c, plain_r]), per_token.sum(1), atol=1e-5)
+    assert torch.allclose(torch.cat([weighted_c, weighted_r]), (per_token * weights).sum(1), atol=1e-5)
+    assert not torch.allclose(weighted_r, plain_r)
+
+
+def test_segment_dpo_trains_and_needs_marks(setup, tmp_path):
+    root = setup
+    rows = [json.loads(x) for x in (root / "trl" / "train.jsonl").open()]
+    for r in rows:  # mark the rejected story's first word in every pair
+        r["spans"] = {"chosen": [], "rejected": [{"start": 0, "end": len(r["rejected"].split()[0]), "label": "hallucinated"}]}
+    (tmp_path / "marked").mkdir()
+    (tmp_path / "marked" / "train.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows))
+    (tmp_path / "marked" / "test.jsonl").write_text((root / "trl" / "test.jsonl").read_text())
+    _, result = train(config(root, "segment", data=str(tmp_path / "marked"), span_weight=5.0, epochs=2))
+    assert math.isfinite(result["eval_loss"])
+    with pytest.raises(DataError, match="needs span marks, and no train pair has any"):
+        train(config(root, "nomarks", span_weight=5.0))
+    with pytest.raises(ValueError, match="--span_weight -1"):
+        train(config(root, "neg", span_weight=-1.0))

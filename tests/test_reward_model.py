@@ -314,3 +314,36 @@ def test_sentence_alignment_trains_saves_and_loads(assets, tmp_path):
     args = ([p.images for p in sample], [p.prompt for p in sample], [p.rejected for p in sample])
     assert torch.allclose(rm.score(*args), loaded.score(*args), atol=1e-5)
     assert 0.0 <= metrics["eval_accuracy"] <= 1.0
+
+
+def test_span_head_learns_from_marks_saves_and_loads(assets, tmp_path):
+    """--span_loss_coef: a token head trained on the span marks beside the Bradley-Terry loss; it is saved and reloaded."""
+    annotate_world(assets / "world", tmp_path / "marked.jsonl", votes_per_pair=3, marks=True)
+    cfg = _cfg(assets, tmp_path / "rm", data=str(tmp_path / "marked.jsonl"), span_loss_coef=1.0, epochs=2)
+    rm, metrics = train(cfg)
+    assert rm.cfg.span_head and {"eval_span_token_accuracy", "eval_span_marked_recall"} <= set(metrics)
+    trained = {n for n, p in rm.module.named_parameters() if p.requires_grad}
+    assert any(n.startswith("span_head.") for n in trained) and all("lora_" in n or n.startswith(("head.", "span_head.")) for n in trained)
+    logged = [json.loads(x) for x in (tmp_path / "rm" / "metrics.jsonl").open()]
+    assert any("rm/span_loss" in x for x in logged)
+    loaded = RewardModel.from_pretrained(tmp_path / "rm", cache_dir=cfg.cache_dir)
+    assert all(torch.equal(v, loaded.module.state_dict()[k]) for k, v in rm.module.state_dict().items() if k.startswith("span_head."))
+    with pytest.raises(DataError, match="needs span marks, and no train pair has any"):
+        train(_cfg(assets, tmp_path / "rm2", span_loss_coef=1.0))  # the plain votes carry no marks
+    with pytest.raises(ValueError, match="needs --backbone clip-fusion with its text encoder"):
+        train(_cfg(assets, tmp_path / "rm3", span_loss_coef=1.0, use_text_encoder=False))
+
+
+def test_span_token_labels_follow_the_marks_through_tags_and_tokens(assets):
+    """A mark given in the story's own offsets (tags and all) labels exactly the tokens of its words."""
+    rm = RewardModel.build(RewardModelConfig(text_model=str(assets / "bert"), clip_model=str(assets / "clip"), clip_pretrained=None,
+                                             lora_r=4, hidden_size=32, span_head=True), cache_dir=assets / "cache")  # fmt: skip
+    story = "<gdi image1>Pip the <gdo char1>red star</gdo> ran home.</gdi>"
+    start = story.index("red")
+    ex = rm.encode([[]], ["Tell a story."], [story], spans=[[{"start": start, "end": story.index("</gdo>"), "label": "hallucinated"}]])[0]
+    ids, labels = ex["input_ids"].tolist(), ex["token_labels"].tolist()
+    marked = rm.tokenizer.decode([i for i, lab in zip(ids, labels) if lab == 0]).strip()
+    fine = rm.tokenizer.decode([i for i, lab in zip(ids, labels) if lab == 1])
+    assert marked == "red star" and "Pip the" in fine and "ran home" in fine and "red" not in fine
+    unmarked = rm.encode([[]], ["Tell a story."], [story], spans=[[]])[0]["token_labels"]
+    assert (unmarked == -100).all()  # a story without marks teaches the span head nothing

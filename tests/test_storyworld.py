@@ -408,3 +408,39 @@ def test_tiny_vit_reads_colors_and_loads_as_a_hub_vit(tmp_path):
     assert held["patch_look"] >= 3 * held["patch_look_chance"], report  # the patch tokens say which look is where
     model = AutoModel.from_pretrained(tmp_path / "vit")  # the way rlhf.sft --vision_encoder loads it
     assert type(model).__name__ == "ViTModel" and AutoImageProcessor.from_pretrained(tmp_path / "vit").size["height"] == 64
+
+
+def test_ranking_annotator_orders_pairs_as_bradley_terry_does():
+    """Plackett-Luce: any two stories are ordered i before j with σ((u_i − u_j) / T), whatever else is ranked."""
+    import math
+
+    ann, rng = SimAnnotator("r", temperature=0.65, tie_threshold=0.0), random.Random(0)
+    u = [2.0, 1.5, 1.0, 0.2]
+    runs = [ann.rank(u, rng) for _ in range(6000)]
+    for i, j in itertools.combinations(range(4), 2):
+        seen = sum(r[i] < r[j] for r in runs) / len(runs)
+        assert seen == pytest.approx(1 / (1 + math.exp(-(u[i] - u[j]) / 0.65)), abs=0.02)
+    tied = SimAnnotator("t", tie_threshold=0.1).rank([1.0, 1.05, 3.0], random.Random(1))
+    assert tied[0] == tied[1] and tied[2] == 1  # close utilities next to each other share a rank
+
+
+def test_flaw_spans_mark_exactly_the_wrong_mentions():
+    from storyworld.utility import flaw_spans, hallucination_rate, mentions
+
+    scene = make_scene("spans-1")
+    clean = write_story(scene, "calm", Knobs(), random.Random(0))
+    assert flaw_spans(scene, clean) == [] and hallucination_rate(scene, clean) == 0.0 and mentions(scene, clean)
+    for knobs in (Knobs(false_look=1, image_seed=3), Knobs(phantom=1, image_seed=4), Knobs(wrong_setting=True, image_seed=5),
+                  Knobs(hallucinate=2), Knobs(incoherent=True, tags=True)):  # fmt: skip
+        story = write_story(scene, "calm", knobs, random.Random(0))
+        spans = flaw_spans(scene, story)
+        comp = components(scene, story, "calm")
+        assert spans, knobs
+        for start, end, label in spans:
+            words = story[start:end].split()
+            assert label in ("hallucinated", "contradicts") and words and "<" not in story[start:end]
+        found = mentions(scene, story)
+        wrong = sum(f == "hallucinated" for *_, f in found)
+        assert hallucination_rate(scene, story) == pytest.approx(wrong / len(found))
+        if not knobs.incoherent:  # a contradicting look is counted by consistency, not as a wrong mention
+            assert hallucination_rate(scene, story) == pytest.approx(1 - comp.grounding_precision)
