@@ -37,6 +37,7 @@ from db import (
     DEFAULT_MEDIA_ROOT,
     MAX_RANK_K,
     MODES,
+    SPAN_LABELS,
     Annotator,
     Candidate,
     Comparison,
@@ -92,6 +93,7 @@ class VoteRecord:
     aspects: dict[str, str] = field(default_factory=dict)
     rationale: str | None = None
     token: str = ""
+    spans: dict[str, list[dict]] = field(default_factory=dict)  # "a"/"b" (relative to first, second) -> marks
 
 
 @dataclass
@@ -364,6 +366,7 @@ def read_pairs(reader: _Reader) -> Iterator[ItemRecord]:
         shown_left = obj.get("shown_left")
         if shown_left not in (None, "a", "b"):
             raise IngestError(f"{where}: `shown_left` must be \"a\" or \"b\", got {shown_left!r}")
+        spans = _line_spans(obj.get("spans"), item.candidates[first].text, item.candidates[second].text, where)
         annotator = str(obj.get("annotator") or IMPORTED_ANNOTATOR)
         if len(annotator) > 64:
             raise IngestError(f"{where}: annotator name over 64 characters")
@@ -379,9 +382,32 @@ def read_pairs(reader: _Reader) -> Iterator[ItemRecord]:
                 aspects={k: PREFERENCES[str(v)] for k, v in aspects.items()},
                 rationale=obj.get("rationale"),
                 token="import-" + hashlib.sha256(json.dumps(obj, sort_keys=True).encode()).hexdigest()[:40],
+                spans=spans,
             )
         )
     yield from items.values()
+
+
+def _line_spans(value: Any, text_a: str, text_b: str, where: str) -> dict[str, list[dict]]:
+    """A pairs line's `spans` ({"response_a": [...], "response_b": [...]}, as export writes them), checked."""
+    if not value:
+        return {}
+    if not isinstance(value, dict) or not set(value) <= {"response_a", "response_b"}:
+        raise IngestError(f'{where}: `spans` must map response_a and response_b to lists of marks, e.g. '
+                          '{"response_b": [{"start": 4, "end": 12, "label": "hallucinated"}]}')  # fmt: skip
+    out = {}
+    for key, marks in value.items():
+        text = text_a if key == "response_a" else text_b
+        checked = []
+        for m in marks or []:
+            if not (isinstance(m, dict) and isinstance(m.get("start"), int) and isinstance(m.get("end"), int)
+                    and 0 <= m["start"] < m["end"] <= len(text) and m.get("label") in SPAN_LABELS):  # fmt: skip
+                raise IngestError(f"{where}: span mark {m!r} of {key} must have 0 <= start < end <= {len(text)} (the story's length) "
+                                  f"and a label of {', '.join(SPAN_LABELS)}")  # fmt: skip
+            checked.append({"start": m["start"], "end": m["end"], "label": m["label"], "text": text[m["start"] : m["end"]]})
+        if checked:
+            out[key[-1]] = checked
+    return out
 
 
 def read_storyreasoning(
@@ -665,6 +691,8 @@ def write_records(
                         "its own `annotator`, or drop the repeated line."
                     )
                 swapped = ids[v.first] > ids[v.second]  # the line's response_a is canonical b
+                marks = [{"candidate_id": ids[v.first] if side == "a" else ids[v.second], **m} for side, found in sorted(v.spans.items())
+                         for m in found]  # fmt: skip
                 session.add(
                     Vote(
                         comparison_id=comp.id,
@@ -675,6 +703,7 @@ def write_records(
                         rationale=v.rationale,
                         shown_left=_canonical(v.shown_left or "a", swapped),
                         client_token=v.token,
+                        spans=sorted(marks, key=lambda m: (m["candidate_id"], m["start"], m["end"], m["label"])) or None,
                     )
                 )
                 comp.n_votes += 1

@@ -3,6 +3,11 @@
 Every function takes a `session` inside a transaction (one per user event) and the annotator's id,
 which the caller took from the login session (never from a form field).
 
+A comparison is a pair of candidates, or in rank mode a rank set of K (`Comparison.candidate_ids`):
+both are scheduled alike. A rank set's stories are shown in a stable random order per (annotator,
+comparison) (`shown_order_for`), reversed on a repeat, and its answer is a ranking (`record_vote`
+with `ranks`), stored as given. Span marks (`spans`) ride on an answer of either kind.
+
 Scheduling: a comparison of the project that still needs votes (`n_votes < overlap`, fewest first),
 that this annotator never answered and did not skip, and that is not of the item just seen. A
 random pick among the least-voted few spreads concurrent annotators over different comparisons.

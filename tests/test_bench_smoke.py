@@ -106,3 +106,21 @@ def test_clip_prefix_storyworld_smoke(tmp_path):
     summary = json.loads((tmp_path / "report.json").read_text())
     assert 0.0 <= summary["win_rate_median"] <= 1.0 and summary["utility"]["reference"] > 5  # the data's own parts are good stories
     assert {"sft", "dpo", "reference"} == set(summary["clip_score_target_frame"])
+
+
+@pytest.mark.timeout(600)
+def test_feedback_storyworld_smoke(tmp_path):
+    """bench/feedback_storyworld.py --smoke: both campaigns through record_vote, four reward models, plain and segment DPO."""
+    run_bench("feedback_storyworld.py", "--smoke", "--worlds", "0", "--out", str(tmp_path), timeout=550)
+    report = json.loads((tmp_path / "world-0" / "report.json").read_text())
+    entry = report["budgets"]["24"]
+    pair, rank = entry["campaign"]["pair"], entry["campaign"]["rank"]
+    assert pair["answers"] == rank["answers"] == 24 and pair["implied_pairs"] == 24 and rank["implied_pairs"] == 24 * 3  # K = 3
+    assert rank["pairs_per_annotator_minute"] > pair["pairs_per_annotator_minute"] > 0 and pair["marks"] > 0
+    assert set(entry["rm"]) == {"pairs", "pairs+marks", "ranks", "ranks+marks"}
+    assert all(0.0 <= r["accuracy"] <= 1.0 and r["pairs"] > 0 for r in entry["rm"].values())
+    assert entry["rm"]["ranks"]["train_pairs"] > entry["rm"]["pairs"]["train_pairs"]  # a ranking gives several pairs
+    assert "eval_span_token_accuracy" in entry["rm"]["pairs+marks"] or "eval_span_token_accuracy" in entry["rm"]["ranks+marks"]
+    runs = report["policy"]["runs"]
+    assert [r["method"] for r in runs] == ["dpo", "dpo+marks"] and all(0.0 <= r["hallucination_rate"] <= 1.0 for r in runs)
+    assert "| 24 | ranks+marks |" in (tmp_path / "table.md").read_text()

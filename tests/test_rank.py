@@ -275,3 +275,49 @@ def test_bad_rank_weight_is_refused_before_anything_is_written(ranked, tmp_path)
     with ranked() as s, pytest.raises(ExportError, match="unknown --rank-weight 'votes'"):
         export(s, tmp_path / "x.jsonl", "pairs", rank_weight="votes")
     assert not (tmp_path / "x.jsonl").exists()
+
+
+def test_span_marks_round_trip_through_pairs_export_and_ingest(session_factory, tmp_path):
+    """storyworld's marking annotators → pairs JSONL → ingest → export: the marks come back as given."""
+    import json
+
+    from annotate.export import export
+    from storyworld.world import annotate_world
+
+    make_world(tmp_path / "w", 8, seed=2)
+    annotate_world(tmp_path / "w", tmp_path / "votes.jsonl", votes_per_pair=1, marks=True)
+    ingest(session_factory, str(tmp_path / "votes.jsonl"), "m", media_root=tmp_path / "m")
+    with session_factory() as s:
+        export(s, tmp_path / "out.jsonl", "pairs", include_ties=True)
+        assert s.scalar(select(Vote).where(Vote.spans.is_not(None))) is not None
+    before = {(x["response_a"], x["response_b"], x["annotator"]): x.get("spans") for x in map(json.loads, open(tmp_path / "votes.jsonl"))}
+    after = {(x["response_a"], x["response_b"], x["annotator"]): x.get("spans") for x in map(json.loads, open(tmp_path / "out.jsonl"))}
+    assert sum(v is not None for v in before.values()) > 5 and after == before
+
+
+def test_bad_span_marks_in_a_pairs_file_stop_the_import(session_factory, tmp_path):
+    import json
+
+    from storyworld.world import annotate_world
+
+    make_world(tmp_path / "w", 2, seed=2)
+    annotate_world(tmp_path / "w", tmp_path / "votes.jsonl", votes_per_pair=1)
+    lines = [json.loads(x) for x in open(tmp_path / "votes.jsonl")]
+    lines[1]["spans"] = {"response_a": [{"start": 5, "end": 10**6, "label": "hallucinated"}]}
+    (tmp_path / "bad.jsonl").write_text("".join(json.dumps(x) + "\n" for x in lines))
+    with pytest.raises(IngestError, match=r"bad\.jsonl:2: span mark .* of response_a must have 0 <= start < end"):
+        ingest(session_factory, str(tmp_path / "bad.jsonl"), "m", media_root=tmp_path / "m")
+
+
+def test_plain_text_offsets_agree_with_plain_text():
+    import random
+
+    from annotate.formats import plain_text, plain_text_offsets
+
+    rng = random.Random(0)
+    pieces = ["<gdi image1>", "</gdi>", "<gdo char1>", "</gdo>", " ", "  ", "\n", ".", ",", "Pip", "red", "star", "!"]
+    for _ in range(2000):
+        story = "".join(rng.choice(pieces) for _ in range(rng.randint(0, 20)))
+        text, at = plain_text_offsets(story)
+        assert text == plain_text(story) and len(at) == len(text)
+        assert all(text[i] == story[at[i]] or (text[i] == " " and (story[at[i]].isspace() or story[at[i]] == "<")) for i in range(len(text)))
