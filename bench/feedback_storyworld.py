@@ -1,6 +1,6 @@
 """Benchmark: what rank mode and span marks buy per answer, on fresh storyworld worlds.
 
-    python bench/feedback_storyworld.py --out bench/out/feedback --worlds 131,132,133
+    python bench/feedback_storyworld.py --out bench/out/feedback --worlds 141,142,143
     python bench/feedback_storyworld.py --smoke --out /tmp/feedback-smoke          (a few minutes; CI runs it)
 
 Per world, as a user's project would run (storyworld make, its tiny CLIP, annotate.ingest into two
@@ -45,10 +45,10 @@ from pathlib import Path
 REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
 
-FULL = {"items": 500, "budgets": [150, 300], "rank_k": 4, "clip_epochs": 8, "rm_epochs": 2, "rm_lr": 1e-3, "span_loss_coef": 0.5,
+FULL = {"items": 500, "budgets": [100, 200], "rank_k": 4, "clip_epochs": 8, "rm_epochs": 2, "rm_lr": 1e-3, "rm_max_length": 192, "span_loss_coef": 0.5,
         "test_fraction": 0.2, "policy": True, "vit_steps": 360, "sft_epochs": 10, "held_out": 60, "dpo_epochs": 2, "dpo_lr": 5e-4,
         "dpo_beta": 0.1, "span_weight": 5.0, "dpo_seeds": 2}  # fmt: skip
-SMOKE = {"items": 40, "budgets": [24], "rank_k": 3, "clip_epochs": 1, "rm_epochs": 1, "rm_lr": 1e-3, "span_loss_coef": 0.5,
+SMOKE = {"items": 40, "budgets": [24], "rank_k": 3, "clip_epochs": 1, "rm_epochs": 1, "rm_lr": 1e-3, "rm_max_length": 128, "span_loss_coef": 0.5,
          "test_fraction": 0.25, "policy": True, "vit_steps": 10, "sft_epochs": 1, "held_out": 6, "dpo_epochs": 1, "dpo_lr": 5e-4,
          "dpo_beta": 0.1, "span_weight": 5.0, "dpo_seeds": 1}  # fmt: skip
 COST = {"overhead_s": 4.0, "words_per_s": 4.0, "decision_s": 2.0, "mark_s": 4.0}  # the annotator cost model (an assumption)
@@ -247,7 +247,7 @@ def run_world(seed: int, out: Path, s: dict) -> dict:
             rm_dir = out / f"rm-{name}-{budget}"
             _, metrics = train_rm(TrainRMConfig(data=str(out / f"trl-{mode}-{budget}"), output_dir=str(rm_dir), text_model=minilm,
                                                 clip_model=str(out / "clip"), clip_pretrained=None, epochs=s["rm_epochs"], batch_size=8,
-                                                max_length=128, lr=s["rm_lr"], cache_dir=str(out / "clip-cache"), seed=seed,
+                                                max_length=s["rm_max_length"], lr=s["rm_lr"], cache_dir=str(out / "clip-cache"), seed=seed,
                                                 span_loss_coef=s["span_loss_coef"] if coef is None else coef))  # fmt: skip
             AcceleratorState._reset_state(True)
             entry["rm"][name] = {**rm_accuracy(rm_dir, out / "clip-cache", truth), "train_pairs": metrics["train_pairs"],
@@ -295,7 +295,7 @@ def table(worlds: dict[int, dict], s: dict) -> str:
 def main() -> None:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     p.add_argument("--out", type=Path, required=True)
-    p.add_argument("--worlds", default="131,132,133", help="world seeds, comma-separated (fresh ones: no earlier report used them)")
+    p.add_argument("--worlds", default="141,142,143", help="world seeds, comma-separated (fresh ones: no earlier report used them)")
     p.add_argument("--smoke", action="store_true", help="a tiny setting that runs in a few minutes (CI)")
     p.add_argument("--no-policy", action="store_true", help="reward models only: skip SFT and DPO")
     p.add_argument("--summarize", action="store_true", help="only rebuild DIR/report.json and table.md from the worlds already in DIR")

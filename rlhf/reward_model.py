@@ -150,10 +150,16 @@ class ClipFusion(nn.Module):
             token_dim = text_dim + (clip_dim if cfg.use_images else 0)  # each token beside the mean of its frames
             self.span_head = nn.Sequential(nn.LayerNorm(token_dim), nn.Linear(token_dim, cfg.hidden_size), nn.GELU(),
                                            nn.Linear(cfg.hidden_size, 1))  # fmt: skip
+            self.span_scale = nn.Parameter(torch.tensor(1.0))  # how much the tokens' flaw scores move the reward (learned)
 
     def forward(self, input_ids=None, attention_mask=None, image_emb=None, frame_text_emb=None, frame_mask=None,
-                story_text_emb=None, alignment=None, token_labels=None) -> torch.Tensor | tuple[torch.Tensor, torch.Tensor]:  # fmt: skip
-        """(B,) scores; with `token_labels` (B, T) also the span head's (B, T) token logits (high: the token is fine)."""
+                story_text_emb=None, alignment=None, story_mask=None, token_labels=None) -> torch.Tensor | tuple[torch.Tensor, torch.Tensor]:  # fmt: skip
+        """(B,) scores; with `token_labels` (B, T) also the span head's (B, T) token logits (high: the token is fine).
+
+        With a span head, the score is the fused score plus s · Σ_t log σ(logit_t) over the story's
+        tokens (`story_mask`), s learned: each token the head takes for a marked one lowers the
+        reward by up to s, fine tokens cost about nothing (fine-grained RLHF's sum of token rewards).
+        """
         parts = []
         hidden = None
         if self.cfg.use_images:
@@ -170,13 +176,16 @@ class ClipFusion(nn.Module):
         per_frame = self.head(x).squeeze(-1)  # (B, F)
         mask = frame_mask.to(per_frame.dtype) if self.cfg.use_images else torch.ones_like(per_frame)
         scores = (per_frame * mask).sum(1) / mask.sum(1).clamp(min=1)  # (B,)
-        if token_labels is None or not self.cfg.span_head:
+        if not self.cfg.span_head:
             return scores
         tokens = [hidden]  # (B, T, C)
         if self.cfg.use_images:
             frames = (image_emb * frame_mask.unsqueeze(-1)).sum(1) / frame_mask.sum(1, keepdim=True).clamp(min=1)  # (B, D)
             tokens.append(frames.unsqueeze(1).expand(-1, hidden.shape[1], -1))  # (B, T, D)
-        return scores, self.span_head(torch.cat(tokens, dim=-1)).squeeze(-1)  # (B,), (B, T)
+        logits = self.span_head(torch.cat(tokens, dim=-1)).squeeze(-1)  # (B, T)
+        story = story_mask.to(logits.dtype) if story_mask is not None else attention_mask.to(logits.dtype)
+        scores = scores + self.span_scale * (nn.functional.logsigmoid(logits) * story).sum(1)  # (B,)
+        return scores if token_labels is None else (scores, logits)
 
 
 class VLMScorer(nn.Module):
@@ -257,6 +266,9 @@ class RewardModel:
         if cfg.use_text_encoder:
             tokenizer = load_pretrained(AutoTokenizer, cfg.text_model, "tokenizer of text model")
             encoder = _lora(load_pretrained(AutoModel, cfg.text_model, "text model"), cfg)
+            if cfg.span_head and not getattr(tokenizer, "is_fast", False):
+                raise ModelLoadError(f"{cfg.text_model}: span marks need a fast tokenizer (its token offsets), and "
+                                     f"{type(tokenizer).__name__} is not one; pick a text model with a tokenizer.json")  # fmt: skip
         if encoder is None and features is None:
             raise ModelLoadError("use_images and use_text_encoder cannot both be off: nothing would be read")
         module = ClipFusion(cfg, encoder, features.dim if features else 0).to(device)
@@ -291,6 +303,8 @@ class RewardModel:
                                  return_offsets_mapping=labelled)  # fmt: skip
             for b, (ex, ids) in enumerate(zip(examples, enc["input_ids"])):
                 ex["input_ids"] = torch.tensor(ids)
+                if self.cfg.span_head:  # which tokens are the story's: their flaw scores enter the reward
+                    ex["story_mask"] = torch.tensor([int(x == 1) for x in enc.sequence_ids(b)])
                 if labelled:
                     ex["token_labels"] = span_token_labels(enc.sequence_ids(b), enc["offset_mapping"][b], plain_spans(stories[b], spans[b] or []))
         if self.features is not None:
@@ -316,6 +330,11 @@ class RewardModel:
             for i, ex in enumerate(examples):
                 ids[i, : len(ex["input_ids"])], mask[i, : len(ex["input_ids"])] = ex["input_ids"], 1
             out["input_ids"], out["attention_mask"] = ids, mask
+            if self.cfg.span_head:
+                story = torch.zeros(b, length, dtype=torch.long)
+                for i, ex in enumerate(examples):
+                    story[i, : len(ex["story_mask"])] = ex["story_mask"]
+                out["story_mask"] = story
             if any("token_labels" in ex for ex in examples):
                 labels = torch.full((b, length), -100, dtype=torch.long)
                 for i, ex in enumerate(examples):
@@ -379,7 +398,7 @@ class RewardModel:
     def trained_state(self) -> dict[str, torch.Tensor]:
         """Exactly the weights training changes: LoRA adapters and the head."""
         return {k: v.detach().cpu().contiguous() for k, v in self.module.state_dict().items()
-                if "lora_" in k or k.startswith(("head.", "span_head."))}  # fmt: skip
+                if "lora_" in k or k.startswith(("head.", "span_head.", "span_scale"))}  # fmt: skip
 
     def save_pretrained(self, path: str | Path) -> None:
         from safetensors.torch import save_file

@@ -364,3 +364,17 @@ def test_bradley_terry_weighted_mean_by_hand():
     # equal weights of any size give the plain mean
     assert bradley_terry_loss(chosen, rejected, weight=torch.full((2,), 0.5)).item() == pytest.approx(
         bradley_terry_loss(chosen, rejected).item(), rel=1e-6)
+
+
+def test_span_token_loss_is_class_balanced_by_hand():
+    from rlhf.losses import span_token_loss
+
+    logits = torch.tensor([[0.0, 1.0, -1.0, 2.0], [3.0, 0.0, 0.0, 0.0]])
+    labels = torch.tensor([[1, 1, 0, -100], [1, 0, -100, -100]])
+    bce = lambda x, y: math.log1p(math.exp(-x)) if y == 1 else math.log1p(math.exp(x))  # noqa: E731
+    fine = (bce(0.0, 1) + bce(1.0, 1) + bce(3.0, 1)) / 3
+    marked = (bce(-1.0, 0) + bce(0.0, 0)) / 2
+    assert span_token_loss(logits, labels).item() == pytest.approx((fine + marked) / 2, rel=1e-6)
+    assert span_token_loss(logits, torch.full_like(labels, -100)).item() == 0.0
+    only_fine = torch.tensor([[1, 1, -100, -100], [-100, -100, -100, -100]])
+    assert span_token_loss(logits, only_fine).item() == pytest.approx((bce(0.0, 1) + bce(1.0, 1)) / 2, rel=1e-6)

@@ -323,11 +323,16 @@ def test_span_head_learns_from_marks_saves_and_loads(assets, tmp_path):
     rm, metrics = train(cfg)
     assert rm.cfg.span_head and {"eval_span_token_accuracy", "eval_span_marked_recall"} <= set(metrics)
     trained = {n for n, p in rm.module.named_parameters() if p.requires_grad}
-    assert any(n.startswith("span_head.") for n in trained) and all("lora_" in n or n.startswith(("head.", "span_head.")) for n in trained)
+    assert any(n.startswith("span_head.") for n in trained) and all("lora_" in n or n.startswith(("head.", "span_head.", "span_scale"))
+                                                                     for n in trained)  # fmt: skip
+    assert rm.module.span_scale.item() != 1.0  # the weight of the tokens' flaw scores in the reward trained too
     logged = [json.loads(x) for x in (tmp_path / "rm" / "metrics.jsonl").open()]
     assert any("rm/span_loss" in x for x in logged)
     loaded = RewardModel.from_pretrained(tmp_path / "rm", cache_dir=cfg.cache_dir)
-    assert all(torch.equal(v, loaded.module.state_dict()[k]) for k, v in rm.module.state_dict().items() if k.startswith("span_head."))
+    assert all(torch.equal(v, loaded.module.state_dict()[k]) for k, v in rm.module.state_dict().items() if k.startswith(("span_head.", "span_scale")))
+    sample = load_preferences(tmp_path / "marked.jsonl")[0][:6]
+    args = ([p.images for p in sample], [p.prompt for p in sample], [p.rejected for p in sample])
+    assert torch.allclose(rm.score(*args), loaded.score(*args), atol=1e-5)
     with pytest.raises(DataError, match="needs span marks, and no train pair has any"):
         train(_cfg(assets, tmp_path / "rm2", span_loss_coef=1.0))  # the plain votes carry no marks
     with pytest.raises(ValueError, match="needs --backbone clip-fusion with its text encoder"):
@@ -347,3 +352,20 @@ def test_span_token_labels_follow_the_marks_through_tags_and_tokens(assets):
     assert marked == "red star" and "Pip the" in fine and "ran home" in fine and "red" not in fine
     unmarked = rm.encode([[]], ["Tell a story."], [story], spans=[[]])[0]["token_labels"]
     assert (unmarked == -100).all()  # a story without marks teaches the span head nothing
+    story_tokens = rm.tokenizer.decode([i for i, m in zip(ids, ex["story_mask"].tolist()) if m])
+    assert "Pip the red star ran home." in story_tokens and "Tell a story" not in story_tokens  # the flaw scores sum over the story only
+
+
+def test_span_tokens_lower_the_reward_by_their_flaw_scores(assets):
+    """The score with a span head is the fused score plus s · Σ log σ(token logit) over the story's tokens."""
+    rm = RewardModel.build(RewardModelConfig(text_model=str(assets / "bert"), clip_model=str(assets / "clip"), clip_pretrained=None,
+                                             lora_r=4, hidden_size=32, span_head=True), cache_dir=assets / "cache")  # fmt: skip
+    pairs = load_preferences(assets / "prefs.jsonl")[0][:3]
+    batch = rm.batch([p.images for p in pairs], [p.prompt for p in pairs], [p.chosen for p in pairs])
+    rm.module.eval()
+    with torch.no_grad():
+        scores, logits = rm.module(**batch, token_labels=torch.zeros_like(batch["input_ids"]))
+        rm.module.span_scale.fill_(0.0)
+        fused = rm.module(**batch)
+    expected = fused + (torch.nn.functional.logsigmoid(logits) * batch["story_mask"]).sum(1)  # s = 1 at the start
+    assert torch.allclose(scores, expected, atol=1e-5) and (batch["story_mask"].sum(1) > 0).all()
