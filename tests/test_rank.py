@@ -3,7 +3,7 @@
 import doctest
 
 import pytest
-from sqlalchemy import select
+from sqlalchemy import func, select
 
 import annotate.ingest
 import annotate.scheduler
@@ -321,3 +321,36 @@ def test_plain_text_offsets_agree_with_plain_text():
         text, at = plain_text_offsets(story)
         assert text == plain_text(story) and len(at) == len(text)
         assert all(text[i] == story[at[i]] or (text[i] == " " and (story[at[i]].isspace() or story[at[i]] == "<")) for i in range(len(text)))
+
+
+def test_rank_sets_are_scheduled_with_overlap_gold_and_leases(ranked):
+    """Rank sets are served as pairs are: never twice to one annotator, up to the overlap, held ones
+    counted; gold rank sets at the gold rate, and a ranking's gold accuracy read from its implied pair."""
+    from annotate.export import vote_facts_query
+    from annotate.stats import VoteFact, annotator_report
+
+    with ranked.begin() as s:
+        project, users = _ids(s)
+        regular = s.scalar(select(func.count(Comparison.id)).where(Comparison.project_id == project.id, ~Comparison.is_gold))
+        served = {name: set() for name in users}
+        for _ in range(regular):  # every annotator answers until nothing is left for them
+            for name, uid in users.items():
+                a = next_assignment(s, uid, project)
+                if a is None:
+                    continue
+                assert not a.is_gold and a.comparison_id not in served[name]
+                served[name].add(a.comparison_id)
+                record_vote(s, uid, a, "rank", ranks=[1, 2, 3], client_token=f"{name}-{a.comparison_id}")
+        counts = [c.n_votes for c in s.scalars(select(Comparison).where(Comparison.project_id == project.id, ~Comparison.is_gold))]
+        assert counts and all(n == project.overlap for n in counts)  # overlap 2, three annotators: each set exactly twice
+        assert next_assignment(s, users["u0"], project) is None  # every set has its overlap; gold is off (rate 0)
+        project.gold_rate = 1.0
+        g = next_assignment(s, users["u0"], project)
+        assert g is not None and g.is_gold
+        gold = s.get(Comparison, g.comparison_id)
+        order = shown_order_for(users["u0"], gold)
+        ranks = [gold.gold_ranks[str(c)] for c in order]  # the expected ranking, in the order shown
+        record_vote(s, users["u0"], g, "rank", ranks=ranks, client_token="gold-1")
+        facts = [VoteFact(*r) for r in s.execute(vote_facts_query("r"))]
+    row = next(r for r in annotator_report(facts) if r["annotator"] == "u0")
+    assert row["gold_accuracy"] == 1.0
