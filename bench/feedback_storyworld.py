@@ -265,7 +265,8 @@ def spread(values: list[float]) -> str:
     values = [v for v in values if v is not None]
     if not values:
         return "–"
-    return f"{statistics.median(values):.3f} ({min(values):.3f}–{max(values):.3f})" if len(values) > 1 else f"{values[0]:.3f}"
+    f = (lambda x: f"{x:.0f}") if all(float(v).is_integer() for v in values) else (lambda x: f"{x:.3f}")  # noqa: E731
+    return f"{f(statistics.median(values))} ({f(min(values))}–{f(max(values))})" if len(values) > 1 else f(values[0])
 
 
 def table(worlds: dict[int, dict], s: dict) -> str:
