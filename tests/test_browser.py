@@ -27,8 +27,8 @@ XSS = ('<script>window.__xss = 1</script> <img src=x onerror="window.__xss = 2">
 pytestmark = pytest.mark.browser
 
 
-@pytest.fixture
-def server(tmp_path):
+def _serve(tmp_path, candidates, project: str, settings: dict | None = None):
+    """The app on a project of 4 two-frame items whose candidates are `candidates(i)`, and an annotator `ann`."""
     pytest.importorskip("playwright")
     if not shutil.which(CHROMIUM):
         pytest.skip("Debian's chromium is not installed (apt-get install chromium)")
@@ -37,14 +37,19 @@ def server(tmp_path):
     for i in range(4):
         frames = [make_image(src / f"i{i}_{k}.png", (60 * k, 40 * i, 200)) for k in range(2)]
         lines.append({"external_id": f"x{i}", "image_paths": [p.name for p in frames], "instruction": f"Tell a story {i}.",
-                      "style": "calm", "candidates": [XSS, f"<gdi image1>A calm scene {i}.</gdi><gdi image2>It rests.</gdi>"]})  # fmt: skip
+                      "style": "calm", "candidates": candidates(i)})  # fmt: skip
     (src / "items.jsonl").write_text("".join(json.dumps(x) + "\n" for x in lines))
     url = f"sqlite:///{tmp_path}/browser.db"
     _, factory = open_db(url)
-    ingest(factory, str(src / "items.jsonl"), "xss", media_root=tmp_path / "media")
+    ingest(factory, str(src / "items.jsonl"), project, media_root=tmp_path / "media", project_settings=settings)
     with factory.begin() as s:
         add_user(s, "ann", "ann-password")
-    app = AppServer(url, tmp_path / "app.log", project="xss").start()
+    return AppServer(url, tmp_path / "app.log", project=project).start(), factory
+
+
+@pytest.fixture
+def server(tmp_path):
+    app, factory = _serve(tmp_path, lambda i: [XSS, f"<gdi image1>A calm scene {i}.</gdi><gdi image2>It rests.</gdi>"], "xss")
     yield app, factory
     app.stop()
 
@@ -214,23 +219,8 @@ def test_a_throttled_login_shows_the_servers_message(tmp_path):
 @pytest.fixture
 def rank_server(tmp_path):
     """A rank project (K = 3, span marks on): three stories per item, one of them made of XSS payloads."""
-    pytest.importorskip("playwright")
-    if not shutil.which(CHROMIUM):
-        pytest.skip("Debian's chromium is not installed (apt-get install chromium)")
-    src = tmp_path / "src"
-    lines = []
-    for i in range(4):
-        frames = [make_image(src / f"r{i}_{k}.png", (60 * k, 40 * i, 120)) for k in range(2)]
-        lines.append({"external_id": f"r{i}", "image_paths": [p.name for p in frames], "instruction": f"Tell a story {i}.",
-                      "candidates": [XSS, f"A calm scene {i}. It rests.", f"A blue dog {i} runs. The dog naps."]})  # fmt: skip
-    (src / "items.jsonl").write_text("".join(json.dumps(x) + "\n" for x in lines))
-    url = f"sqlite:///{tmp_path}/rank.db"
-    _, factory = open_db(url)
-    ingest(factory, str(src / "items.jsonl"), "rank", media_root=tmp_path / "media",
-           project_settings={"mode": "rank", "rank_k": 3, "span_marks": True})  # fmt: skip
-    with factory.begin() as s:
-        add_user(s, "ann", "ann-password")
-    app = AppServer(url, tmp_path / "app.log", project="rank").start()
+    app, factory = _serve(tmp_path, lambda i: [XSS, f"A calm scene {i}. It rests.", f"A blue dog {i} runs. The dog naps."], "rank",
+                          {"mode": "rank", "rank_k": 3, "span_marks": True})  # fmt: skip
     yield app, factory
     app.stop()
 
