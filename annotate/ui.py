@@ -535,7 +535,7 @@ class LabelingApp:
             )
             if rankings:
                 ranked = stats.ranking_agreement(rankings)
-                summary += (f"**Rankings**: {len(rankings)} · **mean Kendall's τ-b** between annotators: {ranked['mean_kendall_tau']} "
+                summary += (f"\n\n**Rankings**: {len(rankings)} · **mean Kendall's τ-b** between annotators: {ranked['mean_kendall_tau']} "
                             f"· **α over the pairs they imply**: {ranked['alpha_implied_pairs']} · sets with 2+ rankings: "
                             f"{ranked['sets_with_2plus_rankings']}")  # fmt: skip
             majorities = stats.majorities(votes)
