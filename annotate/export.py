@@ -288,6 +288,8 @@ def is_test(split_key: str, test_fraction: float) -> bool:
 def _pair_spans(votes: list[VoteRow]) -> dict[str, list[dict]]:
     """The span marks of `votes` on this row's two stories: {"a": [...], "b": [...]}, each mark
     {start, end, label, text} and, where several votes made the same mark, `n` (how many)."""
+    if not any(v.spans for v in votes):  # most votes: no marks, nothing to count
+        return {"a": [], "b": []}
     found: dict[str, Counter] = {"a": Counter(), "b": Counter()}
     for v in votes:
         for m in _json(v.spans) or []:

@@ -62,13 +62,13 @@ def answer_seconds(words_read: int, decisions: int, marks: int) -> float:
 
 def test_items(factory, fraction: float) -> set[str]:
     """The external ids of the items export puts in test.jsonl (its own split rule: a hash of the images)."""
+    from sqlalchemy import select
+
     from annotate.export import _item_images, is_test
     from db import Item
 
     with factory() as s:
         _, keys = _item_images(s, Path("."))
-        from sqlalchemy import select
-
         return {ext for item_id, ext in s.execute(select(Item.id, Item.external_id)) if is_test(keys.get(item_id, ext), fraction)}
 
 

@@ -54,6 +54,17 @@ def server(tmp_path):
     app.stop()
 
 
+def wait_votes(page, factory, n: int) -> list:
+    """The database's votes once there are `n` (up to 15 s), else a failure that shows the page."""
+    for _ in range(150):
+        with factory() as s:
+            votes = s.scalars(select(Vote).order_by(Vote.id)).all()
+        if len(votes) == n:
+            return votes
+        page.wait_for_timeout(100)
+    raise AssertionError(f"expected {n} votes, have {len(votes)}: {page.inner_text('body')[:2000]}")
+
+
 def login(browser, url: str, name: str, password: str):
     """A new page, logged in as `name`, with its first comparison on screen."""
     page = browser.new_page(viewport={"width": 1300, "height": 900})
@@ -81,24 +92,15 @@ def test_login_vote_click_and_key_undo_and_xss_inert(server, tmp_path):
         assert page.locator(".sp-entity").count() >= 1  # <gdo> became a highlight
         assert page.locator("#sp-compare img").count() == 2  # the two frames, not the payload's img
 
-        def wait_votes(n):
-            for _ in range(100):
-                with factory() as s:
-                    votes = s.scalars(select(Vote).order_by(Vote.id)).all()
-                if len(votes) == n:
-                    return votes
-                page.wait_for_timeout(100)
-            raise AssertionError(f"expected {n} votes, have {len(votes)}")
-
         page.click("#sp-a")  # a click
-        first = wait_votes(1)[0]
+        first = wait_votes(page, factory, 1)[0]
         with factory() as s:
             ann_id = s.scalar(select(Annotator.id).where(Annotator.username == "ann"))
         assert first.annotator_id == ann_id and first.choice == first.shown_left  # A = the left story
         page.wait_for_timeout(500)
         page.locator("body").click(position={"x": 5, "y": 5})  # focus the page, not a text field
         page.keyboard.press("0")  # a keyboard shortcut: tie
-        assert wait_votes(2)[1].choice == "tie"
+        assert wait_votes(page, factory, 2)[1].choice == "tie"
         page.wait_for_timeout(500)
         page.keyboard.press("u")  # undo the tie
         for _ in range(50):
@@ -234,15 +236,6 @@ def test_rank_by_keyboard_and_mark_a_span_with_xss_inert(rank_server, tmp_path):
 
     app, factory = rank_server
 
-    def wait_votes(page, n):
-        for _ in range(150):
-            with factory() as s:
-                votes = s.scalars(select(Vote).order_by(Vote.id)).all()
-            if len(votes) == n:
-                return votes
-            page.wait_for_timeout(100)
-        raise AssertionError(f"expected {n} votes, have {len(votes)}: {page.inner_text('body')[:2000]}")
-
     with sync_playwright() as p:
         browser = p.chromium.launch(executable_path=CHROMIUM, args=ARGS)
         page = login(browser, app.url, "ann", "ann-password")
@@ -259,7 +252,7 @@ def test_rank_by_keyboard_and_mark_a_span_with_xss_inert(rank_server, tmp_path):
         checked = page.evaluate("[0, 1, 2].map(i => (document.querySelector(`#sp-rank-${i} input:checked`) || {}).value)")
         assert checked == ["3", "1", "1"]
         page.keyboard.press("Enter")
-        first = wait_votes(page, 1)[0]
+        first = wait_votes(page, factory, 1)[0]
         assert first.ranking["ranks"] == [2, 1, 1] and not first.ranking["all_bad"]
 
         # A span mark: select the first two words of story A (a range, as a mouse drag makes), press h.
@@ -278,7 +271,7 @@ def test_rank_by_keyboard_and_mark_a_span_with_xss_inert(rank_server, tmp_path):
         for i, rank in ((0, "3"), (1, "2"), (2, "1")):  # clicks this time
             page.locator(f"#sp-rank-{i} input[value='{rank}']").check()
         page.click("#sp-rank-submit")
-        second = wait_votes(page, 2)[1]
+        second = wait_votes(page, factory, 2)[1]
         assert second.ranking["ranks"] == [3, 2, 1] and len(second.spans) == 1
         mark = second.spans[0]
         with factory() as s:
