@@ -5,7 +5,8 @@
 
 Per world, `bench/ppo_storyworld.py` builds what a user's project would (storyworld make, its tiny
 CLIP and ViT, SFT, two rounds of simulated annotation, the export and the reward model) once, and
-every method starts from the same SFT policy, export and reward model:
+every method starts from the same SFT policy, export and reward model. A world already in DIR is
+kept; one with fewer runs per method than `--seeds` gets the missing seeds added:
 
 - **PPO**: `rlhf.ppo` as the bench's default (GAE, the composite reward, adaptive KL);
 - **GRPO** and **RLOO**: `rlhf.ppo --advantage grpo|rloo --samples_per_prompt 4` (GRPO with its KL
@@ -104,7 +105,15 @@ def main() -> None:
     for seed in worlds:
         world_dir = args.out / f"world-{seed}"
         done = world_dir / "report.json"
-        if not (done.exists() and "methods" in json.loads(done.read_text())):
+        previous = json.loads(done.read_text()) if done.exists() else {}
+        if "methods" in previous and min(len(runs) for runs in previous["methods"].values()) < args.seeds:
+            # a finished world with fewer runs per method than asked: add the missing seeds, keep the rest
+            cmd = [sys.executable, str(REPO / "bench" / "ppo_storyworld.py"), "--out", str(world_dir), "--seed", str(seed), "--ppo-seeds",
+                   str(args.seeds), "--methods", "all", "--add-seeds", *(["--smoke"] if args.smoke else []),
+                   *(["--set", *args.set] if args.set else [])]  # fmt: skip
+            print("$", " ".join(cmd), flush=True)
+            subprocess.run(cmd, env=env, check=True)
+        elif "methods" not in previous:
             cmd = [sys.executable, str(REPO / "bench" / "ppo_storyworld.py"), "--out", str(world_dir), "--seed", str(seed), "--ppo-seeds", str(args.seeds),
                    "--methods", "all", *(["--smoke"] if args.smoke else []), *([] if args.no_oracle else ["--oracle"]),
                    *(["--set", *args.set] if args.set else [])]  # fmt: skip

