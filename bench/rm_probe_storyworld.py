@@ -72,8 +72,9 @@ def probe(run: Path) -> dict:
         model = LogisticRegression(C=0.1 if kind != "binding" else 1.0, max_iter=5000, fit_intercept=False)
         model.fit(sp.diags(flip) @ x, (flip > 0).astype(int))
         score = diffs(test, kind) @ model.coef_.ravel()
-        out[kind] = {"vs_labels": round(float((score > 0).mean()), 3), "vs_labels_policy_pairs": round(float((score[held_policy] > 0).mean()), 3),
-                     "vs_utility_policy_pairs": round(float(((score[decided] > 0) == right).mean()), 3)}  # fmt: skip
+        share = lambda hits: round(float(np.mean(hits)), 3) if len(hits) else None  # noqa: E731  (None: no such pairs)
+        out[kind] = {"vs_labels": share(score > 0), "vs_labels_policy_pairs": share(score[held_policy] > 0),
+                     "vs_utility_policy_pairs": share((score[decided] > 0) == right)}  # fmt: skip
     report = json.loads((run / "report.json").read_text()) if (run / "report.json").exists() else {}
     rm = report.get("rm", {})
     out["reward_model"] = {"vs_labels": rm.get("eval_accuracy"), "vs_labels_policy_pairs": report.get("signals_vs_annotators", {}).get("human"),

@@ -20,7 +20,7 @@ def run_bench(script: str, *args: str, timeout: int) -> None:
     assert run.returncode == 0, run.stderr[-3000:]
 
 
-@pytest.mark.timeout(1500)
+@pytest.mark.timeout(2100)
 def test_methods_and_ppo_storyworld_smoke(tmp_path):
     """bench/methods_storyworld.py --smoke: one tiny world through bench/ppo_storyworld.py with every method, two seeds each, and the oracles."""
     run_bench("methods_storyworld.py", "--smoke", "--worlds", "0", "--seeds", "2", "--out", str(tmp_path), timeout=1450)
@@ -65,6 +65,18 @@ def test_methods_and_ppo_storyworld_smoke(tmp_path):
     again = json.loads((world / "report.json").read_text())
     assert again["methods"] == report["methods"] and again["ppo"] == report["ppo"] and again["seeds"] == report["seeds"]
     assert (world / "ppo-oracle" / "metrics.json").exists() and 0.0 <= again["oracle"]["win_rate_vs_sft"] <= 1.0
+    # A world with fewer runs than --seeds gets the missing ones added (--add-seeds), the rest kept.
+    again["methods"]["ppo"], again["methods"]["dpo"] = again["methods"]["ppo"][:1], again["methods"]["dpo"][:1]
+    (world / "report.json").write_text(json.dumps(again))
+    run_bench("methods_storyworld.py", "--smoke", "--worlds", "0", "--seeds", "2", "--out", str(tmp_path), timeout=600)
+    added = json.loads((world / "report.json").read_text())
+    assert {m: len(r) for m, r in added["methods"].items()} == {m: 2 for m in methods} and added["methods"]["dpo"][1]["seed"] == 1
+    assert added["methods"]["grpo"] == report["methods"]["grpo"] and added["oracle"] == again["oracle"] and added["rm"] == report["rm"]
+    assert "method_dpo_seed_1" in added["phases"] and 0.0 <= added["methods"]["ppo"][1]["win_rate_vs_sft"] <= 1.0
+    # The yardstick beside the reward model reads the same world.
+    run_bench("rm_probe_storyworld.py", str(world), "--out", str(tmp_path / "probe.json"), timeout=300)
+    probe = json.loads((tmp_path / "probe.json").read_text())[str(world)]
+    assert probe["train_pairs"] > 0 and all(0.0 <= probe[k]["vs_labels"] <= 1.0 for k in ("bow", "binding", "both"))
 
 
 def test_hidden_utility_blind_to_shapes(tmp_path):
