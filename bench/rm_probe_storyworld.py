@@ -6,7 +6,8 @@ On each finished `bench/ppo_storyworld.py` run (its export in trl/, the policy's
 world-aug/), three logistic regressions are fit on the train pairs' feature differences (chosen −
 rejected, each pair also flipped) and scored on the test pairs, as the reward model is:
 
-- **bag of words**: unigram and bigram counts (scikit-learn, C = 0.1);
+- **bag of words**: unigram and bigram counts, `rlhf.rewards.bag_of_words_scorer` (the yardstick
+  `python -m rlhf.rewards` prints beside the signals);
 - **binding**: three numbers per story read with storyworld's grammar ("Remy the green square"):
   how many named characters are given more than one look, how many are named, and the words;
 - **both**.
@@ -23,9 +24,12 @@ from __future__ import annotations
 import argparse
 import json
 import re
+import sys
 from pathlib import Path
 
 import numpy as np
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 BINDING = re.compile(r"\b([A-Z][a-z]+) the (\w+) (\w+)\b")
 
@@ -67,12 +71,23 @@ def probe(run: Path) -> dict:
     decided = [i for i in held_policy if utility[(test[i]["item_id"], _text(test[i], "chosen"))] != utility[(test[i]["item_id"], _text(test[i], "rejected"))]]
     right = np.array([utility[(test[i]["item_id"], _text(test[i], "chosen"))] > utility[(test[i]["item_id"], _text(test[i], "rejected"))] for i in decided])
     out: dict = {"train_pairs": len(train), "test_pairs": len(test), "policy_test_pairs": len(held_policy)}
-    for kind in ("bow", "binding", "both"):
+    from rlhf.data import load_preferences
+    from rlhf.rewards import bag_of_words_scorer
+
+    share = lambda hits: round(float(np.mean(hits)), 3) if len(hits) else None  # noqa: E731  (None: no such pairs)
+    # The bag of words is rlhf.rewards' yardstick (what `python -m rlhf.rewards` prints), fit on the same train pairs.
+    pairs_train, pairs_test, _ = load_preferences(run / "trl")
+    scorer = bag_of_words_scorer(pairs_train)
+    by_text = {(p.item_id, p.chosen, p.rejected): p for p in pairs_test}
+    rows = [by_text[(r["item_id"], _text(r, "chosen"), _text(r, "rejected"))] for r in test]
+    score = np.subtract(scorer([p.chosen for p in rows]), scorer([p.rejected for p in rows]))
+    out["bow"] = {"vs_labels": share(score > 0), "vs_labels_policy_pairs": share(score[held_policy] > 0),
+                  "vs_utility_policy_pairs": share((score[decided] > 0) == right)}  # fmt: skip
+    for kind in ("binding", "both"):
         x = diffs(train, kind)
-        model = LogisticRegression(C=0.1 if kind != "binding" else 1.0, max_iter=5000, fit_intercept=False)
+        model = LogisticRegression(C=0.1 if kind == "both" else 1.0, max_iter=5000, fit_intercept=False)
         model.fit(sp.diags(flip) @ x, (flip > 0).astype(int))
         score = diffs(test, kind) @ model.coef_.ravel()
-        share = lambda hits: round(float(np.mean(hits)), 3) if len(hits) else None  # noqa: E731  (None: no such pairs)
         out[kind] = {"vs_labels": share(score > 0), "vs_labels_policy_pairs": share(score[held_policy] > 0),
                      "vs_utility_policy_pairs": share((score[decided] > 0) == right)}  # fmt: skip
     report = json.loads((run / "report.json").read_text()) if (run / "report.json").exists() else {}

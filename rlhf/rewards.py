@@ -343,6 +343,43 @@ def signal_agreement(reward: CompositeReward, pairs: Sequence, progress: bool = 
     return {name: round(k / n, 3) for name, k in agree.items()} | {"interval": intervals, "pairs": n}
 
 
+def bag_of_words_scorer(pairs: Sequence, c: float = 0.1, ngrams: int = 2):
+    """A yardstick reward fit on preference `pairs`: a logistic regression on word and n-gram counts.
+
+    The Bradley–Terry model with a linear reward r(story) = w · counts(story): scikit-learn's
+    `LogisticRegression` (L2, C = `c`, no intercept) on the count differences chosen − rejected,
+    each decided pair also entered flipped, so the fit is symmetric. Returns `score(stories) → list`
+    (higher: preferred). A reward model that ranks held-out pairs no better than this has learned
+    nothing beyond which words the preferred stories use.
+    """
+    import numpy as np
+    import scipy.sparse as sp
+    from sklearn.feature_extraction.text import CountVectorizer
+    from sklearn.linear_model import LogisticRegression
+
+    decided = [p for p in pairs if not p.tie]
+    if len(decided) < 2:
+        raise ValueError(f"a bag-of-words baseline needs decided train pairs to fit on, and there are {len(decided)}")
+    vec = CountVectorizer(ngram_range=(1, ngrams), min_df=2 if len(decided) >= 50 else 1)
+    vec.fit([plain_text(s) for p in decided for s in (p.chosen, p.rejected)])
+    diff = vec.transform([plain_text(p.chosen) for p in decided]) - vec.transform([plain_text(p.rejected) for p in decided])
+    model = LogisticRegression(C=c, max_iter=5000, fit_intercept=False)
+    model.fit(sp.vstack([diff, -diff]), np.r_[np.ones(len(decided)), np.zeros(len(decided))])
+    weights = model.coef_.ravel()
+    return lambda stories: (vec.transform([plain_text(s) for s in stories]) @ weights).tolist()
+
+
+def baseline_agreement(train: Sequence, pairs: Sequence) -> dict:
+    """The bag-of-words yardstick (`bag_of_words_scorer`, fit on `train`) scored as `signal_agreement` scores a signal."""
+    score = bag_of_words_scorer(train)
+    decided = [p for p in pairs if not p.tie]
+    if not decided:
+        return {"pairs": 0}
+    chosen, rejected = score([p.chosen for p in decided]), score([p.rejected for p in decided])
+    k = sum(1.0 if a > b else 0.5 if a == b else 0.0 for a, b in zip(chosen, rejected))
+    return {"bag_of_words": round(k / len(decided), 3), "interval": tuple(round(x, 3) for x in wilson_interval(k, len(decided))), "pairs": len(decided)}
+
+
 @dataclass
 class CheckConfig:
     """Which reward signals agree with your annotators? Scored on an export's held-out pairs."""
@@ -361,6 +398,8 @@ class CheckConfig:
     batch_size: int = field(default=16, metadata={"help": "pairs scored per call of each signal"})
     device: str = field(default="cpu", metadata={"help": "cpu | cuda"})
     cache_dir: str | None = field(default=None, metadata={"help": "CLIP embedding cache (default: ~/.cache/storypref/clip)"})
+    baseline: bool = field(default=True, metadata={"help": "also fit a bag-of-words logistic regression on the train split and score it on "
+                                                           "the same test pairs: a yardstick any reward model should beat (test split only)"})
     out: str | None = field(default=None, metadata={"help": "also write the result here as JSON"})
 
 
@@ -381,11 +420,21 @@ def check(cfg: CheckConfig) -> dict:
     result = signal_agreement(reward, pairs, progress=True, batch_size=cfg.batch_size) | {"split": cfg.split, "preferences": cfg.preferences}
     if not result["pairs"]:
         raise ValueError(f"--preferences {cfg.preferences}: the {cfg.split} split has no decided pair (all ties); try --split all")
+    names = list(weights)
+    if cfg.baseline and cfg.split == "test" and sum(not p.tie for p in train) >= 2:  # fit on the train split, scored on the held-out pairs
+        base = baseline_agreement(train, pairs)
+        result["bag_of_words"], result["interval"]["bag_of_words"] = base["bag_of_words"], base["interval"]
+        names.append("bag_of_words")
     print(f"agreement with the annotators on {result['pairs']} decided {cfg.split} pairs (0.5 = chance):")
-    for name in weights:
+    for name in names:
         low, high = result["interval"][name]
         verdict = "  (worse than chance: it prefers the rejected story)" if high < 0.5 else "  (no better than chance)" if low <= 0.5 else ""
-        print(f"  {name:<11} {result[name]:.3f}  95% [{low:.3f}, {high:.3f}]{verdict}")
+        if name == "bag_of_words":
+            verdict = "  (the yardstick: word counts fit on the train split)"
+        print(f"  {name:<12} {result[name]:.3f}  95% [{low:.3f}, {high:.3f}]{verdict}")
+    if "bag_of_words" in result and "human" in result and result["human"] <= result["bag_of_words"]:
+        print("  the reward model ranks these pairs no better than a bag of words fit on the same labels: it has not learned what "
+              "the words alone cannot say; more PPO on it will not help (docs/reward-model.md)")
     if cfg.out:
         Path(cfg.out).write_text(json.dumps(result, indent=1))
     return result

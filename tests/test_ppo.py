@@ -19,7 +19,20 @@ from rlhf.loading import ModelLoadError
 from rlhf.policy import UnsupportedPolicyError, load_policy
 from rlhf.ppo import PPOConfig, train
 from rlhf.reward_model import RewardModel, RewardModelConfig
-from rlhf.rewards import CheckConfig, CoherenceReward, CompositeReward, RunningStats, StyleReward, check, ends_a_sentence, parse_weights, signal_agreement, wilson_interval
+from rlhf.rewards import (
+    CheckConfig,
+    CoherenceReward,
+    CompositeReward,
+    RunningStats,
+    StyleReward,
+    bag_of_words_scorer,
+    baseline_agreement,
+    check,
+    ends_a_sentence,
+    parse_weights,
+    signal_agreement,
+    wilson_interval,
+)
 from rlhf.stories import StoryDataError
 from storyworld.world import make_world
 from tests.fixtures import make_tiny
@@ -288,6 +301,35 @@ def test_signal_agreement_by_hand():
     assert seen_images == [[[Path("frames/one.png"), Path("frames/two.png")]] * 2]  # frames by path, not decoded: the CLIP cache keys on the file
 
 
+def test_bag_of_words_baseline_by_hand():
+    """The yardstick: a symmetric logistic regression on count differences, scored as a signal is."""
+    from sklearn.linear_model import LogisticRegression
+
+    def pair(chosen, rejected, tie=False):
+        return SimpleNamespace(chosen=chosen, rejected=rejected, tie=tie)
+
+    train = [pair("a calm cat", "a bad cat"), pair("calm dog sat", "bad dog sat"), pair("one calm day", "one bad day"),
+             pair("bad", "bad", tie=True)]  # fmt: skip
+    score = bag_of_words_scorer(train, c=1.0, ngrams=1)
+    # Vocabulary (fit on 6 stories, min_df 1): a bad calm cat day dog one sat; every difference is calm − bad, so
+    # the fit is 1-D: w_calm = −w_bad = w, where w maximizes Σ log σ(2w) − w²/(2C)·2 ... compare with sklearn itself.
+    import numpy as np
+
+    x = np.zeros((6, 8))
+    x[:3, 2], x[:3, 1] = 1, -1  # calm − bad, three times
+    x[3:] = -x[:3]
+    w = LogisticRegression(C=1.0, fit_intercept=False, max_iter=5000).fit(x, [1, 1, 1, 0, 0, 0]).coef_.ravel()
+    assert w[2] > 0 and w[1] == pytest.approx(-w[2])
+    assert score(["calm", "bad", "cat"]) == pytest.approx([w[2], w[1], 0.0], abs=1e-6)
+    # Held out: two pairs the words decide (calm over bad, then bad over calm), one they cannot (equal scores: half).
+    held = [pair("calm fish", "bad fish"), pair("bad rain", "calm rain"), pair("cat", "dog"), pair("x", "y", tie=True)]
+    result = baseline_agreement(train, held)
+    assert result["bag_of_words"] == 0.5 and result["pairs"] == 3  # (1 + 0 + 0.5) / 3
+    assert result["interval"] == pytest.approx(wilson_interval(1.5, 3), abs=1e-3)
+    with pytest.raises(ValueError, match="needs decided train pairs"):
+        bag_of_words_scorer(train[-1:])
+
+
 def test_check_scores_an_exports_pairs(setup, tmp_path, capsys):
     """python -m rlhf.rewards: the signals against an export's votes, with the real signals on tiny models."""
     from annotate.export import export
@@ -306,7 +348,10 @@ def test_check_scores_an_exports_pairs(setup, tmp_path, capsys):
     result = check(cfg)
     assert result["pairs"] > 0 and all(0.0 <= result[k] <= 1.0 for k in ("human", "clip", "repetition"))
     assert json.loads((tmp_path / "check.json").read_text()) == json.loads(json.dumps(result))
-    assert "agreement with the annotators" in capsys.readouterr().out
+    assert "agreement with the annotators" in capsys.readouterr().out and "bag_of_words" not in result  # split all: no held-out yardstick
+    held = check(CheckConfig(preferences=str(tmp_path / "trl"), signals="repetition", cache_dir=str(root / "cache")))
+    assert 0.0 <= held["bag_of_words"] <= 1.0 and "bag_of_words" in held["interval"] and "the yardstick" in capsys.readouterr().out
+    assert "bag_of_words" not in check(CheckConfig(preferences=str(tmp_path / "trl"), signals="repetition", baseline=False))
     with pytest.raises(ValueError, match=r"--signals names unknown signal\(s\) \['humour'\]"):
         check(CheckConfig(preferences=str(tmp_path / "trl"), signals="human,humour"))
     with pytest.raises(ValueError, match="--split 'val'"):
