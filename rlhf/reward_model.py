@@ -25,7 +25,7 @@ Three backbones:
 `score(images, instruction, story)` returns normalized scores: after training, the mean and std of
 the chosen stories' scores on the train split are stored with the model, so reference outputs score
 mean 0 and std 1. `save_pretrained` writes the config, the normalization and only the trained
-weights (LoRA and head); `from_pretrained` rebuilds the frozen parts from their ids or paths.
+weights (LoRA, fusion layers and heads); `from_pretrained` rebuilds the frozen parts from their ids or paths.
 """
 
 from __future__ import annotations
@@ -175,7 +175,7 @@ class FusionEncoder(nn.Module):
 
 
 class ClipFusion(nn.Module):
-    """Text encoder (LoRA) + per-frame MLP over CLIP features; the CLIP model itself stays outside."""
+    """Text encoder (LoRA, or frozen) + optional fusion layers + per-frame MLP over CLIP features; the CLIP model itself stays outside."""
 
     def __init__(self, cfg: RewardModelConfig, text_encoder: nn.Module | None, clip_dim: int):
         super().__init__()
@@ -497,7 +497,7 @@ class RewardModel:
     # -- saving -------------------------------------------------------------------------------
 
     def trained_state(self) -> dict[str, torch.Tensor]:
-        """Exactly the weights training changes: LoRA adapters and the head."""
+        """Exactly the weights training changes: LoRA adapters, the fusion layers and the heads."""
         return {k: v.detach().cpu().contiguous() for k, v in self.module.state_dict().items()
                 if "lora_" in k or k.startswith(("head.", "span_head.", "span_scale", "fusion."))}  # fmt: skip
 
