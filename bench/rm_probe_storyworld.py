@@ -1,6 +1,7 @@
 """Yardstick: how much of the labels can simple text features learn, beside the reward model?
 
     python bench/rm_probe_storyworld.py bench/out/ppo-w51 bench/out/ppo-w52 bench/out/ppo-w53 [--out FILE]
+    python bench/rm_probe_storyworld.py bench/out/ppo-w51 --ensemble rm,rm-fp32,rm-text,rm-fuse2,rm-align
 
 On each finished `bench/ppo_storyworld.py` run (its export in trl/, the policy's round in
 world-aug/), three logistic regressions are fit on the train pairs' feature differences (chosen −
@@ -17,6 +18,10 @@ test pairs, and against the hidden utility on the policy's pairs (what the bench
 reports as `rm.hidden_utility_accuracy`), beside the reward model's figures from report.json. The
 binding features are storyworld's own grammar, which a reward model never sees; they show how much
 of the labels a model that binds names to looks across sentences could learn from the same pairs.
+
+`--ensemble A,B,...` also scores the policy's pairs with each reward model in RUN/A, RUN/B, ... (as
+`bench/ppo_storyworld.py --rm-only` trains them on the same export) and with their ensemble, the sum
+of their normalized score differences.
 """
 
 from __future__ import annotations
@@ -43,6 +48,34 @@ def binding_features(story: str) -> list[float]:
 
 def _text(row: dict, side: str) -> str:
     return row[side][0]["content"] if isinstance(row[side], list) else row[side]
+
+
+def ensemble(run: Path, names: list[str]) -> dict:
+    """Each reward model's and their sum's agreement on the policy's held-out pairs: (with the labels, with the utility)."""
+    import torch
+
+    from rlhf.data import load_preferences
+    from rlhf.reward_model import RewardModel
+
+    policy = {(w["external_id"], c["text"]) for w in map(json.loads, (run / "world-aug" / "world.jsonl").open()) for c in w["candidates"]}
+    utility = {(w["external_id"], c["text"]): c["utility"] for d in ("world-grammar", "world-aug") if (run / d / "world.jsonl").exists()
+               for w in map(json.loads, (run / d / "world.jsonl").open()) for c in w["candidates"]}  # fmt: skip
+    held = [p for p in load_preferences(run / "trl")[1] if not p.tie and (p.item_id, p.chosen) in policy and (p.item_id, p.rejected) in policy]
+    if not held:
+        return {"pairs": 0}
+    right = torch.tensor([utility[(p.item_id, p.chosen)] > utility[(p.item_id, p.rejected)] for p in held])
+    decided = torch.tensor([utility[(p.item_id, p.chosen)] != utility[(p.item_id, p.rejected)] for p in held])
+
+    def agreement(d):
+        return {"vs_labels_policy_pairs": round((d > 0).float().mean().item(), 3),
+                "vs_utility_policy_pairs": round(((d > 0) == right)[decided].float().mean().item(), 3)}  # fmt: skip
+
+    diffs = {}
+    for name in names:
+        rm = RewardModel.from_pretrained(run / name, cache_dir=str(run / "clip-cache"))
+        args = ([p.images for p in held], [p.prompt for p in held])
+        diffs[name] = rm.score(*args, [p.chosen for p in held]) - rm.score(*args, [p.rejected for p in held])
+    return {name: agreement(d) for name, d in diffs.items()} | {"ensemble": agreement(sum(diffs.values())), "pairs": len(held)}
 
 
 def probe(run: Path) -> dict:
@@ -101,11 +134,12 @@ def main() -> None:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0], epilog=__doc__.split("\n\n", 1)[1], formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("runs", nargs="+", type=Path, help="finished bench/ppo_storyworld.py output directories")
     p.add_argument("--out", type=Path, help="also write the results here (JSON)")
+    p.add_argument("--ensemble", help="reward-model dirs inside each run, comma-separated: each one's and their sum's agreement")
     args = p.parse_args()
     for run in args.runs:
         if not ((run / "trl" / "train.jsonl").exists() and (run / "world-aug" / "world.jsonl").exists()):
             p.error(f"{run}: no export (trl/train.jsonl) and policy round (world-aug/world.jsonl); run bench/ppo_storyworld.py there first")
-    results = {str(run): probe(run) for run in args.runs}
+    results = {str(run): probe(run) | ({"ensemble": ensemble(run, args.ensemble.split(","))} if args.ensemble else {}) for run in args.runs}
     print(json.dumps(results, indent=1))
     if args.out:
         args.out.write_text(json.dumps(results, indent=1))

@@ -74,9 +74,11 @@ def test_methods_and_ppo_storyworld_smoke(tmp_path):
     assert added["methods"]["grpo"] == report["methods"]["grpo"] and added["oracle"] == again["oracle"] and added["rm"] == report["rm"]
     assert "method_dpo_seed_1" in added["phases"] and 0.0 <= added["methods"]["ppo"][1]["win_rate_vs_sft"] <= 1.0
     # The yardstick beside the reward model reads the same world.
-    run_bench("rm_probe_storyworld.py", str(world), "--out", str(tmp_path / "probe.json"), timeout=300)
+    run_bench("rm_probe_storyworld.py", str(world), "--ensemble", "rm", "--out", str(tmp_path / "probe.json"), timeout=300)
     probe = json.loads((tmp_path / "probe.json").read_text())[str(world)]
     assert probe["train_pairs"] > 0 and all(0.0 <= probe[k]["vs_labels"] <= 1.0 for k in ("bow", "binding", "both"))
+    ens = probe["ensemble"]
+    assert ens["pairs"] <= probe["policy_test_pairs"] and (ens["pairs"] == 0 or ens["ensemble"] == ens["rm"])  # one member: the ensemble is it
 
 
 def test_hidden_utility_blind_to_shapes(tmp_path):
