@@ -50,6 +50,14 @@ def _text(row: dict, side: str) -> str:
     return row[side][0]["content"] if isinstance(row[side], list) else row[side]
 
 
+def _stories(run: Path) -> tuple[set, dict]:
+    """The policy's samples, as (item, text), and every candidate's hidden utility, from the run's annotation rounds."""
+    rounds = [run / d / "world.jsonl" for d in ("world-grammar", "world-aug") if (run / d / "world.jsonl").exists()]
+    utility = {(w["external_id"], c["text"]): c["utility"] for f in rounds for w in map(json.loads, f.open()) for c in w["candidates"]}
+    policy = {(w["external_id"], c["text"]) for w in map(json.loads, (run / "world-aug" / "world.jsonl").open()) for c in w["candidates"]}
+    return policy, utility
+
+
 def ensemble(run: Path, names: list[str]) -> dict:
     """Each reward model's and their sum's agreement on the policy's held-out pairs: (with the labels, with the utility)."""
     import torch
@@ -57,9 +65,7 @@ def ensemble(run: Path, names: list[str]) -> dict:
     from rlhf.data import load_preferences
     from rlhf.reward_model import RewardModel
 
-    policy = {(w["external_id"], c["text"]) for w in map(json.loads, (run / "world-aug" / "world.jsonl").open()) for c in w["candidates"]}
-    utility = {(w["external_id"], c["text"]): c["utility"] for d in ("world-grammar", "world-aug") if (run / d / "world.jsonl").exists()
-               for w in map(json.loads, (run / d / "world.jsonl").open()) for c in w["candidates"]}  # fmt: skip
+    policy, utility = _stories(run)
     held = [p for p in load_preferences(run / "trl")[1] if not p.tie and (p.item_id, p.chosen) in policy and (p.item_id, p.rejected) in policy]
     if not held:
         return {"pairs": 0}
@@ -85,9 +91,7 @@ def probe(run: Path) -> dict:
 
     load = lambda f: [r for r in map(json.loads, f.open()) if not r.get("tie")]  # noqa: E731
     train, test = load(run / "trl" / "train.jsonl"), load(run / "trl" / "test.jsonl")
-    utility = {(w["external_id"], c["text"]): c["utility"] for d in ("world-grammar", "world-aug") if (run / d / "world.jsonl").exists()
-               for w in map(json.loads, (run / d / "world.jsonl").open()) for c in w["candidates"]}  # fmt: skip
-    policy = {(w["external_id"], c["text"]) for w in map(json.loads, (run / "world-aug" / "world.jsonl").open()) for c in w["candidates"]}
+    policy, utility = _stories(run)
     vec = CountVectorizer(ngram_range=(1, 2), min_df=2).fit([_text(r, s) for r in train for s in ("chosen", "rejected")])
 
     def diffs(rows: list[dict], kind: str):
