@@ -12,6 +12,12 @@ kept; one with fewer runs per method than `--seeds` gets the missing seeds added
 - **GRPO** and **RLOO**: `rlhf.ppo --advantage grpo|rloo --samples_per_prompt 4` (GRPO with its KL
   as a k3 loss term, RLOO with the KL in the reward), everything else the same;
 - **DPO**: `rlhf.dpo` on the export (conservative DPO, β 0.1, ε 0.1), no reward model, no sampling;
+  **DPO, twice the epochs** (`dpo_long`): the control for the two-round methods' extra steps;
+- **iterative DPO** (`dpo_online`): `rlhf.online_dpo`, one round from the DPO policy on its own
+  samples (4 on each of the 500 annotated scenes), best against worst by the composite reward;
+- **DPO, a second round of votes** (`dpo_round2`): the DPO policy's samples on the same scenes get
+  simulated votes (every pair, 3 votes each, as the pipeline's second round), then `rlhf.dpo` from
+  the DPO policy on those pairs alone: the loop closed once more, with people ranking;
 - **best-of-8**: 8 SFT samples per held-out scene, the reward model keeps one: no training.
 
 With `--oracle` (the default) PPO and GRPO also run on the hidden utility itself: the ceiling of each
@@ -34,7 +40,7 @@ import time
 from pathlib import Path
 
 REPO = Path(__file__).resolve().parents[1]
-METHODS = ("ppo", "grpo", "rloo", "dpo", "best_of")
+METHODS = ("ppo", "grpo", "rloo", "dpo", "dpo_long", "dpo_online", "dpo_round2", "best_of")
 
 
 def summarize(runs: list[dict], key: str) -> float | None:
@@ -89,6 +95,8 @@ def main() -> None:
     p.add_argument("--worlds", default="61,62,63", help="world seeds, comma-separated: fresh ones no earlier benchmark used (default 61,62,63)")
     p.add_argument("--seeds", type=int, default=2, help="runs per method and world (seeds s, s+1, ...)")
     p.add_argument("--smoke", action="store_true", help="one tiny world in a few minutes (CI)")
+    p.add_argument("--methods", default="all", metavar="LIST",
+                   help=f"the methods besides PPO (which always runs), comma-separated: {', '.join(METHODS[1:])}, or all (the default)")
     p.add_argument("--no-oracle", action="store_true", help="skip the PPO and GRPO runs on the hidden utility (the ceilings)")
     p.add_argument("--set", nargs="+", default=[], metavar="KEY=VALUE", help="settings handed to bench/ppo_storyworld.py --set")
     args = p.parse_args()
@@ -98,6 +106,9 @@ def main() -> None:
         p.error(f"--worlds {args.worlds!r}: give world seeds as integers, e.g. 61,62,63")
     if args.seeds < 1:
         p.error("--seeds: give 1 or more")
+    chosen = list(METHODS[1:]) if args.methods == "all" else [m for m in args.methods.split(",") if m]
+    if unknown := sorted(set(chosen) - set(METHODS[1:])):
+        p.error(f"--methods: unknown {unknown}; choose from {', '.join(METHODS[1:])} or all")
     args.out.mkdir(parents=True, exist_ok=True)
     env = {**os.environ, "PYTHONPATH": str(REPO), "TOKENIZERS_PARALLELISM": "false"}
     reports: dict[int, dict] = {}
@@ -106,16 +117,16 @@ def main() -> None:
         world_dir = args.out / f"world-{seed}"
         done = world_dir / "report.json"
         previous = json.loads(done.read_text()) if done.exists() else {}
-        if "methods" in previous and min(len(runs) for runs in previous["methods"].values()) < args.seeds:
-            # a finished world with fewer runs per method than asked: add the missing seeds, keep the rest
+        if "methods" in previous and min(len(previous["methods"].get(m, [])) for m in ["ppo", *chosen]) < args.seeds:
+            # a finished world with fewer runs per method than asked (or a method it never ran): add them, keep the rest
             cmd = [sys.executable, str(REPO / "bench" / "ppo_storyworld.py"), "--out", str(world_dir), "--seed", str(seed), "--ppo-seeds",
-                   str(args.seeds), "--methods", "all", "--add-seeds", *(["--smoke"] if args.smoke else []),
+                   str(args.seeds), "--methods", ",".join(chosen), "--add-seeds", *(["--smoke"] if args.smoke else []),
                    *(["--set", *args.set] if args.set else [])]  # fmt: skip
             print("$", " ".join(cmd), flush=True)
             subprocess.run(cmd, env=env, check=True)
         elif "methods" not in previous:
             cmd = [sys.executable, str(REPO / "bench" / "ppo_storyworld.py"), "--out", str(world_dir), "--seed", str(seed), "--ppo-seeds", str(args.seeds),
-                   "--methods", "all", *(["--smoke"] if args.smoke else []), *([] if args.no_oracle else ["--oracle"]),
+                   "--methods", ",".join(chosen), *(["--smoke"] if args.smoke else []), *([] if args.no_oracle else ["--oracle"]),
                    *(["--set", *args.set] if args.set else [])]  # fmt: skip
             print("$", " ".join(cmd), flush=True)
             subprocess.run(cmd, env=env, check=True)

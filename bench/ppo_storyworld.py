@@ -63,7 +63,7 @@ SMOKE = {"items": 60, "sft_epochs": 2, "gen_items": 30, "samples_per_item": 3, "
          "clip_epochs": 2, "vit_steps": 20, "vit_fresh_scenes": 50, "vit_patch_weight": 1.0, "rollout": 8, "mini": 4, "temperature": 1.0, "ppo_lr": 3e-4, "grammar_round": True,
          "rm_backbone": "clip-fusion", "kl_coef": 0.12, "rm_length_control": True, "rm_length_decorrelation": 0.2, "rm_sentence_alignment": False, "rm_lr": 1e-3, "rm_text_tuning": "lora", "rm_fusion_layers": 0, "rm_batch_size": 8, "rm_bf16": True, "rm_use_images": True, "reward_weights": "human=1,clip=0.3,coherence=0.2,repetition=0.1,style=0.2", "lr_schedule": "linear",
         "dpo_epochs": 1, "dpo_lr": 5e-4}  # fmt: skip
-METHODS = ("grpo", "rloo", "dpo", "best_of")
+METHODS = ("grpo", "rloo", "dpo", "dpo_long", "dpo_online", "dpo_round2", "best_of")
 PPO_TABLE = ("win_rate_vs_sft", "utility_ppo", "kl_to_sft", "train_minutes")  # what a PPO run puts in the method table
 KL_HORIZON = 300  # a horizon of 1,920 episodes / ~6, so that β can act within the run
 
@@ -305,12 +305,17 @@ def main() -> None:
                         "(report.json's diagnosis_policy_pairs)")
     p.add_argument("--methods", default="", metavar="LIST",
                    help="also these methods on the same world, SFT policy, export and reward model, each with --ppo-seeds seeds: "
-                        "grpo, rloo (rlhf.ppo --advantage, 4 samples per prompt), dpo (rlhf.dpo on the export), best_of (best of 8 SFT "
-                        "samples by the reward model), or all; report.json's `methods` (bench/methods_storyworld.py tabulates them)")
+                        "grpo, rloo (rlhf.ppo --advantage, 4 samples per prompt), dpo (rlhf.dpo on the export), dpo_long (the same, "
+                        "twice the epochs), dpo_online (rlhf.online_dpo: one round on the DPO policy's samples ranked by the composite "
+                        "reward), dpo_round2 (a round of simulated votes on the DPO policy's samples, then rlhf.dpo from it), best_of "
+                        "(best of 8 SFT samples by the reward model), or all; report.json's `methods` (bench/methods_storyworld.py "
+                        "tabulates them)")
     p.add_argument("--rm-only", metavar="NAME",
                    help="on a run already in --out: train another reward model into --out/NAME with the settings (--set rm_epochs=2 "
                         "rm_sentence_alignment=true ...) on the same export, and report how it ranks the policy's held-out pairs "
                         "(NAME/bench.json): a reward-model lever compared without PPO's noise")
+    p.add_argument("--no-ppo", action="store_true",
+                   help="with --methods: run only those methods, not the main PPO run (a comparison among the other methods)")
     p.add_argument("--iterations", type=int, help="PPO iterations (overrides the setting)")
     p.add_argument("--set", nargs="+", default=[], metavar="KEY=VALUE",
                    help="override settings of FULL/SMOKE, e.g. --set gen_items=1000 rm_epochs=1 (values read as JSON)")
@@ -335,6 +340,8 @@ def main() -> None:
         p.error(f"--methods: unknown {unknown}; choose from {', '.join(METHODS)} or all")
     if args.ppo_seeds < 1:
         p.error(f"--ppo-seeds {args.ppo_seeds}: give 1 or more")
+    if args.no_ppo and (not methods or args.ablations or args.oracle_only):
+        p.error("--no-ppo: give --methods to run instead (and no --ablations or --oracle-only, which compare against the main PPO run)")
     if args.diagnose_only:
         diagnose_only(args.out)
         return
@@ -423,6 +430,23 @@ def main() -> None:
                       eval_fraction=fraction, samples=0, seed=args.seed, vision_encoder=str(out / "vit")))  # fmt: skip
     phase("sft", t0)
 
+    def annotation_round(name: str, candidates: dict[str, list[dict]], seed: int, tally: bool = True) -> Path:
+        """Votes on every pair of each item's `candidates`, from a copy of the world that holds only them
+        (`tally`: counted in the pipeline's `votes`)."""
+        aug = out / name
+        aug.mkdir(exist_ok=True)
+        if (aug / "images").is_symlink():  # made anew: an --out copied from another run links to that run's world
+            (aug / "images").unlink()
+        (aug / "images").symlink_to((world_dir / "images").resolve())
+        with (aug / "world.jsonl").open("w") as f:
+            for item_id, cands in candidates.items():
+                if len(cands) > 1:
+                    f.write(json.dumps({**world[item_id], "candidates": cands}) + "\n")
+        votes = annotate_world(aug, out / f"prefs-{name}.jsonl", votes_per_pair=3, seed=seed)["votes"]
+        if tally:
+            report["votes"] = report.get("votes", 0) + votes
+        return aug
+
     rm_dir = out / "rm"
     if ppo_only:  # steps 3-6 as the last run in --out left them
         report |= {k: previous[k] for k in ("votes", "export", "rm", "signals_vs_annotators", "signals_vs_annotators_all_rounds") if k in previous}
@@ -444,20 +468,6 @@ def main() -> None:
         # (docs/BENCHMARKS.md). Their utility is the hidden truth.
         t0 = time.perf_counter()
         generated = {json.loads(x)["external_id"]: json.loads(x) for x in (out / "generated.jsonl").open()}
-
-        def annotation_round(name: str, candidates: dict[str, list[dict]], seed: int) -> Path:
-            """Votes on every pair of each item's `candidates`, from a copy of the world that holds only them."""
-            aug = out / name
-            aug.mkdir(exist_ok=True)
-            if (aug / "images").is_symlink():  # made anew: an --out copied from another run links to that run's world
-                (aug / "images").unlink()
-            (aug / "images").symlink_to((world_dir / "images").resolve())
-            with (aug / "world.jsonl").open("w") as f:
-                for item_id, cands in candidates.items():
-                    if len(cands) > 1:
-                        f.write(json.dumps({**world[item_id], "candidates": cands}) + "\n")
-            report["votes"] = report.get("votes", 0) + annotate_world(aug, out / f"prefs-{name}.jsonl", votes_per_pair=3, seed=seed)["votes"]
-            return aug
 
         samples = {}
         for item_id, g in generated.items():
@@ -554,24 +564,82 @@ def main() -> None:
         AcceleratorState._reset_state(True)
         return result
 
+    def train_dpo(policy: str, data: str, name: str, seed: int, epochs: int) -> dict:
+        """`rlhf.dpo` as the method table runs it: conservative DPO (β 0.1, ε 0.1) with the bench's epochs and learning rate."""
+        from rlhf.dpo import DPOConfig
+        from rlhf.dpo import train as dpo
+
+        _, metrics = dpo(DPOConfig(policy=policy, data=data, output_dir=name, beta=0.1, label_smoothing=0.1, epochs=epochs, lr=s["dpo_lr"],
+                                   batch_size=16, max_length=160, seed=seed, device="cpu", save_steps=10_000, logging_steps=20))  # fmt: skip
+        AcceleratorState._reset_state(True)
+        return metrics
+
+    def dpo_first_round(seed: int, k: int) -> tuple[Path, float]:
+        """The two-round methods' first round: the dpo method's run with this seed (trained here if it has not run), and its minutes."""
+        first = out / f"dpo-seed-{k}"
+        if (first / "metrics.json").exists():
+            return first, next((r["train_minutes"] for r in report.get("methods", {}).get("dpo", []) if r["seed"] == seed), 0.0)
+        t0 = time.perf_counter()
+        train_dpo(str(sft_dir), str(out / "trl"), str(first), seed, s["dpo_epochs"])
+        return first, (time.perf_counter() - t0) / 60
+
     def run_method(method: str, seed: int, k: int) -> dict:
         """One run of a method other than PPO, evaluated as PPO is: greedy stories on the held-out scenes."""
         t0 = time.perf_counter()
         if method in ("grpo", "rloo"):  # 8 prompts × 4 stories per rollout; GRPO's KL as a k3 loss term, RLOO's in the reward, as their papers do
             r = run_ppo(f"{method}-seed-{k}", advantage=method, samples_per_prompt=4, kl_in="loss" if method == "grpo" else "reward", seed=seed)
             stories = None
-        elif method == "dpo":  # offline, on the export of both annotation rounds; conservative DPO for annotators who agree ~75% of the time
-            from rlhf.dpo import DPOConfig
-            from rlhf.dpo import train as dpo
-
-            name = str(out / f"dpo-seed-{k}")
-            _, metrics = dpo(DPOConfig(policy=str(sft_dir), data=str(out / "trl"), output_dir=name, beta=0.1, label_smoothing=0.1, epochs=s["dpo_epochs"],
-                                       lr=s["dpo_lr"], batch_size=16, max_length=160, seed=seed, device="cpu", save_steps=10_000, logging_steps=20))  # fmt: skip
-            AcceleratorState._reset_state(True)
+        elif method in ("dpo", "dpo_long"):  # offline, on the export of both annotation rounds; conservative DPO for annotators who agree ~75% of the time
+            name = str(out / f"{method.replace('_', '-')}-seed-{k}")
+            metrics = train_dpo(str(sft_dir), str(out / "trl"), name, seed, s["dpo_epochs"] * (2 if method == "dpo_long" else 1))
             trained = (time.perf_counter() - t0) / 60
             stories = greedy(name, held_out, 160)
             r = {**compare(world, held_out, sft_stories, stories), "kl_to_sft": round(kl_to_reference(name, held_out, 160, s["temperature"], seed), 3),
                  "train_minutes": round(trained, 2), "eval_rewards_accuracies": metrics.get("eval_rewards_accuracies")}  # fmt: skip
+        elif method == "dpo_online":  # iterative DPO (rlhf.online_dpo): one round on the DPO policy's own samples, ranked by the composite reward
+            from rlhf.online_dpo import OnlineDPOConfig
+            from rlhf.online_dpo import train as online_dpo
+
+            first, trained = dpo_first_round(seed, k)
+            t1 = time.perf_counter()
+            name = str(out / f"dpo-online-seed-{k}")
+            _, metrics = online_dpo(OnlineDPOConfig(
+                policy=str(first), prompts=str(out / "gen-items.jsonl"), output_dir=name, rounds=1, samples_per_prompt=s["samples_per_item"],
+                temperature=s["temperature"], reward_weights=s["reward_weights"], reward_model=str(rm_dir), clip_model=str(out / "clip"),
+                sentence_model=minilm, style_descriptions=str(out / "styles.json"), cache_dir=str(out / "clip-cache"), beta=0.1,
+                label_smoothing=0.1, epochs=s["dpo_epochs"], lr=s["dpo_lr"], batch_size=16, max_length=160, seed=seed, device="cpu",
+                save_steps=10_000, logging_steps=20))  # fmt: skip
+            AcceleratorState._reset_state(True)
+            trained += (time.perf_counter() - t1) / 60
+            stories = greedy(name, held_out, 160)
+            r = {**compare(world, held_out, sft_stories, stories), "kl_to_sft": round(kl_to_reference(name, held_out, 160, s["temperature"], seed), 3),
+                 "train_minutes": round(trained, 2), "eval_rewards_accuracies": metrics["rounds"][-1]["dpo"].get("eval_rewards_accuracies"),
+                 "round2_pairs": metrics["rounds"][-1]["pairs"]}  # fmt: skip
+        elif method == "dpo_round2":  # the loop closed once more: the DPO policy's own samples, annotated, and DPO again from it
+            first, trained = dpo_first_round(seed, k)
+            t1 = time.perf_counter()
+            sampled = out / f"generated-dpo-seed-{k}.jsonl"
+            generate(GenerateConfig(policy=str(first), items=str(out / "gen-items.jsonl"), per_item=s["samples_per_item"],
+                                    temperature=s["temperature"], out=str(sampled), device="cpu", seed=seed))  # fmt: skip
+            AcceleratorState._reset_state(True)
+            candidates = {}
+            for g in map(json.loads, sampled.open()):
+                texts = list(dict.fromkeys(c["text"] for c in g["candidates"]))  # each distinct story once
+                candidates[g["external_id"]] = [{"text": x, "origin": "policy", "utility": hidden_utility(world, g["external_id"], x)} for x in texts]
+            round3 = annotation_round(f"world-dpo-seed-{k}", candidates, seed + 2, tally=False)
+            db = out / f"prefs-dpo-seed-{k}.db"
+            db.unlink(missing_ok=True)
+            _, factory = open_db(f"sqlite:///{db}")
+            ingest(factory, str(out / f"prefs-{round3.name}.jsonl"), "storyworld", media_root=out / "media")
+            with factory() as session:
+                stats = export(session, out / f"trl-dpo-seed-{k}", "trl", aggregate="majority", test_fraction=0.1)
+            name = str(out / f"dpo-round2-seed-{k}")
+            metrics = train_dpo(str(first), str(out / f"trl-dpo-seed-{k}"), name, seed, s["dpo_epochs"])
+            trained += (time.perf_counter() - t1) / 60
+            stories = greedy(name, held_out, 160)
+            r = {**compare(world, held_out, sft_stories, stories), "kl_to_sft": round(kl_to_reference(name, held_out, 160, s["temperature"], seed), 3),
+                 "train_minutes": round(trained, 2), "eval_rewards_accuracies": metrics.get("eval_rewards_accuracies"),
+                 "round2_pairs": stats.train}  # fmt: skip
         else:  # best of 8 SFT samples at PPO's temperature, picked by the reward model: reranking at inference, no training
             import torch
 
@@ -596,13 +664,14 @@ def main() -> None:
                  "train_minutes": 0.0, "inference_minutes": round((time.perf_counter() - t0) / 60, 2)}  # fmt: skip
         if stories is not None:
             r["components_ppo"] = component_means(world, held_out, stories)
-        keep = ("win_rate_vs_sft", "utility_ppo", "kl_to_sft", "train_minutes", "inference_minutes", "eval_rewards_accuracies", "components_ppo")
+        keep = ("win_rate_vs_sft", "utility_ppo", "kl_to_sft", "train_minutes", "inference_minutes", "eval_rewards_accuracies", "components_ppo",
+                "round2_pairs")
         return {key: r[key] for key in keep if r.get(key) is not None} | {"seed": seed}
 
     t0 = time.perf_counter()
     if args.add_seeds:  # everything the last run measured stays; each method (PPO too) gets seeds up to --ppo-seeds
         report = {**previous, "phases": previous.get("phases", {})}
-        for method in ["ppo", *methods]:
+        for method in [*([] if args.no_ppo else ["ppo"]), *methods]:
             runs = report["methods"].setdefault(method, [])
             for k in range(len(runs), args.ppo_seeds):
                 t0 = time.perf_counter()
@@ -619,14 +688,16 @@ def main() -> None:
         report = {**previous, **{k: v for k, v in report.items() if k != "phases"}, "phases": previous.get("phases", {})}
         main_run, methods = previous["ppo"], []
         args.ppo_seeds, args.ablations = 1, False
+    elif args.no_ppo:
+        main_run = None
     else:
         main_run = run_ppo("ppo")
         report |= {k: main_run[k] for k in ("utility_sft", "utility_ppo", "win_rate_vs_sft", "kl_to_sft")}
         report["ppo"] = main_run
         phase("ppo", t0, main_run["train_minutes"])
         phase("evaluate_ppo", t0, main_run["minutes"] - main_run["train_minutes"], user=False)
-    seed_runs = {args.seed: main_run}
-    if args.ppo_seeds > 1:  # the main run again with other PPO seeds (same world, SFT policy, reward model, held-out scenes)
+    seed_runs = {args.seed: main_run} if main_run else {}
+    if args.ppo_seeds > 1 and main_run:  # the main run again with other PPO seeds (same world, SFT policy, reward model, held-out scenes)
         t0 = time.perf_counter()
         for k in range(1, args.ppo_seeds):
             seed_runs[args.seed + k] = run_ppo(f"ppo-seed-{k}", seed=args.seed + k)
@@ -647,7 +718,7 @@ def main() -> None:
         report["ppo_seed_1"] = seed_runs.get(args.seed + 1) or run_ppo("ppo-seed-1", seed=args.seed + 1)
         phase("ablation_seed_1", t0, user=False)
     if methods:  # the other methods on the same world, SFT policy, export and reward model, each with the same seeds
-        report["methods"] = {"ppo": [{k: r[k] for k in PPO_TABLE} for r in seed_runs.values()]}
+        report["methods"] = {"ppo": [{k: r[k] for k in PPO_TABLE} for r in seed_runs.values()]} if seed_runs else {}
         for method in methods:
             t0 = time.perf_counter()
             report["methods"][method] = [run_method(method, args.seed + k, k) for k in range(args.ppo_seeds)]

@@ -143,6 +143,8 @@ class PolicyInfo:
     sft_adapter: str | None = None
     lora: dict | None = None
     extra: dict[str, Any] = field(default_factory=dict)
+    # adapters merged after sft_adapter, in order: a policy trained on top of a trained policy (DPO rounds, PPO after DPO)
+    merged_after: list[str] = field(default_factory=list)
 
 
 # ------------------------------------------------------------------------------------------------
@@ -623,7 +625,7 @@ def load_policy(name_or_path: str, lora: LoraSpec | dict | None = None, *, sft_a
     saved = Path(name_or_path) / POLICY_CONFIG
     if saved.exists() and (Path(name_or_path) / "adapter_config.json").exists():  # an adapter saved by save_pretrained
         info = PolicyInfo(**json.loads(saved.read_text()))
-        merged = [a for a in (info.sft_adapter,) if a]
+        merged = [a for a in (info.sft_adapter, *info.merged_after) if a]
         if lora is None and sft_adapter is None:  # use it as it is (generate, evaluate, or more training of it)
             base = _load_base(info.base, info.family, merged, dtype, device_map, device)
             model = PeftModel.from_pretrained(base.model, name_or_path, is_trainable=trainable)
@@ -692,6 +694,6 @@ def _load_base(name_or_path, family, merged: list[str], dtype, device_map, devic
                                         str(next(model.parameters()).device))  # fmt: skip
         if adapter.features.dim != cfg.clip_dim:
             raise ModelLoadError(f"{name_or_path}: its mapper reads {cfg.clip_dim}-d CLIP embeddings, but {cfg.clip_model} makes {adapter.features.dim}-d ones")
-    if len(merged) > 1:
-        raise ModelLoadError(f"{name_or_path}: only one merged SFT adapter can be recorded, got {merged}; merge and save the SFT model first")
-    return StoryPolicy(model, adapter, PolicyInfo(base=local_path(name_or_path), family=family, sft_adapter=local_path(merged[0]) if merged else None))  # absolute: loads from any cwd
+    merged = [local_path(a) for a in merged]  # absolute: loads from any cwd
+    return StoryPolicy(model, adapter, PolicyInfo(base=local_path(name_or_path), family=family, sft_adapter=merged[0] if merged else None,
+                                                  merged_after=merged[1:]))  # fmt: skip

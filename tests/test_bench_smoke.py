@@ -23,7 +23,8 @@ def run_bench(script: str, *args: str, timeout: int) -> None:
 @pytest.mark.timeout(2100)
 def test_methods_and_ppo_storyworld_smoke(tmp_path):
     """bench/methods_storyworld.py --smoke: one tiny world through bench/ppo_storyworld.py with every method, two seeds each, and the oracles."""
-    run_bench("methods_storyworld.py", "--smoke", "--worlds", "0", "--seeds", "2", "--out", str(tmp_path), timeout=1450)
+    base = ("--methods", "grpo,rloo,dpo,best_of")  # the DPO variants run once each, at the end
+    run_bench("methods_storyworld.py", "--smoke", "--worlds", "0", "--seeds", "2", *base, "--out", str(tmp_path), timeout=1450)
     world = tmp_path / "world-0"
     report = json.loads((world / "report.json").read_text())
     for key in ("utility_sft", "utility_ppo", "win_rate_vs_sft", "kl_to_sft", "minutes"):
@@ -68,7 +69,7 @@ def test_methods_and_ppo_storyworld_smoke(tmp_path):
     # A world with fewer runs than --seeds gets the missing ones added (--add-seeds), the rest kept.
     again["methods"]["ppo"], again["methods"]["dpo"] = again["methods"]["ppo"][:1], again["methods"]["dpo"][:1]
     (world / "report.json").write_text(json.dumps(again))
-    run_bench("methods_storyworld.py", "--smoke", "--worlds", "0", "--seeds", "2", "--out", str(tmp_path), timeout=600)
+    run_bench("methods_storyworld.py", "--smoke", "--worlds", "0", "--seeds", "2", *base, "--out", str(tmp_path), timeout=600)
     added = json.loads((world / "report.json").read_text())
     assert {m: len(r) for m, r in added["methods"].items()} == {m: 2 for m in methods} and added["methods"]["dpo"][1]["seed"] == 1
     assert added["methods"]["grpo"] == report["methods"]["grpo"] and added["oracle"] == again["oracle"] and added["rm"] == report["rm"]
@@ -79,6 +80,19 @@ def test_methods_and_ppo_storyworld_smoke(tmp_path):
     assert probe["train_pairs"] > 0 and all(0.0 <= probe[k]["vs_labels"] <= 1.0 for k in ("bow", "binding", "both"))
     ens = probe["ensemble"]
     assert ens["pairs"] <= probe["policy_test_pairs"] and (ens["pairs"] == 0 or ens["ensemble"] == ens["rm"])  # one member: the ensemble is it
+    # The two-round DPO methods, added to the finished world without another PPO run: iterative DPO ranked by the
+    # reward (rlhf.online_dpo), and a round of simulated votes on the DPO policy's samples; both start from dpo-seed-0.
+    run_bench("ppo_storyworld.py", "--smoke", "--out", str(world), "--seed", "0", "--add-seeds", "--no-ppo", "--methods", "dpo_online,dpo_round2",
+              "--ppo-seeds", "1", timeout=600)  # fmt: skip
+    two = json.loads((world / "report.json").read_text())
+    assert two["methods"]["ppo"] == added["methods"]["ppo"] and two["methods"]["dpo"] == added["methods"]["dpo"]
+    for method in ("dpo_online", "dpo_round2"):
+        (run,) = two["methods"][method]
+        assert run["seed"] == 0 and run["round2_pairs"] > 0 and 0.0 <= run["win_rate_vs_sft"] <= 1.0, method
+        assert run["train_minutes"] >= two["methods"]["dpo"][0]["train_minutes"]  # round 1 counts too
+    online = json.loads((world / "dpo-online-seed-0" / "metrics.json").read_text())
+    assert online["rounds"][0]["pairs"] == two["methods"]["dpo_online"][0]["round2_pairs"]
+    assert json.loads((world / "dpo-round2-seed-0" / "storypref_policy.json").read_text())["sft_adapter"] == str((world / "dpo-seed-0").resolve())
 
 
 def test_hidden_utility_blind_to_shapes(tmp_path):

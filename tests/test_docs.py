@@ -23,6 +23,7 @@ DATACLASS_CLIS = {
     "rlhf.evaluate": ("EvaluateConfig", "policies.md"),
     "rlhf.ppo": ("PPOConfig", "training.md"),
     "rlhf.dpo": ("DPOConfig", "training.md"),
+    "rlhf.online_dpo": ("OnlineDPOConfig", "training.md"),
     "rlhf.rewards": ("CheckConfig", "training.md"),
     "rlhf.verdicts": ("VerdictsConfig", "reward-model.md"),
     "rlhf.prioritize": ("PrioritizeConfig", "app.md"),
