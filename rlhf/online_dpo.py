@@ -39,6 +39,8 @@ from dataclasses import asdict, dataclass, field, fields
 from pathlib import Path
 
 import torch
+from accelerate import PartialState
+from accelerate.utils import parse_flag_from_env
 
 from annotate.formats import format_prompt
 from rlhf.data import DataError
@@ -164,6 +166,9 @@ def train(cfg: OnlineDPOConfig):
     (out / "online_dpo_config.json").write_text(json.dumps(asdict(cfg), indent=1))
     rounds: list[dict] = []
     current, adapter, policy = cfg.policy, cfg.sft_adapter, None
+    # Under accelerate launch the main process samples and ranks, and every process trains (on the CPU
+    # as accelerate's own state does: --cpu or ACCELERATE_USE_CPU).
+    state = PartialState(cpu=cfg.device == "cpu" or parse_flag_from_env("ACCELERATE_USE_CPU"))
     t0 = time.perf_counter()
     for r in range(1, cfg.rounds + 1):
         round_dir = out / f"round-{r}"
@@ -173,10 +178,7 @@ def train(cfg: OnlineDPOConfig):
             print(f"round {r}: done earlier ({round_dir})")
             continue
         pairs_file = round_dir / "pairs.jsonl"
-        if pairs_file.exists():  # sampled and ranked before an interruption: DPO resumes on the same pairs
-            rows = [json.loads(x) for x in pairs_file.open()]
-            info = json.loads((round_dir / "round.json").read_text())
-        else:
+        if not pairs_file.exists() and state.is_main_process:  # sampled and ranked once (after an interruption, DPO resumes on the same pairs)
             g = torch.Generator().manual_seed(cfg.seed * 1009 + r)
             chosen = examples if not cfg.prompts_per_round else [examples[i] for i in torch.randperm(len(examples), generator=g)[: cfg.prompts_per_round].tolist()]
             stories = sample_round(cfg, current, adapter, chosen, cfg.seed + r)
@@ -186,26 +188,32 @@ def train(cfg: OnlineDPOConfig):
                 raise DataError(f"round {r}: only {len(rows)} of {len(chosen)} prompts gave a pair (two distinct samples whose scores "
                                 f"differ by more than --min_gap {cfg.min_gap}); sample more (--samples_per_prompt, --temperature) or "
                                 "lower --min_gap")  # fmt: skip
-            write_rows(rows, pairs_file)
             info = {"round": r, "prompts": len(chosen), "pairs": len(rows), "mean_score": sum(map(sum, scores)) / sum(map(len, scores)),
                     "mean_gap": sum(x["score_chosen"] - x["score_rejected"] for x in rows) / len(rows)}  # fmt: skip
+            round_dir.mkdir(parents=True, exist_ok=True)
             (round_dir / "round.json").write_text(json.dumps(info, indent=1))
+            write_rows(rows, pairs_file)  # last: a round with pairs.jsonl has its round.json
+        state.wait_for_everyone()  # the other processes train on the pairs the main one wrote
+        info = json.loads((round_dir / "round.json").read_text())
         dpo_cfg = DPOConfig(**{f.name: getattr(cfg, f.name) for f in fields(DPOConfig) if f.init}
                             | {"policy": current, "sft_adapter": adapter, "data": str(pairs_file), "output_dir": str(round_dir),
                                "seed": cfg.seed + r, "resume": (round_dir / "checkpoint-last").exists()})  # fmt: skip
         policy, metrics = dpo_train(dpo_cfg)
         info |= {"dpo": {k: v for k, v in metrics.items() if isinstance(v, (int, float))}}
-        (round_dir / "round.json").write_text(json.dumps(info, indent=1))
+        if state.is_main_process:
+            (round_dir / "round.json").write_text(json.dumps(info, indent=1))
+            print(json.dumps(info))
         rounds.append(info)
         current, adapter = str(round_dir), None
-        print(json.dumps(info))
     if policy is None:  # every round was done earlier: the last one's policy
         from rlhf.policy import load_policy
 
         policy = load_policy(current, trainable=False)
-    policy.save_pretrained(out)
     result = {"rounds": rounds, "policy": str(out), "minutes": round((time.perf_counter() - t0) / 60, 2)}
-    (out / "metrics.json").write_text(json.dumps(result, indent=1))
+    if state.is_main_process:
+        policy.save_pretrained(out)
+        (out / "metrics.json").write_text(json.dumps(result, indent=1))
+    state.wait_for_everyone()
     return policy, result
 
 

