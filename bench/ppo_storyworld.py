@@ -681,6 +681,9 @@ def main() -> None:
                 else:
                     runs.append(run_method(method, args.seed + k, k))
                 report["phases"][f"method_{method}_seed_{k}"] = round((time.perf_counter() - t0) / 60, 2)
+                if method == "ppo" and len(runs) > 1:  # the seeds summary follows the PPO runs
+                    report["seeds"] = {key: [r[key] for r in runs] for key in ("win_rate_vs_sft", "kl_to_sft", "utility_ppo")}
+                    report["seeds"] |= {"seed": [r.get("seed", args.seed + i) for i, r in enumerate(runs)], "win_rate_median": statistics.median(report["seeds"]["win_rate_vs_sft"])}
                 (out / "report.json").write_text(json.dumps(report, indent=1))  # each finished run is kept, whatever comes next
         print(json.dumps(report["methods"], indent=1))
         return

@@ -74,6 +74,7 @@ def test_methods_and_ppo_storyworld_smoke(tmp_path):
     assert {m: len(r) for m, r in added["methods"].items()} == {m: 2 for m in methods} and added["methods"]["dpo"][1]["seed"] == 1
     assert added["methods"]["grpo"] == report["methods"]["grpo"] and added["oracle"] == again["oracle"] and added["rm"] == report["rm"]
     assert "method_dpo_seed_1" in added["phases"] and 0.0 <= added["methods"]["ppo"][1]["win_rate_vs_sft"] <= 1.0
+    assert added["seeds"]["seed"] == [0, 1] and added["seeds"]["win_rate_vs_sft"] == [r["win_rate_vs_sft"] for r in added["methods"]["ppo"]]
     # The yardstick beside the reward model reads the same world.
     run_bench("rm_probe_storyworld.py", str(world), "--ensemble", "rm", "--out", str(tmp_path / "probe.json"), timeout=300)
     probe = json.loads((tmp_path / "probe.json").read_text())[str(world)]
