@@ -564,13 +564,13 @@ def main() -> None:
         AcceleratorState._reset_state(True)
         return result
 
-    def train_dpo(policy: str, data: str, name: str, seed: int, epochs: int) -> dict:
+    def train_dpo(policy: str, data: str, name: str, seed: int, epochs: int, batch_size: int = 16) -> dict:
         """`rlhf.dpo` as the method table runs it: conservative DPO (β 0.1, ε 0.1) with the bench's epochs and learning rate."""
         from rlhf.dpo import DPOConfig
         from rlhf.dpo import train as dpo
 
         _, metrics = dpo(DPOConfig(policy=policy, data=data, output_dir=name, beta=0.1, label_smoothing=0.1, epochs=epochs, lr=s["dpo_lr"],
-                                   batch_size=16, max_length=160, seed=seed, device="cpu", save_steps=10_000, logging_steps=20))  # fmt: skip
+                                   batch_size=batch_size, max_length=160, seed=seed, device="cpu", save_steps=10_000, logging_steps=20))  # fmt: skip
         AcceleratorState._reset_state(True)
         return metrics
 
@@ -623,8 +623,9 @@ def main() -> None:
                                     temperature=s["temperature"], out=str(sampled), device="cpu", seed=seed))  # fmt: skip
             AcceleratorState._reset_state(True)
             candidates = {}
-            for g in map(json.loads, sampled.open()):
-                texts = list(dict.fromkeys(c["text"] for c in g["candidates"]))  # each distinct story once
+            for g in map(json.loads, sampled.open()):  # the policy's new samples only (the file also holds the world's own candidates)
+                known = {c["text"] for c in world[g["external_id"]]["candidates"]}
+                texts = list(dict.fromkeys(c["text"] for c in g["candidates"] if c["text"] not in known))  # each distinct story once
                 candidates[g["external_id"]] = [{"text": x, "origin": "policy", "utility": hidden_utility(world, g["external_id"], x)} for x in texts]
             round3 = annotation_round(f"world-dpo-seed-{k}", candidates, seed + 2, tally=False)
             db = out / f"prefs-dpo-seed-{k}.db"
@@ -634,7 +635,8 @@ def main() -> None:
             with factory() as session:
                 stats = export(session, out / f"trl-dpo-seed-{k}", "trl", aggregate="majority", test_fraction=0.1)
             name = str(out / f"dpo-round2-seed-{k}")
-            metrics = train_dpo(str(first), str(out / f"trl-dpo-seed-{k}"), name, seed, s["dpo_epochs"])
+            # (batches of 16; fewer where the round has fewer decisive pairs: --smoke's word salad is mostly called a tie)
+            metrics = train_dpo(str(first), str(out / f"trl-dpo-seed-{k}"), name, seed, s["dpo_epochs"], batch_size=min(16, max(stats.train, 1)))
             trained += (time.perf_counter() - t1) / 60
             stories = greedy(name, held_out, 160)
             r = {**compare(world, held_out, sft_stories, stories), "kl_to_sft": round(kl_to_reference(name, held_out, 160, s["temperature"], seed), 3),
