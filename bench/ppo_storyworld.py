@@ -390,13 +390,15 @@ def main() -> None:
     def phase(name: str, t0: float, minutes: float | None = None, user: bool = True) -> None:
         """Record a phase's minutes (since `t0`, or `minutes` given). `user=False`: the bench's own
         evaluation, diagnostics and ablations, which `minutes` leaves out and `minutes_with_ablations` holds."""
-        report["phases"][name] = round((time.perf_counter() - t0) / 60 if minutes is None else minutes, 2)
+        # --oracle-only and --add-seeds add to a finished report: until they merge, what they write keeps it whole,
+        # and a step they reuse keeps the minutes it took when it ran
+        keep = previous if args.oracle_only or args.add_seeds else {}
+        reused = keep.get("phases", {}).get(name) if user else None
+        report["phases"][name] = reused if reused is not None else round((time.perf_counter() - t0) / 60 if minutes is None else minutes, 2)
         if user:
             pipeline.add(name)
         report["minutes"] = round(sum(report["phases"][n] for n in pipeline), 2)
         report["minutes_with_ablations"] = round((time.perf_counter() - started) / 60, 2)
-        # --oracle-only and --add-seeds add to a finished report: until they merge, what they write keeps it whole
-        keep = previous if args.oracle_only or args.add_seeds else {}
         (out / "report.json").write_text(json.dumps({**keep, **report, "phases": {**keep.get("phases", {}), **report["phases"]}}, indent=1))
         AcceleratorState._reset_state(True)
 

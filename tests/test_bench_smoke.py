@@ -65,6 +65,7 @@ def test_methods_and_ppo_storyworld_smoke(tmp_path):
     run_bench("ppo_storyworld.py", "--smoke", "--out", str(world), "--seed", "0", "--oracle-only", timeout=600)
     again = json.loads((world / "report.json").read_text())
     assert again["methods"] == report["methods"] and again["ppo"] == report["ppo"] and again["seeds"] == report["seeds"]
+    assert {k: again["phases"][k] for k in user} == {k: report["phases"][k] for k in user} and again["minutes"] == report["minutes"]  # steps reused, minutes kept
     assert (world / "ppo-oracle" / "metrics.json").exists() and 0.0 <= again["oracle"]["win_rate_vs_sft"] <= 1.0
     # A world with fewer runs than --seeds gets the missing ones added (--add-seeds), the rest kept.
     again["methods"]["ppo"], again["methods"]["dpo"] = again["methods"]["ppo"][:1], again["methods"]["dpo"][:1]
