@@ -397,8 +397,9 @@ def main() -> None:
         report["phases"][name] = reused if reused is not None else round((time.perf_counter() - t0) / 60 if minutes is None else minutes, 2)
         if user:
             pipeline.add(name)
-        report["minutes"] = round(sum(report["phases"][n] for n in pipeline), 2)
-        report["minutes_with_ablations"] = round((time.perf_counter() - started) / 60, 2)
+        if not keep:  # an add-on run keeps the finished run's pipeline minutes, and adds its own to the whole
+            report["minutes"] = round(sum(report["phases"][n] for n in pipeline), 2)
+        report["minutes_with_ablations"] = round(keep.get("minutes_with_ablations", 0.0) + (time.perf_counter() - started) / 60, 2)
         (out / "report.json").write_text(json.dumps({**keep, **report, "phases": {**keep.get("phases", {}), **report["phases"]}}, indent=1))
         AcceleratorState._reset_state(True)
 
