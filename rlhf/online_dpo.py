@@ -135,22 +135,13 @@ def write_rows(rows: list[dict], path: Path) -> None:
 
 
 def sample_round(cfg: OnlineDPOConfig, policy_dir: str, sft_adapter: str | None, examples: list[StoryExample], seed: int) -> list[list[str]]:
-    """`samples_per_prompt` stories per prompt from the policy (rlhf.generate's sampling)."""
-    from tqdm import tqdm
+    """Up to `samples_per_prompt` distinct stories per prompt from the policy: `rlhf.generate`'s sampling."""
+    from rlhf.generate import GenerateConfig, generate_candidates
 
-    from rlhf.policy import load_policy
-
-    policy = load_policy(policy_dir, sft_adapter=sft_adapter, device=cfg.device or ("cuda" if torch.cuda.is_available() else "cpu"),
-                         trainable=False)  # fmt: skip
-    torch.manual_seed(seed)
-    n, stories = cfg.samples_per_prompt, []
-    for k in tqdm(range(0, len(examples), cfg.generate_batch_size), desc="sample", unit="batch"):
-        chunk = examples[k : k + cfg.generate_batch_size]
-        out = policy.generate(policy.examples_batch(chunk).repeat(n), max_new_tokens=cfg.max_new_tokens, temperature=cfg.temperature,
-                              top_p=cfg.top_p)  # fmt: skip
-        stories += [out.texts[i * n : (i + 1) * n] for i in range(len(chunk))]  # repeat(n): prompt i's samples are rows i*n … i*n+n-1
-    del policy
-    return stories
+    gen = GenerateConfig(policy=policy_dir, sft_adapter=sft_adapter, per_item=cfg.samples_per_prompt, temperature=cfg.temperature, top_p=cfg.top_p,
+                         max_new_tokens=cfg.max_new_tokens, batch_size=cfg.generate_batch_size, seed=seed, device=cfg.device)  # fmt: skip
+    rows = generate_candidates(gen, [(e, {"candidates": []}) for e in examples])
+    return [[c["text"] for c in row["candidates"]] for row in rows]
 
 
 def train(cfg: OnlineDPOConfig):
