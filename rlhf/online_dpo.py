@@ -31,9 +31,7 @@ command again to continue after an interruption (a round cut short resumes with 
 from __future__ import annotations
 
 import json
-import os
 import sys
-import tempfile
 import time
 from dataclasses import asdict, dataclass, field, fields
 from pathlib import Path
@@ -46,6 +44,7 @@ from annotate.formats import format_prompt
 from rlhf.data import DataError
 from rlhf.dpo import DPOConfig, check_config
 from rlhf.dpo import train as dpo_train
+from rlhf.generate import write_jsonl
 from rlhf.loading import ModelLoadError
 from rlhf.rewards import CompositeReward, build_reward, parse_weights
 from rlhf.stories import StoryDataError, StoryExample, read_examples
@@ -73,6 +72,11 @@ class OnlineDPOConfig(DPOConfig):
     output_dir: str = field(default="runs/online-dpo", metadata={"help": "rounds, the last round's policy, metrics.json"})
 
 
+def dpo_settings(cfg: OnlineDPOConfig, **overrides) -> DPOConfig:
+    """The DPO settings of each round: every rlhf.dpo flag as given, with `overrides`."""
+    return DPOConfig(**{f.name: getattr(cfg, f.name) for f in fields(DPOConfig) if f.init} | overrides)
+
+
 def check_online(cfg: OnlineDPOConfig) -> tuple[list[StoryExample], dict[str, float]]:
     """Every setting and the prompts, before any model loads."""
     if cfg.rounds < 1:
@@ -87,7 +91,7 @@ def check_online(cfg: OnlineDPOConfig) -> tuple[list[StoryExample], dict[str, fl
         raise DataError("--data: online DPO makes its pairs from the policy's own samples; train on an export first with rlhf.dpo, "
                         "then pass that policy as --policy")  # fmt: skip
     weights = parse_weights(cfg.reward_weights)
-    check_config(DPOConfig(**{f.name: getattr(cfg, f.name) for f in fields(DPOConfig) if f.init} | {"data": "-"}))
+    check_config(dpo_settings(cfg, data="-"))
     if not cfg.prompts:
         raise StoryDataError("--prompts is required: an items JSONL (image_paths, instruction, style, context) or an HF dataset")
     return read_examples(cfg.prompts), weights
@@ -123,15 +127,6 @@ def best_and_worst(example: StoryExample, stories: list[str], scores: list[float
     return {"item_id": example.item_id, "images": [str(Path(p).resolve()) for p in example.images],
             "prompt": format_prompt(example.instruction, example.style, example.context), "chosen": best, "rejected": worst,
             "score_chosen": round(high, 4), "score_rejected": round(low, 4)}  # fmt: skip
-
-
-def write_rows(rows: list[dict], path: Path) -> None:
-    """All or nothing: a temp file renamed into place."""
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=path.name + ".")
-    with os.fdopen(fd, "w", encoding="utf-8") as f:
-        f.writelines(json.dumps(r) + "\n" for r in rows)
-    os.replace(tmp, path)
 
 
 def sample_round(cfg: OnlineDPOConfig, policy_dir: str, sft_adapter: str | None, examples: list[StoryExample], seed: int) -> list[list[str]]:
@@ -183,13 +178,11 @@ def train(cfg: OnlineDPOConfig):
                     "mean_gap": sum(x["score_chosen"] - x["score_rejected"] for x in rows) / len(rows)}  # fmt: skip
             round_dir.mkdir(parents=True, exist_ok=True)
             (round_dir / "round.json").write_text(json.dumps(info, indent=1))
-            write_rows(rows, pairs_file)  # last: a round with pairs.jsonl has its round.json
+            write_jsonl(rows, pairs_file)  # all or nothing, and last: a round with pairs.jsonl has its round.json
         state.wait_for_everyone()  # the other processes train on the pairs the main one wrote
         info = json.loads((round_dir / "round.json").read_text())
-        dpo_cfg = DPOConfig(**{f.name: getattr(cfg, f.name) for f in fields(DPOConfig) if f.init}
-                            | {"policy": current, "sft_adapter": adapter, "data": str(pairs_file), "output_dir": str(round_dir),
-                               "seed": cfg.seed + r, "resume": (round_dir / "checkpoint-last").exists()})  # fmt: skip
-        policy, metrics = dpo_train(dpo_cfg)
+        policy, metrics = dpo_train(dpo_settings(cfg, policy=current, sft_adapter=adapter, data=str(pairs_file), output_dir=str(round_dir),
+                                                 seed=cfg.seed + r, resume=(round_dir / "checkpoint-last").exists()))  # fmt: skip
         info |= {"dpo": {k: v for k, v in metrics.items() if isinstance(v, (int, float))}}
         if state.is_main_process:
             (round_dir / "round.json").write_text(json.dumps(info, indent=1))
