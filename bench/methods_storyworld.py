@@ -18,6 +18,8 @@ kept; one with fewer runs per method than `--seeds` gets the missing seeds added
 - **DPO, a second round of votes** (`dpo_round2`): the DPO policy's samples on the same scenes get
   simulated votes (every pair, 3 votes each, as the pipeline's second round), then `rlhf.dpo` from
   the DPO policy on those pairs alone: the loop closed once more, with people ranking;
+- **DPO on all three rounds** (`dpo_union`): the same new votes added to the project's database, as
+  a user's third round would be, and `rlhf.dpo` from the SFT policy again on the export of all of them;
 - **best-of-8**: 8 SFT samples per held-out scene, the reward model keeps one: no training.
 
 With `--oracle` (the default) PPO and GRPO also run on the hidden utility itself: the ceiling of each
@@ -40,7 +42,7 @@ import time
 from pathlib import Path
 
 REPO = Path(__file__).resolve().parents[1]
-METHODS = ("ppo", "grpo", "rloo", "dpo", "dpo_long", "dpo_online", "dpo_round2", "best_of")
+METHODS = ("ppo", "grpo", "rloo", "dpo", "dpo_long", "dpo_online", "dpo_round2", "dpo_union", "best_of")
 
 
 def summarize(runs: list[dict], key: str) -> float | None:

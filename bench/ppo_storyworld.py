@@ -63,7 +63,7 @@ SMOKE = {"items": 60, "sft_epochs": 2, "gen_items": 30, "samples_per_item": 3, "
          "clip_epochs": 2, "vit_steps": 20, "vit_fresh_scenes": 50, "vit_patch_weight": 1.0, "rollout": 8, "mini": 4, "temperature": 1.0, "ppo_lr": 3e-4, "grammar_round": True,
          "rm_backbone": "clip-fusion", "kl_coef": 0.12, "rm_length_control": True, "rm_length_decorrelation": 0.2, "rm_sentence_alignment": False, "rm_lr": 1e-3, "rm_text_tuning": "lora", "rm_fusion_layers": 0, "rm_batch_size": 8, "rm_bf16": True, "rm_use_images": True, "reward_weights": "human=1,clip=0.3,coherence=0.2,repetition=0.1,style=0.2", "lr_schedule": "linear",
         "dpo_epochs": 1, "dpo_lr": 5e-4}  # fmt: skip
-METHODS = ("grpo", "rloo", "dpo", "dpo_long", "dpo_online", "dpo_round2", "best_of")
+METHODS = ("grpo", "rloo", "dpo", "dpo_long", "dpo_online", "dpo_round2", "dpo_union", "best_of")
 PPO_TABLE = ("win_rate_vs_sft", "utility_ppo", "kl_to_sft", "train_minutes")  # what a PPO run puts in the method table
 KL_HORIZON = 300  # a horizon of 1,920 episodes / ~6, so that β can act within the run
 
@@ -250,8 +250,12 @@ def fusion_rm_config(out: Path, output_dir: Path, s: dict, seed: int, smoke: boo
                          length_control=s["rm_length_control"], length_decorrelation=s["rm_length_decorrelation"])  # fmt: skip
 
 
-def rm_only(out: Path, name: str, s: dict, seed: int, smoke: bool) -> None:
-    """Train a reward model into out/NAME on the run's export; its agreement on the policy's held-out pairs, by component."""
+def rm_only(out: Path, name: str, s: dict, seed: int, smoke: bool, data: str = "trl") -> None:
+    """Train a reward model into out/NAME on the run's export (or the export out/DATA); its agreement on the policy's
+    held-out pairs, by component. With another export (a later round of votes added to the project, such as
+    dpo_union's trl-union-seed-K), also on that round's own held-out pairs, next to the run's reward model (rm/)."""
+    from dataclasses import replace
+
     from accelerate.state import AcceleratorState
 
     from bench.rm_storyworld import hidden_utility_accuracy
@@ -262,22 +266,34 @@ def rm_only(out: Path, name: str, s: dict, seed: int, smoke: bool) -> None:
 
     if not (out / "trl" / "train.jsonl").exists() or not (out / "world-aug" / "world.jsonl").exists():
         sys.exit(f"--rm-only: {out} holds no export and policy round (trl/, world-aug/); run the bench first")
+    if not (out / data / "train.jsonl").exists():
+        sys.exit(f"--rm-data {data}: {out / data} holds no TRL export (train.jsonl); give a dir under --out that annotate.export wrote")
     t0 = time.perf_counter()
-    _, metrics = train_rm(fusion_rm_config(out, out / name, s, seed, smoke))
+    _, metrics = train_rm(replace(fusion_rm_config(out, out / name, s, seed, smoke), data=str(out / data)))
     minutes = (time.perf_counter() - t0) / 60
     AcceleratorState._reset_state(True)
     world = {json.loads(x)["external_id"]: json.loads(x) for x in (out / "world" / "world.jsonl").open()}
-    rounds = [d for d in (out / "world-grammar", out / "world-aug") if (d / "world.jsonl").exists()]
+    rounds = [d for d in (out / "world-grammar", out / "world-aug", *sorted(out.glob("world-dpo-seed-*"))) if (d / "world.jsonl").exists()]
     utilities = {(w["external_id"], c["text"]): c["utility"] for r in rounds for w in map(json.loads, (r / "world.jsonl").open()) for c in w["candidates"]}
     policy = {(w["external_id"], c["text"]) for w in map(json.loads, (out / "world-aug" / "world.jsonl").open()) for c in w["candidates"]}
     held_all = load_preferences(out / "trl")[1]
     held_pairs = [p for p in held_all if (p.item_id, p.chosen) in policy and (p.item_id, p.rejected) in policy]
     rm = RewardModel.from_pretrained(out / name, cache_dir=str(out / "clip-cache"))
     human = CompositeReward({"human": 1.0}, {"human": HumanReward(str(out / name), cache_dir=str(out / "clip-cache"))})
-    result = {"settings": {k: v for k, v in s.items() if k.startswith("rm_")}, "train_minutes": round(minutes, 2),
-              "eval_accuracy": metrics.get("eval_accuracy"), "policy_pairs": hidden_utility_accuracy(rm, held_pairs, utilities),
-              "all_rounds": hidden_utility_accuracy(rm, held_all, utilities), "human_vs_annotators": signal_agreement(human, held_pairs),
-              "diagnosis_policy_pairs": component_diagnosis(human, held_pairs, world)}  # fmt: skip
+    result = {"settings": {k: v for k, v in s.items() if k.startswith("rm_")}, "data": data, "train_pairs": metrics.get("train_pairs"),
+              "train_minutes": round(minutes, 2), "eval_accuracy": metrics.get("eval_accuracy"),
+              "policy_pairs": hidden_utility_accuracy(rm, held_pairs, utilities), "all_rounds": hidden_utility_accuracy(rm, held_all, utilities),
+              "human_vs_annotators": signal_agreement(human, held_pairs), "diagnosis_policy_pairs": component_diagnosis(human, held_pairs, world)}  # fmt: skip
+    if data != "trl":  # the new round's held-out pairs (its stories are the later policy's), judged by both reward models
+        known = {(p.item_id, frozenset((p.chosen, p.rejected))) for p in held_all}
+        new = [p for p in load_preferences(out / data)[1] if (p.item_id, frozenset((p.chosen, p.rejected))) not in known]
+        run_rm = RewardModel.from_pretrained(out / "rm", cache_dir=str(out / "clip-cache"))
+        run_human = CompositeReward({"human": 1.0}, {"human": HumanReward(str(out / "rm"), cache_dir=str(out / "clip-cache"))})
+        result["new_round_pairs"] = {
+            "this": {"human_vs_annotators": signal_agreement(human, new), **hidden_utility_accuracy(rm, new, utilities)},
+            "run_rm": {"human_vs_annotators": signal_agreement(run_human, new), **hidden_utility_accuracy(run_rm, new, utilities)},
+        }
+        result["policy_pairs_run_rm"] = {"human_vs_annotators": signal_agreement(run_human, held_pairs), **hidden_utility_accuracy(run_rm, held_pairs, utilities)}
     (out / name / "bench.json").write_text(json.dumps(result, indent=1))
     print(json.dumps(result, indent=1))
 
@@ -294,7 +310,8 @@ def main() -> None:
                    help="keep everything up to the reward model already in --out (implies --reuse): redo PPO and its comparisons only")
     p.add_argument("--oracle-only", action="store_true",
                    help="on a finished run in --out: keep its report and add only PPO on the hidden utility (the ceiling), "
-                        "without re-running PPO or the other methods (implies --ppo-only)")  # fmt: skip
+                        "and GRPO's where --methods names grpo or the run has GRPO runs, without re-running PPO or the other "
+                        "methods (implies --ppo-only)")  # fmt: skip
     p.add_argument("--add-seeds", action="store_true",
                    help="on a finished run with a method table (--methods): keep everything and run PPO and each method in "
                         "--methods with more seeds, up to --ppo-seeds runs each (seed, seed+1, ...), adding them to report.json")
@@ -307,13 +324,17 @@ def main() -> None:
                    help="also these methods on the same world, SFT policy, export and reward model, each with --ppo-seeds seeds: "
                         "grpo, rloo (rlhf.ppo --advantage, 4 samples per prompt), dpo (rlhf.dpo on the export), dpo_long (the same, "
                         "twice the epochs), dpo_online (rlhf.online_dpo: one round on the DPO policy's samples ranked by the composite "
-                        "reward), dpo_round2 (a round of simulated votes on the DPO policy's samples, then rlhf.dpo from it), best_of "
+                        "reward), dpo_round2 (a round of simulated votes on the DPO policy's samples, then rlhf.dpo from it), dpo_union (the "
+                        "same votes added to the project's database, then rlhf.dpo from SFT on the export of all rounds), best_of "
                         "(best of 8 SFT samples by the reward model), or all; report.json's `methods` (bench/methods_storyworld.py "
                         "tabulates them)")
     p.add_argument("--rm-only", metavar="NAME",
                    help="on a run already in --out: train another reward model into --out/NAME with the settings (--set rm_epochs=2 "
                         "rm_sentence_alignment=true ...) on the same export, and report how it ranks the policy's held-out pairs "
                         "(NAME/bench.json): a reward-model lever compared without PPO's noise")
+    p.add_argument("--rm-data", default="trl", metavar="DIR",
+                   help="with --rm-only: train on this export under --out instead of trl/ (e.g. trl-union-seed-0, rounds 1-3 from "
+                        "--methods dpo_union), and also report both reward models on that export's new held-out pairs")
     p.add_argument("--no-ppo", action="store_true",
                    help="with --methods: run only those methods, not the main PPO run (a comparison among the other methods)")
     p.add_argument("--iterations", type=int, help="PPO iterations (overrides the setting)")
@@ -342,11 +363,13 @@ def main() -> None:
         p.error(f"--ppo-seeds {args.ppo_seeds}: give 1 or more")
     if args.no_ppo and (not methods or args.ablations or args.oracle_only):
         p.error("--no-ppo: give --methods to run instead (and no --ablations or --oracle-only, which compare against the main PPO run)")
+    if args.oracle_only and set(methods) - {"grpo"}:
+        p.error(f"--oracle-only: only PPO's and GRPO's ceilings are run; --methods {args.methods} names {sorted(set(methods) - {'grpo'})}")
     if args.diagnose_only:
         diagnose_only(args.out)
         return
     if args.rm_only:
-        rm_only(args.out, args.rm_only, s, args.seed, args.smoke)
+        rm_only(args.out, args.rm_only, s, args.seed, args.smoke, args.rm_data)
         return
     if args.oracle_only:
         args.ppo_only = args.oracle = True
@@ -618,7 +641,7 @@ def main() -> None:
             r = {**compare(world, held_out, sft_stories, stories), "kl_to_sft": round(kl_to_reference(name, held_out, 160, s["temperature"], seed), 3),
                  "train_minutes": round(trained, 2), "eval_rewards_accuracies": metrics["rounds"][-1]["dpo"].get("eval_rewards_accuracies"),
                  "round2_pairs": metrics["rounds"][-1]["pairs"]}  # fmt: skip
-        elif method == "dpo_round2":  # the loop closed once more: the DPO policy's own samples, annotated, and DPO again from it
+        elif method in ("dpo_round2", "dpo_union"):  # the loop closed once more: the DPO policy's own samples, annotated, then DPO again
             first, trained = dpo_first_round(seed, k)
             t1 = time.perf_counter()
             sampled = out / f"generated-dpo-seed-{k}.jsonl"
@@ -631,15 +654,25 @@ def main() -> None:
                 texts = list(dict.fromkeys(c["text"] for c in g["candidates"] if c["text"] not in known))  # each distinct story once
                 candidates[g["external_id"]] = [{"text": x, "origin": "policy", "utility": hidden_utility(world, g["external_id"], x)} for x in texts]
             round3 = annotation_round(f"world-dpo-seed-{k}", candidates, seed + 2, tally=False)
-            db = out / f"prefs-dpo-seed-{k}.db"
+            # dpo_round2: the new votes alone, and DPO from the DPO policy (its reference); dpo_union: the new votes join the project's
+            # database, as a user's third round would, and DPO starts again from SFT on the export of all three rounds
+            tag = "dpo" if method == "dpo_round2" else "union"
+            db = out / f"prefs-{tag}-seed-{k}.db"
             db.unlink(missing_ok=True)
+            if method == "dpo_union":
+                import sqlite3
+
+                source, copy = sqlite3.connect(out / "prefs.db"), sqlite3.connect(db)
+                source.backup(copy)
+                source.close(), copy.close()
             _, factory = open_db(f"sqlite:///{db}")
             ingest(factory, str(out / f"prefs-{round3.name}.jsonl"), "storyworld", media_root=out / "media")
             with factory() as session:
-                stats = export(session, out / f"trl-dpo-seed-{k}", "trl", aggregate="majority", test_fraction=0.1)
-            name = str(out / f"dpo-round2-seed-{k}")
+                stats = export(session, out / f"trl-{tag}-seed-{k}", "trl", aggregate="majority", test_fraction=0.1)
+            name = str(out / f"{method.replace('_', '-')}-seed-{k}")
             # (batches of 16; fewer where the round has fewer decisive pairs: --smoke's word salad is mostly called a tie)
-            metrics = train_dpo(str(first), str(out / f"trl-dpo-seed-{k}"), name, seed, s["dpo_epochs"], batch_size=min(16, max(stats.train, 1)))
+            start = first if method == "dpo_round2" else sft_dir
+            metrics = train_dpo(str(start), str(out / f"trl-{tag}-seed-{k}"), name, seed, s["dpo_epochs"], batch_size=min(16, max(stats.train, 1)))
             trained += (time.perf_counter() - t1) / 60
             stories = greedy(name, held_out, 160)
             r = {**compare(world, held_out, sft_stories, stories), "kl_to_sft": round(kl_to_reference(name, held_out, 160, s["temperature"], seed), 3),
@@ -694,12 +727,13 @@ def main() -> None:
         return
     if args.oracle_only:  # everything the last run measured stays; only the ceiling is added below
         report = {**previous, **{k: v for k, v in report.items() if k != "phases"}, "phases": previous.get("phases", {})}
-        main_run, methods = previous["ppo"], []
+        # a world run with --no-ppo has no main run; the ceilings are added all the same
+        main_run, grpo_ceiling, methods = previous.get("ppo"), "grpo" in methods or "grpo" in previous.get("methods", {}), []
         args.ppo_seeds, args.ablations = 1, False
     elif args.no_ppo:
-        main_run = None
+        main_run, grpo_ceiling = None, "grpo" in methods
     else:
-        main_run = run_ppo("ppo")
+        main_run, grpo_ceiling = run_ppo("ppo"), "grpo" in methods
         report |= {k: main_run[k] for k in ("utility_sft", "utility_ppo", "win_rate_vs_sft", "kl_to_sft")}
         report["ppo"] = main_run
         phase("ppo", t0, main_run["train_minutes"])
@@ -752,7 +786,7 @@ def main() -> None:
             t0 = time.perf_counter()
             report["oracle_blind_to_shapes"] = run_ppo("ppo-oracle-blind", reward=oracle(True))
             phase("ablation_oracle_blind_to_shapes", t0, user=False)
-        if "grpo" in methods:  # GRPO's ceiling at the same settings
+        if grpo_ceiling:  # GRPO's ceiling at the same settings
             t0 = time.perf_counter()
             report["oracle_grpo"] = run_ppo("grpo-oracle", reward=oracle(False), advantage="grpo", samples_per_prompt=4, kl_in="loss")
             phase("ablation_oracle_grpo", t0, user=False)

@@ -60,13 +60,15 @@ def test_methods_and_ppo_storyworld_smoke(tmp_path):
     assert summary["rows"][0]["win_rate_by_world"] == {"0": seeds["win_rate_median"]}
     table = (tmp_path / "table.md").read_text()
     assert table.count("\n") == 2 + 7 and "ceiling" in table
-    # --oracle-only on the finished world: a new ceiling run, everything else of the report kept as it was.
-    (world / "ppo-oracle" / "metrics.json").unlink()
+    # --oracle-only on the finished world: new ceiling runs (PPO's, and GRPO's, as the world ran GRPO), everything else
+    # of the report kept as it was.
+    (world / "ppo-oracle" / "metrics.json").unlink(), (world / "grpo-oracle" / "metrics.json").unlink()
     run_bench("ppo_storyworld.py", "--smoke", "--out", str(world), "--seed", "0", "--oracle-only", timeout=600)
     again = json.loads((world / "report.json").read_text())
     assert again["methods"] == report["methods"] and again["ppo"] == report["ppo"] and again["seeds"] == report["seeds"]
     assert {k: again["phases"][k] for k in user} == {k: report["phases"][k] for k in user} and again["minutes"] == report["minutes"]  # steps reused, minutes kept
     assert (world / "ppo-oracle" / "metrics.json").exists() and 0.0 <= again["oracle"]["win_rate_vs_sft"] <= 1.0
+    assert (world / "grpo-oracle" / "metrics.json").exists() and 0.0 <= again["oracle_grpo"]["win_rate_vs_sft"] <= 1.0
     # A world with fewer runs than --seeds gets the missing ones added (--add-seeds), the rest kept.
     again["methods"]["ppo"], again["methods"]["dpo"] = again["methods"]["ppo"][:1], again["methods"]["dpo"][:1]
     (world / "report.json").write_text(json.dumps(again))
@@ -83,18 +85,30 @@ def test_methods_and_ppo_storyworld_smoke(tmp_path):
     ens = probe["ensemble"]
     assert ens["pairs"] <= probe["policy_test_pairs"] and (ens["pairs"] == 0 or ens["ensemble"] == ens["rm"])  # one member: the ensemble is it
     # The two-round DPO methods, added to the finished world without another PPO run: iterative DPO ranked by the
-    # reward (rlhf.online_dpo), and a round of simulated votes on the DPO policy's samples; both start from dpo-seed-0.
-    run_bench("ppo_storyworld.py", "--smoke", "--out", str(world), "--seed", "0", "--add-seeds", "--no-ppo", "--methods", "dpo_online,dpo_round2",
-              "--ppo-seeds", "1", timeout=600)  # fmt: skip
+    # reward (rlhf.online_dpo), and a round of simulated votes on the DPO policy's samples, used alone from dpo-seed-0
+    # (dpo_round2) or joined to the project's votes, from SFT (dpo_union).
+    run_bench("ppo_storyworld.py", "--smoke", "--out", str(world), "--seed", "0", "--add-seeds", "--no-ppo", "--methods",
+              "dpo_online,dpo_round2,dpo_union", "--ppo-seeds", "1", timeout=900)  # fmt: skip
     two = json.loads((world / "report.json").read_text())
     assert two["methods"]["ppo"] == added["methods"]["ppo"] and two["methods"]["dpo"] == added["methods"]["dpo"]
-    for method in ("dpo_online", "dpo_round2"):
+    for method in ("dpo_online", "dpo_round2", "dpo_union"):
         (run,) = two["methods"][method]
         assert run["seed"] == 0 and run["round2_pairs"] > 0 and 0.0 <= run["win_rate_vs_sft"] <= 1.0, method
         assert run["train_minutes"] >= two["methods"]["dpo"][0]["train_minutes"]  # round 1 counts too
     online = json.loads((world / "dpo-online-seed-0" / "metrics.json").read_text())
     assert online["rounds"][0]["pairs"] == two["methods"]["dpo_online"][0]["round2_pairs"]
     assert json.loads((world / "dpo-round2-seed-0" / "storypref_policy.json").read_text())["sft_adapter"] == str((world / "dpo-seed-0").resolve())
+    union = json.loads((world / "dpo-union-seed-0" / "storypref_policy.json").read_text())
+    assert union["base"] == str((world / "sft").resolve()) and union["sft_adapter"] is None  # from SFT again, not from round 1
+    round3 = len((world / "trl-dpo-seed-0" / "train.jsonl").read_text().splitlines())  # round 3's votes alone (dpo_round2's data)
+    assert two["methods"]["dpo_union"][0]["round2_pairs"] > max(two["export"]["train"], round3)  # the export of rounds 1 and 2 with them
+    # A reward model on all three rounds (--rm-only --rm-data), judged with the run's own on the new round's held-out pairs.
+    run_bench("ppo_storyworld.py", "--smoke", "--out", str(world), "--seed", "0", "--rm-only", "rm-union", "--rm-data", "trl-union-seed-0", timeout=600)
+    rm_union = json.loads((world / "rm-union" / "bench.json").read_text())
+    assert rm_union["data"] == "trl-union-seed-0" and rm_union["train_pairs"] == two["methods"]["dpo_union"][0]["round2_pairs"]
+    for judge in ("this", "run_rm"):
+        agreement = rm_union["new_round_pairs"][judge]["human_vs_annotators"]
+        assert agreement["pairs"] == 0 or 0.0 <= agreement["human"] <= 1.0, judge
 
 
 def test_hidden_utility_blind_to_shapes(tmp_path):
