@@ -20,6 +20,8 @@ kept; one with fewer runs per method than `--seeds` gets the missing seeds added
   the DPO policy on those pairs alone: the loop closed once more, with people ranking;
 - **DPO on all three rounds** (`dpo_union`): the same new votes added to the project's database, as
   a user's third round would be, and `rlhf.dpo` from the SFT policy again on the export of all of them;
+- **GRPO with a reward model on all three rounds** (`grpo_union`): the same export trains a new reward
+  model, and GRPO runs from the SFT policy with it;
 - **best-of-8**: 8 SFT samples per held-out scene, the reward model keeps one: no training.
 
 With `--oracle` (the default) PPO and GRPO also run on the hidden utility itself: the ceiling of each
@@ -42,7 +44,7 @@ import time
 from pathlib import Path
 
 REPO = Path(__file__).resolve().parents[1]
-METHODS = ("ppo", "grpo", "rloo", "dpo", "dpo_long", "dpo_online", "dpo_round2", "dpo_union", "best_of")
+METHODS = ("ppo", "grpo", "rloo", "dpo", "dpo_long", "dpo_online", "dpo_round2", "dpo_union", "grpo_union", "best_of")
 
 
 def summarize(runs: list[dict], key: str) -> float | None:

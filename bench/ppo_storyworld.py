@@ -63,7 +63,7 @@ SMOKE = {"items": 60, "sft_epochs": 2, "gen_items": 30, "samples_per_item": 3, "
          "clip_epochs": 2, "vit_steps": 20, "vit_fresh_scenes": 50, "vit_patch_weight": 1.0, "rollout": 8, "mini": 4, "temperature": 1.0, "ppo_lr": 3e-4, "grammar_round": True,
          "rm_backbone": "clip-fusion", "kl_coef": 0.12, "rm_length_control": True, "rm_length_decorrelation": 0.2, "rm_sentence_alignment": False, "rm_lr": 1e-3, "rm_text_tuning": "lora", "rm_fusion_layers": 0, "rm_batch_size": 8, "rm_bf16": True, "rm_use_images": True, "reward_weights": "human=1,clip=0.3,coherence=0.2,repetition=0.1,style=0.2", "lr_schedule": "linear",
         "dpo_epochs": 1, "dpo_lr": 5e-4}  # fmt: skip
-METHODS = ("grpo", "rloo", "dpo", "dpo_long", "dpo_online", "dpo_round2", "dpo_union", "best_of")
+METHODS = ("grpo", "rloo", "dpo", "dpo_long", "dpo_online", "dpo_round2", "dpo_union", "grpo_union", "best_of")
 PPO_TABLE = ("win_rate_vs_sft", "utility_ppo", "kl_to_sft", "train_minutes")  # what a PPO run puts in the method table
 KL_HORIZON = 300  # a horizon of 1,920 episodes / ~6, so that β can act within the run
 
@@ -325,7 +325,8 @@ def main() -> None:
                         "grpo, rloo (rlhf.ppo --advantage, 4 samples per prompt), dpo (rlhf.dpo on the export), dpo_long (the same, "
                         "twice the epochs), dpo_online (rlhf.online_dpo: one round on the DPO policy's samples ranked by the composite "
                         "reward), dpo_round2 (a round of simulated votes on the DPO policy's samples, then rlhf.dpo from it), dpo_union (the "
-                        "same votes added to the project's database, then rlhf.dpo from SFT on the export of all rounds), best_of "
+                        "same votes added to the project's database, then rlhf.dpo from SFT on the export of all rounds), grpo_union "
+                        "(a reward model on that export of all rounds, then GRPO from SFT with it), best_of "
                         "(best of 8 SFT samples by the reward model), or all; report.json's `methods` (bench/methods_storyworld.py "
                         "tabulates them)")
     p.add_argument("--rm-only", metavar="NAME",
@@ -609,6 +610,35 @@ def main() -> None:
         train_dpo(str(sft_dir), str(out / "trl"), str(first), seed, s["dpo_epochs"])
         return first, (time.perf_counter() - t0) / 60
 
+    def third_round(first: Path, seed: int, k: int, union: bool):
+        """A third round of simulated votes, on the policy `first`'s own samples (4 on each annotated scene), and its TRL export:
+        the new votes alone (trl-dpo-seed-K), or (`union`) added to a copy of the project's database, as a user's third round
+        would be, and the export of all three rounds (trl-union-seed-K). Returns the export's dir and stats."""
+        sampled = out / f"generated-dpo-seed-{k}.jsonl"
+        generate(GenerateConfig(policy=str(first), items=str(out / "gen-items.jsonl"), per_item=s["samples_per_item"],
+                                temperature=s["temperature"], out=str(sampled), device="cpu", seed=seed))  # fmt: skip
+        AcceleratorState._reset_state(True)
+        candidates = {}
+        for g in map(json.loads, sampled.open()):  # the policy's new samples only (the file also holds the world's own candidates)
+            known = {c["text"] for c in world[g["external_id"]]["candidates"]}
+            texts = list(dict.fromkeys(c["text"] for c in g["candidates"] if c["text"] not in known))  # each distinct story once
+            candidates[g["external_id"]] = [{"text": x, "origin": "policy", "utility": hidden_utility(world, g["external_id"], x)} for x in texts]
+        round3 = annotation_round(f"world-dpo-seed-{k}", candidates, seed + 2, tally=False)
+        tag = "union" if union else "dpo"
+        db = out / f"prefs-{tag}-seed-{k}.db"
+        db.unlink(missing_ok=True)
+        if union:
+            import sqlite3
+
+            source, copy = sqlite3.connect(out / "prefs.db"), sqlite3.connect(db)
+            source.backup(copy)
+            source.close(), copy.close()
+        _, factory = open_db(f"sqlite:///{db}")
+        ingest(factory, str(out / f"prefs-{round3.name}.jsonl"), "storyworld", media_root=out / "media")
+        with factory() as session:
+            stats = export(session, out / f"trl-{tag}-seed-{k}", "trl", aggregate="majority", test_fraction=0.1)
+        return out / f"trl-{tag}-seed-{k}", stats
+
     def run_method(method: str, seed: int, k: int) -> dict:
         """One run of a method other than PPO, evaluated as PPO is: greedy stories on the held-out scenes."""
         t0 = time.perf_counter()
@@ -644,40 +674,34 @@ def main() -> None:
         elif method in ("dpo_round2", "dpo_union"):  # the loop closed once more: the DPO policy's own samples, annotated, then DPO again
             first, trained = dpo_first_round(seed, k)
             t1 = time.perf_counter()
-            sampled = out / f"generated-dpo-seed-{k}.jsonl"
-            generate(GenerateConfig(policy=str(first), items=str(out / "gen-items.jsonl"), per_item=s["samples_per_item"],
-                                    temperature=s["temperature"], out=str(sampled), device="cpu", seed=seed))  # fmt: skip
-            AcceleratorState._reset_state(True)
-            candidates = {}
-            for g in map(json.loads, sampled.open()):  # the policy's new samples only (the file also holds the world's own candidates)
-                known = {c["text"] for c in world[g["external_id"]]["candidates"]}
-                texts = list(dict.fromkeys(c["text"] for c in g["candidates"] if c["text"] not in known))  # each distinct story once
-                candidates[g["external_id"]] = [{"text": x, "origin": "policy", "utility": hidden_utility(world, g["external_id"], x)} for x in texts]
-            round3 = annotation_round(f"world-dpo-seed-{k}", candidates, seed + 2, tally=False)
-            # dpo_round2: the new votes alone, and DPO from the DPO policy (its reference); dpo_union: the new votes join the project's
-            # database, as a user's third round would, and DPO starts again from SFT on the export of all three rounds
-            tag = "dpo" if method == "dpo_round2" else "union"
-            db = out / f"prefs-{tag}-seed-{k}.db"
-            db.unlink(missing_ok=True)
-            if method == "dpo_union":
-                import sqlite3
-
-                source, copy = sqlite3.connect(out / "prefs.db"), sqlite3.connect(db)
-                source.backup(copy)
-                source.close(), copy.close()
-            _, factory = open_db(f"sqlite:///{db}")
-            ingest(factory, str(out / f"prefs-{round3.name}.jsonl"), "storyworld", media_root=out / "media")
-            with factory() as session:
-                stats = export(session, out / f"trl-{tag}-seed-{k}", "trl", aggregate="majority", test_fraction=0.1)
+            # dpo_round2: the new votes alone, and DPO from the DPO policy (its reference); dpo_union: DPO from SFT again on all three rounds
+            data, stats = third_round(first, seed, k, union=method == "dpo_union")
             name = str(out / f"{method.replace('_', '-')}-seed-{k}")
             # (batches of 16; fewer where the round has fewer decisive pairs: --smoke's word salad is mostly called a tie)
             start = first if method == "dpo_round2" else sft_dir
-            metrics = train_dpo(str(start), str(out / f"trl-{tag}-seed-{k}"), name, seed, s["dpo_epochs"], batch_size=min(16, max(stats.train, 1)))
+            metrics = train_dpo(str(start), str(data), name, seed, s["dpo_epochs"], batch_size=min(16, max(stats.train, 1)))
             trained += (time.perf_counter() - t1) / 60
             stories = greedy(name, held_out, 160)
             r = {**compare(world, held_out, sft_stories, stories), "kl_to_sft": round(kl_to_reference(name, held_out, 160, s["temperature"], seed), 3),
                  "train_minutes": round(trained, 2), "eval_rewards_accuracies": metrics.get("eval_rewards_accuracies"),
                  "round2_pairs": stats.train}  # fmt: skip
+        elif method == "grpo_union":  # GRPO from SFT with a reward model trained on all three rounds (round 3: votes on the DPO policy's samples)
+            first, trained = dpo_first_round(seed, k)
+            t1 = time.perf_counter()
+            data, stats = third_round(first, seed, k, union=True)
+            rm3 = out / f"rm-union-seed-{k}"
+            if (rm3 / "bench.json").exists():  # trained already (--rm-only rm-union-seed-K --rm-data trl-union-seed-K): its minutes count
+                trained += (time.perf_counter() - t1) / 60 + json.loads((rm3 / "bench.json").read_text())["train_minutes"]
+            else:
+                from dataclasses import replace
+
+                train_rm(replace(fusion_rm_config(out, rm3, s, seed, args.smoke), data=str(data)))
+                AcceleratorState._reset_state(True)
+                trained += (time.perf_counter() - t1) / 60
+            r = run_ppo(f"grpo-union-seed-{k}", advantage="grpo", samples_per_prompt=4, kl_in="loss", seed=seed, reward_model=str(rm3))
+            r["train_minutes"] = round(r["train_minutes"] + trained, 2)
+            r["round2_pairs"] = stats.train
+            stories = None
         else:  # best of 8 SFT samples at PPO's temperature, picked by the reward model: reranking at inference, no training
             import torch
 
