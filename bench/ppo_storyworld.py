@@ -366,6 +366,8 @@ def main() -> None:
         p.error("--no-ppo: give --methods to run instead (and no --ablations or --oracle-only, which compare against the main PPO run)")
     if args.oracle_only and set(methods) - {"grpo"}:
         p.error(f"--oracle-only: only PPO's and GRPO's ceilings are run; --methods {args.methods} names {sorted(set(methods) - {'grpo'})}")
+    if args.rm_data != "trl" and not args.rm_only:
+        p.error(f"--rm-data {args.rm_data}: it says what --rm-only trains on; give --rm-only NAME too")
     if args.diagnose_only:
         diagnose_only(args.out)
         return
