@@ -634,7 +634,8 @@ def main() -> None:
 
             source, copy = sqlite3.connect(out / "prefs.db"), sqlite3.connect(db)
             source.backup(copy)
-            source.close(), copy.close()
+            source.close()
+            copy.close()
         _, factory = open_db(f"sqlite:///{db}")
         ingest(factory, str(out / f"prefs-{round3.name}.jsonl"), "storyworld", media_root=out / "media")
         with factory() as session:
@@ -686,7 +687,7 @@ def main() -> None:
             stories = greedy(name, held_out, 160)
             r = {**compare(world, held_out, sft_stories, stories), "kl_to_sft": round(kl_to_reference(name, held_out, 160, s["temperature"], seed), 3),
                  "train_minutes": round(trained, 2), "eval_rewards_accuracies": metrics.get("eval_rewards_accuracies"),
-                 "round2_pairs": stats.train}  # fmt: skip
+                 ("round2_pairs" if method == "dpo_round2" else "train_pairs"): stats.train}  # fmt: skip
         elif method == "grpo_union":  # GRPO from SFT with a reward model trained on all three rounds (round 3: votes on the DPO policy's samples)
             first, trained = dpo_first_round(seed, k)
             t1 = time.perf_counter()
@@ -702,7 +703,7 @@ def main() -> None:
                 trained += (time.perf_counter() - t1) / 60
             r = run_ppo(f"grpo-union-seed-{k}", advantage="grpo", samples_per_prompt=4, kl_in="loss", seed=seed, reward_model=str(rm3))
             r["train_minutes"] = round(r["train_minutes"] + trained, 2)
-            r["round2_pairs"] = stats.train
+            r["train_pairs"] = stats.train  # the reward model's: all three rounds
             stories = None
         else:  # best of 8 SFT samples at PPO's temperature, picked by the reward model: reranking at inference, no training
             import torch
@@ -729,7 +730,7 @@ def main() -> None:
         if stories is not None:
             r["components_ppo"] = component_means(world, held_out, stories)
         keep = ("win_rate_vs_sft", "utility_ppo", "kl_to_sft", "train_minutes", "inference_minutes", "eval_rewards_accuracies", "components_ppo",
-                "round2_pairs")
+                "round2_pairs", "train_pairs")
         return {key: r[key] for key in keep if r.get(key) is not None} | {"seed": seed}
 
     t0 = time.perf_counter()

@@ -93,22 +93,23 @@ def test_methods_and_ppo_storyworld_smoke(tmp_path):
     assert two["methods"]["ppo"] == added["methods"]["ppo"] and two["methods"]["dpo"] == added["methods"]["dpo"]
     for method in ("dpo_online", "dpo_round2", "dpo_union", "grpo_union"):
         (run,) = two["methods"][method]
-        assert run["seed"] == 0 and run["round2_pairs"] > 0 and 0.0 <= run["win_rate_vs_sft"] <= 1.0, method
+        pairs = run["train_pairs"] if method.endswith("_union") else run["round2_pairs"]  # the union methods train on all rounds
+        assert run["seed"] == 0 and pairs > 0 and 0.0 <= run["win_rate_vs_sft"] <= 1.0, method
         assert run["train_minutes"] >= two["methods"]["dpo"][0]["train_minutes"]  # round 1 counts too
     online = json.loads((world / "dpo-online-seed-0" / "metrics.json").read_text())
     assert online["rounds"][0]["pairs"] == two["methods"]["dpo_online"][0]["round2_pairs"]
     assert json.loads((world / "dpo-round2-seed-0" / "storypref_policy.json").read_text())["sft_adapter"] == str((world / "dpo-seed-0").resolve())
     grpo3 = json.loads((world / "grpo-union-seed-0" / "ppo_config.json").read_text())  # GRPO from SFT, rewarded by the reward model of all rounds
     assert grpo3["reward_model"] == str(world / "rm-union-seed-0") and grpo3["advantage"] == "grpo" and grpo3["policy"] == str(world / "sft")
-    assert json.loads((world / "rm-union-seed-0" / "metrics.json").read_text())["train_pairs"] == two["methods"]["grpo_union"][0]["round2_pairs"]
+    assert json.loads((world / "rm-union-seed-0" / "metrics.json").read_text())["train_pairs"] == two["methods"]["grpo_union"][0]["train_pairs"]
     union = json.loads((world / "dpo-union-seed-0" / "storypref_policy.json").read_text())
     assert union["base"] == str((world / "sft").resolve()) and union["sft_adapter"] is None  # from SFT again, not from round 1
     round3 = len((world / "trl-dpo-seed-0" / "train.jsonl").read_text().splitlines())  # round 3's votes alone (dpo_round2's data)
-    assert two["methods"]["dpo_union"][0]["round2_pairs"] > max(two["export"]["train"], round3)  # the export of rounds 1 and 2 with them
+    assert two["methods"]["dpo_union"][0]["train_pairs"] > max(two["export"]["train"], round3)  # the export of rounds 1 and 2 with them
     # A reward model on all three rounds (--rm-only --rm-data), judged with the run's own on the new round's held-out pairs.
     run_bench("ppo_storyworld.py", "--smoke", "--out", str(world), "--seed", "0", "--rm-only", "rm-union", "--rm-data", "trl-union-seed-0", timeout=600)
     rm_union = json.loads((world / "rm-union" / "bench.json").read_text())
-    assert rm_union["data"] == "trl-union-seed-0" and rm_union["train_pairs"] == two["methods"]["dpo_union"][0]["round2_pairs"]
+    assert rm_union["data"] == "trl-union-seed-0" and rm_union["train_pairs"] == two["methods"]["dpo_union"][0]["train_pairs"]
     for judge in ("this", "run_rm"):
         agreement = rm_union["new_round_pairs"][judge]["human_vs_annotators"]
         assert agreement["pairs"] == 0 or 0.0 <= agreement["human"] <= 1.0, judge
