@@ -12,6 +12,7 @@ kept; one with fewer runs per method than `--seeds` gets the missing seeds added
 - **GRPO** and **RLOO**: `rlhf.ppo --advantage grpo|rloo --samples_per_prompt 4` (GRPO with its KL
   as a k3 loss term, RLOO with the KL in the reward), everything else the same;
 - **DPO**: `rlhf.dpo` on the export (conservative DPO, β 0.1, ε 0.1), no reward model, no sampling;
+  **DPO on the votes' shares** (`dpo_soft`, `--aggregate soft`): a 2-to-1 pair's target is ⅔;
   **DPO, twice the epochs** (`dpo_long`): the control for the two-round methods' extra steps;
 - **iterative DPO** (`dpo_online`): `rlhf.online_dpo`, one round from the DPO policy on its own
   samples (4 on each of the 500 annotated scenes), best against worst by the composite reward;
@@ -44,7 +45,7 @@ import time
 from pathlib import Path
 
 REPO = Path(__file__).resolve().parents[1]
-METHODS = ("ppo", "grpo", "rloo", "dpo", "dpo_long", "dpo_online", "dpo_round2", "dpo_union", "grpo_union", "best_of")
+METHODS = ("ppo", "grpo", "rloo", "dpo", "dpo_soft", "dpo_long", "dpo_online", "dpo_round2", "dpo_union", "grpo_union", "best_of")
 
 
 def summarize(runs: list[dict], key: str) -> float | None:

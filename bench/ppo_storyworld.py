@@ -58,12 +58,12 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 FULL = {"items": 1200, "sft_epochs": 12, "gen_items": 500, "samples_per_item": 4, "rm_epochs": 1, "iterations": 60, "held_out": 150,
         "clip_epochs": 8, "vit_steps": 360, "vit_fresh_scenes": 0, "vit_patch_weight": 0.0, "rollout": 32, "mini": 8, "temperature": 0.7, "ppo_lr": 1e-4,
         "grammar_round": True, "rm_backbone": "clip-fusion", "kl_coef": 0.12, "rm_length_control": True, "rm_length_decorrelation": 0.2, "rm_sentence_alignment": False, "rm_lr": 1e-3, "rm_text_tuning": "lora", "rm_fusion_layers": 0, "rm_batch_size": 8, "rm_bf16": True, "rm_use_images": True, "reward_weights": "human=1,clip=0.3,coherence=0.2,repetition=0.1,style=0.2", "lr_schedule": "linear",
-        "dpo_epochs": 1, "dpo_lr": 5e-4}  # fmt: skip
+        "dpo_epochs": 1, "dpo_lr": 5e-4, "dpo_beta": 0.1}  # fmt: skip
 SMOKE = {"items": 60, "sft_epochs": 2, "gen_items": 30, "samples_per_item": 3, "rm_epochs": 1, "iterations": 3, "held_out": 12,
          "clip_epochs": 2, "vit_steps": 20, "vit_fresh_scenes": 50, "vit_patch_weight": 1.0, "rollout": 8, "mini": 4, "temperature": 1.0, "ppo_lr": 3e-4, "grammar_round": True,
          "rm_backbone": "clip-fusion", "kl_coef": 0.12, "rm_length_control": True, "rm_length_decorrelation": 0.2, "rm_sentence_alignment": False, "rm_lr": 1e-3, "rm_text_tuning": "lora", "rm_fusion_layers": 0, "rm_batch_size": 8, "rm_bf16": True, "rm_use_images": True, "reward_weights": "human=1,clip=0.3,coherence=0.2,repetition=0.1,style=0.2", "lr_schedule": "linear",
-        "dpo_epochs": 1, "dpo_lr": 5e-4}  # fmt: skip
-METHODS = ("grpo", "rloo", "dpo", "dpo_long", "dpo_online", "dpo_round2", "dpo_union", "grpo_union", "best_of")
+        "dpo_epochs": 1, "dpo_lr": 5e-4, "dpo_beta": 0.1}  # fmt: skip
+METHODS = ("grpo", "rloo", "dpo", "dpo_soft", "dpo_long", "dpo_online", "dpo_round2", "dpo_union", "grpo_union", "best_of")
 PPO_TABLE = ("win_rate_vs_sft", "utility_ppo", "kl_to_sft", "train_minutes")  # what a PPO run puts in the method table
 KL_HORIZON = 300  # a horizon of 1,920 episodes / ~6, so that β can act within the run
 
@@ -322,7 +322,7 @@ def main() -> None:
                         "(report.json's diagnosis_policy_pairs)")
     p.add_argument("--methods", default="", metavar="LIST",
                    help="also these methods on the same world, SFT policy, export and reward model, each with --ppo-seeds seeds: "
-                        "grpo, rloo (rlhf.ppo --advantage, 4 samples per prompt), dpo (rlhf.dpo on the export), dpo_long (the same, "
+                        "grpo, rloo (rlhf.ppo --advantage, 4 samples per prompt), dpo (rlhf.dpo on the export), dpo_soft (the same, each pair's target its share of the votes), dpo_long (the same, "
                         "twice the epochs), dpo_online (rlhf.online_dpo: one round on the DPO policy's samples ranked by the composite "
                         "reward), dpo_round2 (a round of simulated votes on the DPO policy's samples, then rlhf.dpo from it), dpo_union (the "
                         "same votes added to the project's database, then rlhf.dpo from SFT on the export of all rounds), grpo_union "
@@ -593,12 +593,13 @@ def main() -> None:
         AcceleratorState._reset_state(True)
         return result
 
-    def train_dpo(policy: str, data: str, name: str, seed: int, epochs: int, batch_size: int = 16) -> dict:
-        """`rlhf.dpo` as the method table runs it: conservative DPO (β 0.1, ε 0.1) with the bench's epochs and learning rate."""
+    def train_dpo(policy: str, data: str, name: str, seed: int, epochs: int, batch_size: int = 16, aggregate: str = "majority") -> dict:
+        """`rlhf.dpo` as the method table runs it: conservative DPO (ε 0.1) with the bench's β, epochs and learning rate
+        (`aggregate` soft: each pair's target is its share of the votes)."""
         from rlhf.dpo import DPOConfig
         from rlhf.dpo import train as dpo
 
-        _, metrics = dpo(DPOConfig(policy=policy, data=data, output_dir=name, beta=0.1, label_smoothing=0.1, epochs=epochs, lr=s["dpo_lr"],
+        _, metrics = dpo(DPOConfig(policy=policy, data=data, output_dir=name, aggregate=aggregate, beta=s["dpo_beta"], label_smoothing=0.1, epochs=epochs, lr=s["dpo_lr"],
                                    batch_size=batch_size, max_length=160, seed=seed, device="cpu", save_steps=10_000, logging_steps=20))  # fmt: skip
         AcceleratorState._reset_state(True)
         return metrics
@@ -648,9 +649,10 @@ def main() -> None:
         if method in ("grpo", "rloo"):  # 8 prompts × 4 stories per rollout; GRPO's KL as a k3 loss term, RLOO's in the reward, as their papers do
             r = run_ppo(f"{method}-seed-{k}", advantage=method, samples_per_prompt=4, kl_in="loss" if method == "grpo" else "reward", seed=seed)
             stories = None
-        elif method in ("dpo", "dpo_long"):  # offline, on the export of both annotation rounds; conservative DPO for annotators who agree ~75% of the time
-            name = str(out / f"{method.replace('_', '-')}-seed-{k}")
-            metrics = train_dpo(str(sft_dir), str(out / "trl"), name, seed, s["dpo_epochs"] * (2 if method == "dpo_long" else 1))
+        elif method in ("dpo", "dpo_soft", "dpo_long"):  # offline, on the export of both annotation rounds; conservative DPO for annotators who agree ~75% of the time
+            name = str(out / f"{method.replace('_', '-')}-seed-{k}")  # dpo_soft: a 2-to-1 pair's target is ⅔, a unanimous one's 1 − ε
+            metrics = train_dpo(str(sft_dir), str(out / "trl"), name, seed, s["dpo_epochs"] * (2 if method == "dpo_long" else 1),
+                                aggregate="soft" if method == "dpo_soft" else "majority")  # fmt: skip
             trained = (time.perf_counter() - t0) / 60
             stories = greedy(name, held_out, 160)
             r = {**compare(world, held_out, sft_stories, stories), "kl_to_sft": round(kl_to_reference(name, held_out, 160, s["temperature"], seed), 3),
@@ -665,7 +667,7 @@ def main() -> None:
             _, metrics = online_dpo(OnlineDPOConfig(
                 policy=str(first), prompts=str(out / "gen-items.jsonl"), output_dir=name, rounds=1, samples_per_prompt=s["samples_per_item"],
                 temperature=s["temperature"], reward_weights=s["reward_weights"], reward_model=str(rm_dir), clip_model=str(out / "clip"),
-                sentence_model=minilm, style_descriptions=str(out / "styles.json"), cache_dir=str(out / "clip-cache"), beta=0.1,
+                sentence_model=minilm, style_descriptions=str(out / "styles.json"), cache_dir=str(out / "clip-cache"), beta=s["dpo_beta"],
                 label_smoothing=0.1, epochs=s["dpo_epochs"], lr=s["dpo_lr"], batch_size=16, max_length=160, seed=seed, device="cpu",
                 save_steps=10_000, logging_steps=20))  # fmt: skip
             AcceleratorState._reset_state(True)

@@ -8,6 +8,11 @@
   votes for the winner, ties counting half) or `"none"` (every vote is a pair);
 * a Hugging Face `DatasetDict` saved with `save_to_disk` (images as `datasets.Image`).
 
+A TRL or HF export holds one row per comparison, already aggregated: its decisive rows are targets
+of 1, unless `aggregate="soft"`, which takes each row's `agreement` (the share of the comparison's
+votes for the chosen story, written by `annotate.export`) as its target, so a 2-to-1 pair counts for
+less than a unanimous one.
+
 Everything becomes `PreferencePair`s. Without a test split the data is split by item
 (deterministically, by the item's images), so no image is on both sides. Bad data stops with the
 file, the line and the fix: an empty set, a set without a single decisive pair, a missing image.
@@ -118,17 +123,24 @@ def _jsonl(path: Path):
                     raise DataError(f"{path}:{lineno}: malformed JSON ({e.msg}); each line must be one JSON object") from None
 
 
-def _trl_row(row: dict, base: Path, where: str) -> PreferencePair:
+def _trl_row(row: dict, base: Path, where: str, soft: bool = False) -> PreferencePair:
     for key in ("prompt", "chosen", "rejected"):
         if key not in row:
             raise DataError(f"{where}: missing `{key}`; TRL preference rows need prompt, chosen and rejected")
     tie = bool(row.get("tie"))
+    target = 0.5 if tie else 1.0
+    if soft and not tie:  # the share of the comparison's votes that chose `chosen` (annotate.export's `agreement`)
+        share = row.get("agreement")
+        if isinstance(share, bool) or not isinstance(share, int | float) or not 0.0 < share <= 1.0:
+            raise DataError(f"{where}: aggregate soft takes each pair's target from `agreement` (the share of votes for the chosen "
+                            f"story, in (0, 1]), got {share!r}; export with annotate.export, which writes it, or use aggregate majority")  # fmt: skip
+        target = max(0.5, float(share))
     return PreferencePair(
         images=_images(row.get("images") or ([row["image"]] if row.get("image") else []), base, where),
         prompt=_message_text(row["prompt"]),
         chosen=_message_text(row["chosen"]),
         rejected=_message_text(row["rejected"]),
-        target=0.5 if tie else 1.0,
+        target=target,
         margin=float(row.get("margin") or 0.0),
         aspects=row["aspects"] if isinstance(row.get("aspects"), dict) else json.loads(row.get("aspects") or "{}"),
         item_id=str(row.get("item_id") or ""),
@@ -283,10 +295,11 @@ def load_preferences(
     if aggregate not in ("majority", "soft", "none"):
         raise DataError(f"unknown aggregate rule {aggregate!r}; use majority, soft or none")
     fmt = detect_format(path)
+    soft = aggregate == "soft"  # TRL and HF rows: the target is the row's `agreement`
     test: list[PreferencePair] | None = None
     if fmt == "trl":
         files = [path / "train.jsonl", path / "test.jsonl"] if path.is_dir() else [path]
-        loaded = [[_trl_row(row, f.parent, f"{f}:{n}") for n, row in _jsonl(f)] if f.exists() else None for f in files]
+        loaded = [[_trl_row(row, f.parent, f"{f}:{n}", soft) for n, row in _jsonl(f)] if f.exists() else None for f in files]
         train, test = loaded[0], (loaded[1] if len(loaded) > 1 else None)
     elif fmt == "pairs":
         train = _pairs(path, aggregate)
@@ -295,11 +308,13 @@ def load_preferences(
 
         dd = datasets.load_from_disk(str(path))
         splits = dd if isinstance(dd, datasets.DatasetDict) else {"train": dd}
-        rows = {name: [_trl_row(r, path, f"{path}[{name}][{i}]") for i, r in enumerate(ds)] for name, ds in splits.items()}
+        rows = {name: [_trl_row(r, path, f"{path}[{name}][{i}]", soft) for i, r in enumerate(ds)] for name, ds in splits.items()}
         train, test = rows.get("train", []), rows.get("test")
     message = f"found {fmt} data in {path}"
     if fmt == "pairs":
         message += f" (votes aggregated by comparison: {aggregate})"
+    elif soft:
+        message += " (targets: each pair's share of votes, from `agreement`)"
     if not test:
         train, test = split_by_item(train, test_fraction)
         message += f"; no test split, so {len(test)} pairs of {test_fraction:.0%} of the items were held out"

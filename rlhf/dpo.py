@@ -18,7 +18,8 @@ story's tokens and its EOS.
 Losses (`rlhf.losses.dpo_loss`): `sigmoid` (DPO), `ipo` (Azar et al., 2023), and conservative DPO
 (`--label_smoothing ε`, for annotators who agree with each other about 1 − ε of the time;
 storyworld's simulated ones, about 0.75). A tie trains toward equal log-ratios (a soft target of
-½), and a soft vote share (`--aggregate soft`) is its own target, as in the reward model;
+½), and a soft vote share (`--aggregate soft`, from per-vote pairs or a TRL/HF export's
+`agreement`) is its own target, as in the reward model: a 2-to-1 pair pulls toward ⅔, not 1 − ε;
 `--skip_ties` leaves ties out.
 
 Segment-level DPO (`--span_weight γ`): where annotators marked words (span marks), the rejected
@@ -58,7 +59,8 @@ class DPOConfig:
                                                     "JSONL), or a saved HF dataset"})  # fmt: skip
     output_dir: str = field(default="runs/dpo", metadata={"help": "adapter, checkpoints and logs"})
     sft_adapter: str | None = field(default=None, metadata={"help": "an SFT LoRA adapter to merge first (it becomes the reference)"})
-    aggregate: str = field(default="majority", metadata={"help": "pairs JSONL only: how votes on a comparison combine: majority | soft | none"})
+    aggregate: str = field(default="majority", metadata={"help": "how votes on a comparison become a target: majority | soft | none (pairs "
+                                                                  "JSONL); soft on a TRL/HF export reads each row's `agreement`"})  # fmt: skip
     loss_type: str = field(default="sigmoid", metadata={"help": "sigmoid (DPO) | ipo"})
     beta: float = field(default=0.1, metadata={"help": "β: how far from the reference the policy may move (higher: closer)"})
     label_smoothing: float = field(default=0.0, metadata={"help": "conservative DPO's ε in [0, 0.5): the share of labels taken to be flipped"})

@@ -313,13 +313,13 @@ def dpo_loss(chosen_logratios: torch.Tensor, rejected_logratios: torch.Tensor, b
 
     * sigmoid (Rafailov et al., 2023): −log σ(β·(ρ_c − ρ_r)), as a binary cross-entropy against
       `target` = P(chosen ≻ rejected) (default 1; a tie 0.5; a vote share in between).
-    * `label_smoothing` ε > 0 with sigmoid is conservative DPO (Mitchell, 2023): decisive targets
+    * `label_smoothing` ε > 0 with sigmoid is conservative DPO (Mitchell, 2023): targets of 1
       become 1 − ε, −(1−ε)·log σ(βΔ) − ε·log σ(−βΔ), for labels right about 1 − ε of the time.
     * ipo (Azar et al., 2023): (Δ̄ − (2p − 1)/(2β))², Δ̄ the difference of the per-token mean
       log-ratios (TRL's normalization; needs `chosen_tokens` and `rejected_tokens`), p the target.
 
     Returns (mean loss, stats): the implicit rewards β·ρ of each side, their margin and the share of
-    decisive pairs the implicit reward orders right.
+    decisive pairs (target above ½) the implicit reward orders right.
 
     >>> round(dpo_loss(torch.tensor([1.0]), torch.tensor([0.0]), beta=1.0)[0].item(), 4)  # −log σ(1)
     0.3133
@@ -328,11 +328,11 @@ def dpo_loss(chosen_logratios: torch.Tensor, rejected_logratios: torch.Tensor, b
     if target is None:
         target = torch.ones_like(delta)
     target = target.to(delta.dtype)
-    decisive = target >= 1
+    decisive = target > 0.5  # chosen preferred: unanimous (1) or by a vote share (soft); a tie is ½
     if label_smoothing:
         if not 0.0 <= label_smoothing < 0.5:
             raise ValueError(f"label_smoothing {label_smoothing}: use a value in [0, 0.5)")
-        target = torch.where(decisive, target - label_smoothing, target)
+        target = torch.where(target >= 1, target - label_smoothing, target)  # a soft target already says how sure the votes are
     if loss_type == "sigmoid":
         loss = F.binary_cross_entropy_with_logits(beta * delta, target, reduction="mean")
     elif loss_type == "ipo":

@@ -42,7 +42,8 @@ class TrainRMConfig:
     text_model: str = field(default=DEFAULT_TEXT_MODEL, metadata={"help": "clip-fusion: a Hugging Face AutoModel id or path; vlm: the VLM id or path; policy: the policy dir or id (e.g. runs/sft)"})
     clip_model: str = field(default="ViT-B-32", metadata={"help": "open_clip model name, or a local dir holding open_clip_config.json (e.g. from storyworld train-clip)"})
     clip_pretrained: str | None = field(default="laion2b_s34b_b79k", metadata={"help": "open_clip pretrained tag for --clip_model (ignored for a local dir)"})
-    aggregate: str = field(default="majority", metadata={"help": "pairs JSONL: majority | soft | none (how the votes on one comparison become a training pair)"})
+    aggregate: str = field(default="majority", metadata={"help": "how the votes on one comparison become a training pair: majority | soft | "
+                                                                  "none (pairs JSONL); soft on a TRL/HF export reads each row's `agreement`"})  # fmt: skip
     use_images: bool = field(default=True, metadata={"help": "clip-fusion: read the images (off: a text-only ablation)"})
     use_text_encoder: bool = field(default=True, metadata={"help": "clip-fusion: use the text encoder (off: a CLIP-only ablation)"})
     sentence_alignment: bool = field(default=False, metadata={"help": "clip-fusion: also feed the head sentence↔frame CLIP cosines per frame "

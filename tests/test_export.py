@@ -93,6 +93,25 @@ def test_trl_split_by_item_is_deterministic_and_loads(voted, tmp_path):
     assert set(ds["train"].column_names) >= {"prompt", "chosen", "rejected", "images", "margin", "item_id", "n_votes", "agreement"}
 
 
+def test_soft_targets_read_a_trl_exports_vote_shares(voted, tmp_path):
+    """aggregate soft on a TRL export: each row's target is its `agreement` (2 of 3 votes: ⅔); majority keeps 1."""
+    from rlhf.data import DataError, load_preferences
+
+    with voted() as s:
+        export(s, tmp_path / "trl", "trl", aggregate="majority", include_ties=True, test_fraction=0.0)
+    soft, _, message = load_preferences(tmp_path / "trl", "soft", test_fraction=0.0)
+    majority, _, _ = load_preferences(tmp_path / "trl", "majority", test_fraction=0.0)
+    by_item = {p.item_id: p.target for p in soft}
+    assert by_item["it0"] == 0.5  # a, b, tie: a tie row stays a tie
+    assert all(by_item[f"it{i}"] == pytest.approx(2 / 3, abs=1e-4) for i in range(1, 12)) and "agreement" in message
+    assert {p.target for p in majority if p.item_id != "it0"} == {1.0}
+    rows = _read(tmp_path / "trl" / "train.jsonl")
+    del rows[1]["agreement"]
+    (tmp_path / "trl" / "train.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows))
+    with pytest.raises(DataError, match=r"train\.jsonl:2: aggregate soft .*`agreement`"):
+        load_preferences(tmp_path / "trl", "soft", test_fraction=0.0)
+
+
 def test_split_groups_items_that_share_an_image():
     # is_test is a pure function of the key; items sharing images share a key (tested through export above).
     keys = [f"k{i}" for i in range(2000)]

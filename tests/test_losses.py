@@ -288,6 +288,18 @@ def test_dpo_sigmoid_by_hand():
     assert stats["rewards/chosen"].item() == pytest.approx(0.25)
 
 
+def test_dpo_soft_target_by_hand():
+    from rlhf.losses import dpo_loss
+
+    # A 2-to-1 vote (target ⅔), Δ = 1, β = 1: −⅔·log σ(1) − ⅓·log σ(−1); ε smooths only targets of 1 (0.9 here),
+    # and the soft pair, ordered right, counts in the accuracy.
+    loss, stats = dpo_loss(torch.tensor([1.0, 1.0]), torch.tensor([0.0, 2.0]), beta=1.0, label_smoothing=0.1, target=torch.tensor([2 / 3, 1.0]))
+    soft = -2 / 3 * math.log(sig(1)) - 1 / 3 * math.log(sig(-1))
+    sure = -0.9 * math.log(sig(-1)) - 0.1 * math.log(sig(1))
+    assert loss.item() == pytest.approx((soft + sure) / 2, rel=1e-6)
+    assert stats["rewards/accuracies"].item() == 0.5
+
+
 def test_conservative_dpo_and_ties_by_hand():
     from rlhf.losses import dpo_loss
 
