@@ -29,8 +29,8 @@ With `--oracle` (the default) PPO and GRPO also run on the hidden utility itself
 optimizer at these settings. Each method runs `--seeds` times (seeds s, s+1, ...). On 150 held-out
 scenes, greedy stories are scored with the hidden utility: the win rate over the SFT policy (ties
 half), the mean utility, and the KL to the SFT policy (k1 on sampled stories, nats per story;
-best-of-n's analytic bound log n − (n−1)/n). Writes DIR/report.json and DIR/table.md (medians per
-world and over the worlds, with the range).
+best-of-n's analytic bound log n − (n−1)/n). Writes DIR/report.json, DIR/table.md (medians per
+world and over the worlds, with the range) and DIR/win-vs-kl.png (each run's win against its KL).
 """
 
 from __future__ import annotations
@@ -94,6 +94,33 @@ def table(worlds: dict[int, dict]) -> tuple[list[dict], str]:
     return rows, "\n".join(lines) + "\n"
 
 
+def plot_win_vs_kl(points: dict[str, list[tuple[float, float]]], path: Path, title: str = "Methods on storyworld") -> None:
+    """Each run's win rate over SFT against its KL to SFT, one color per label: where a method lands on the
+    trade-off between moving the policy and improving it (a run far right and low has over-optimized)."""
+    try:
+        import matplotlib
+
+        matplotlib.use("Agg")
+        import matplotlib.pyplot as plt
+    except ImportError:
+        print("no plot: pip install -e '.[bench]' (matplotlib)")
+        return
+    fig, ax = plt.subplots(figsize=(6.4, 4.0), dpi=120)
+    for label, xy in points.items():
+        if xy:
+            ax.scatter([x for x, _ in xy], [y for _, y in xy], label=label, alpha=0.8, s=22)
+    ax.axhline(0.5, color="gray", lw=0.8, ls=":")
+    ax.set_xlabel("KL to the SFT policy (nats per story)")
+    ax.set_ylabel("win rate over SFT (hidden utility, 150 scenes)")
+    ax.set_title(title)
+    ax.grid(alpha=0.3)
+    ax.legend(fontsize=7, loc="best")
+    fig.tight_layout()
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fig.savefig(path)
+    print(f"plot: {path}")
+
+
 def main() -> None:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0], epilog=__doc__.split("\n\n", 1)[1], formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--out", type=Path, required=True)
@@ -143,6 +170,10 @@ def main() -> None:
                                  for s, r in reports.items()}}  # fmt: skip
     (args.out / "report.json").write_text(json.dumps(report, indent=1))
     (args.out / "table.md").write_text(markdown)
+    points = {m: [(r["kl_to_sft"], r["win_rate_vs_sft"]) for rep in reports.values() for r in rep["methods"].get(m, [])] for m in METHODS}
+    for oracle, label in (("oracle", "ppo, hidden utility"), ("oracle_grpo", "grpo, hidden utility")):
+        points[label] = [(rep[oracle]["kl_to_sft"], rep[oracle]["win_rate_vs_sft"]) for rep in reports.values() if oracle in rep]
+    plot_win_vs_kl(points, args.out / "win-vs-kl.png")
     print(markdown)
 
 
