@@ -60,6 +60,12 @@ def test_methods_and_ppo_storyworld_smoke(tmp_path):
     assert summary["rows"][0]["win_rate_by_world"] == {"0": seeds["win_rate_median"]}
     table = (tmp_path / "table.md").read_text()
     assert table.count("\n") == 2 + 7 and "ceiling" in table
+    try:
+        import matplotlib  # noqa: F401  (the [bench] extra)
+
+        assert (tmp_path / "win-vs-kl.png").stat().st_size > 0
+    except ImportError:
+        assert not (tmp_path / "win-vs-kl.png").exists()
     # --oracle-only on the finished world: new ceiling runs (PPO's, and GRPO's, as the world ran GRPO), everything else
     # of the report kept as it was.
     (world / "ppo-oracle" / "metrics.json").unlink(), (world / "grpo-oracle" / "metrics.json").unlink()
@@ -88,8 +94,11 @@ def test_methods_and_ppo_storyworld_smoke(tmp_path):
     # reward (rlhf.online_dpo), and a round of simulated votes on the DPO policy's samples, used alone from dpo-seed-0
     # (dpo_round2) or joined to the project's votes, from SFT (dpo_union).
     run_bench("ppo_storyworld.py", "--smoke", "--out", str(world), "--seed", "0", "--add-seeds", "--no-ppo", "--methods",
-              "dpo_online,dpo_round2,dpo_union,grpo_union", "--ppo-seeds", "1", timeout=900)  # fmt: skip
+              "dpo_online,dpo_round2,dpo_union,grpo_union,dpo_soft", "--ppo-seeds", "1", timeout=900)  # fmt: skip
     two = json.loads((world / "report.json").read_text())
+    (soft,) = two["methods"]["dpo_soft"]  # DPO on the same export, each pair's target its share of the votes
+    assert soft["seed"] == 0 and 0.0 <= soft["win_rate_vs_sft"] <= 1.0
+    assert json.loads((world / "dpo-soft-seed-0" / "dpo_config.json").read_text())["aggregate"] == "soft"
     assert two["methods"]["ppo"] == added["methods"]["ppo"] and two["methods"]["dpo"] == added["methods"]["dpo"]
     for method in ("dpo_online", "dpo_round2", "dpo_union", "grpo_union"):
         (run,) = two["methods"][method]
