@@ -111,7 +111,7 @@ def plot_win_vs_kl(points: dict[str, list[tuple[float, float]]], path: Path, tit
             ax.scatter([x for x, _ in xy], [y for _, y in xy], label=label, alpha=0.8, s=22)
     ax.axhline(0.5, color="gray", lw=0.8, ls=":")
     ax.set_xlabel("KL to the SFT policy (nats per story)")
-    ax.set_ylabel("win rate over SFT (hidden utility, 150 scenes)")
+    ax.set_ylabel("win rate over SFT (hidden utility, held-out scenes)")
     ax.set_title(title)
     ax.grid(alpha=0.3)
     ax.legend(fontsize=7, loc="best")
