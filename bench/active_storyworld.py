@@ -202,13 +202,9 @@ def one_world(seed: int, args, out: Path) -> dict:
 
 def plot(report: dict, path: Path, default_points=DEFAULT_POINTS, active_points=ACTIVE_POINTS) -> None:
     """Reward-model accuracy against the share of the budget spent, one line per world and order."""
-    try:
-        import matplotlib
+    from bench.plotting import pyplot
 
-        matplotlib.use("Agg")
-        import matplotlib.pyplot as plt
-    except ImportError:
-        print("no plot: pip install -e '.[bench]' (matplotlib)")
+    if (plt := pyplot()) is None:
         return
     fig, ax = plt.subplots(figsize=(6.4, 4.0), dpi=120)
     for name, points, color in (("default (fewest votes first)", default_points, "tab:gray"), ("active (rlhf.prioritize)", active_points, "tab:blue")):

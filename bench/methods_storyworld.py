@@ -45,6 +45,7 @@ import time
 from pathlib import Path
 
 REPO = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(REPO))
 METHODS = ("ppo", "grpo", "rloo", "dpo", "dpo_soft", "dpo_long", "dpo_online", "dpo_round2", "dpo_union", "grpo_union", "best_of")
 
 
@@ -97,13 +98,9 @@ def table(worlds: dict[int, dict]) -> tuple[list[dict], str]:
 def plot_win_vs_kl(points: dict[str, list[tuple[float, float]]], path: Path, title: str = "Methods on storyworld") -> None:
     """Each run's win rate over SFT against its KL to SFT, one color per label: where a method lands on the
     trade-off between moving the policy and improving it (a run far right and low has over-optimized)."""
-    try:
-        import matplotlib
+    from bench.plotting import pyplot
 
-        matplotlib.use("Agg")
-        import matplotlib.pyplot as plt
-    except ImportError:
-        print("no plot: pip install -e '.[bench]' (matplotlib)")
+    if (plt := pyplot()) is None:
         return
     fig, ax = plt.subplots(figsize=(6.4, 4.0), dpi=120)
     for label, xy in points.items():
