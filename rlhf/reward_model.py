@@ -13,7 +13,9 @@ Three backbones:
   other token and to each frame), and its summary token replaces the mean-pooled text encoding: a
   name can be bound to its look across sentences, and a word to the frame that shows it. With
   `text_tuning="frozen"` the text encoder is not adapted: its token states are computed once per
-  story, so an epoch costs only the fusion layers and the head, and many epochs are cheap.
+  story, so an epoch costs only the fusion layers and the head, and many epochs are cheap. With
+  `text_tuning="full"` every weight of the text encoder trains (a small encoder such as MiniLM; use a
+  learning rate near 5e-5), and the saved model holds the whole encoder.
 * **vlm**. A LLaVA or Qwen2-VL model with LoRA and a scalar head on the last non-pad token, as in
   LLaVA-RLHF.
 * **policy**. A storypref policy (`rlhf.policy`: ViT-GPT2, LLaVA or Qwen2-VL), usually the SFT one,
@@ -53,6 +55,7 @@ ALIGN_FEATURES = 6
 ALIGN_SCALE = 10.0
 CONFIG_NAME = "reward_config.json"
 WEIGHTS_NAME = "reward_weights.safetensors"
+TEXT_TUNING = ("lora", "full", "frozen")  # clip-fusion: how the text encoder trains
 
 
 @dataclass
@@ -65,7 +68,7 @@ class RewardModelConfig:
     use_text_encoder: bool = True  # False: a CLIP-only ablation
     sentence_alignment: bool = False  # clip-fusion: per-frame sentence↔frame cosine features (ALIGN_FEATURES)
     span_head: bool = False  # clip-fusion: a per-token head (text state + the frames) trained on span marks (train_rm --span_loss_coef)
-    text_tuning: str = "lora"  # clip-fusion: lora (adapt the text encoder) | frozen (its token states computed once, up front)
+    text_tuning: str = "lora"  # clip-fusion: lora (adapt the text encoder) | full (train all its weights) | frozen (states computed once)
     fusion_layers: int = 0  # clip-fusion: transformer layers over the story's token states and the frames (0: mean pooling)
     fusion_heads: int = 4
     lora_r: int = 16
@@ -305,8 +308,9 @@ class RewardModel:
 
         if cfg.backbone not in ("clip-fusion", "vlm", "policy"):
             raise ModelLoadError(f"unknown backbone {cfg.backbone!r}; use clip-fusion, vlm or policy")
-        if cfg.text_tuning not in ("lora", "frozen"):
-            raise ModelLoadError(f"unknown text_tuning {cfg.text_tuning!r}; use lora (adapt the text encoder) or frozen")
+        if cfg.text_tuning not in TEXT_TUNING:
+            raise ModelLoadError(f"unknown text_tuning {cfg.text_tuning!r}; use lora (adapt the text encoder with LoRA), "
+                                 "full (train all of its weights) or frozen")  # fmt: skip
         if cfg.fusion_layers < 0:
             raise ModelLoadError(f"fusion_layers {cfg.fusion_layers}: give 0 (mean pooling) or more layers")
         if (cfg.text_tuning != "lora" or cfg.fusion_layers) and cfg.backbone != "clip-fusion":
@@ -342,8 +346,8 @@ class RewardModel:
             if cfg.text_tuning == "frozen":
                 encoder.requires_grad_(False)
                 encoder.eval()
-            else:
-                encoder = _lora(encoder, cfg)
+            elif cfg.text_tuning == "lora":
+                encoder = _lora(encoder, cfg)  # (full: the encoder as loaded, every weight trainable)
             if cfg.span_head and not getattr(tokenizer, "is_fast", False):
                 raise ModelLoadError(f"{cfg.text_model}: span marks need a fast tokenizer (its token offsets), and "
                                      f"{type(tokenizer).__name__} is not one; pick a text model with a tokenizer.json")  # fmt: skip
@@ -497,9 +501,11 @@ class RewardModel:
     # -- saving -------------------------------------------------------------------------------
 
     def trained_state(self) -> dict[str, torch.Tensor]:
-        """Exactly the weights training changes: LoRA adapters, the fusion layers and the heads."""
+        """Exactly the weights training changes: LoRA adapters (or, with text_tuning full, the whole text encoder),
+        the fusion layers and the heads."""
+        full = self.cfg.backbone == "clip-fusion" and self.cfg.text_tuning == "full"
         return {k: v.detach().cpu().contiguous() for k, v in self.module.state_dict().items()
-                if "lora_" in k or k.startswith(("head.", "span_head.", "span_scale", "fusion."))}  # fmt: skip
+                if "lora_" in k or k.startswith(("head.", "span_head.", "span_scale", "fusion.")) or (full and k.startswith("text_encoder."))}  # fmt: skip
 
     def save_pretrained(self, path: str | Path) -> None:
         from safetensors.torch import save_file

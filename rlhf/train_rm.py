@@ -54,9 +54,11 @@ class TrainRMConfig:
                                                                  "(annotate.export `spans`): a per-token head, on the text encoder's states "
                                                                  "and the frames, learns that marked tokens score low and a marked story's "
                                                                  "other tokens high, as in fine-grained RLHF; 0 = off"})  # fmt: skip
-    text_tuning: str = field(default="lora", metadata={"help": "clip-fusion: lora (adapt the text encoder with LoRA) or frozen (keep it as "
-                                                             "it is: its token states are computed once per story, so an epoch "
-                                                             "costs only what trains; pair it with --fusion_layers and more epochs)"})
+    text_tuning: str = field(default="lora", metadata={"help": "clip-fusion: lora (adapt the text encoder with LoRA), full (train every "
+                                                             "weight of a small encoder such as MiniLM, with --lr near 5e-5; the saved "
+                                                             "model holds the whole encoder) or frozen (keep it as it is: its token "
+                                                             "states are computed once per story, so an epoch costs only what trains; "
+                                                             "pair it with --fusion_layers and more epochs)"})
     fusion_layers: int = field(default=0, metadata={"help": "clip-fusion: transformer layers (width --hidden_size) that read the text "
                                                             "encoder's token states and the frames together, so that a name is bound to "
                                                             "its look across sentences and a word to its frame; 0 = mean pooling"})

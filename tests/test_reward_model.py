@@ -42,14 +42,19 @@ def _cfg(assets, out, **kw) -> TrainRMConfig:
     return TrainRMConfig(**{**base, **kw})
 
 
-def test_training_moves_lora_and_head_only(assets, tmp_path):
+def _untrained_weights(cfg: TrainRMConfig) -> tuple[dict, dict]:
+    """The weights `train(cfg)` starts from (same seed): the module's, and the frozen CLIP's."""
     from accelerate.utils import set_seed
 
-    cfg = _cfg(assets, tmp_path / "rm")
     set_seed(cfg.seed)
     initial = RewardModel.build(cfg.model_config(), cache_dir=cfg.cache_dir)
-    before = {k: v.clone() for k, v in initial.module.state_dict().items()}
-    clip_before = {k: v.clone() for k, v in initial.features.model.state_dict().items()}
+    return ({k: v.clone() for k, v in initial.module.state_dict().items()},
+            {k: v.clone() for k, v in initial.features.model.state_dict().items()})  # fmt: skip
+
+
+def test_training_moves_lora_and_head_only(assets, tmp_path):
+    cfg = _cfg(assets, tmp_path / "rm")
+    before, clip_before = _untrained_weights(cfg)
     rm, metrics = train(cfg)
     after = rm.module.state_dict()
     trained = {n for n, p in rm.module.named_parameters() if p.requires_grad}
@@ -402,9 +407,29 @@ def test_frozen_encoder_with_fusion_layers_trains_only_fusion_and_head(assets, t
     assert 0.0 <= metrics["eval_accuracy"] <= 1.0
 
 
+def test_full_text_tuning_trains_the_whole_encoder_and_saves_it(assets, tmp_path):
+    """--text_tuning full: every weight of the text encoder trains (no LoRA), CLIP does not, and the saved
+    model holds the whole encoder, so that it reloads to the same scores."""
+    cfg = _cfg(assets, tmp_path / "rm", text_tuning="full", lr=5e-4, epochs=1)
+    before, clip_before = _untrained_weights(cfg)
+    rm, metrics = train(cfg)
+    state = rm.module.state_dict()
+    encoder = [k for k in state if k.startswith("text_encoder.")]
+    assert encoder and not any("lora_" in k for k in state)
+    moved = [k for k in encoder if not torch.equal(state[k], before[k])]
+    assert len(moved) > len(encoder) // 2, f"only {len(moved)} of {len(encoder)} encoder tensors moved"
+    assert all(torch.equal(v, clip_before[k]) for k, v in rm.features.model.state_dict().items())  # CLIP stays frozen
+    assert set(encoder) <= set(rm.trained_state())  # the whole encoder is saved
+    sample = load_preferences(assets / "prefs.jsonl")[0][:8]
+    args = ([p.images for p in sample], [p.prompt for p in sample], [p.chosen for p in sample])
+    loaded = RewardModel.from_pretrained(tmp_path / "rm", cache_dir=cfg.cache_dir)
+    assert loaded.cfg.text_tuning == "full" and torch.allclose(rm.score(*args), loaded.score(*args), atol=1e-5)
+    assert 0.0 <= metrics["eval_accuracy"] <= 1.0
+
+
 def test_fusion_and_frozen_options_reject_bad_settings(assets):
     base = dict(text_model=str(assets / "bert"), clip_model=str(assets / "clip"), clip_pretrained=None, lora_r=4, hidden_size=32)
-    for bad, message in [({"text_tuning": "full"}, "unknown text_tuning"), ({"fusion_layers": -1}, "fusion_layers -1"),
+    for bad, message in [({"text_tuning": "all"}, "unknown text_tuning"), ({"text_tuning": "full", "backbone": "vlm"}, "clip-fusion options"), ({"fusion_layers": -1}, "fusion_layers -1"),
                          ({"fusion_layers": 1, "fusion_heads": 5}, "must divide hidden_size"),
                          ({"fusion_layers": 1, "use_text_encoder": False}, "needs the text encoder"),
                          ({"fusion_layers": 1, "backbone": "vlm"}, "clip-fusion options")]:  # fmt: skip
