@@ -32,7 +32,8 @@ Then, on held-out scenes that no step trained on: the hidden utility of the PPO 
 policy's greedy stories (mean, and the pairwise win rate of PPO over SFT, ties counting half), the
 KL of the PPO policy to the SFT reference (k1, nats per story sampled at PPO's temperature), the reward components and
 the minutes: `minutes` is steps 1-7 alone, what a user waits for; the bench's own evaluation and diagnostics are
-timed apart under `phases`, and `minutes_with_ablations` is the whole run. Only this bench reads the hidden utility; `rlhf/` never does. With `--ablations` it
+timed apart under `phases`, and `minutes_with_ablations` is the whole run. The SFT policy's own utility and its
+components on the held-out scenes are under `sft`, with or without a PPO run. Only this bench reads the hidden utility; `rlhf/` never does. With `--ablations` it
 also runs PPO with `human` alone, with a fixed KL coefficient, with `--unfinished_penalty 1` (stories
 that stop mid-sentence penalized), and the main run again with another seed. With `--oracle` it also runs
 PPO on the hidden utility itself, handed to `rlhf.ppo.train` as a signal of its own: once whole (what a
@@ -566,6 +567,9 @@ def main() -> None:
     t0 = time.perf_counter()
     sft_stories = greedy(str(sft_dir), held_out, 160)
     sft_components = component_means(world, held_out, sft_stories)
+    # The SFT policy's own figures on the held-out scenes, in every report (a --no-ppo world has no PPO run to carry them).
+    sft_utility = [hidden_utility(world, e.item_id, story) for e, story in zip(held_out, sft_stories)]
+    report["sft"] = {"utility": round(sum(sft_utility) / len(sft_utility), 4), "components": sft_components}
     phase("evaluate_sft", t0, user=False)
 
     def run_ppo(name: str, reward=None, **overrides) -> dict:
@@ -737,7 +741,7 @@ def main() -> None:
 
     t0 = time.perf_counter()
     if args.add_seeds:  # everything the last run measured stays; each method (PPO too) gets seeds up to --ppo-seeds
-        report = {**previous, "phases": previous.get("phases", {})}
+        report = {**previous, "sft": report["sft"], "phases": previous.get("phases", {})}
         for method in [*([] if args.no_ppo else ["ppo"]), *methods]:
             runs = report["methods"].setdefault(method, [])
             for k in range(len(runs), args.ppo_seeds):

@@ -41,6 +41,7 @@ def test_methods_and_ppo_storyworld_smoke(tmp_path):
     assert seeds["win_rate_median"] == pytest.approx(sum(seeds["win_rate_vs_sft"]) / 2)  # the median of two
     assert 0.0 <= report["oracle"]["win_rate_vs_sft"] <= 1.0 and "reward/utility" in report["oracle"]["reward"]
     assert report["ppo"]["components_sft"] == report["oracle"]["components_sft"] and "words" in report["ppo"]["components_ppo"]
+    assert report["sft"] == {"utility": report["utility_sft"], "components": report["ppo"]["components_sft"]}  # kept without PPO too
     assert report["ppo"]["reward"]["reward/human"] == report["ppo"]["reward"]["reward/human"]  # a number, not NaN
     agreement = report["signals_vs_annotators_all_rounds"]  # the smoke policy's samples all tie: its pairs come from the grammar round
     assert agreement["pairs"] > 0 and all(0.0 <= agreement[k] <= 1.0 for k in ("human", "clip", "coherence", "repetition", "style"))
@@ -96,6 +97,7 @@ def test_methods_and_ppo_storyworld_smoke(tmp_path):
     run_bench("ppo_storyworld.py", "--smoke", "--out", str(world), "--seed", "0", "--add-seeds", "--no-ppo", "--methods",
               "dpo_online,dpo_round2,dpo_union,grpo_union,dpo_soft", "--ppo-seeds", "1", timeout=900)  # fmt: skip
     two = json.loads((world / "report.json").read_text())
+    assert two["sft"] == report["sft"]  # the same SFT policy's greedy stories, evaluated again
     (soft,) = two["methods"]["dpo_soft"]  # DPO on the same export, each pair's target its share of the votes
     assert soft["seed"] == 0 and 0.0 <= soft["win_rate_vs_sft"] <= 1.0
     assert json.loads((world / "dpo-soft-seed-0" / "dpo_config.json").read_text())["aggregate"] == "soft"
