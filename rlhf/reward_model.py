@@ -27,7 +27,7 @@ Three backbones:
 `score(images, instruction, story)` returns normalized scores: after training, the mean and std of
 the chosen stories' scores on the train split are stored with the model, so reference outputs score
 mean 0 and std 1. `save_pretrained` writes the config, the normalization and only the trained
-weights (LoRA, fusion layers and heads); `from_pretrained` rebuilds the frozen parts from their ids or paths.
+weights (LoRA or, with `text_tuning="full"`, the text encoder; fusion layers and heads); `from_pretrained` rebuilds the frozen parts from their ids or paths.
 """
 
 from __future__ import annotations
