@@ -315,7 +315,8 @@ def main() -> None:
                         "methods (implies --ppo-only)")  # fmt: skip
     p.add_argument("--add-seeds", action="store_true",
                    help="on a finished run with a method table (--methods): keep everything and run PPO and each method in "
-                        "--methods with more seeds, up to --ppo-seeds runs each (seed, seed+1, ...), adding them to report.json")
+                        "--methods with more seeds, up to --ppo-seeds runs each (seed, seed+1, ...), adding them to report.json; on "
+                        "a plain run, its PPO runs start the table")
     p.add_argument("--ppo-seeds", type=int, default=1, metavar="K",
                    help="run the main PPO with K seeds (seed, seed+1, ...) on the same reward model; the report gives each and the median win rate")
     p.add_argument("--diagnose-only", action="store_true",
@@ -380,8 +381,8 @@ def main() -> None:
     if args.add_seeds:
         args.ppo_only = True
         finished = args.out / "report.json"
-        if finished.exists() and "methods" not in json.loads(finished.read_text()):
-            p.error(f"--add-seeds: {finished} holds no method table; run with --methods first")
+        if finished.exists() and not {"methods", "ppo"} & set(json.loads(finished.read_text())):
+            p.error(f"--add-seeds: {finished} holds neither a PPO run nor a method table; run the bench (with --methods) first")
     if args.ppo_only and not ((args.out / "rm" / "metrics.json").exists() and (args.out / "report.json").exists()):
         p.error(f"--ppo-only: {args.out} holds no finished run (rm/metrics.json and report.json); run without it first")
 
@@ -742,6 +743,10 @@ def main() -> None:
     t0 = time.perf_counter()
     if args.add_seeds:  # everything the last run measured stays; each method (PPO too) gets seeds up to --ppo-seeds
         report = {**previous, "sft": report["sft"], "phases": previous.get("phases", {})}
+        if "methods" not in report:  # a plain run: its main PPO run (and any --ppo-seeds runs) start the table
+            seeds = previous.get("seeds", {})
+            done = [dict(zip(PPO_TABLE[:3], v)) | {"seed": sd} for *v, sd in zip(*(seeds.get(k, []) for k in (*PPO_TABLE[:3], "seed")))]
+            report["methods"] = {"ppo": done or [{k: previous["ppo"][k] for k in PPO_TABLE if k in previous["ppo"]} | {"seed": args.seed}]}
         for method in [*([] if args.no_ppo else ["ppo"]), *methods]:
             runs = report["methods"].setdefault(method, [])
             for k in range(len(runs), args.ppo_seeds):

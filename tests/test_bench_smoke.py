@@ -124,6 +124,14 @@ def test_methods_and_ppo_storyworld_smoke(tmp_path):
     for judge in ("this", "run_rm"):
         agreement = rm_union["new_round_pairs"][judge]["human_vs_annotators"]
         assert agreement["pairs"] == 0 or 0.0 <= agreement["human"] <= 1.0, judge
+    # --add-seeds on a plain run (one PPO run, no method table): its run starts the table, the next seed is added.
+    plain = {k: v for k, v in two.items() if k not in ("methods", "seeds")}
+    (world / "report.json").write_text(json.dumps(plain))
+    run_bench("ppo_storyworld.py", "--smoke", "--out", str(world), "--seed", "0", "--add-seeds", "--ppo-seeds", "2", timeout=600)
+    more = json.loads((world / "report.json").read_text())
+    assert set(more["methods"]) == {"ppo"} and [r["seed"] for r in more["methods"]["ppo"]] == [0, 1]
+    assert more["methods"]["ppo"][0] == {k: two["ppo"][k] for k in ("win_rate_vs_sft", "utility_ppo", "kl_to_sft", "train_minutes")} | {"seed": 0}
+    assert more["seeds"]["win_rate_vs_sft"] == [r["win_rate_vs_sft"] for r in more["methods"]["ppo"]] and more["ppo"] == two["ppo"]
 
 
 def test_hidden_utility_blind_to_shapes(tmp_path):
