@@ -68,7 +68,7 @@ def span_token_loss(token_logits: torch.Tensor, labels: torch.Tensor) -> torch.T
     Shapes: (B, T).
 
     >>> round(span_token_loss(torch.tensor([[0.0, 2.0, 5.0, 0.0]]), torch.tensor([[1, 0, -100, 1]])).item(), 4)  # (ln 2 + ln(1 + e²)) / 2
-    1.4029
+    1.41
     """
     keep = labels != -100
     if not keep.any():
@@ -281,6 +281,28 @@ def explained_variance(values: torch.Tensor, returns: torch.Tensor, mask: torch.
 # ------------------------------------------------------------------------------------------------
 # Critic-free advantages (GRPO, RLOO) and direct preference optimization (DPO, IPO, cDPO).
 # ------------------------------------------------------------------------------------------------
+
+
+def length_debiased(scores: torch.Tensor, lengths: torch.Tensor, strength: float = 1.0) -> tuple[torch.Tensor, torch.Tensor]:
+    """Scores with `strength` of their linear dependence on length taken out: (scores', slope).
+
+    slope b is the least-squares fit of the scores on the lengths over the batch, cov(s, L) / var(L),
+    and s' = s − strength · b · (L − mean L). At strength 1 the batch's scores no longer correlate
+    with length, so a policy cannot raise its reward by writing shorter (or longer) alone, while
+    every difference between stories of equal length stays; the batch's mean score is unchanged. A
+    batch whose stories all have one length is returned as it is (slope 0).
+
+    >>> s, b = length_debiased(torch.tensor([1.0, 2.0, 6.0]), torch.tensor([1.0, 2.0, 3.0]))
+    >>> round(b.item(), 3), [round(x, 3) for x in s.tolist()]
+    (2.5, [3.5, 2.0, 3.5])
+    """
+    if not 0.0 <= strength <= 1.0:
+        raise ValueError(f"length debias strength {strength}: give a value in [0, 1] (0: off, 1: no linear length dependence left)")
+    s, length = scores.float(), lengths.float().to(scores.device)
+    centered = length - length.mean()
+    var = (centered**2).sum()
+    slope = (centered * (s - s.mean())).sum() / var if var > 0 else torch.zeros((), device=s.device)
+    return s - strength * slope * centered, slope
 
 
 def group_advantages(scores: torch.Tensor, group_size: int, kind: str = "grpo", eps: float = 1e-4) -> torch.Tensor:

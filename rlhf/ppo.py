@@ -96,6 +96,10 @@ class PPOConfig:
     missing_eos_penalty: float = field(default=1.0, metadata={"help": "subtracted from the score of a story without EOS"})
     unfinished_penalty: float = field(default=0.0, metadata={"help": "subtracted from the score of a story that ends mid-sentence "
                                                                      "(EOS after text with no closing . ! ? or quote): a truncation hack"})  # fmt: skip
+    length_debias: float = field(default=0.0, metadata={"help": "take this share (0-1) of the reward's linear dependence on story length "
+                                                                "out of each rollout batch (least squares over the batch; 1: none left), so "
+                                                                "the policy cannot gain by writing shorter or longer alone; use it with a "
+                                                                "reward model trained without --length_control. Logged as reward/length_slope"})  # fmt: skip
     max_grad_norm: float = field(default=1.0, metadata={"help": "gradient clipping"})
     kl_spike: float = field(default=0.5, metadata={"help": "stop an iteration's PPO epochs when approx-KL to the rollout policy exceeds this"})
     value_warmup_steps: int = field(default=2, metadata={"help": "iterations that train only the value head"})
@@ -193,6 +197,8 @@ def train(cfg: PPOConfig, reward: CompositeReward | None = None) -> tuple[StoryP
         raise ValueError(f"--rollout_batch_size {cfg.rollout_batch_size} must be a multiple of --mini_batch_size {cfg.mini_batch_size}")
     if cfg.advantage not in ("gae", "grpo", "rloo"):
         raise ValueError(f"--advantage {cfg.advantage!r}: use gae, grpo or rloo")
+    if not 0.0 <= cfg.length_debias <= 1.0:
+        raise ValueError(f"--length_debias {cfg.length_debias}: give a share in [0, 1] (0: off, 1: no linear length dependence left)")
     if cfg.kl_in not in ("reward", "loss"):
         raise ValueError(f"--kl_in {cfg.kl_in!r}: use reward or loss")
     if cfg.samples_per_prompt < 1 or cfg.rollout_batch_size % cfg.samples_per_prompt:
@@ -264,6 +270,8 @@ def train(cfg: PPOConfig, reward: CompositeReward | None = None) -> tuple[StoryP
                                         [e.style for e in chunk], gen.texts)  # fmt: skip
             unfinished = torch.tensor([bool(e) and not ends_a_sentence(t) for e, t in zip(gen.ended.tolist(), gen.texts)], device=device)
             penalty = cfg.missing_eos_penalty * (~gen.ended).float().to(device) + cfg.unfinished_penalty * unfinished.float()
+            # Before the penalties (a story that never ended is still penalized in full); the slope is logged either way.
+            scores, slope = losses.length_debiased(scores.to(device), mask.sum(1), cfg.length_debias)
             scores = scores.to(device) - penalty
 
             # 3. Per-token KL in the reward: old log-probs and values, and the reference (adapter off).
@@ -338,6 +346,7 @@ def train(cfg: PPOConfig, reward: CompositeReward | None = None) -> tuple[StoryP
             "reward/score": (scores + penalty).mean().item(),
             "reward/missing_eos": (~gen.ended).float().mean().item(),
             "reward/unfinished": unfinished.float().mean().item(),
+            "reward/length_slope": slope.item(),  # the composite's change per token over the batch (before --length_debias takes it out)
             "response/length": mask.sum(1).float().mean().item(),
             "time/minutes": (time.perf_counter() - t0) / 60,
             # This iteration's seconds in each phase (this process): where a run's time goes.

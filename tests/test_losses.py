@@ -276,6 +276,41 @@ def test_group_advantages_reject_bad_groups():
         group_advantages(torch.zeros(4), 2, "gae")
 
 
+def test_length_debiased_by_hand_and_against_numpy():
+    import numpy as np
+
+    from rlhf.losses import length_debiased
+
+    # L = 1, 2, 3 (mean 2), s = 1, 2, 6 (mean 3): slope = ((−1)(−2) + 0 + (1)(3)) / 2 = 2.5.
+    scores, lengths = torch.tensor([1.0, 2.0, 6.0]), torch.tensor([1, 2, 3])
+    out, slope = length_debiased(scores, lengths)
+    assert slope.item() == pytest.approx(2.5)
+    assert out.tolist() == pytest.approx([3.5, 2.0, 3.5])
+    half, _ = length_debiased(scores, lengths, 0.5)  # half the dependence: s − 1.25 (L − 2)
+    assert half.tolist() == pytest.approx([2.25, 2.0, 4.75])
+    # Against numpy's least-squares line on random data: the slope, then residuals uncorrelated with length.
+    g = torch.Generator().manual_seed(0)
+    scores, lengths = torch.randn(64, generator=g), torch.randint(10, 90, (64,), generator=g)
+    out, slope = length_debiased(scores, lengths)
+    np_slope = np.polyfit(lengths.numpy().astype(float), scores.numpy().astype(float), 1)[0]
+    assert slope.item() == pytest.approx(np_slope, rel=1e-4)
+    assert abs(np.corrcoef(out.numpy(), lengths.numpy())[0, 1]) < 1e-5
+    assert out.mean().item() == pytest.approx(scores.mean().item(), abs=1e-5)  # the batch's mean reward is kept
+    # One length for all: nothing to take out.
+    same, slope = length_debiased(torch.tensor([1.0, 5.0]), torch.tensor([7, 7]))
+    assert slope.item() == 0.0 and same.tolist() == [1.0, 5.0]
+    with pytest.raises(ValueError, match=r"\[0, 1\]"):
+        length_debiased(scores, lengths, 1.5)
+
+
+def test_losses_docstring_examples_hold():
+    import doctest
+
+    import rlhf.losses
+
+    assert doctest.testmod(rlhf.losses).failed == 0
+
+
 def test_dpo_sigmoid_by_hand():
     from rlhf.losses import dpo_loss
 

@@ -134,6 +134,36 @@ def test_a_reward_of_ones_own_signals_replaces_the_flags(setup):
     assert "reward/human" not in result
 
 
+def test_length_debias_takes_the_length_slope_out_of_the_scores_the_update_sees(setup, monkeypatch):
+    import rlhf.losses
+
+    root, world = setup
+    real, calls = rlhf.losses.length_debiased, []
+
+    def spy(scores, lengths, strength=1.0):
+        # The tiny policy rarely ends a story within 8 tokens, so every length is 8 and nothing would be taken
+        # out: the spy debiases against lengths that vary, to see that what it returns is what PPO trains on.
+        varied = lengths + torch.arange(len(lengths), device=lengths.device)
+        out, slope = real(scores, varied, strength)
+        calls.append((scores.clone(), lengths.clone(), strength, out.clone(), slope.item()))
+        return out, slope
+
+    monkeypatch.setattr(rlhf.losses, "length_debiased", spy)
+
+    def words(images, instructions, contexts, styles, stories):
+        return torch.tensor([float(len(s.split())) for s in stories])
+
+    reward = CompositeReward({"words": 1.0}, {"words": words})
+    train(config(root, world, "debias", iterations=2, length_debias=1.0, missing_eos_penalty=0.0, reward_model=None, clip_model=None), reward=reward)
+    assert len(calls) == 2 and all(c[2] == 1.0 and c[1].shape == (4,) and 1 <= c[1].min() <= c[1].max() <= 8 for c in calls)  # tokens per story
+    assert any(not torch.allclose(c[0], c[3]) for c in calls)
+    rows = [json.loads(x) for x in (root / "debias" / "metrics.jsonl").open()]
+    assert [r["reward/length_slope"] for r in rows] == pytest.approx([c[4] for c in calls], abs=1e-6)
+    samples = [json.loads(x) for x in (root / "debias" / "samples.jsonl").open()]
+    for table, (_, _, _, out, _) in zip(samples, calls):  # the scores PPO trains on are the debiased ones
+        assert [r["reward"] for r in table["samples"]] == pytest.approx([round(v, 3) for v in out.tolist()], abs=1e-3)
+
+
 @pytest.mark.parametrize("advantage,kl_in", [("grpo", "loss"), ("rloo", "reward")])
 def test_critic_free_advantages_train_lora_without_a_value_head(setup, advantage, kl_in):
     root, world = setup
@@ -186,6 +216,8 @@ def test_bad_input_is_refused_before_any_compute(setup, tmp_path):
         train(config(root, world, "bad", lr_scheduler_type="warmup"))
     with pytest.raises(ValueError, match="--advantage grpo compares several stories of the same prompt: set --samples_per_prompt to 2"):
         train(config(root, world, "bad", advantage="grpo"))
+    with pytest.raises(ValueError, match=r"--length_debias 1.5: give a share in \[0, 1\]"):
+        train(config(root, world, "bad", length_debias=1.5))
     with pytest.raises(ValueError, match="--advantage 'dpo': use gae, grpo or rloo"):
         train(config(root, world, "bad", advantage="dpo"))
     with pytest.raises(ValueError, match="--samples_per_prompt 3: give 1 or more, dividing --rollout_batch_size 4"):
