@@ -753,7 +753,8 @@ def main() -> None:
                 t0 = time.perf_counter()
                 if method == "ppo":
                     r = run_ppo(f"ppo-seed-{k}", seed=args.seed + k)
-                    runs.append({key: r[key] for key in PPO_TABLE} | {"seed": args.seed + k})
+                    # what this run was given (--set) and what its stories became, beside its figures
+                    runs.append({key: r[key] for key in PPO_TABLE} | {"seed": args.seed + k, "set": args.set, "components_ppo": r["components_ppo"]})
                 else:
                     runs.append(run_method(method, args.seed + k, k))
                 report["phases"][f"method_{method}_seed_{k}"] = round((time.perf_counter() - t0) / 60, 2)
