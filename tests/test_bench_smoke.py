@@ -127,9 +127,13 @@ def test_methods_and_ppo_storyworld_smoke(tmp_path):
     # --add-seeds on a plain run (one PPO run, no method table): its run starts the table, the next seed is added.
     plain = {k: v for k, v in two.items() if k not in ("methods", "seeds")}
     (world / "report.json").write_text(json.dumps(plain))
-    run_bench("ppo_storyworld.py", "--smoke", "--out", str(world), "--seed", "0", "--add-seeds", "--ppo-seeds", "2", timeout=600)
+    run_bench("ppo_storyworld.py", "--smoke", "--out", str(world), "--seed", "0", "--add-seeds", "--ppo-seeds", "2", "--set", "length_debias=0.5",
+              timeout=600)  # fmt: skip
     more = json.loads((world / "report.json").read_text())
     assert set(more["methods"]) == {"ppo"} and [r["seed"] for r in more["methods"]["ppo"]] == [0, 1]
+    added = more["methods"]["ppo"][1]  # an added run keeps what it was given and what its stories became
+    assert added["set"] == ["length_debias=0.5"] and added["components_ppo"]["words"] > 0
+    assert json.loads((world / "ppo-seed-1" / "ppo_config.json").read_text())["length_debias"] == 0.5
     assert more["methods"]["ppo"][0] == {k: two["ppo"][k] for k in ("win_rate_vs_sft", "utility_ppo", "kl_to_sft", "train_minutes")} | {"seed": 0}
     assert more["seeds"]["win_rate_vs_sft"] == [r["win_rate_vs_sft"] for r in more["methods"]["ppo"]] and more["ppo"] == two["ppo"]
 
