@@ -98,8 +98,9 @@ class PPOConfig:
                                                                      "(EOS after text with no closing . ! ? or quote): a truncation hack"})  # fmt: skip
     length_debias: float = field(default=0.0, metadata={"help": "take this share (0-1) of the reward's linear dependence on story length "
                                                                 "out of each rollout batch (least squares over the batch; 1: none left), so "
-                                                                "the policy cannot gain by writing shorter or longer alone; use it with a "
-                                                                "reward model trained without --length_control. Logged as reward/length_slope"})  # fmt: skip
+                                                                "the policy cannot gain by writing shorter or longer alone; for a reward model "
+                                                                "that prefers the shorter story more often than the labels do (its "
+                                                                "eval_shorter_preferred_*). Logged as reward/length_slope"})  # fmt: skip
     max_grad_norm: float = field(default=1.0, metadata={"help": "gradient clipping"})
     kl_spike: float = field(default=0.5, metadata={"help": "stop an iteration's PPO epochs when approx-KL to the rollout policy exceeds this"})
     value_warmup_steps: int = field(default=2, metadata={"help": "iterations that train only the value head"})
@@ -272,7 +273,7 @@ def train(cfg: PPOConfig, reward: CompositeReward | None = None) -> tuple[StoryP
             penalty = cfg.missing_eos_penalty * (~gen.ended).float().to(device) + cfg.unfinished_penalty * unfinished.float()
             # Before the penalties (a story that never ended is still penalized in full); the slope is logged either way.
             scores, slope = losses.length_debiased(scores.to(device), mask.sum(1), cfg.length_debias)
-            scores = scores.to(device) - penalty
+            scores = scores - penalty
 
             # 3. Per-token KL in the reward: old log-probs and values, and the reference (adapter off).
             t_scored = time.perf_counter()
