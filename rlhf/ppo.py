@@ -98,9 +98,8 @@ class PPOConfig:
                                                                      "(EOS after text with no closing . ! ? or quote): a truncation hack"})  # fmt: skip
     length_debias: float = field(default=0.0, metadata={"help": "take this share (0-1) of the reward's linear dependence on story length "
                                                                 "out of each rollout batch (least squares over the batch; 1: none left), so "
-                                                                "the policy cannot gain by writing shorter or longer alone; for a reward model "
-                                                                "that prefers the shorter story more often than the labels do (its "
-                                                                "eval_shorter_preferred_*). Logged as reward/length_slope"})  # fmt: skip
+                                                                "the policy cannot gain by writing shorter or longer alone; a setting to try "
+                                                                "over a few seeds, not a known gain. Logged as reward/length_slope"})  # fmt: skip
     max_grad_norm: float = field(default=1.0, metadata={"help": "gradient clipping"})
     kl_spike: float = field(default=0.5, metadata={"help": "stop an iteration's PPO epochs when approx-KL to the rollout policy exceeds this"})
     value_warmup_steps: int = field(default=2, metadata={"help": "iterations that train only the value head"})
