@@ -14,6 +14,8 @@ kept; one with fewer runs per method than `--seeds` gets the missing seeds added
 - **DPO**: `rlhf.dpo` on the export (conservative DPO, β 0.1, ε 0.1), no reward model, no sampling;
   **DPO on the votes' shares** (`dpo_soft`, `--aggregate soft`): a 2-to-1 pair's target is ⅔;
   **DPO, twice the epochs** (`dpo_long`): the control for the two-round methods' extra steps;
+  **DPO with contrast pairs** (`dpo_contrast`, `--contrast_words`): half the pairs' chosen stories
+  also face themselves with one color, shape, setting or time of day swapped (storyworld's words);
 - **iterative DPO** (`dpo_online`): `rlhf.online_dpo`, one round from the DPO policy on its own
   samples (4 on each of the 500 annotated scenes), best against worst by the composite reward;
 - **DPO, a second round of votes** (`dpo_round2`): the DPO policy's samples on the same scenes get
@@ -46,7 +48,7 @@ from pathlib import Path
 
 REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
-METHODS = ("ppo", "grpo", "rloo", "dpo", "dpo_soft", "dpo_long", "dpo_online", "dpo_round2", "dpo_union", "grpo_union", "best_of")
+METHODS = ("ppo", "grpo", "rloo", "dpo", "dpo_soft", "dpo_long", "dpo_contrast", "dpo_online", "dpo_round2", "dpo_union", "grpo_union", "best_of")
 
 
 def summarize(runs: list[dict], key: str) -> float | None:

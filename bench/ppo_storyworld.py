@@ -59,12 +59,12 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 FULL = {"items": 1200, "sft_epochs": 12, "gen_items": 500, "samples_per_item": 4, "rm_epochs": 1, "iterations": 60, "held_out": 150,
         "clip_epochs": 8, "vit_steps": 360, "vit_fresh_scenes": 0, "vit_patch_weight": 0.0, "rollout": 32, "mini": 8, "temperature": 0.7, "ppo_lr": 1e-4,
         "grammar_round": True, "rm_backbone": "clip-fusion", "kl_coef": 0.12, "rm_length_control": True, "rm_length_decorrelation": 0.2, "rm_sentence_alignment": False, "rm_lr": 1e-3, "rm_text_tuning": "lora", "rm_fusion_layers": 0, "rm_batch_size": 8, "rm_bf16": True, "rm_use_images": True, "reward_weights": "human=1,clip=0.3,coherence=0.2,repetition=0.1,style=0.2", "lr_schedule": "linear", "length_debias": 0.0,
-        "dpo_epochs": 1, "dpo_lr": 5e-4, "dpo_beta": 0.1}  # fmt: skip
+        "dpo_epochs": 1, "dpo_lr": 5e-4, "dpo_beta": 0.1, "contrast_share": 0.5, "rm_contrast_share": 0.0}  # fmt: skip
 SMOKE = {"items": 60, "sft_epochs": 2, "gen_items": 30, "samples_per_item": 3, "rm_epochs": 1, "iterations": 3, "held_out": 12,
          "clip_epochs": 2, "vit_steps": 20, "vit_fresh_scenes": 50, "vit_patch_weight": 1.0, "rollout": 8, "mini": 4, "temperature": 1.0, "ppo_lr": 3e-4, "grammar_round": True,
          "rm_backbone": "clip-fusion", "kl_coef": 0.12, "rm_length_control": True, "rm_length_decorrelation": 0.2, "rm_sentence_alignment": False, "rm_lr": 1e-3, "rm_text_tuning": "lora", "rm_fusion_layers": 0, "rm_batch_size": 8, "rm_bf16": True, "rm_use_images": True, "reward_weights": "human=1,clip=0.3,coherence=0.2,repetition=0.1,style=0.2", "lr_schedule": "linear", "length_debias": 0.0,
-        "dpo_epochs": 1, "dpo_lr": 5e-4, "dpo_beta": 0.1}  # fmt: skip
-METHODS = ("grpo", "rloo", "dpo", "dpo_soft", "dpo_long", "dpo_online", "dpo_round2", "dpo_union", "grpo_union", "best_of")
+        "dpo_epochs": 1, "dpo_lr": 5e-4, "dpo_beta": 0.1, "contrast_share": 0.5, "rm_contrast_share": 0.0}  # fmt: skip
+METHODS = ("grpo", "rloo", "dpo", "dpo_soft", "dpo_long", "dpo_contrast", "dpo_online", "dpo_round2", "dpo_union", "grpo_union", "best_of")
 PPO_TABLE = ("win_rate_vs_sft", "utility_ppo", "kl_to_sft", "train_minutes")  # what a PPO run puts in the method table
 KL_HORIZON = 300  # a horizon of 1,920 episodes / ~6, so that β can act within the run
 
@@ -93,6 +93,17 @@ def utility_components(world: dict, item_id: str, story: str, style: str | None 
     scene = {**scene, "frames": [{**f, "entities": [{**e, "shape": "circle"} for e in f["entities"]]} for f in scene["frames"]]}
     blind = components(Scene.from_dict(scene), re.sub(r"\b(" + "|".join(SHAPES) + r")\b", "circle", story), style or w["style"])
     return replace(blind, consistency=1.0 - bad / len(bindings) if bindings else 1.0)
+
+
+def write_contrast_words(path: Path) -> Path:
+    """The word groups a user of storyworld would write for `rlhf.dpo --contrast_words`: its colors, shapes, settings and
+    times of day, from the public vocabulary of storyworld's renderer and grammar (not the hidden utility)."""
+    from storyworld.grammar import LIGHTS, TIME_PHRASE
+    from storyworld.scene import COLORS, SETTINGS, SHAPES
+
+    groups = [list(COLORS), list(SHAPES), list(SETTINGS), list(TIME_PHRASE.values()), list(LIGHTS.values())]
+    path.write_text("# storyworld's looks, places and times: one group of interchangeable phrases per line\n" + "".join(", ".join(g) + "\n" for g in groups))
+    return path
 
 
 def hidden_utility(world: dict, item_id: str, story: str, style: str | None = None, blind_to_shapes: bool = False) -> float:
@@ -248,7 +259,9 @@ def fusion_rm_config(out: Path, output_dir: Path, s: dict, seed: int, smoke: boo
                          clip_model=str(out / "clip"), clip_pretrained=None, epochs=s["rm_epochs"], batch_size=s["rm_batch_size"], max_length=128,
                          lr=s["rm_lr"], text_tuning=s["rm_text_tuning"], fusion_layers=s["rm_fusion_layers"], use_images=s["rm_use_images"],
                          cache_dir=str(out / "clip-cache"), bf16=s["rm_bf16"] and not smoke, seed=seed, sentence_alignment=s["rm_sentence_alignment"],
-                         length_control=s["rm_length_control"], length_decorrelation=s["rm_length_decorrelation"])  # fmt: skip
+                         length_control=s["rm_length_control"], length_decorrelation=s["rm_length_decorrelation"],
+                         contrast_words=str(write_contrast_words(out / "contrast-words.txt")) if s["rm_contrast_share"] else None,
+                         contrast_share=s["rm_contrast_share"] or 0.5)  # fmt: skip
 
 
 def rm_only(out: Path, name: str, s: dict, seed: int, smoke: bool, data: str = "trl") -> None:
@@ -527,7 +540,9 @@ def main() -> None:
         if s["rm_backbone"] == "policy":  # InstructGPT's: the SFT policy with LoRA and a scalar head; it sees with the policy's ViT
             rm_config = TrainRMConfig(data=str(out / "trl"), output_dir=str(rm_dir), backbone="policy", text_model=str(sft_dir.resolve()),
                                       epochs=s["rm_epochs"], batch_size=16, max_length=160, lr=1e-3, seed=args.seed,
-                                      length_control=s["rm_length_control"], length_decorrelation=s["rm_length_decorrelation"])  # fmt: skip
+                                      length_control=s["rm_length_control"], length_decorrelation=s["rm_length_decorrelation"],
+                                      contrast_words=str(write_contrast_words(out / "contrast-words.txt")) if s["rm_contrast_share"] else None,
+                                      contrast_share=s["rm_contrast_share"] or 0.5)  # fmt: skip
         else:
             rm_config = fusion_rm_config(out, rm_dir, s, args.seed, args.smoke)
         _, rm_metrics = train_rm(rm_config)
@@ -562,6 +577,7 @@ def main() -> None:
 
     # 7. PPO, and the comparison on held-out scenes.
     (out / "styles.json").write_text(json.dumps(STYLE_DESCRIPTIONS))
+    contrast_words = write_contrast_words(out / "contrast-words.txt")
     prompts = out / "ppo-prompts.jsonl"
     prompts.write_text("".join(json.dumps({"item_id": e.item_id, "image_paths": e.images, "instruction": e.instruction, "style": e.style, "context": e.context}) + "\n"
                                for e in train_examples))  # fmt: skip
@@ -598,14 +614,16 @@ def main() -> None:
         AcceleratorState._reset_state(True)
         return result
 
-    def train_dpo(policy: str, data: str, name: str, seed: int, epochs: int, batch_size: int = 16, aggregate: str = "majority") -> dict:
+    def train_dpo(policy: str, data: str, name: str, seed: int, epochs: int, batch_size: int = 16, aggregate: str = "majority",
+                  contrast: bool = False) -> dict:
         """`rlhf.dpo` as the method table runs it: conservative DPO (ε 0.1) with the bench's β, epochs and learning rate
-        (`aggregate` soft: each pair's target is its share of the votes)."""
+        (`aggregate` soft: each pair's target is its share of the votes; `contrast`: contrast pairs from storyworld's words)."""
         from rlhf.dpo import DPOConfig
         from rlhf.dpo import train as dpo
 
         _, metrics = dpo(DPOConfig(policy=policy, data=data, output_dir=name, aggregate=aggregate, beta=s["dpo_beta"], label_smoothing=0.1, epochs=epochs, lr=s["dpo_lr"],
-                                   batch_size=batch_size, max_length=160, seed=seed, device="cpu", save_steps=10_000, logging_steps=20))  # fmt: skip
+                                   batch_size=batch_size, max_length=160, seed=seed, device="cpu", save_steps=10_000, logging_steps=20,
+                                   contrast_words=str(contrast_words) if contrast else None, contrast_share=s["contrast_share"]))  # fmt: skip
         AcceleratorState._reset_state(True)
         return metrics
 
@@ -654,14 +672,15 @@ def main() -> None:
         if method in ("grpo", "rloo"):  # 8 prompts × 4 stories per rollout; GRPO's KL as a k3 loss term, RLOO's in the reward, as their papers do
             r = run_ppo(f"{method}-seed-{k}", advantage=method, samples_per_prompt=4, kl_in="loss" if method == "grpo" else "reward", seed=seed)
             stories = None
-        elif method in ("dpo", "dpo_soft", "dpo_long"):  # offline, on the export of both annotation rounds; conservative DPO for annotators who agree ~75% of the time
+        elif method in ("dpo", "dpo_soft", "dpo_long", "dpo_contrast"):  # offline, on the export of both annotation rounds; conservative DPO for annotators who agree ~75% of the time
             name = str(out / f"{method.replace('_', '-')}-seed-{k}")  # dpo_soft: a 2-to-1 pair's target is ⅔, a unanimous one's 1 − ε
             metrics = train_dpo(str(sft_dir), str(out / "trl"), name, seed, s["dpo_epochs"] * (2 if method == "dpo_long" else 1),
-                                aggregate="soft" if method == "dpo_soft" else "majority")  # fmt: skip
+                                aggregate="soft" if method == "dpo_soft" else "majority", contrast=method == "dpo_contrast")  # fmt: skip
             trained = (time.perf_counter() - t0) / 60
             stories = greedy(name, held_out, 160)
             r = {**compare(world, held_out, sft_stories, stories), "kl_to_sft": round(kl_to_reference(name, held_out, 160, s["temperature"], seed), 3),
-                 "train_minutes": round(trained, 2), "eval_rewards_accuracies": metrics.get("eval_rewards_accuracies")}  # fmt: skip
+                 "train_minutes": round(trained, 2), "eval_rewards_accuracies": metrics.get("eval_rewards_accuracies"),
+                 **({"contrast_pairs": metrics["contrast_pairs"]} if method == "dpo_contrast" else {})}  # fmt: skip
         elif method == "dpo_online":  # iterative DPO (rlhf.online_dpo): one round on the DPO policy's own samples, ranked by the composite reward
             from rlhf.online_dpo import OnlineDPOConfig
             from rlhf.online_dpo import train as online_dpo

@@ -320,3 +320,79 @@ def load_preferences(
         message += f"; no test split, so {len(test)} pairs of {test_fraction:.0%} of the items were held out"
     _check(train, str(path))
     return train, test, message
+
+
+# Contrast pairs: synthetic minimal pairs that only the frames can settle -------------------------
+
+
+def read_contrast_words(path: str | Path) -> list[tuple[str, ...]]:
+    """Groups of interchangeable words or phrases, one group per line, comma-separated
+    ("red, blue, green" / "circle, square" / "one sunny day, one moonlit night"); `#` starts a comment.
+    A bad file stops with its line and the fix: a group of one, a phrase in two groups."""
+    path = Path(path)
+    if not path.is_file():
+        raise DataError(f"{path}: no such word-group file; write one group of interchangeable words per line, comma-separated")
+    groups: list[tuple[str, ...]] = []
+    seen: dict[str, int] = {}
+    for n, line in enumerate(path.read_text(encoding="utf-8").splitlines(), 1):
+        words = tuple(dict.fromkeys(w.strip() for w in line.split("#", 1)[0].split(",") if w.strip()))
+        if not words:
+            continue
+        if len(words) < 2:
+            raise DataError(f"{path}:{n}: the group {words[0]!r} has one phrase; a group needs two or more, comma-separated")
+        for w in words:
+            if w.lower() in seen:
+                raise DataError(f"{path}:{n}: {w!r} is already in the group of line {seen[w.lower()]}; give each phrase one group")
+            seen[w.lower()] = n
+        groups.append(words)
+    if not groups:
+        raise DataError(f"{path}: no word groups; write one group of interchangeable words per line, comma-separated")
+    return groups
+
+
+def contrast_story(story: str, groups: list[tuple[str, ...]], rng) -> tuple[str, str, str] | None:
+    """The story with one phrase of a group swapped for another of its group, as (story, old, new),
+    or None where no phrase of any group occurs. Half the time every mention of the phrase is swapped
+    (a consistent error: only the frames show it), else one mention (where the phrase recurs, the
+    story now also contradicts itself). Whole words, case-insensitive; a capital stays a capital."""
+    import re
+
+    group_of = {w.lower(): g for g in groups for w in g}
+    pattern = re.compile(r"\b(" + "|".join(re.escape(w) for w in sorted(group_of, key=len, reverse=True)) + r")\b", re.IGNORECASE)
+    hits = list(pattern.finditer(story))
+    if not hits:
+        return None
+    old = hits[int(rng.integers(len(hits)))].group(0).lower()
+    options = [w for w in group_of[old] if w.lower() != old]
+    new = options[int(rng.integers(len(options)))]
+    mentions = [m for m in hits if m.group(0).lower() == old]
+    chosen = mentions if rng.random() < 0.5 else [mentions[int(rng.integers(len(mentions)))]]
+    out, last = [], 0
+    for m in chosen:
+        word = new[0].upper() + new[1:] if m.group(0)[0].isupper() else new
+        out += [story[last:m.start()], word]
+        last = m.end()
+    return "".join(out) + story[last:], old, new
+
+
+def contrast_pairs(pairs: list[PreferencePair], groups: list[tuple[str, ...]], share: float, seed: int = 0) -> list[PreferencePair]:
+    """New pairs (story ≻ the same story with one look, object or scene word swapped) for a `share` of
+    the decisive pairs, built from their chosen stories, as POVID builds dispreferred answers by
+    injecting hallucinations (Zhou et al., 2024). Each new pair keeps its source's frames and prompt,
+    is decisive and belongs to the slice "contrast"; pairs whose story holds no grouped phrase give none."""
+    import numpy as np
+
+    if not 0.0 < share <= 1.0:
+        raise DataError(f"contrast share {share}: use a value in (0, 1], the share of decisive pairs that get a contrast pair")
+    rng = np.random.default_rng(seed)
+    out = []
+    for p in pairs:
+        if p.target <= 0.5 or rng.random() >= share:
+            continue
+        made = contrast_story(p.chosen, groups, rng)
+        if made is None or made[0] == p.chosen:
+            continue
+        story, old, new = made
+        out.append(PreferencePair(images=p.images, prompt=p.prompt, chosen=p.chosen, rejected=story, item_id=p.item_id,
+                                  where=f"{p.where} (contrast: {old!r} → {new!r})", slices=("contrast",)))  # fmt: skip
+    return out

@@ -46,7 +46,7 @@ import torch
 
 from annotate.formats import parse_prompt, plain_spans, plain_text
 from rlhf import losses
-from rlhf.data import DataError, PreferencePair, load_preferences
+from rlhf.data import DataError, PreferencePair, contrast_pairs, load_preferences, read_contrast_words
 from rlhf.loading import ModelLoadError
 from rlhf.policy import LoraSpec, StoryPolicy, load_policy
 from rlhf.runlog import clip_gradients, device_summary, latest_checkpoint, log_metrics, prefer_safe_attention, restore_training_state, save_training_state
@@ -69,6 +69,12 @@ class DPOConfig:
                                                                "γ = 5), and the chosen story's marked tokens weigh 0 (flaws of the winner are "
                                                                "not reinforced); 0 = off (plain DPO: every token weighs 1)"})  # fmt: skip
     skip_ties: bool = field(default=False, metadata={"help": "leave tied pairs out (default: they pull the two log-ratios together)"})
+    contrast_words: str | None = field(default=None, metadata={"help": "a file of word groups, one per line, comma-separated (colors, shapes, "
+                                                                       "objects, settings): a --contrast_share of the decisive train pairs "
+                                                                       "get a contrast pair, their chosen story against itself with one "
+                                                                       "phrase swapped for another of its group (POVID-style hallucination "
+                                                                       "negatives; see docs/training.md)"})  # fmt: skip
+    contrast_share: float = field(default=0.5, metadata={"help": "with --contrast_words: the share of decisive train pairs that get one"})
     epochs: int = field(default=1, metadata={"help": "passes over the training pairs"})
     lr: float = field(default=5e-5, metadata={"help": "peak AdamW learning rate of the LoRA adapter"})
     batch_size: int = field(default=8, metadata={"help": "pairs per step and process"})
@@ -101,6 +107,8 @@ def check_config(cfg: DPOConfig) -> None:
         raise ValueError(f"--label_smoothing {cfg.label_smoothing}: use a value in [0, 0.5)")
     if cfg.span_weight < 0:
         raise ValueError(f"--span_weight {cfg.span_weight}: give γ ≥ 0 (0 = off; RLHF-V used 5)")
+    if cfg.contrast_words and not 0.0 < cfg.contrast_share <= 1.0:
+        raise ValueError(f"--contrast_share {cfg.contrast_share}: use a value in (0, 1]")
     if not cfg.data:
         raise DataError("--data is required: an annotate.export dir or file (TRL or pairs JSONL) or a saved HF dataset")
 
@@ -201,6 +209,11 @@ def train(cfg: DPOConfig) -> tuple[StoryPolicy, dict]:
         raise DataError(f"{cfg.data}: --span_weight {cfg.span_weight} needs span marks, and no train pair has any. Export a project "
                         "whose annotators mark words (annotate.ingest --span-marks), or leave --span_weight at 0")  # fmt: skip
     eval_set = usable_pairs(test_all, cfg, cfg.data) if any(not p.tie for p in test_all) else []  # held-out figures need a decisive pair
+    contrast = contrast_pairs(train_set, read_contrast_words(cfg.contrast_words), cfg.contrast_share, cfg.seed) if cfg.contrast_words else []
+    if cfg.contrast_words and not contrast:
+        raise DataError(f"{cfg.contrast_words}: no chosen story in {cfg.data} holds a phrase of these groups, so no contrast pair "
+                        "was made; check the words against the stories")  # fmt: skip
+    train_set += contrast  # train only: the held-out figures stay the annotators' pairs
     accelerator = Accelerator(mixed_precision="bf16" if cfg.bf16 else "no", gradient_accumulation_steps=cfg.grad_accum,
                               cpu=cfg.device == "cpu")  # fmt: skip
     prefer_safe_attention()
@@ -224,7 +237,7 @@ def train(cfg: DPOConfig) -> tuple[StoryPolicy, dict]:
         policy.enable_gradient_checkpointing()
     params = policy.trainable_parameters()
     log(f"{message}\nDPO ({cfg.loss_type}, β {cfg.beta}) of {policy.family} {cfg.policy}: {sum(p.numel() for p in params):,} LoRA "
-        f"parameters; {len(train_set)} train / {len(eval_set)} held-out pairs")  # fmt: skip
+        f"parameters; {len(train_set)} train / {len(eval_set)} held-out pairs" + (f" ({len(contrast)} of them contrast pairs)" if contrast else ""))  # fmt: skip
 
     # 3. Optimizer, schedule, accelerate; resume.
     optimizer = torch.optim.AdamW(params, lr=cfg.lr, weight_decay=0.0)
@@ -298,7 +311,7 @@ def train(cfg: DPOConfig) -> tuple[StoryPolicy, dict]:
         policy.save_pretrained(out)
         held = evaluate(policy, eval_set, cfg)
         log_metrics(writer, jsonl, step, {f"dpo/{k}": v for k, v in held.items()})
-        result = {**{k.removeprefix("dpo/"): v for k, v in metrics.items()}, **held, "steps": step, "train_pairs": len(train_set),
+        result = {**{k.removeprefix("dpo/"): v for k, v in metrics.items()}, **held, "steps": step, "train_pairs": len(train_set), "contrast_pairs": len(contrast),
                   "eval_pairs": len(eval_set), "family": policy.family, "world_size": accelerator.num_processes,
                   **device_summary(accelerator), "minutes": round((time.perf_counter() - t0) / 60, 2)}  # fmt: skip
         (out / "metrics.json").write_text(json.dumps(result, indent=1))

@@ -27,7 +27,7 @@ import torch
 
 from annotate.formats import plain_text
 from rlhf.clip import DEFAULT_CACHE
-from rlhf.data import DataError, PreferencePair, load_preferences
+from rlhf.data import DataError, PreferencePair, contrast_pairs, load_preferences, read_contrast_words
 from rlhf.loading import ModelLoadError
 from rlhf.losses import bradley_terry_loss, fit_logit_coef, pearson_correlation, preference_accuracy, shorter_preferred, span_token_loss
 from rlhf.reward_model import DEFAULT_TEXT_MODEL, RewardModel, RewardModelConfig
@@ -79,6 +79,8 @@ class TrainRMConfig:
     center_coef: float = field(default=0.01, metadata={"help": "reward centering: + c·mean((r_c + r_r)²)"})
     length_control: bool = field(default=False, metadata={"help": "length-controlled Bradley-Terry: in training the logit gets a learned term β·(words chosen − words rejected)/s, so that the preference for length in the labels goes to β and not to the reward; the saved model scores without it (check eval_shorter_preferred_model against _labels)"})
     length_decorrelation: float = field(default=0.0, metadata={"help": "λ of an ODIN-style penalty λ·|Pearson r(reward, words)| over each batch's stories (Chen et al. 2024): the reward is kept from carrying length through features that --length_control's linear β does not take; 0 = off (check eval_length_correlation)"})
+    contrast_words: str | None = field(default=None, metadata={"help": "a file of word groups, one per line, comma-separated (colors, shapes, objects, settings): a --contrast_share of the decisive train pairs get a contrast pair, their chosen story against itself with one phrase swapped for another of its group, which only the frames (or the story's own other mentions) can settle (docs/reward-model.md)"})
+    contrast_share: float = field(default=0.5, metadata={"help": "with --contrast_words: the share of decisive train pairs that get one"})
     bf16: bool = field(default=False, metadata={"help": "bfloat16 mixed precision (GPUs that support it)"})
     seed: int = field(default=0, metadata={"help": "seed for the data order and initialization"})
     resume: bool = field(default=False, metadata={"help": "continue from the last checkpoint in output_dir"})
@@ -267,6 +269,8 @@ def train(cfg: TrainRMConfig) -> tuple[RewardModel, dict]:
         raise ValueError("--span_loss_coef needs --backbone clip-fusion with its text encoder: the span head scores the text encoder's tokens")
     if cfg.length_decorrelation < 0:
         raise ValueError(f"--length_decorrelation {cfg.length_decorrelation}: give λ ≥ 0 (0 turns it off; ODIN used about 1 on large batches, and 0.2 suits batches of 8 pairs)")
+    if cfg.contrast_words and not 0.0 < cfg.contrast_share <= 1.0:
+        raise ValueError(f"--contrast_share {cfg.contrast_share}: use a value in (0, 1]")
     accelerator = Accelerator(mixed_precision="bf16" if cfg.bf16 else "no", gradient_accumulation_steps=cfg.grad_accum)
     prefer_safe_attention()
     set_seed(cfg.seed)
@@ -278,7 +282,12 @@ def train(cfg: TrainRMConfig) -> tuple[RewardModel, dict]:
 
     # 1. Data: detect the format, split by item if there is no test split.
     train, test, message = load_preferences(cfg.data, cfg.aggregate)
-    log(message)
+    contrast = contrast_pairs(train, read_contrast_words(cfg.contrast_words), cfg.contrast_share, cfg.seed) if cfg.contrast_words else []
+    if cfg.contrast_words and not contrast:
+        raise DataError(f"{cfg.contrast_words}: no chosen story in {cfg.data} holds a phrase of these groups, so no contrast pair "
+                        "was made; check the words against the stories")  # fmt: skip
+    train = train + contrast  # train only: the held-out figures stay the annotators' pairs
+    log(message + (f"; {len(contrast)} contrast pairs added to the train split" if contrast else ""))
     if cfg.span_loss_coef and not any(p.spans for p in train):
         raise DataError(f"{cfg.data}: --span_loss_coef {cfg.span_loss_coef} needs span marks, and no train pair has any. Export a "
                         "project whose annotators mark words (annotate.ingest --span-marks), or leave --span_loss_coef at 0")  # fmt: skip
@@ -434,6 +443,7 @@ def train(cfg: TrainRMConfig) -> tuple[RewardModel, dict]:
         result = {
             **(metrics or evaluate(rm, test)),
             "train_pairs": len(train),
+            "contrast_pairs": len(contrast),
             "eval_pairs": len(test),
             "pairs_per_second": round(pairs_seen / train_seconds, 2) if train_seconds else None,
             "epochs_done": last_epoch,

@@ -221,3 +221,22 @@ def test_segment_dpo_trains_and_needs_marks(setup, tmp_path):
         train(config(root, "nomarks", span_weight=5.0))
     with pytest.raises(ValueError, match="--span_weight -1"):
         train(config(root, "neg", span_weight=-1.0))
+
+
+def test_contrast_pairs_join_the_training_pairs_only(setup, tmp_path):
+    """--contrast_words: each decisive train pair's chosen story, with one look swapped, becomes a new rejected story
+    (train only; the held-out figures stay the annotators' pairs). Words that match no story are refused before compute."""
+    root = setup
+    (tmp_path / "words.txt").write_text("red, blue, green, yellow, purple, orange, pink, black\ncircle, square, triangle, star, diamond\n")
+    _, result = train(config(root, "contrast", contrast_words=str(tmp_path / "words.txt"), contrast_share=1.0))
+    decisive = sum(not json.loads(x)["tie"] for x in (root / "trl" / "train.jsonl").open())
+    assert 0 < result["contrast_pairs"] <= decisive
+    assert result["train_pairs"] == 20 + result["contrast_pairs"]
+    assert result["eval_pairs"] == sum(1 for _ in (root / "trl" / "test.jsonl").open())  # no contrast pair is held out
+    assert result["steps"] == result["train_pairs"] // 4
+    (tmp_path / "none.txt").write_text("zebra, giraffe\n")
+    with pytest.raises(DataError, match=r"none.txt: no chosen story in .* holds a phrase of these groups"):
+        train(config(root, "bad", contrast_words=str(tmp_path / "none.txt"), policy=str(tmp_path / "nowhere")))
+    with pytest.raises(ValueError, match=r"--contrast_share 0.0: use a value in \(0, 1\]"):
+        train(config(root, "bad", contrast_words=str(tmp_path / "words.txt"), contrast_share=0.0))
+    assert not (root / "bad").exists()

@@ -435,3 +435,18 @@ def test_fusion_and_frozen_options_reject_bad_settings(assets):
                          ({"fusion_layers": 1, "backbone": "vlm"}, "clip-fusion options")]:  # fmt: skip
         with pytest.raises(ModelLoadError, match=message):
             RewardModel.build(RewardModelConfig(**{**base, **bad}), cache_dir=assets / "cache")
+
+
+def test_contrast_pairs_join_the_train_split_only(assets, tmp_path):
+    """--contrast_words: each chosen story with one look swapped is a new rejected story, in training only."""
+    (tmp_path / "words.txt").write_text("red, blue, green, yellow, purple, orange, pink, black\ncircle, square, triangle, star, diamond\n")
+    plain_train, plain_test, _ = load_preferences(assets / "prefs.jsonl")
+    _, metrics = train(_cfg(assets, tmp_path / "rm", epochs=1, contrast_words=str(tmp_path / "words.txt"), contrast_share=1.0))
+    assert 0 < metrics["contrast_pairs"] <= sum(not p.tie for p in plain_train)
+    assert metrics["train_pairs"] == len(plain_train) + metrics["contrast_pairs"]
+    assert metrics["eval_pairs"] == len(plain_test)
+    (tmp_path / "none.txt").write_text("zebra, giraffe\n")
+    with pytest.raises(DataError, match=r"none.txt: no chosen story in .* holds a phrase of these groups"):
+        train(_cfg(assets, tmp_path / "bad", contrast_words=str(tmp_path / "none.txt")))
+    with pytest.raises(ValueError, match=r"--contrast_share 2.0: use a value in \(0, 1\]"):
+        train(_cfg(assets, tmp_path / "bad", contrast_words=str(tmp_path / "words.txt"), contrast_share=2.0))

@@ -99,3 +99,82 @@ def test_an_in_memory_image_is_keyed_by_its_pixels():
     assert ImageRef(image=red).key == ImageRef(image=also_red).key  # the same pixels: one cache entry
     assert ImageRef(image=red).key != ImageRef(image=Image.new("RGB", (4, 3), (255, 0, 1))).key  # one channel of one pixel
     assert ImageRef(image=red).key != ImageRef(image=Image.new("RGB", (3, 4), (255, 0, 0))).key  # the same bytes, another shape
+
+
+# Contrast pairs (rlhf.data.contrast_pairs): synthetic minimal pairs whose only difference is a grouped phrase.
+
+
+def _groups(tmp_path, text: str):
+    from rlhf.data import read_contrast_words
+
+    (tmp_path / "words.txt").write_text(text)
+    return read_contrast_words(tmp_path / "words.txt")
+
+
+def test_contrast_word_groups_are_read_and_a_bad_file_is_named(tmp_path):
+    from rlhf.data import DataError
+
+    groups = _groups(tmp_path, "# looks\nred, blue ,green\n\ncircle, square  # shapes\none sunny day, one moonlit night\n")
+    assert groups == [("red", "blue", "green"), ("circle", "square"), ("one sunny day", "one moonlit night")]
+    with pytest.raises(DataError, match=r"words.txt:2: the group 'blue' has one phrase"):
+        _groups(tmp_path, "red, green\nblue\n")
+    with pytest.raises(DataError, match=r"words.txt:2: 'Red' is already in the group of line 1"):
+        _groups(tmp_path, "red, green\nRed, pink\n")
+    with pytest.raises(DataError, match="no word groups"):
+        _groups(tmp_path, "# nothing\n\n")
+    with pytest.raises(DataError, match="missing.txt: no such word-group file"):
+        from rlhf.data import read_contrast_words
+
+        read_contrast_words(tmp_path / "missing.txt")
+
+
+def test_contrast_story_swaps_one_phrase_for_another_of_its_group(tmp_path):
+    import re
+
+    import numpy as np
+
+    from rlhf.data import contrast_story
+
+    groups = _groups(tmp_path, "red, blue, green\ncircle, square\none sunny day, one moonlit night\n")
+    rng = np.random.default_rng(0)
+    assert contrast_story("Nothing here is reddish or squared.", groups, rng) is None  # whole words only
+    story = "One sunny day, Pip the red square waited. Red leaves fell. Pip the red square slept."
+    modes = set()
+    for _ in range(300):
+        new_story, old, new = contrast_story(story, groups, rng)
+        group = next(g for g in groups if old in [w.lower() for w in g])
+        assert new in group and new.lower() != old
+        before = [m.group(0) for m in re.finditer(re.escape(old), story, re.IGNORECASE)]
+        # what changed: `old` gave way to `new` at one mention or at every mention, and nothing else moved
+        after_old = len(re.findall(r"\b" + re.escape(old) + r"\b", new_story, re.IGNORECASE))
+        swapped = len(before) - after_old
+        assert swapped == 1 or swapped == len(before)
+        modes.add("all" if swapped == len(before) and len(before) > 1 else "one" if len(before) > 1 else "single")
+        assert re.sub(r"\b(" + "|".join(map(re.escape, group)) + r")\b", "X", new_story, flags=re.IGNORECASE) == \
+            re.sub(r"\b(" + "|".join(map(re.escape, group)) + r")\b", "X", story, flags=re.IGNORECASE)  # fmt: skip
+        if old == "red" and swapped == len(before):  # a sentence's capital stays a capital
+            assert f"{new[0].upper()}{new[1:]} leaves fell." in new_story
+    assert modes == {"all", "one", "single"}  # "one sunny day" occurs once; red and square recur, swapped at one or all mentions
+    # the longer phrase wins over a word inside it
+    only_time = _groups(tmp_path, "day, night\none sunny day, one moonlit night\n")
+    assert contrast_story("It was one sunny day.", only_time, np.random.default_rng(1))[1] == "one sunny day"
+
+
+def test_contrast_pairs_come_from_decisive_chosen_stories(tmp_path):
+    from rlhf.data import DataError, PreferencePair, contrast_pairs
+
+    groups = _groups(tmp_path, "red, blue\n")
+    img = [ImageRef(path="a.png")]
+    pairs = [PreferencePair(images=img, prompt="p1", chosen="A red fox.", rejected="A fox.", item_id="i1", where="f:1"),
+             PreferencePair(images=img, prompt="p2", chosen="A red fox.", rejected="A blue fox.", target=0.5, item_id="i2"),  # a tie
+             PreferencePair(images=img, prompt="p3", chosen="No look at all.", rejected="A red fox.", item_id="i3"),  # nothing to swap
+             PreferencePair(images=img, prompt="p4", chosen="A blue bird.", rejected="A bird.", target=2 / 3, item_id="i4")]  # fmt: skip
+    made = contrast_pairs(pairs, groups, share=1.0, seed=0)
+    assert [(p.item_id, p.prompt, p.chosen, p.rejected) for p in made] == [("i1", "p1", "A red fox.", "A blue fox."), ("i4", "p4", "A blue bird.", "A red bird.")]
+    assert all(p.target == 1.0 and p.slices == ("contrast",) and p.images == img for p in made)
+    assert "f:1 (contrast: 'red' → 'blue')" == made[0].where
+    many = [pairs[0]] * 2000
+    assert 900 < len(contrast_pairs(many, groups, share=0.5, seed=3)) < 1100
+    assert contrast_pairs(many, groups, share=0.5, seed=3) == contrast_pairs(many, groups, share=0.5, seed=3)
+    with pytest.raises(DataError, match=r"contrast share 0: use a value in \(0, 1\]"):
+        contrast_pairs(pairs, groups, share=0)
