@@ -351,6 +351,10 @@ def main() -> None:
     p.add_argument("--rm-data", default="trl", metavar="DIR",
                    help="with --rm-only: train on this export under --out instead of trl/ (e.g. trl-union-seed-0, rounds 1-3 from "
                         "--methods dpo_union), and also report both reward models on that export's new held-out pairs")
+    p.add_argument("--ppo-rm", metavar="NAME",
+                   help="with --add-seeds: PPO's reward model is --out/NAME (one that --rm-only NAME trained on the same export) "
+                        "instead of rm/; its runs go to ppo-NAME-seed-K and to report.json's methods['ppo@NAME'], beside the "
+                        "default's: PPO on two reward models with the same world, SFT policy and seeds")
     p.add_argument("--no-ppo", action="store_true",
                    help="with --methods: run only those methods, not the main PPO run (a comparison among the other methods)")
     p.add_argument("--iterations", type=int, help="PPO iterations (overrides the setting)")
@@ -396,6 +400,10 @@ def main() -> None:
         finished = args.out / "report.json"
         if finished.exists() and not {"methods", "ppo"} & set(json.loads(finished.read_text())):
             p.error(f"--add-seeds: {finished} holds neither a PPO run nor a method table; run the bench (with --methods) first")
+    if args.ppo_rm and not args.add_seeds:
+        p.error("--ppo-rm: use it with --add-seeds on a finished run")
+    if args.ppo_rm and not (args.out / args.ppo_rm / "reward_config.json").exists():
+        p.error(f"--ppo-rm: {args.out / args.ppo_rm} holds no reward model; train one with --rm-only {args.ppo_rm} first")
     if args.ppo_only and not ((args.out / "rm" / "metrics.json").exists() and (args.out / "report.json").exists()):
         p.error(f"--ppo-only: {args.out} holds no finished run (rm/metrics.json and report.json); run without it first")
 
@@ -491,7 +499,7 @@ def main() -> None:
             report["votes"] = report.get("votes", 0) + votes
         return aug
 
-    rm_dir = out / "rm"
+    rm_dir = out / (args.ppo_rm or "rm")
     if ppo_only:  # steps 3-6 as the last run in --out left them
         report |= {k: previous[k] for k in ("votes", "export", "rm", "signals_vs_annotators", "signals_vs_annotators_all_rounds") if k in previous}
     else:
@@ -766,14 +774,16 @@ def main() -> None:
             seeds = previous.get("seeds", {})
             done = [dict(zip(PPO_TABLE[:3], v)) | {"seed": sd} for *v, sd in zip(*(seeds.get(k, []) for k in (*PPO_TABLE[:3], "seed")))]
             report["methods"] = {"ppo": done or [{k: previous["ppo"][k] for k in PPO_TABLE if k in previous["ppo"]} | {"seed": args.seed}]}
-        for method in [*([] if args.no_ppo else ["ppo"]), *methods]:
+        ppo_key = f"ppo@{args.ppo_rm}" if args.ppo_rm else "ppo"  # PPO on another reward model keeps its own runs
+        for method in [*([] if args.no_ppo else [ppo_key]), *methods]:
             runs = report["methods"].setdefault(method, [])
             for k in range(len(runs), args.ppo_seeds):
                 t0 = time.perf_counter()
-                if method == "ppo":
-                    r = run_ppo(f"ppo-seed-{k}", seed=args.seed + k)
+                if method == ppo_key:
+                    r = run_ppo(f"ppo-{args.ppo_rm}-seed-{k}" if args.ppo_rm else f"ppo-seed-{k}", seed=args.seed + k)
                     # what this run was given (--set) and what its stories became, beside its figures
-                    runs.append({key: r[key] for key in PPO_TABLE} | {"seed": args.seed + k, "set": args.set, "components_ppo": r["components_ppo"]})
+                    runs.append({key: r[key] for key in PPO_TABLE} | {"seed": args.seed + k, "set": args.set, "components_ppo": r["components_ppo"]}
+                                | ({"reward_model": args.ppo_rm} if args.ppo_rm else {}))  # fmt: skip
                 else:
                     runs.append(run_method(method, args.seed + k, k))
                 report["phases"][f"method_{method}_seed_{k}"] = round((time.perf_counter() - t0) / 60, 2)

@@ -127,6 +127,14 @@ def test_methods_and_ppo_storyworld_smoke(tmp_path):
     for judge in ("this", "run_rm"):
         agreement = rm_union["new_round_pairs"][judge]["human_vs_annotators"]
         assert agreement["pairs"] == 0 or 0.0 <= agreement["human"] <= 1.0, judge
+    # PPO on that reward model instead of rm/ (--ppo-rm), beside the default's runs, which stay.
+    run_bench("ppo_storyworld.py", "--smoke", "--out", str(world), "--seed", "0", "--add-seeds", "--ppo-rm", "rm-union", "--ppo-seeds", "1", timeout=600)
+    other = json.loads((world / "report.json").read_text())
+    (on_union,) = other["methods"]["ppo@rm-union"]
+    assert on_union["reward_model"] == "rm-union" and on_union["seed"] == 0 and 0.0 <= on_union["win_rate_vs_sft"] <= 1.0
+    assert other["methods"]["ppo"] == two["methods"]["ppo"]
+    assert json.loads((world / "ppo-rm-union-seed-0" / "ppo_config.json").read_text())["reward_model"] == str(world / "rm-union")
+    two = other
     # --add-seeds on a plain run (one PPO run, no method table): its run starts the table, the next seed is added.
     plain = {k: v for k, v in two.items() if k not in ("methods", "seeds")}
     (world / "report.json").write_text(json.dumps(plain))
