@@ -27,6 +27,11 @@ story's marked tokens weigh γ in its log-ratio, so the loss pushes hardest on t
 are wrong, as RLHF-V's dense DPO does with corrected segments (Yu et al., 2024); the chosen story's
 marked tokens weigh 0, so a flaw the winner shares is not reinforced. Unmarked pairs are plain DPO.
 
+Contrast pairs (`--contrast_words FILE`): a `--contrast_share` of the decisive train pairs' chosen
+stories also face themselves with one phrase of the file's word groups swapped (a color, shape,
+object, setting), as POVID makes dispreferred answers by injecting hallucinations (Zhou et al.,
+2024): pairs that only the frames, or the story's own other mentions, can settle. Train split only.
+
 Every `--eval_steps` steps and at the end: the held-out loss, the implicit reward's accuracy (β·log-
 ratio, chosen above rejected on decisive pairs) and the chosen/rejected margins. Logs go to
 metrics.jsonl, TensorBoard and metrics.json; `checkpoint-last` is written every `--save_steps`

@@ -12,6 +12,9 @@ with the model, so that `RewardModel.score` gives them mean 0 and std 1.
 saved reward does not pay for length (the eval's `eval_shorter_preferred_*` shows whether it needs to).
 `--length_decorrelation λ` adds λ·|r(reward, words)| over each batch (ODIN), for a bias that β, being
 linear in the word difference, does not take (`eval_length_correlation` shows what is left).
+`--contrast_words FILE` adds synthetic minimal pairs to the train split: chosen stories with one
+phrase of the file's word groups swapped (a color, shape, setting), which only the frames or the
+story's other mentions can settle (docs/reward-model.md#contrast-pairs).
 Writes: the model, `metrics.jsonl` (per logged step), `metrics.json` (final), TensorBoard logs.
 """
 
