@@ -764,7 +764,7 @@ def main() -> None:
         if stories is not None:
             r["components_ppo"] = component_means(world, held_out, stories)
         keep = ("win_rate_vs_sft", "utility_ppo", "kl_to_sft", "train_minutes", "inference_minutes", "eval_rewards_accuracies", "components_ppo",
-                "round2_pairs", "train_pairs")
+                "round2_pairs", "train_pairs", "contrast_pairs")
         return {key: r[key] for key in keep if r.get(key) is not None} | {"seed": seed}
 
     t0 = time.perf_counter()
