@@ -95,6 +95,23 @@ def utility_components(world: dict, item_id: str, story: str, style: str | None 
     return replace(blind, consistency=1.0 - bad / len(bindings) if bindings else 1.0)
 
 
+def merge_report(out: Path, update) -> dict:
+    """Apply `update(report)` to out/report.json as it is on disk now, under a lock, and write it whole (a temporary file,
+    then a rename). Add-on runs (--add-seeds) keep their results this way, so two of them on one world, such as PPO on
+    two reward models side by side, keep each other's runs instead of writing back the report each read when it began."""
+    import fcntl
+
+    path = out / "report.json"
+    with open(out / ".report.lock", "w") as lock:
+        fcntl.flock(lock, fcntl.LOCK_EX)
+        report = json.loads(path.read_text()) if path.exists() else {}
+        update(report)
+        tmp = path.with_name(f".report.json.{os.getpid()}")
+        tmp.write_text(json.dumps(report, indent=1))
+        tmp.replace(path)
+    return report
+
+
 def write_contrast_words(path: Path) -> Path:
     """The word groups a user of storyworld would write for `rlhf.dpo --contrast_words`: its colors, shapes, settings and
     times of day, from the public vocabulary of storyworld's renderer and grammar (not the hidden utility)."""
@@ -329,7 +346,8 @@ def main() -> None:
     p.add_argument("--add-seeds", action="store_true",
                    help="on a finished run with a method table (--methods): keep everything and run PPO and each method in "
                         "--methods with more seeds, up to --ppo-seeds runs each (seed, seed+1, ...), adding them to report.json; on "
-                        "a plain run, its PPO runs start the table")
+                        "a plain run, its PPO runs start the table. Add-on runs on one world (say --ppo-rm A and --ppo-rm B) may run side by side: "
+                        "each merges its runs into the report as it is on disk")
     p.add_argument("--ppo-seeds", type=int, default=1, metavar="K",
                    help="run the main PPO with K seeds (seed, seed+1, ...) on the same reward model; the report gives each and the median win rate")
     p.add_argument("--diagnose-only", action="store_true",
@@ -790,7 +808,15 @@ def main() -> None:
                 if method == "ppo" and len(runs) > 1:  # the seeds summary follows the PPO runs
                     report["seeds"] = {key: [r[key] for r in runs] for key in ("win_rate_vs_sft", "kl_to_sft", "utility_ppo")}
                     report["seeds"] |= {"seed": [r.get("seed", args.seed + i) for i, r in enumerate(runs)], "win_rate_median": statistics.median(report["seeds"]["win_rate_vs_sft"])}
-                (out / "report.json").write_text(json.dumps(report, indent=1))  # each finished run is kept, whatever comes next
+
+                def keep_run(disk: dict, method=method, runs=runs, k=k) -> None:
+                    """This run into the report on disk, beside what other add-on runs wrote since this one began."""
+                    disk["methods"] = {**report["methods"], **disk.get("methods", {}), method: runs}
+                    disk["phases"] = {**disk.get("phases", {}), f"method_{method}_seed_{k}": report["phases"][f"method_{method}_seed_{k}"]}
+                    disk |= {key: report[key] for key in ("sft", "seeds") if key in report and (key != "seeds" or method == "ppo")}
+                    disk.update({key: value for key, value in report.items() if key not in disk})
+
+                report = {**merge_report(out, keep_run), "sft": report["sft"]}  # each finished run is kept, whatever comes next
         print(json.dumps(report["methods"], indent=1))
         return
     if args.oracle_only:  # everything the last run measured stays; only the ceiling is added below

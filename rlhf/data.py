@@ -20,6 +20,7 @@ file, the line and the fix: an empty set, a set without a single decisive pair, 
 
 from __future__ import annotations
 
+import functools
 import hashlib
 import json
 from collections import Counter, defaultdict
@@ -350,15 +351,21 @@ def read_contrast_words(path: str | Path) -> list[tuple[str, ...]]:
     return groups
 
 
+@functools.lru_cache(maxsize=8)
+def _contrast_matcher(groups: tuple[tuple[str, ...], ...]):
+    """Each phrase's group (by its lower case) and one pattern for all phrases, longest first: built once per word list."""
+    import re
+
+    group_of = {w.lower(): g for g in groups for w in g}
+    return group_of, re.compile(r"\b(" + "|".join(re.escape(w) for w in sorted(group_of, key=len, reverse=True)) + r")\b", re.IGNORECASE)
+
+
 def contrast_story(story: str, groups: list[tuple[str, ...]], rng) -> tuple[str, str, str] | None:
     """The story with one phrase of a group swapped for another of its group, as (story, old, new),
     or None where no phrase of any group occurs. Half the time every mention of the phrase is swapped
     (a consistent error: only the frames show it), else one mention (where the phrase recurs, the
     story now also contradicts itself). Whole words, case-insensitive; a capital stays a capital."""
-    import re
-
-    group_of = {w.lower(): g for g in groups for w in g}
-    pattern = re.compile(r"\b(" + "|".join(re.escape(w) for w in sorted(group_of, key=len, reverse=True)) + r")\b", re.IGNORECASE)
+    group_of, pattern = _contrast_matcher(tuple(groups))
     hits = list(pattern.finditer(story))
     if not hits:
         return None

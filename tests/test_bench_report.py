@@ -1,0 +1,37 @@
+"""bench/ppo_storyworld.py's report merge: add-on runs on one world keep each other's results."""
+
+from __future__ import annotations
+
+import json
+import multiprocessing
+
+from bench.ppo_storyworld import merge_report
+
+
+def _append_runs(out, key: str, n: int) -> None:
+    for i in range(n):
+        merge_report(out, lambda report: report.setdefault("methods", {}).setdefault(key, []).append(i))
+
+
+def test_merge_report_keeps_what_another_run_wrote_since(tmp_path):
+    (tmp_path / "report.json").write_text(json.dumps({"methods": {"ppo": [{"seed": 0}]}, "sft": {"utility": 7.0}}))
+    snapshot = json.loads((tmp_path / "report.json").read_text())  # what a run read when it began
+    merge_report(tmp_path, lambda r: r["methods"].__setitem__("ppo@rm-contrast", [{"seed": 0}]))  # another run, meanwhile
+    runs = [*snapshot["methods"]["ppo"], {"seed": 1}]
+    merged = merge_report(tmp_path, lambda r: r["methods"].__setitem__("ppo", runs))
+    on_disk = json.loads((tmp_path / "report.json").read_text())
+    assert on_disk == merged == {"methods": {"ppo": [{"seed": 0}, {"seed": 1}], "ppo@rm-contrast": [{"seed": 0}]}, "sft": {"utility": 7.0}}
+    assert sorted(p.name for p in tmp_path.iterdir()) == [".report.lock", "report.json"]  # no temporary file left
+
+
+def test_merge_report_two_processes_lose_nothing(tmp_path):
+    merge_report(tmp_path, lambda r: r.update(methods={}))  # a report that does not exist yet is started
+    ctx = multiprocessing.get_context("spawn")
+    procs = [ctx.Process(target=_append_runs, args=(tmp_path, key, 40)) for key in ("ppo", "ppo@rm-contrast")]
+    for p in procs:
+        p.start()
+    for p in procs:
+        p.join(120)
+        assert p.exitcode == 0
+    report = json.loads((tmp_path / "report.json").read_text())
+    assert report["methods"] == {"ppo": list(range(40)), "ppo@rm-contrast": list(range(40))}
