@@ -813,8 +813,10 @@ def main() -> None:
                     """This run into the report on disk, beside what other add-on runs wrote since this one began."""
                     disk["methods"] = {**report["methods"], **disk.get("methods", {}), method: runs}
                     disk["phases"] = {**disk.get("phases", {}), f"method_{method}_seed_{k}": report["phases"][f"method_{method}_seed_{k}"]}
-                    disk |= {key: report[key] for key in ("sft", "seeds") if key in report and (key != "seeds" or method == "ppo")}
-                    disk.update({key: value for key, value in report.items() if key not in disk})
+                    disk["sft"] = report["sft"]
+                    if method == "ppo" and "seeds" in report:  # the seeds summary is PPO's
+                        disk["seeds"] = report["seeds"]
+                    disk.update({key: value for key, value in report.items() if key not in disk})  # a report started by this run
 
                 report = {**merge_report(out, keep_run), "sft": report["sft"]}  # each finished run is kept, whatever comes next
         print(json.dumps(report["methods"], indent=1))
