@@ -356,7 +356,7 @@ def main() -> None:
     p.add_argument("--methods", default="", metavar="LIST",
                    help="also these methods on the same world, SFT policy, export and reward model, each with --ppo-seeds seeds: "
                         "grpo, rloo (rlhf.ppo --advantage, 4 samples per prompt), dpo (rlhf.dpo on the export), dpo_soft (the same, each pair's target its share of the votes), dpo_long (the same, "
-                        "twice the epochs), dpo_online (rlhf.online_dpo: one round on the DPO policy's samples ranked by the composite "
+                        "twice the epochs), dpo_contrast (the same, with contrast pairs from storyworld's public vocabulary: --contrast_words), dpo_online (rlhf.online_dpo: one round on the DPO policy's samples ranked by the composite "
                         "reward), dpo_round2 (a round of simulated votes on the DPO policy's samples, then rlhf.dpo from it), dpo_union (the "
                         "same votes added to the project's database, then rlhf.dpo from SFT on the export of all rounds), grpo_union "
                         "(a reward model on that export of all rounds, then GRPO from SFT with it), best_of "
