@@ -16,6 +16,8 @@ kept; one with fewer runs per method than `--seeds` gets the missing seeds added
   **DPO, twice the epochs** (`dpo_long`): the control for the two-round methods' extra steps;
   **DPO with contrast pairs** (`dpo_contrast`, `--contrast_words`): half the pairs' chosen stories
   also face themselves with one color, shape, setting or time of day swapped (storyworld's words);
+  **DPO on the hidden utility's labels** (`dpo_oracle`): the same train pairs, each chosen by the
+  hidden utility instead of the votes: DPO's ceiling, as PPO's and GRPO's oracles are theirs;
 - **iterative DPO** (`dpo_online`): `rlhf.online_dpo`, one round from the DPO policy on its own
   samples (4 on each of the 500 annotated scenes), best against worst by the composite reward;
 - **DPO, a second round of votes** (`dpo_round2`): the DPO policy's samples on the same scenes get
@@ -48,7 +50,7 @@ from pathlib import Path
 
 REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
-METHODS = ("ppo", "grpo", "rloo", "dpo", "dpo_soft", "dpo_long", "dpo_contrast", "dpo_online", "dpo_round2", "dpo_union", "grpo_union", "best_of")
+METHODS = ("ppo", "grpo", "rloo", "dpo", "dpo_soft", "dpo_long", "dpo_contrast", "dpo_oracle", "dpo_online", "dpo_round2", "dpo_union", "grpo_union", "best_of")
 
 
 def summarize(runs: list[dict], key: str) -> float | None:

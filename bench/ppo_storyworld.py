@@ -49,6 +49,7 @@ import argparse
 import json
 import math
 import os
+import shutil
 import statistics
 import sys
 import time
@@ -64,7 +65,7 @@ SMOKE = {"items": 60, "sft_epochs": 2, "gen_items": 30, "samples_per_item": 3, "
          "clip_epochs": 2, "vit_steps": 20, "vit_fresh_scenes": 50, "vit_patch_weight": 1.0, "rollout": 8, "mini": 4, "temperature": 1.0, "ppo_lr": 3e-4, "grammar_round": True,
          "rm_backbone": "clip-fusion", "kl_coef": 0.12, "rm_length_control": True, "rm_length_decorrelation": 0.2, "rm_sentence_alignment": False, "rm_lr": 1e-3, "rm_text_tuning": "lora", "rm_fusion_layers": 0, "rm_batch_size": 8, "rm_bf16": True, "rm_use_images": True, "reward_weights": "human=1,clip=0.3,coherence=0.2,repetition=0.1,style=0.2", "lr_schedule": "linear", "length_debias": 0.0,
         "dpo_epochs": 1, "dpo_lr": 5e-4, "dpo_beta": 0.1, "contrast_share": 0.5, "rm_contrast_share": 0.0}  # fmt: skip
-METHODS = ("grpo", "rloo", "dpo", "dpo_soft", "dpo_long", "dpo_contrast", "dpo_online", "dpo_round2", "dpo_union", "grpo_union", "best_of")
+METHODS = ("grpo", "rloo", "dpo", "dpo_soft", "dpo_long", "dpo_contrast", "dpo_oracle", "dpo_online", "dpo_round2", "dpo_union", "grpo_union", "best_of")
 PPO_TABLE = ("win_rate_vs_sft", "utility_ppo", "kl_to_sft", "train_minutes")  # what a PPO run puts in the method table
 KL_HORIZON = 300  # a horizon of 1,920 episodes / ~6, so that β can act within the run
 
@@ -110,6 +111,28 @@ def merge_report(out: Path, update) -> dict:
         tmp.write_text(json.dumps(report, indent=1))
         tmp.replace(path)
     return report
+
+
+def relabel_by_utility(rows: list[dict], utility) -> tuple[list[dict], dict]:
+    """Export rows relabelled by the hidden utility, for DPO's ceiling (`--methods dpo_oracle`): in each pair the story with
+    the higher `utility(item_id, text)` is chosen, whatever the votes said; pairs it scores level are dropped. The rows'
+    vote-derived fields that a swap would make wrong (aspects, spans) go; `tie` becomes false. Returns the rows and counts
+    (kept, flipped: the annotators' majority had it the other way or tied, dropped). Rows may be standard or conversational."""
+    from rlhf.data import _message_text
+
+    kept, flipped, dropped = [], 0, 0
+    for row in rows:
+        u_chosen, u_rejected = (utility(row["item_id"], _message_text(row[side])) for side in ("chosen", "rejected"))
+        if u_chosen == u_rejected:
+            dropped += 1
+            continue
+        row = {k: v for k, v in row.items() if k not in ("aspects", "spans")}
+        if u_chosen < u_rejected or row.get("tie"):
+            flipped += 1
+            if u_chosen < u_rejected:
+                row["chosen"], row["rejected"] = row["rejected"], row["chosen"]
+        kept.append(row | {"tie": False})
+    return kept, {"kept": len(kept), "flipped": flipped, "dropped": dropped}
 
 
 def write_contrast_words(path: Path) -> Path:
@@ -356,7 +379,7 @@ def main() -> None:
     p.add_argument("--methods", default="", metavar="LIST",
                    help="also these methods on the same world, SFT policy, export and reward model, each with --ppo-seeds seeds: "
                         "grpo, rloo (rlhf.ppo --advantage, 4 samples per prompt), dpo (rlhf.dpo on the export), dpo_soft (the same, each pair's target its share of the votes), dpo_long (the same, "
-                        "twice the epochs), dpo_contrast (the same, with contrast pairs from storyworld's public vocabulary: --contrast_words), dpo_online (rlhf.online_dpo: one round on the DPO policy's samples ranked by the composite "
+                        "twice the epochs), dpo_contrast (the same, with contrast pairs from storyworld's public vocabulary: --contrast_words), dpo_oracle (the same pairs, each labelled by the hidden utility: DPO's ceiling), dpo_online (rlhf.online_dpo: one round on the DPO policy's samples ranked by the composite "
                         "reward), dpo_round2 (a round of simulated votes on the DPO policy's samples, then rlhf.dpo from it), dpo_union (the "
                         "same votes added to the project's database, then rlhf.dpo from SFT on the export of all rounds), grpo_union "
                         "(a reward model on that export of all rounds, then GRPO from SFT with it), best_of "
@@ -698,15 +721,28 @@ def main() -> None:
         if method in ("grpo", "rloo"):  # 8 prompts × 4 stories per rollout; GRPO's KL as a k3 loss term, RLOO's in the reward, as their papers do
             r = run_ppo(f"{method}-seed-{k}", advantage=method, samples_per_prompt=4, kl_in="loss" if method == "grpo" else "reward", seed=seed)
             stories = None
-        elif method in ("dpo", "dpo_soft", "dpo_long", "dpo_contrast"):  # offline, on the export of both annotation rounds; conservative DPO for annotators who agree ~75% of the time
+        elif method in ("dpo", "dpo_soft", "dpo_long", "dpo_contrast", "dpo_oracle"):  # offline, on the export of both annotation rounds; conservative DPO for annotators who agree ~75% of the time
             name = str(out / f"{method.replace('_', '-')}-seed-{k}")  # dpo_soft: a 2-to-1 pair's target is ⅔, a unanimous one's 1 − ε
-            metrics = train_dpo(str(sft_dir), str(out / "trl"), name, seed, s["dpo_epochs"] * (2 if method == "dpo_long" else 1),
+            data, extra = out / "trl", {}
+            if method == "dpo_oracle":  # the same train pairs, labelled by the hidden utility: DPO's ceiling (the test split stays the annotators')
+                data = out / "trl-oracle"
+                rows, extra["oracle_pairs"] = relabel_by_utility([json.loads(x) for x in (out / "trl" / "train.jsonl").open()],
+                                                                 lambda item_id, text: hidden_utility(world, item_id, text))  # fmt: skip
+                tmp = out / f".trl-oracle.{os.getpid()}"
+                tmp.mkdir(exist_ok=True)
+                (tmp / "train.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows))
+                (tmp / "test.jsonl").write_text((out / "trl" / "test.jsonl").read_text())
+                try:
+                    tmp.rename(data)
+                except OSError:  # another seed's run wrote the same pairs first
+                    shutil.rmtree(tmp)
+            metrics = train_dpo(str(sft_dir), str(data), name, seed, s["dpo_epochs"] * (2 if method == "dpo_long" else 1),
                                 aggregate="soft" if method == "dpo_soft" else "majority", contrast=method == "dpo_contrast")  # fmt: skip
             trained = (time.perf_counter() - t0) / 60
             stories = greedy(name, held_out, 160)
             r = {**compare(world, held_out, sft_stories, stories), "kl_to_sft": round(kl_to_reference(name, held_out, 160, s["temperature"], seed), 3),
                  "train_minutes": round(trained, 2), "eval_rewards_accuracies": metrics.get("eval_rewards_accuracies"),
-                 **({"contrast_pairs": metrics["contrast_pairs"]} if method == "dpo_contrast" else {})}  # fmt: skip
+                 **({"contrast_pairs": metrics["contrast_pairs"]} if method == "dpo_contrast" else {}), **extra}  # fmt: skip
         elif method == "dpo_online":  # iterative DPO (rlhf.online_dpo): one round on the DPO policy's own samples, ranked by the composite reward
             from rlhf.online_dpo import OnlineDPOConfig
             from rlhf.online_dpo import train as online_dpo
@@ -782,7 +818,7 @@ def main() -> None:
         if stories is not None:
             r["components_ppo"] = component_means(world, held_out, stories)
         keep = ("win_rate_vs_sft", "utility_ppo", "kl_to_sft", "train_minutes", "inference_minutes", "eval_rewards_accuracies", "components_ppo",
-                "round2_pairs", "train_pairs", "contrast_pairs")
+                "round2_pairs", "train_pairs", "contrast_pairs", "oracle_pairs")
         return {key: r[key] for key in keep if r.get(key) is not None} | {"seed": seed}
 
     t0 = time.perf_counter()

@@ -1,11 +1,12 @@
-"""bench/ppo_storyworld.py's report merge: add-on runs on one world keep each other's results."""
+"""bench/ppo_storyworld.py's report merge (add-on runs on one world keep each other's results), and its relabelling of an
+export by the hidden utility (DPO's ceiling)."""
 
 from __future__ import annotations
 
 import json
 import multiprocessing
 
-from bench.ppo_storyworld import merge_report
+from bench.ppo_storyworld import merge_report, relabel_by_utility
 
 
 def _append_runs(out, key: str, n: int) -> None:
@@ -35,3 +36,26 @@ def test_merge_report_two_processes_lose_nothing(tmp_path):
         assert p.exitcode == 0
     report = json.loads((tmp_path / "report.json").read_text())
     assert report["methods"] == {"ppo": list(range(40)), "ppo@rm-contrast": list(range(40))}
+
+
+def test_relabel_by_utility_by_hand():
+    scores = {"good": 9.0, "fair": 8.0, "also fair": 8.0, "poor": 7.0}
+    rows = [
+        {"item_id": "s1", "chosen": "good", "rejected": "poor", "tie": False, "aspects": {"fluency": "chosen"}, "margin": 2.0},
+        {"item_id": "s2", "chosen": "poor", "rejected": "fair", "tie": False, "spans": {"chosen": [], "rejected": []}, "margin": 1.0},
+        {"item_id": "s3", "chosen": "fair", "rejected": "also fair", "tie": False},  # the utility scores them level: dropped
+        {"item_id": "s4", "chosen": "fair", "rejected": "good", "tie": True},  # the annotators tied; the utility prefers "good"
+    ]
+    kept, counts = relabel_by_utility(rows, lambda item_id, text: scores[text])
+    assert counts == {"kept": 3, "flipped": 2, "dropped": 1}
+    assert kept == [
+        {"item_id": "s1", "chosen": "good", "rejected": "poor", "tie": False, "margin": 2.0},
+        {"item_id": "s2", "chosen": "fair", "rejected": "poor", "tie": False, "margin": 1.0},
+        {"item_id": "s4", "chosen": "good", "rejected": "fair", "tie": False},
+    ]
+    assert rows[1]["chosen"] == "poor"  # the caller's rows are not changed
+    # Conversational rows (the bench's export) are scored on their text and swapped whole.
+    said = {"chosen": [{"role": "assistant", "content": "poor"}], "rejected": [{"role": "assistant", "content": "good"}]}
+    kept, counts = relabel_by_utility([{"item_id": "s5", **said, "tie": False}], lambda item_id, text: scores[text])
+    assert counts == {"kept": 1, "flipped": 1, "dropped": 0}
+    assert kept == [{"item_id": "s5", "chosen": said["rejected"], "rejected": said["chosen"], "tie": False}]
