@@ -77,8 +77,8 @@ def dpo_settings(cfg: OnlineDPOConfig, **overrides) -> DPOConfig:
     return DPOConfig(**{f.name: getattr(cfg, f.name) for f in fields(DPOConfig) if f.init} | overrides)
 
 
-def check_online(cfg: OnlineDPOConfig) -> tuple[list[StoryExample], dict[str, float]]:
-    """Every setting and the prompts, before any model loads."""
+def check_online(cfg: OnlineDPOConfig, reward: CompositeReward | None = None) -> tuple[list[StoryExample], dict[str, float]]:
+    """Every setting and the prompts, before any model loads (`--reward_weights` only where no `reward` is handed in)."""
     if cfg.rounds < 1:
         raise ValueError(f"--rounds {cfg.rounds}: give 1 or more")
     if cfg.samples_per_prompt < 2:
@@ -90,7 +90,7 @@ def check_online(cfg: OnlineDPOConfig) -> tuple[list[StoryExample], dict[str, fl
     if cfg.data:
         raise DataError("--data: online DPO makes its pairs from the policy's own samples; train on an export first with rlhf.dpo, "
                         "then pass that policy as --policy")  # fmt: skip
-    weights = parse_weights(cfg.reward_weights)
+    weights = parse_weights(cfg.reward_weights) if reward is None else reward.weights
     check_config(dpo_settings(cfg, data="-"))
     if not cfg.prompts:
         raise StoryDataError("--prompts is required: an items JSONL (image_paths, instruction, style, context) or an HF dataset")
@@ -139,14 +139,22 @@ def sample_round(cfg: OnlineDPOConfig, policy_dir: str, sft_adapter: str | None,
     return [[c["text"] for c in row["candidates"]] for row in rows]
 
 
-def train(cfg: OnlineDPOConfig):
+def train(cfg: OnlineDPOConfig, reward: CompositeReward | None = None):
+    """Run the rounds as `cfg` says; returns the last round's policy and the metrics.
+
+    `reward`, from Python only: a CompositeReward of your own signals (any callable taking
+    `(images, instructions, contexts, styles, stories)` and returning a (B,) tensor, such as a
+    verifiable check of your own) ranks each prompt's samples instead of the one `--reward_weights`
+    builds; `--reward_weights` and the reward-model flags are then not read, as in `rlhf.ppo.train`.
+    """
     # 1. Settings, prompts and the reward's models, before any sampling.
-    examples, weights = check_online(cfg)
-    style_descriptions = json.loads(Path(cfg.style_descriptions).read_text()) if cfg.style_descriptions else None
-    device = cfg.device or ("cuda" if torch.cuda.is_available() else "cpu")
-    reward = build_reward(weights, reward_model=cfg.reward_model, clip_model=cfg.clip_model, clip_pretrained=cfg.clip_pretrained,
-                          sentence_model=cfg.sentence_model, style_descriptions=style_descriptions, device=device,
-                          cache_dir=cfg.cache_dir)  # fmt: skip
+    examples, weights = check_online(cfg, reward)
+    if reward is None:
+        style_descriptions = json.loads(Path(cfg.style_descriptions).read_text()) if cfg.style_descriptions else None
+        device = cfg.device or ("cuda" if torch.cuda.is_available() else "cpu")
+        reward = build_reward(weights, reward_model=cfg.reward_model, clip_model=cfg.clip_model, clip_pretrained=cfg.clip_pretrained,
+                              sentence_model=cfg.sentence_model, style_descriptions=style_descriptions, device=device,
+                              cache_dir=cfg.cache_dir)  # fmt: skip
     out = Path(cfg.output_dir)
     out.mkdir(parents=True, exist_ok=True)
     (out / "online_dpo_config.json").write_text(json.dumps(asdict(cfg), indent=1))

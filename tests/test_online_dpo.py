@@ -102,6 +102,16 @@ def test_rounds_chain_each_on_the_last_and_a_rerun_resumes(setup):
     assert again["rounds"] == json.loads(json.dumps(result["rounds"])) and (out / "round-2" / "pairs.jsonl").stat().st_mtime_ns == mtime
 
 
+def test_a_reward_of_your_own_ranks_the_round(setup):
+    # From Python, a CompositeReward of the user's own signal ranks the samples; --reward_weights is not read
+    # (it names a reward model that does not exist, which would fail if it were built).
+    words = CompositeReward({"words": 1.0}, {"words": lambda images, instructions, contexts, styles, stories: torch.tensor([float(len(s.split())) for s in stories])})
+    _, result = train(config(setup, "own-reward", rounds=1, reward_weights="human=1", reward_model=str(setup / "no-such-rm")), reward=words)
+    rows = [json.loads(x) for x in (setup / "own-reward" / "round-1" / "pairs.jsonl").open()]
+    assert len(rows) == result["rounds"][0]["pairs"] >= 2
+    assert all(len(x["chosen"].split()) > len(x["rejected"].split()) for x in rows)  # the longest sample against the shortest
+
+
 def test_bad_input_is_refused_before_any_compute(setup, tmp_path):
     root = setup
     with pytest.raises(ValueError, match="samples_per_prompt"):
