@@ -20,6 +20,7 @@ kept; one with fewer runs per method than `--seeds` gets the missing seeds added
   hidden utility instead of the votes: DPO's ceiling, as PPO's and GRPO's oracles are theirs;
 - **iterative DPO** (`dpo_online`): `rlhf.online_dpo`, one round from the DPO policy on its own
   samples (4 on each of the 500 annotated scenes), best against worst by the composite reward;
+  `dpo_online_oracle`, the same round ranked by the hidden utility (on-policy pairs, perfect labels);
 - **DPO, a second round of votes** (`dpo_round2`): the DPO policy's samples on the same scenes get
   simulated votes (every pair, 3 votes each, as the pipeline's second round), then `rlhf.dpo` from
   the DPO policy on those pairs alone: the loop closed once more, with people ranking;
@@ -50,7 +51,7 @@ from pathlib import Path
 
 REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
-METHODS = ("ppo", "grpo", "rloo", "dpo", "dpo_soft", "dpo_long", "dpo_contrast", "dpo_oracle", "dpo_online", "dpo_round2", "dpo_union", "grpo_union", "best_of")
+METHODS = ("ppo", "grpo", "rloo", "dpo", "dpo_soft", "dpo_long", "dpo_contrast", "dpo_oracle", "dpo_online", "dpo_online_oracle", "dpo_round2", "dpo_union", "grpo_union", "best_of")
 
 
 def summarize(runs: list[dict], key: str) -> float | None:

@@ -65,7 +65,7 @@ SMOKE = {"items": 60, "sft_epochs": 2, "gen_items": 30, "samples_per_item": 3, "
          "clip_epochs": 2, "vit_steps": 20, "vit_fresh_scenes": 50, "vit_patch_weight": 1.0, "rollout": 8, "mini": 4, "temperature": 1.0, "ppo_lr": 3e-4, "grammar_round": True,
          "rm_backbone": "clip-fusion", "kl_coef": 0.12, "rm_length_control": True, "rm_length_decorrelation": 0.2, "rm_sentence_alignment": False, "rm_lr": 1e-3, "rm_text_tuning": "lora", "rm_fusion_layers": 0, "rm_batch_size": 8, "rm_bf16": True, "rm_use_images": True, "reward_weights": "human=1,clip=0.3,coherence=0.2,repetition=0.1,style=0.2", "lr_schedule": "linear", "length_debias": 0.0,
         "dpo_epochs": 1, "dpo_lr": 5e-4, "dpo_beta": 0.1, "contrast_share": 0.5, "rm_contrast_share": 0.0}  # fmt: skip
-METHODS = ("grpo", "rloo", "dpo", "dpo_soft", "dpo_long", "dpo_contrast", "dpo_oracle", "dpo_online", "dpo_round2", "dpo_union", "grpo_union", "best_of")
+METHODS = ("grpo", "rloo", "dpo", "dpo_soft", "dpo_long", "dpo_contrast", "dpo_oracle", "dpo_online", "dpo_online_oracle", "dpo_round2", "dpo_union", "grpo_union", "best_of")
 PPO_TABLE = ("win_rate_vs_sft", "utility_ppo", "kl_to_sft", "train_minutes")  # what a PPO run puts in the method table
 KL_HORIZON = 300  # a horizon of 1,920 episodes / ~6, so that β can act within the run
 
@@ -380,7 +380,7 @@ def main() -> None:
                    help="also these methods on the same world, SFT policy, export and reward model, each with --ppo-seeds seeds: "
                         "grpo, rloo (rlhf.ppo --advantage, 4 samples per prompt), dpo (rlhf.dpo on the export), dpo_soft (the same, each pair's target its share of the votes), dpo_long (the same, "
                         "twice the epochs), dpo_contrast (the same, with contrast pairs from storyworld's public vocabulary: --contrast_words), dpo_oracle (the same pairs, each labelled by the hidden utility: DPO's ceiling), dpo_online (rlhf.online_dpo: one round on the DPO policy's samples ranked by the composite "
-                        "reward), dpo_round2 (a round of simulated votes on the DPO policy's samples, then rlhf.dpo from it), dpo_union (the "
+                        "reward), dpo_online_oracle (the same round ranked by the hidden utility), dpo_round2 (a round of simulated votes on the DPO policy's samples, then rlhf.dpo from it), dpo_union (the "
                         "same votes added to the project's database, then rlhf.dpo from SFT on the export of all rounds), grpo_union "
                         "(a reward model on that export of all rounds, then GRPO from SFT with it), best_of "
                         "(best of 8 SFT samples by the reward model), or all; report.json's `methods` (bench/methods_storyworld.py "
@@ -638,6 +638,21 @@ def main() -> None:
     report["sft"] = {"utility": round(sum(sft_utility) / len(sft_utility), 4), "components": sft_components}
     phase("evaluate_sft", t0, user=False)
 
+    def utility_reward(blind_to_shapes: bool = False):
+        """The hidden utility as a CompositeReward signal of its own (what a perfect reward gives a method that samples):
+        each story's scene is found by its frames."""
+        import torch
+
+        from rlhf.rewards import CompositeReward
+
+        item_of = {tuple(str(Path(p).resolve()) for p in e.images): e.item_id for e in examples}
+
+        def utility(images, instructions, contexts, styles, stories):
+            ids = [item_of[tuple(str(Path(str(p)).resolve()) for p in frames)] for frames in images]
+            return torch.tensor([hidden_utility(world, i, story, style, blind_to_shapes) for i, story, style in zip(ids, stories, styles)])
+
+        return CompositeReward({"utility": 1.0}, {"utility": utility})
+
     def run_ppo(name: str, reward=None, **overrides) -> dict:
         t0 = time.perf_counter()
         settings = dict(policy=str(sft_dir), prompts=str(prompts), output_dir=str(out / name), reward_model=str(rm_dir),
@@ -743,19 +758,20 @@ def main() -> None:
             r = {**compare(world, held_out, sft_stories, stories), "kl_to_sft": round(kl_to_reference(name, held_out, 160, s["temperature"], seed), 3),
                  "train_minutes": round(trained, 2), "eval_rewards_accuracies": metrics.get("eval_rewards_accuracies"),
                  **({"contrast_pairs": metrics["contrast_pairs"]} if method == "dpo_contrast" else {}), **extra}  # fmt: skip
-        elif method == "dpo_online":  # iterative DPO (rlhf.online_dpo): one round on the DPO policy's own samples, ranked by the composite reward
+        elif method in ("dpo_online", "dpo_online_oracle"):  # iterative DPO (rlhf.online_dpo): one round on the DPO policy's own samples,
+            # ranked by the composite reward (dpo_online_oracle: by the hidden utility, DPO on its own samples with perfect labels)
             from rlhf.online_dpo import OnlineDPOConfig
             from rlhf.online_dpo import train as online_dpo
 
             first, trained = dpo_first_round(seed, k)
             t1 = time.perf_counter()
-            name = str(out / f"dpo-online-seed-{k}")
+            name = str(out / f"{method.replace('_', '-')}-seed-{k}")
             _, metrics = online_dpo(OnlineDPOConfig(
                 policy=str(first), prompts=str(out / "gen-items.jsonl"), output_dir=name, rounds=1, samples_per_prompt=s["samples_per_item"],
                 temperature=s["temperature"], reward_weights=s["reward_weights"], reward_model=str(rm_dir), clip_model=str(out / "clip"),
                 sentence_model=minilm, style_descriptions=str(out / "styles.json"), cache_dir=str(out / "clip-cache"), beta=s["dpo_beta"],
                 label_smoothing=0.1, epochs=s["dpo_epochs"], lr=s["dpo_lr"], batch_size=16, max_length=160, seed=seed, device="cpu",
-                save_steps=10_000, logging_steps=20))  # fmt: skip
+                save_steps=10_000, logging_steps=20), reward=utility_reward() if method == "dpo_online_oracle" else None)  # fmt: skip
             AcceleratorState._reset_state(True)
             trained += (time.perf_counter() - t1) / 60
             stories = greedy(name, held_out, 160)
@@ -898,29 +914,16 @@ def main() -> None:
             report["methods"][method] = [run_method(method, args.seed + k, k) for k in range(args.ppo_seeds)]
             phase(f"method_{method}", t0, user=False)
     if args.oracle:  # the hidden utility handed to rlhf.ppo as a signal of its own: what PPO makes of a perfect reward
-        import torch
-
-        from rlhf.rewards import CompositeReward
-
-        item_of = {tuple(str(Path(p).resolve()) for p in e.images): e.item_id for e in train_examples}
-
-        def oracle(blind_to_shapes: bool) -> CompositeReward:
-            def utility(images, instructions, contexts, styles, stories):
-                ids = [item_of[tuple(str(Path(str(p)).resolve()) for p in frames)] for frames in images]
-                return torch.tensor([hidden_utility(world, i, story, style, blind_to_shapes) for i, story, style in zip(ids, stories, styles)])
-
-            return CompositeReward({"utility": 1.0}, {"utility": utility})
-
         t0 = time.perf_counter()
-        report["oracle"] = run_ppo("ppo-oracle", reward=oracle(False))
+        report["oracle"] = run_ppo("ppo-oracle", reward=utility_reward())
         phase("ablation_oracle", t0, user=False)
         if not args.oracle_only:
             t0 = time.perf_counter()
-            report["oracle_blind_to_shapes"] = run_ppo("ppo-oracle-blind", reward=oracle(True))
+            report["oracle_blind_to_shapes"] = run_ppo("ppo-oracle-blind", reward=utility_reward(blind_to_shapes=True))
             phase("ablation_oracle_blind_to_shapes", t0, user=False)
         if grpo_ceiling:  # GRPO's ceiling at the same settings
             t0 = time.perf_counter()
-            report["oracle_grpo"] = run_ppo("grpo-oracle", reward=oracle(False), advantage="grpo", samples_per_prompt=4, kl_in="loss")
+            report["oracle_grpo"] = run_ppo("grpo-oracle", reward=utility_reward(), advantage="grpo", samples_per_prompt=4, kl_in="loss")
             phase("ablation_oracle_grpo", t0, user=False)
     print(json.dumps({k: v for k, v in report.items() if k not in ("ppo",)}, indent=1))
 
