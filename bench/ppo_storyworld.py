@@ -157,21 +157,27 @@ def greedy(policy_dir: str, examples, max_new_tokens: int) -> list[str]:
     return [r["story"] for r in sample_stories(load_policy(policy_dir), examples, max_new_tokens)]
 
 
-def kl_to_reference(policy_dir: str, examples, max_new_tokens: int, temperature: float, seed: int = 0, samples: int = 2) -> float:
-    """k1 KL(π ‖ π_ref) in nats per story, on `samples` stories per example sampled from π at `temperature` (both at it)."""
+def kl_to_reference(policy_dir: str, examples, max_new_tokens: int, temperature: float, seed: int = 0, samples: int = 2,
+                    reference_dir: str | None = None) -> float:
+    """k1 KL(π ‖ π_ref) in nats per story, on `samples` stories per example sampled from π at `temperature` (both at it).
+    π_ref is π's own reference (its adapter off), or the policy in `reference_dir`: a policy trained on a trained policy
+    (a second round) has that policy as its reference, and its KL to SFT needs the SFT policy named."""
+    import contextlib
+
     import torch
 
     from rlhf.policy import load_policy
 
     policy = load_policy(policy_dir)
+    reference = load_policy(reference_dir, trainable=False) if reference_dir else policy
     torch.manual_seed(seed)
     total, n = 0.0, 0
     for k in range(0, len(examples), 16):
         chunk = examples[k : k + 16]
         batch = policy.examples_batch(chunk).repeat(samples)
         out = policy.generate(batch, max_new_tokens=max_new_tokens, temperature=temperature)
-        with torch.no_grad(), policy.reference():
-            ref = policy.forward(batch, out.response_ids, out.response_mask, temperature).logprobs
+        with torch.no_grad(), policy.reference() if reference is policy else contextlib.nullcontext():
+            ref = reference.forward(batch, out.response_ids, out.response_mask, temperature).logprobs
         total += (out.logprobs - ref).sum().item()
         n += len(chunk) * samples
     return total / n
@@ -775,7 +781,7 @@ def main() -> None:
             AcceleratorState._reset_state(True)
             trained += (time.perf_counter() - t1) / 60
             stories = greedy(name, held_out, 160)
-            r = {**compare(world, held_out, sft_stories, stories), "kl_to_sft": round(kl_to_reference(name, held_out, 160, s["temperature"], seed), 3),
+            r = {**compare(world, held_out, sft_stories, stories), "kl_to_sft": round(kl_to_reference(name, held_out, 160, s["temperature"], seed, reference_dir=str(sft_dir)), 3),
                  "train_minutes": round(trained, 2), "eval_rewards_accuracies": metrics["rounds"][-1]["dpo"].get("eval_rewards_accuracies"),
                  "round2_pairs": metrics["rounds"][-1]["pairs"]}  # fmt: skip
         elif method in ("dpo_round2", "dpo_union"):  # the loop closed once more: the DPO policy's own samples, annotated, then DPO again
@@ -789,7 +795,7 @@ def main() -> None:
             metrics = train_dpo(str(start), str(data), name, seed, s["dpo_epochs"], batch_size=min(16, max(stats.train, 1)))
             trained += (time.perf_counter() - t1) / 60
             stories = greedy(name, held_out, 160)
-            r = {**compare(world, held_out, sft_stories, stories), "kl_to_sft": round(kl_to_reference(name, held_out, 160, s["temperature"], seed), 3),
+            r = {**compare(world, held_out, sft_stories, stories), "kl_to_sft": round(kl_to_reference(name, held_out, 160, s["temperature"], seed, reference_dir=str(sft_dir)), 3),
                  "train_minutes": round(trained, 2), "eval_rewards_accuracies": metrics.get("eval_rewards_accuracies"),
                  ("round2_pairs" if method == "dpo_round2" else "train_pairs"): stats.train}  # fmt: skip
         elif method == "grpo_union":  # GRPO from SFT with a reward model trained on all three rounds (round 3: votes on the DPO policy's samples)

@@ -95,7 +95,7 @@ def test_methods_and_ppo_storyworld_smoke(tmp_path):
     # reward (rlhf.online_dpo), and a round of simulated votes on the DPO policy's samples, used alone from dpo-seed-0
     # (dpo_round2) or joined to the project's votes, from SFT (dpo_union).
     run_bench("ppo_storyworld.py", "--smoke", "--out", str(world), "--seed", "0", "--add-seeds", "--no-ppo", "--methods",
-              "dpo_online,dpo_online_oracle,dpo_round2,dpo_union,grpo_union,dpo_soft,dpo_contrast,dpo_oracle", "--ppo-seeds", "1", timeout=900)  # fmt: skip
+              "dpo_online,dpo_round2,dpo_union,grpo_union,dpo_soft,dpo_contrast,dpo_oracle", "--ppo-seeds", "1", timeout=900)  # fmt: skip
     two = json.loads((world / "report.json").read_text())
     assert two["sft"] == report["sft"]  # the same SFT policy's greedy stories, evaluated again
     (soft,) = two["methods"]["dpo_soft"]  # DPO on the same export, each pair's target its share of the votes
@@ -109,7 +109,7 @@ def test_methods_and_ppo_storyworld_smoke(tmp_path):
     assert (world / "trl-oracle" / "test.jsonl").read_text() == (world / "trl" / "test.jsonl").read_text()  # judged on the votes
     assert json.loads((world / "dpo-oracle-seed-0" / "dpo_config.json").read_text())["data"] == str(world / "trl-oracle")
     assert two["methods"]["ppo"] == added["methods"]["ppo"] and two["methods"]["dpo"] == added["methods"]["dpo"]
-    for method in ("dpo_online", "dpo_online_oracle", "dpo_round2", "dpo_union", "grpo_union"):
+    for method in ("dpo_online", "dpo_round2", "dpo_union", "grpo_union"):
         (run,) = two["methods"][method]
         pairs = run["train_pairs"] if method.endswith("_union") else run["round2_pairs"]  # the union methods train on all rounds
         assert run["seed"] == 0 and pairs > 0 and 0.0 <= run["win_rate_vs_sft"] <= 1.0, method
