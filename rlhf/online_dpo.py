@@ -149,6 +149,7 @@ def train(cfg: OnlineDPOConfig, reward: CompositeReward | None = None):
     """
     # 1. Settings, prompts and the reward's models, before any sampling.
     examples, weights = check_online(cfg, reward)
+    settings = asdict(cfg) if reward is None else asdict(cfg) | {"reward_weights": None, "reward": f"from Python: {weights}"}
     if reward is None:
         style_descriptions = json.loads(Path(cfg.style_descriptions).read_text()) if cfg.style_descriptions else None
         device = cfg.device or ("cuda" if torch.cuda.is_available() else "cpu")
@@ -157,7 +158,7 @@ def train(cfg: OnlineDPOConfig, reward: CompositeReward | None = None):
                               cache_dir=cfg.cache_dir)  # fmt: skip
     out = Path(cfg.output_dir)
     out.mkdir(parents=True, exist_ok=True)
-    (out / "online_dpo_config.json").write_text(json.dumps(asdict(cfg), indent=1))
+    (out / "online_dpo_config.json").write_text(json.dumps(settings, indent=1))  # what ranked the rounds, as it was
     rounds: list[dict] = []
     current, adapter, policy = cfg.policy, cfg.sft_adapter, None
     # Under accelerate launch the main process samples and ranks, and every process trains (on the CPU

@@ -110,6 +110,8 @@ def test_a_reward_of_your_own_ranks_the_round(setup):
     rows = [json.loads(x) for x in (setup / "own-reward" / "round-1" / "pairs.jsonl").open()]
     assert len(rows) == result["rounds"][0]["pairs"] >= 2
     assert all(len(x["chosen"].split()) > len(x["rejected"].split()) for x in rows)  # the longest sample against the shortest
+    said = json.loads((setup / "own-reward" / "online_dpo_config.json").read_text())
+    assert said["reward_weights"] is None and said["reward"] == "from Python: {'words': 1.0}"  # the config says what ranked the round
 
 
 def test_bad_input_is_refused_before_any_compute(setup, tmp_path):
