@@ -59,11 +59,11 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 FULL = {"items": 1200, "sft_epochs": 12, "gen_items": 500, "samples_per_item": 4, "rm_epochs": 1, "iterations": 60, "held_out": 150,
         "clip_epochs": 8, "vit_steps": 360, "vit_fresh_scenes": 0, "vit_patch_weight": 0.0, "rollout": 32, "mini": 8, "temperature": 0.7, "ppo_lr": 1e-4,
-        "grammar_round": True, "rm_backbone": "clip-fusion", "kl_coef": 0.12, "rm_length_control": True, "rm_length_decorrelation": 0.2, "rm_sentence_alignment": False, "rm_lr": 1e-3, "rm_text_tuning": "lora", "rm_fusion_layers": 0, "rm_batch_size": 8, "rm_bf16": True, "rm_use_images": True, "reward_weights": "human=1,clip=0.3,coherence=0.2,repetition=0.1,style=0.2", "lr_schedule": "linear", "length_debias": 0.0,
+        "grammar_round": True, "rm_backbone": "clip-fusion", "kl_coef": 0.12, "rm_length_control": True, "rm_length_decorrelation": 0.2, "rm_sentence_alignment": False, "rm_entity_features": False, "rm_lr": 1e-3, "rm_text_tuning": "lora", "rm_fusion_layers": 0, "rm_batch_size": 8, "rm_bf16": True, "rm_use_images": True, "reward_weights": "human=1,clip=0.3,coherence=0.2,repetition=0.1,style=0.2", "lr_schedule": "linear", "length_debias": 0.0,
         "dpo_epochs": 1, "dpo_lr": 5e-4, "dpo_beta": 0.1, "contrast_share": 0.5, "rm_contrast_share": 0.0}  # fmt: skip
 SMOKE = {"items": 60, "sft_epochs": 2, "gen_items": 30, "samples_per_item": 3, "rm_epochs": 1, "iterations": 3, "held_out": 12,
          "clip_epochs": 2, "vit_steps": 20, "vit_fresh_scenes": 50, "vit_patch_weight": 1.0, "rollout": 8, "mini": 4, "temperature": 1.0, "ppo_lr": 3e-4, "grammar_round": True,
-         "rm_backbone": "clip-fusion", "kl_coef": 0.12, "rm_length_control": True, "rm_length_decorrelation": 0.2, "rm_sentence_alignment": False, "rm_lr": 1e-3, "rm_text_tuning": "lora", "rm_fusion_layers": 0, "rm_batch_size": 8, "rm_bf16": True, "rm_use_images": True, "reward_weights": "human=1,clip=0.3,coherence=0.2,repetition=0.1,style=0.2", "lr_schedule": "linear", "length_debias": 0.0,
+         "rm_backbone": "clip-fusion", "kl_coef": 0.12, "rm_length_control": True, "rm_length_decorrelation": 0.2, "rm_sentence_alignment": False, "rm_entity_features": False, "rm_lr": 1e-3, "rm_text_tuning": "lora", "rm_fusion_layers": 0, "rm_batch_size": 8, "rm_bf16": True, "rm_use_images": True, "reward_weights": "human=1,clip=0.3,coherence=0.2,repetition=0.1,style=0.2", "lr_schedule": "linear", "length_debias": 0.0,
         "dpo_epochs": 1, "dpo_lr": 5e-4, "dpo_beta": 0.1, "contrast_share": 0.5, "rm_contrast_share": 0.0}  # fmt: skip
 METHODS = ("grpo", "rloo", "dpo", "dpo_soft", "dpo_long", "dpo_contrast", "dpo_oracle", "dpo_online", "dpo_online_oracle", "dpo_round2", "dpo_union", "grpo_union", "best_of")
 PPO_TABLE = ("win_rate_vs_sft", "utility_ppo", "kl_to_sft", "train_minutes")  # what a PPO run puts in the method table
@@ -305,6 +305,7 @@ def fusion_rm_config(out: Path, output_dir: Path, s: dict, seed: int, smoke: boo
                          clip_model=str(out / "clip"), clip_pretrained=None, epochs=s["rm_epochs"], batch_size=s["rm_batch_size"], max_length=128,
                          lr=s["rm_lr"], text_tuning=s["rm_text_tuning"], fusion_layers=s["rm_fusion_layers"], use_images=s["rm_use_images"],
                          cache_dir=str(out / "clip-cache"), bf16=s["rm_bf16"] and not smoke, seed=seed, sentence_alignment=s["rm_sentence_alignment"],
+                         entity_features=s["rm_entity_features"],
                          length_control=s["rm_length_control"], length_decorrelation=s["rm_length_decorrelation"],
                          contrast_words=str(write_contrast_words(out / "contrast-words.txt")) if s["rm_contrast_share"] else None,
                          contrast_share=s["rm_contrast_share"] or 0.5)  # fmt: skip
@@ -401,7 +402,8 @@ def main() -> None:
     p.add_argument("--ppo-rm", metavar="NAME",
                    help="with --add-seeds: PPO's reward model is --out/NAME (one that --rm-only NAME trained on the same export) "
                         "instead of rm/; its runs go to ppo-NAME-seed-K and to report.json's methods['ppo@NAME'], beside the "
-                        "default's: PPO on two reward models with the same world, SFT policy and seeds")
+                        "default's: PPO on two reward models with the same world, SFT policy and seeds. --methods grpo,rloo "
+                        "take it too (runs grpo-NAME-seed-K, methods['grpo@NAME'])")
     p.add_argument("--no-ppo", action="store_true",
                    help="with --methods: run only those methods, not the main PPO run (a comparison among the other methods)")
     p.add_argument("--iterations", type=int, help="PPO iterations (overrides the setting)")
@@ -449,6 +451,8 @@ def main() -> None:
             p.error(f"--add-seeds: {finished} holds neither a PPO run nor a method table; run the bench (with --methods) first")
     if args.ppo_rm and not args.add_seeds:
         p.error("--ppo-rm: use it with --add-seeds on a finished run")
+    if args.ppo_rm and set(methods) - {"grpo", "rloo"}:
+        p.error(f"--ppo-rm: of the methods, only grpo and rloo read the reward model it names; drop {sorted(set(methods) - {'grpo', 'rloo'})}")
     if args.ppo_rm and not (args.out / args.ppo_rm / "reward_config.json").exists():
         p.error(f"--ppo-rm: {args.out / args.ppo_rm} holds no reward model; train one with --rm-only {args.ppo_rm} first")
     if args.ppo_only and not ((args.out / "rm" / "metrics.json").exists() and (args.out / "report.json").exists()):
@@ -740,7 +744,7 @@ def main() -> None:
         """One run of a method other than PPO, evaluated as PPO is: greedy stories on the held-out scenes."""
         t0 = time.perf_counter()
         if method in ("grpo", "rloo"):  # 8 prompts × 4 stories per rollout; GRPO's KL as a k3 loss term, RLOO's in the reward, as their papers do
-            r = run_ppo(f"{method}-seed-{k}", advantage=method, samples_per_prompt=4, kl_in="loss" if method == "grpo" else "reward", seed=seed)
+            r = run_ppo(f"{method}-{args.ppo_rm}-seed-{k}" if args.ppo_rm else f"{method}-seed-{k}", advantage=method, samples_per_prompt=4, kl_in="loss" if method == "grpo" else "reward", seed=seed)
             stories = None
         elif method in ("dpo", "dpo_soft", "dpo_long", "dpo_contrast", "dpo_oracle"):  # offline, on the export of both annotation rounds; conservative DPO for annotators who agree ~75% of the time
             name = str(out / f"{method.replace('_', '-')}-seed-{k}")  # dpo_soft: a 2-to-1 pair's target is ⅔, a unanimous one's 1 − ε
@@ -852,7 +856,8 @@ def main() -> None:
             report["methods"] = {"ppo": done or [{k: previous["ppo"][k] for k in PPO_TABLE if k in previous["ppo"]} | {"seed": args.seed}]}
         ppo_key = f"ppo@{args.ppo_rm}" if args.ppo_rm else "ppo"  # PPO on another reward model keeps its own runs
         for method in [*([] if args.no_ppo else [ppo_key]), *methods]:
-            runs = report["methods"].setdefault(method, [])
+            entry = f"{method}@{args.ppo_rm}" if args.ppo_rm and method != ppo_key else method  # grpo@NAME, rloo@NAME
+            runs = report["methods"].setdefault(entry, [])
             for k in range(len(runs), args.ppo_seeds):
                 t0 = time.perf_counter()
                 if method == ppo_key:
@@ -862,15 +867,15 @@ def main() -> None:
                                 | ({"reward_model": args.ppo_rm} if args.ppo_rm else {}))  # fmt: skip
                 else:
                     runs.append(run_method(method, args.seed + k, k))
-                report["phases"][f"method_{method}_seed_{k}"] = round((time.perf_counter() - t0) / 60, 2)
+                report["phases"][f"method_{entry}_seed_{k}"] = round((time.perf_counter() - t0) / 60, 2)
                 if method == "ppo" and len(runs) > 1:  # the seeds summary follows the PPO runs
                     report["seeds"] = {key: [r[key] for r in runs] for key in ("win_rate_vs_sft", "kl_to_sft", "utility_ppo")}
                     report["seeds"] |= {"seed": [r.get("seed", args.seed + i) for i, r in enumerate(runs)], "win_rate_median": statistics.median(report["seeds"]["win_rate_vs_sft"])}
 
-                def keep_run(disk: dict, method=method, runs=runs, k=k) -> None:
+                def keep_run(disk: dict, method=method, entry=entry, runs=runs, k=k) -> None:
                     """This run into the report on disk, beside what other add-on runs wrote since this one began."""
-                    disk["methods"] = {**report["methods"], **disk.get("methods", {}), method: runs}
-                    disk["phases"] = {**disk.get("phases", {}), f"method_{method}_seed_{k}": report["phases"][f"method_{method}_seed_{k}"]}
+                    disk["methods"] = {**report["methods"], **disk.get("methods", {}), entry: runs}
+                    disk["phases"] = {**disk.get("phases", {}), f"method_{entry}_seed_{k}": report["phases"][f"method_{entry}_seed_{k}"]}
                     disk["sft"] = report["sft"]
                     if method == "ppo" and "seeds" in report:  # the seeds summary is PPO's
                         disk["seeds"] = report["seeds"]

@@ -43,6 +43,7 @@ import torch.nn as nn
 from annotate.formats import format_prompt, plain_spans, plain_text
 from rlhf.clip import ClipFeatures
 from rlhf.data import ImageRef
+from rlhf.entities import ENTITY_FEATURES, entity_features
 from rlhf.loading import ModelLoadError, load_pretrained, local_path
 
 DEFAULT_TEXT_MODEL = "sentence-transformers/all-MiniLM-L6-v2"
@@ -67,6 +68,7 @@ class RewardModelConfig:
     use_images: bool = True  # False: a text-only ablation (no CLIP at all)
     use_text_encoder: bool = True  # False: a CLIP-only ablation
     sentence_alignment: bool = False  # clip-fusion: per-frame sentence↔frame cosine features (ALIGN_FEATURES)
+    entity_features: bool = False  # clip-fusion: a learned linear term on who is described how (rlhf.entities)
     span_head: bool = False  # clip-fusion: a per-token head (text state + the frames) trained on span marks (train_rm --span_loss_coef)
     text_tuning: str = "lora"  # clip-fusion: lora (adapt the text encoder) | full (train all its weights) | frozen (states computed once)
     fusion_layers: int = 0  # clip-fusion: transformer layers over the story's token states and the frames (0: mean pooling)
@@ -204,6 +206,10 @@ class ClipFusion(nn.Module):
             self.span_head = nn.Sequential(nn.LayerNorm(token_dim), nn.Linear(token_dim, cfg.hidden_size), nn.GELU(),
                                            nn.Linear(cfg.hidden_size, 1))  # fmt: skip
             self.span_scale = nn.Parameter(torch.tensor(1.0))  # how much the tokens' flaw scores move the reward (learned)
+        if cfg.entity_features:  # starts at zero: the features move the reward only as far as the labels teach
+            self.entity_head = nn.Linear(ENTITY_FEATURES, 1)
+            nn.init.zeros_(self.entity_head.weight)
+            nn.init.zeros_(self.entity_head.bias)
 
     def train(self, mode: bool = True):
         super().train(mode)
@@ -213,11 +219,13 @@ class ClipFusion(nn.Module):
 
     def forward(self, input_ids=None, attention_mask=None, image_emb=None, frame_text_emb=None, frame_mask=None,
                 story_text_emb=None, alignment=None, story_mask=None, token_labels=None,
-                text_states=None) -> torch.Tensor | tuple[torch.Tensor, torch.Tensor]:  # fmt: skip
+                text_states=None, entity=None) -> torch.Tensor | tuple[torch.Tensor, torch.Tensor]:  # fmt: skip
         """(B,) scores; with `token_labels` (B, T) also the span head's (B, T) token logits (high: the token is fine).
 
         `text_states` (B, T, C): the text encoder's token states, computed before (a frozen encoder's,
         by `RewardModel.encode`); without them the encoder runs here.
+
+        With `entity_features`, `entity` (B, ENTITY_FEATURES) adds a learned linear term (`rlhf.entities`).
 
         With a span head, the score is the fused score plus s · Σ_t log σ(logit_t) over the story's
         tokens (`story_mask`), s learned: each token the head takes for a marked one lowers the
@@ -246,6 +254,8 @@ class ClipFusion(nn.Module):
         per_frame = self.head(x).squeeze(-1)  # (B, F)
         mask = frame_mask.to(per_frame.dtype) if self.cfg.use_images else torch.ones_like(per_frame)
         scores = (per_frame * mask).sum(1) / mask.sum(1).clamp(min=1)  # (B,)
+        if self.cfg.entity_features:
+            scores = scores + self.entity_head(entity.to(scores.dtype)).squeeze(-1)
         if not self.cfg.span_head:
             return scores
         tokens = [hidden]  # (B, T, C)
@@ -315,6 +325,9 @@ class RewardModel:
             raise ModelLoadError(f"fusion_layers {cfg.fusion_layers}: give 0 (mean pooling) or more layers")
         if (cfg.text_tuning != "lora" or cfg.fusion_layers) and cfg.backbone != "clip-fusion":
             raise ModelLoadError(f"text_tuning and fusion_layers are clip-fusion options; backbone {cfg.backbone} adapts its model with LoRA")
+        if cfg.entity_features and cfg.backbone != "clip-fusion":
+            raise ModelLoadError(f"entity_features is a clip-fusion option; backbone {cfg.backbone} reads the story with its own model only. "
+                                 "Use --backbone clip-fusion, or leave --entity_features off")  # fmt: skip
         if cfg.backbone == "policy":
             from rlhf.policy import LoraSpec, load_policy
 
@@ -379,6 +392,9 @@ class RewardModel:
         mark and 1 on its other story tokens; −100 (ignored) elsewhere and on stories without marks.
         """
         examples: list[dict[str, torch.Tensor]] = [{} for _ in stories]
+        if self.cfg.entity_features:
+            for ex, story in zip(examples, stories):
+                ex["entity"] = torch.tensor(entity_features(story))
         if self.tokenizer is not None:
             labelled = spans is not None and self.cfg.span_head
             enc = self.tokenizer(prompts, [plain_text(s) for s in stories], truncation=True, max_length=self.cfg.max_length,
@@ -423,6 +439,8 @@ class RewardModel:
         """Pad and stack `encode` outputs: token ids to the longest (right), frames to the most frames."""
         out: dict[str, torch.Tensor] = {}
         b = len(examples)
+        if self.cfg.entity_features:
+            out["entity"] = torch.stack([ex["entity"] for ex in examples])
         if self.tokenizer is not None:
             length = max(len(ex["input_ids"]) for ex in examples)
             ids = torch.full((b, length), self.tokenizer.pad_token_id, dtype=torch.long)
@@ -505,7 +523,7 @@ class RewardModel:
         the fusion layers and the heads."""
         full = self.cfg.backbone == "clip-fusion" and self.cfg.text_tuning == "full"
         return {k: v.detach().cpu().contiguous() for k, v in self.module.state_dict().items()
-                if "lora_" in k or k.startswith(("head.", "span_head.", "span_scale", "fusion.")) or (full and k.startswith("text_encoder."))}  # fmt: skip
+                if "lora_" in k or k.startswith(("head.", "span_head.", "span_scale", "fusion.", "entity_head.")) or (full and k.startswith("text_encoder."))}  # fmt: skip
 
     def save_pretrained(self, path: str | Path) -> None:
         from safetensors.torch import save_file

@@ -31,6 +31,7 @@ import torch
 from annotate.formats import plain_text
 from rlhf.clip import DEFAULT_CACHE
 from rlhf.data import DataError, PreferencePair, contrast_pairs, load_preferences, read_contrast_words
+from rlhf.entities import FEATURE_NAMES
 from rlhf.loading import ModelLoadError
 from rlhf.losses import bradley_terry_loss, fit_logit_coef, pearson_correlation, preference_accuracy, shorter_preferred, span_token_loss
 from rlhf.reward_model import DEFAULT_TEXT_MODEL, RewardModel, RewardModelConfig
@@ -53,6 +54,13 @@ class TrainRMConfig:
                                                                       "(min, mean and max over the frame's own sentences, the frame's best "
                                                                       "sentence, the story's worst-grounded sentence): a single false look "
                                                                       "or phantom lowers one sentence's match, which a mean hides"})  # fmt: skip
+    entity_features: bool = field(default=False, metadata={"help": "clip-fusion: add a learned linear term on who is described how "
+                                                                   "(rlhf.entities): how many named characters are given two "
+                                                                   "descriptions ('Remy the green square' ... 'Remy the red circle'), "
+                                                                   "how many extra, how many are described. It compares mentions "
+                                                                   "across sentences, which mean pooling does not; an English "
+                                                                   "appositive heuristic, so check it on your data (eval_accuracy "
+                                                                   "with and without)"})  # fmt: skip
     span_loss_coef: float = field(default=0.0, metadata={"help": "clip-fusion: λ of a token-level auxiliary loss from the data's span marks "
                                                                  "(annotate.export `spans`): a per-token head, on the text encoder's states "
                                                                  "and the frames, learns that marked tokens score low and a marked story's "
@@ -101,6 +109,7 @@ class TrainRMConfig:
         return RewardModelConfig(
             backbone=self.backbone, text_model=self.text_model, clip_model=self.clip_model, clip_pretrained=self.clip_pretrained,
             use_images=self.use_images, use_text_encoder=self.use_text_encoder, sentence_alignment=self.sentence_alignment,
+            entity_features=self.entity_features,
             span_head=self.span_loss_coef > 0, text_tuning=self.text_tuning, fusion_layers=self.fusion_layers,
             fusion_heads=self.fusion_heads, lora_r=self.lora_r, lora_alpha=self.lora_alpha,
             lora_dropout=self.lora_dropout, lora_target_modules=self.lora_target_modules, hidden_size=self.hidden_size,
@@ -109,6 +118,7 @@ class TrainRMConfig:
 
 
 LENGTH_COEF_LR = 1e-2  # β's own learning rate: one scalar, which the model's (often 1e-4) would hardly move
+ENTITY_LR = 1e-2  # the entity features' linear term (--entity_features): four numbers, moved as far as β is
 
 
 class TrainingDiverged(RuntimeError):
@@ -324,12 +334,14 @@ def train(cfg: TrainRMConfig) -> tuple[RewardModel, dict]:
     encoder = PairEncoder(rm, train)
 
     # 3. Optimizer over the trained weights only (LoRA and head), schedule, accelerate.
-    params = [p for p in rm.module.parameters() if p.requires_grad]
+    entity = [p for n, p in rm.module.named_parameters() if n.startswith("entity_head.")]
+    params = [p for n, p in rm.module.named_parameters() if p.requires_grad and not n.startswith("entity_head.")]
     # β of --length_control: one scalar outside the model (the saved reward never carries it). It starts
     # at the labels' own taste for length, so the reward has no length to learn from the first step,
     # and trains with the reward, which can take back the part of it that quality explains.
     length_coef = torch.tensor(length_labels, device=accelerator.device, requires_grad=True)
     groups = [{"params": params}] + ([{"params": [length_coef], "lr": LENGTH_COEF_LR, "weight_decay": 0.0}] if cfg.length_control else [])
+    groups += [{"params": entity, "lr": ENTITY_LR, "weight_decay": 0.0}] if entity else []
     optimizer = torch.optim.AdamW(groups, lr=cfg.lr, weight_decay=cfg.weight_decay)
     total_updates = cfg.steps_per_epoch * cfg.epochs
     scheduler = get_linear_schedule_with_warmup(optimizer, int(cfg.warmup_ratio * total_updates), total_updates)
@@ -419,6 +431,8 @@ def train(cfg: TrainRMConfig) -> tuple[RewardModel, dict]:
                     m["rm/epoch"] = epoch + b / n_batches
                     if cfg.length_control:
                         m["rm/length_coef"] = length_coef.item()
+                    if entity:
+                        m |= {f"rm/entity_{k}": w for k, w in zip(FEATURE_NAMES, rm.module.entity_head.weight[0].tolist())}
                     log_metrics(writer, jsonl, step, m)
                     bar.set_postfix(loss=f"{m['rm/loss']:.3f}", acc=f"{m['rm/accuracy']:.2f}")
                     window = {k: [] for k in window}
@@ -456,6 +470,8 @@ def train(cfg: TrainRMConfig) -> tuple[RewardModel, dict]:
             "data_format": message,
             **device_summary(accelerator),
         }
+        if cfg.entity_features:  # the raw score each feature adds per unit (norm_std divides it in score())
+            result["entity_weights"] = dict(zip(FEATURE_NAMES, (round(w, 4) for w in rm.module.entity_head.weight[0].tolist())))
         if cfg.length_control:  # log-odds the labels give per s more words, s = length_scale
             result |= {"length_coef": length_coef.item(), "length_coef_labels": length_labels, "length_scale": cfg.length_scale}
         (out / "metrics.json").write_text(json.dumps(result, indent=1))

@@ -450,3 +450,28 @@ def test_contrast_pairs_join_the_train_split_only(assets, tmp_path):
         train(_cfg(assets, tmp_path / "bad", contrast_words=str(tmp_path / "none.txt")))
     with pytest.raises(ValueError, match=r"--contrast_share 2.0: use a value in \(0, 1\]"):
         train(_cfg(assets, tmp_path / "bad", contrast_words=str(tmp_path / "words.txt"), contrast_share=2.0))
+
+
+def test_entity_features_train_save_load_and_move_the_score(assets, tmp_path):
+    """--entity_features: a linear term on who is described how, zero at the start, trained, saved and reloaded."""
+    from rlhf.entities import FEATURE_NAMES
+
+    rm, metrics = train(_cfg(assets, tmp_path / "rm", entity_features=True, epochs=1))
+    weight = rm.module.entity_head.weight.detach()[0]
+    assert weight.abs().sum() > 0 and set(metrics["entity_weights"]) == set(FEATURE_NAMES)  # it moved from its zero start
+    loaded = RewardModel.from_pretrained(tmp_path / "rm", cache_dir=assets / "cache")
+    assert loaded.cfg.entity_features and torch.equal(loaded.module.entity_head.weight, rm.module.entity_head.weight)
+    sample = load_preferences(assets / "prefs.jsonl")[0][:4]
+    args = ([p.images for p in sample], [p.prompt for p in sample], [p.rejected for p in sample])
+    assert torch.allclose(rm.score(*args), loaded.score(*args), atol=1e-5)
+    # The term is exactly w · features / norm_std: a story and the same story with a second look for its hero differ by it,
+    # beside whatever the text encoder reads in the changed words; with w zeroed, only the latter remains.
+    one, two = "Remy the green square waved. Remy the green square slept.", "Remy the green square waved. Remy the red circle slept."
+    images, prompt = sample[0].images, sample[0].prompt
+    with_term = loaded.score([images, images], [prompt, prompt], [one, two])
+    loaded.module.entity_head.weight.data.zero_()
+    without = loaded.score([images, images], [prompt, prompt], [one, two])
+    expected = (weight[0] + weight[1]).item() / loaded.cfg.norm_std  # two looks: characters_with_two_looks 1, extra_looks 1
+    assert (with_term[1] - with_term[0]) - (without[1] - without[0]) == pytest.approx(expected, abs=1e-4)
+    with pytest.raises(ModelLoadError, match="entity_features is a clip-fusion option"):
+        RewardModel.build(RewardModelConfig(backbone="vlm", text_model=str(assets / "bert"), entity_features=True))
