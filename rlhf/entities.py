@@ -26,12 +26,14 @@ from annotate.formats import plain_text
 DESCRIPTION_WORDS = 2
 # Name, optional comma, an article, then the description's words (letters, hyphens), up to a comma or a sentence end.
 APPOSITIVE = re.compile(r"\b([A-Z][a-z]+),? (?:the|a|an) ([a-z][a-z-]*(?: [a-z][a-z-]*)*)")
+# Capitalized words that open a sentence and are no one's name ("In the eerie hush", "Then the lights ...").
+NOT_NAMES = frozenset(
+    """a about across after along among an and around as at before behind beside beyond but by down during
+finally for from here in inside into it later meanwhile near next now of on once outside over since so soon suddenly
+that then there these this those through to under until up upon when while with within without yet""".split()
+)
 # The features, in order: characters given more than one description; the extra descriptions beyond
 # each character's first (two looks count 1, three count 2); characters described at all.
-# Capitalized words that open a sentence and are no one's name ("In the eerie hush", "Then the lights ...").
-NOT_NAMES = frozenset("""a about across after along among an and around as at before behind beside beyond but by down during
-finally for from here in inside into it later meanwhile near next now of on once outside over since so soon suddenly
-that then there these this those through to under until up upon when while with within without yet""".split())
 ENTITY_FEATURES = 3
 FEATURE_NAMES = ("characters_with_two_looks", "extra_looks", "characters_described")
 
