@@ -62,7 +62,9 @@ def summarize(runs: list[dict], key: str) -> float | None:
 def table(worlds: dict[int, dict]) -> tuple[list[dict], str]:
     """One row per method: per-world medians, the median over the worlds and the worst world."""
     rows = []
-    for method in METHODS:
+    # then each method run on another reward model (bench/ppo_storyworld.py --add-seeds --ppo-rm NAME: ppo@NAME, grpo@NAME)
+    others = sorted({m for report in worlds.values() for m in report.get("methods", {}) if "@" in m}, key=lambda m: (m.split("@")[1], m))
+    for method in (*METHODS, *others):
         per_world = {seed: report["methods"].get(method, []) for seed, report in worlds.items()}
         if not any(per_world.values()):
             continue

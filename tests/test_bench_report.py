@@ -1,5 +1,5 @@
 """bench/ppo_storyworld.py's report merge (add-on runs on one world keep each other's results), and its relabelling of an
-export by the hidden utility (DPO's ceiling)."""
+export by the hidden utility (DPO's ceiling), and bench/methods_storyworld.py's table."""
 
 from __future__ import annotations
 
@@ -59,3 +59,19 @@ def test_relabel_by_utility_by_hand():
     kept, counts = relabel_by_utility([{"item_id": "s5", **said, "tie": False}], lambda item_id, text: scores[text])
     assert counts == {"kept": 1, "flipped": 1, "dropped": 0}
     assert kept == [{"item_id": "s5", "chosen": said["rejected"], "rejected": said["chosen"], "tie": False}]
+
+
+def test_method_table_adds_runs_on_other_reward_models():
+    """bench/methods_storyworld.py's table: a method run on another reward model (grpo@NAME) gets its own row, after the
+    methods and before the ceilings, with its per-world median."""
+    from bench.methods_storyworld import table
+
+    run = lambda w, kl: {"win_rate_vs_sft": w, "utility_ppo": 8.0, "kl_to_sft": kl}  # noqa: E731
+    worlds = {
+        7: {"methods": {"grpo": [run(0.5, 1.0)], "grpo@rm-b": [run(0.7, 2.0), run(0.6, 3.0)]}, "oracle_grpo": run(0.8, 2.5)},
+        8: {"methods": {"grpo": [run(0.4, 1.0)], "grpo@rm-b": [run(0.9, 4.0)]}},
+    }
+    rows, text = table(worlds)
+    assert [r["method"] for r in rows] == ["grpo", "grpo@rm-b", "grpo on the hidden utility (ceiling)"]
+    assert rows[1]["win_rate_by_world"] == {7: 0.65, 8: 0.9} and rows[1]["win_rate_median"] == 0.775 and rows[1]["kl_max"] == 4.0
+    assert "| grpo@rm-b | 0.65 (0.70 / 0.60) | 0.90 | **0.78** |" in text

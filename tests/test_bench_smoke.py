@@ -125,18 +125,26 @@ def test_methods_and_ppo_storyworld_smoke(tmp_path):
     round3 = len((world / "trl-dpo-seed-0" / "train.jsonl").read_text().splitlines())  # round 3's votes alone (dpo_round2's data)
     assert two["methods"]["dpo_union"][0]["train_pairs"] > max(two["export"]["train"], round3)  # the export of rounds 1 and 2 with them
     # A reward model on all three rounds (--rm-only --rm-data), judged with the run's own on the new round's held-out pairs.
-    run_bench("ppo_storyworld.py", "--smoke", "--out", str(world), "--seed", "0", "--rm-only", "rm-union", "--rm-data", "trl-union-seed-0", timeout=600)
+    # It reads who is described how too (rm_entity_features): the setting reaches rlhf.train_rm.
+    run_bench("ppo_storyworld.py", "--smoke", "--out", str(world), "--seed", "0", "--rm-only", "rm-union", "--rm-data", "trl-union-seed-0",
+              "--set", "rm_entity_features=true", timeout=600)  # fmt: skip
+    assert json.loads((world / "rm-union" / "reward_config.json").read_text())["entity_features"]
+    assert "entity_weights" in json.loads((world / "rm-union" / "metrics.json").read_text())
     rm_union = json.loads((world / "rm-union" / "bench.json").read_text())
     assert rm_union["data"] == "trl-union-seed-0" and rm_union["train_pairs"] == two["methods"]["dpo_union"][0]["train_pairs"]
     for judge in ("this", "run_rm"):
         agreement = rm_union["new_round_pairs"][judge]["human_vs_annotators"]
         assert agreement["pairs"] == 0 or 0.0 <= agreement["human"] <= 1.0, judge
-    # PPO on that reward model instead of rm/ (--ppo-rm), beside the default's runs, which stay.
-    run_bench("ppo_storyworld.py", "--smoke", "--out", str(world), "--seed", "0", "--add-seeds", "--ppo-rm", "rm-union", "--ppo-seeds", "1", timeout=600)
+    # PPO and GRPO on that reward model instead of rm/ (--ppo-rm), beside the default's runs, which stay.
+    run_bench("ppo_storyworld.py", "--smoke", "--out", str(world), "--seed", "0", "--add-seeds", "--ppo-rm", "rm-union", "--methods", "grpo",
+              "--ppo-seeds", "1", timeout=600)  # fmt: skip
     other = json.loads((world / "report.json").read_text())
     (on_union,) = other["methods"]["ppo@rm-union"]
     assert on_union["reward_model"] == "rm-union" and on_union["seed"] == 0 and 0.0 <= on_union["win_rate_vs_sft"] <= 1.0
-    assert other["methods"]["ppo"] == two["methods"]["ppo"]
+    assert other["methods"]["ppo"] == two["methods"]["ppo"] and other["methods"]["grpo"] == two["methods"]["grpo"]
+    (grpo_union,) = other["methods"]["grpo@rm-union"]
+    assert grpo_union["seed"] == 0 and 0.0 <= grpo_union["win_rate_vs_sft"] <= 1.0 and "method_grpo@rm-union_seed_0" in other["phases"]
+    assert json.loads((world / "grpo-rm-union-seed-0" / "ppo_config.json").read_text())["reward_model"] == str(world / "rm-union")
     assert json.loads((world / "ppo-rm-union-seed-0" / "ppo_config.json").read_text())["reward_model"] == str(world / "rm-union")
     two = other
     # --add-seeds on a plain run (one PPO run, no method table): its run starts the table, the next seed is added.
