@@ -4,14 +4,17 @@
     python bench/rm_probe_storyworld.py bench/out/ppo-w51 --ensemble rm,rm-fp32,rm-text,rm-fuse2,rm-align
 
 On each finished `bench/ppo_storyworld.py` run (its export in trl/, the policy's round in
-world-aug/), three logistic regressions are fit on the train pairs' feature differences (chosen −
+world-aug/), logistic regressions are fit on the train pairs' feature differences (chosen −
 rejected, each pair also flipped) and scored on the test pairs, as the reward model is:
 
 - **bag of words**: unigram and bigram counts, `rlhf.rewards.bag_of_words_scorer` (the yardstick
   `python -m rlhf.rewards` prints beside the signals);
 - **binding**: three numbers per story read with storyworld's grammar ("Remy the green square"):
   how many named characters are given more than one look, how many are named, and the words;
-- **both**.
+- **entities**: the library's own reading of who is described how (`rlhf.entities`, what
+  `rlhf.train_rm --entity_features` hands the reward model: characters given two descriptions, extra
+  descriptions, characters described), and the words; an English heuristic, not storyworld's grammar;
+- **both**: bag of words and binding.
 
 Reported per world: accuracy against the majority labels on all test pairs and on the policy's own
 test pairs, and against the hidden utility on the policy's pairs (what the bench's reward model
@@ -35,6 +38,8 @@ from pathlib import Path
 import numpy as np
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+
+from rlhf.entities import entity_features  # noqa: E402
 
 BINDING = re.compile(r"\b([A-Z][a-z]+) the (\w+) (\w+)\b")
 
@@ -101,6 +106,9 @@ def probe(run: Path) -> dict:
         if kind in ("binding", "both"):
             f = np.array([np.subtract(binding_features(_text(r, "chosen")), binding_features(_text(r, "rejected"))) for r in rows])
             parts.append(sp.csr_matrix(f))
+        if kind == "entities":
+            read = lambda t: [*entity_features(t), float(len(t.split()))]  # noqa: E731
+            parts.append(sp.csr_matrix(np.array([np.subtract(read(_text(r, "chosen")), read(_text(r, "rejected"))) for r in rows])))
         return sp.hstack(parts).tocsr()
 
     flip = np.where(np.random.default_rng(0).random(len(train)) < 0.5, -1.0, 1.0)
@@ -120,7 +128,7 @@ def probe(run: Path) -> dict:
     score = np.subtract(scorer([p.chosen for p in rows]), scorer([p.rejected for p in rows]))
     out["bow"] = {"vs_labels": share(score > 0), "vs_labels_policy_pairs": share(score[held_policy] > 0),
                   "vs_utility_policy_pairs": share((score[decided] > 0) == right)}  # fmt: skip
-    for kind in ("binding", "both"):
+    for kind in ("binding", "entities", "both"):
         x = diffs(train, kind)
         model = LogisticRegression(C=0.1 if kind == "both" else 1.0, max_iter=5000, fit_intercept=False)
         model.fit(sp.diags(flip) @ x, (flip > 0).astype(int))

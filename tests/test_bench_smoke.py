@@ -88,7 +88,7 @@ def test_methods_and_ppo_storyworld_smoke(tmp_path):
     # The yardstick beside the reward model reads the same world.
     run_bench("rm_probe_storyworld.py", str(world), "--ensemble", "rm", "--out", str(tmp_path / "probe.json"), timeout=300)
     probe = json.loads((tmp_path / "probe.json").read_text())[str(world)]
-    assert probe["train_pairs"] > 0 and all(0.0 <= probe[k]["vs_labels"] <= 1.0 for k in ("bow", "binding", "both"))
+    assert probe["train_pairs"] > 0 and all(0.0 <= probe[k]["vs_labels"] <= 1.0 for k in ("bow", "binding", "entities", "both"))
     ens = probe["ensemble"]
     assert ens["pairs"] <= probe["policy_test_pairs"] and (ens["pairs"] == 0 or ens["ensemble"] == ens["rm"])  # one member: the ensemble is it
     # The two-round DPO methods, added to the finished world without another PPO run: iterative DPO ranked by the
