@@ -129,6 +129,7 @@ def test_methods_and_ppo_storyworld_smoke(tmp_path):
     run_bench("ppo_storyworld.py", "--smoke", "--out", str(world), "--seed", "0", "--rm-only", "rm-union", "--rm-data", "trl-union-seed-0",
               "--set", "rm_entity_features=true", timeout=600)  # fmt: skip
     assert json.loads((world / "rm-union" / "reward_config.json").read_text())["entity_features"]
+    assert json.loads((world / "rm" / "reward_config.json").read_text())["entity_features"]  # the bench's default since 2026-12-06
     assert "entity_weights" in json.loads((world / "rm-union" / "metrics.json").read_text())
     rm_union = json.loads((world / "rm-union" / "bench.json").read_text())
     assert rm_union["data"] == "trl-union-seed-0" and rm_union["train_pairs"] == two["methods"]["dpo_union"][0]["train_pairs"]
