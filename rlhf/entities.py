@@ -9,10 +9,11 @@ one matters (`rlhf.train_rm --entity_features`).
 
 The reading is a small English heuristic, not a parser: a name is a capitalized word followed by
 an appositive, "Remy the green square" or "Remy, a tall knight"; its description is the first
-`DESCRIPTION_WORDS` words of the appositive (up to a comma or the sentence's end), lowercased. It
-reads captions and stories written the way storyworld's are, and most children's-story prose; it
-misses descriptions given any other way ("the green square called Remy", pronouns), and then
-its features are zeros, which cost the reward model nothing. Check on your own data whether it pays:
+`DESCRIPTION_WORDS` words of the appositive, which ends at a comma, a sentence's end or a
+capitalized word. Two descriptions differ if their words do: "Mo, a knight" and "Mo, a tall knight"
+count as two looks. It reads stories written the way storyworld's are; it misses descriptions given
+any other way ("the green square called Remy", pronouns), and then its features are zeros, which
+cost the reward model nothing (a constant cancels in a comparison). Check on your own data whether it pays:
 train with and without `--entity_features` and compare `eval_accuracy` (and the policy's pairs, with
 `python -m rlhf.rewards`).
 """
