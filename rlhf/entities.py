@@ -25,7 +25,7 @@ import re
 from annotate.formats import plain_text
 
 DESCRIPTION_WORDS = 2
-# Name, optional comma, an article, then the description's words (letters, hyphens), up to a comma or a sentence end.
+# Name, optional comma, an article, then the description's lower-case words (letters, hyphens): a comma, a sentence end or a capital ends it.
 APPOSITIVE = re.compile(r"\b([A-Z][a-z]+),? (?:the|a|an) ([a-z][a-z-]*(?: [a-z][a-z-]*)*)")
 # Capitalized words that open a sentence and are no one's name ("In the eerie hush", "Then the lights ...").
 NOT_NAMES = frozenset(
