@@ -27,7 +27,7 @@ The loop a user runs, in one process:
    of 0.70 over three PPO seeds, against 0.64 without; on world 1 (`--seed 1`) 0.56 against 0.61, so a wash;
    at 1.0 the reward model fell to chance; thirteenth and fourteenth reports), and `--entity_features` (who is
    described how across sentences, `rlhf.entities`: on fresh worlds 151-153 agreement with the annotators on the
-   policy's pairs 0.66-0.71 against 0.51-0.62 without, and GRPO on it a median win of 0.63 against 0.49;
+   policy's pairs 0.66-0.71 against 0.51-0.62 without, and GRPO on it a median win of 0.64 against 0.46;
    `--set rm_entity_features=false` brings back the reward model before it; docs/BENCHMARKS.md, 2026-12-06);
 7. `rlhf.ppo` with the composite reward and the adaptive KL controller, sampling at that temperature.
 
