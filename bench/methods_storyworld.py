@@ -59,12 +59,17 @@ def summarize(runs: list[dict], key: str) -> float | None:
     return round(statistics.median(values), 4) if values else None
 
 
+def method_keys(worlds: dict[int, dict]) -> list[str]:
+    """The table's methods in order: METHODS, then each method run on another reward model (bench/ppo_storyworld.py
+    --add-seeds --ppo-rm NAME: ppo@NAME, grpo@NAME), grouped by reward model."""
+    others = sorted({m for report in worlds.values() for m in report.get("methods", {}) if "@" in m}, key=lambda m: (m.split("@")[1], m))
+    return [*METHODS, *others]
+
+
 def table(worlds: dict[int, dict]) -> tuple[list[dict], str]:
     """One row per method: per-world medians, the median over the worlds and the worst world."""
     rows = []
-    # then each method run on another reward model (bench/ppo_storyworld.py --add-seeds --ppo-rm NAME: ppo@NAME, grpo@NAME)
-    others = sorted({m for report in worlds.values() for m in report.get("methods", {}) if "@" in m}, key=lambda m: (m.split("@")[1], m))
-    for method in (*METHODS, *others):
+    for method in method_keys(worlds):
         per_world = {seed: report["methods"].get(method, []) for seed, report in worlds.items()}
         if not any(per_world.values()):
             continue
@@ -174,7 +179,7 @@ def main() -> None:
                                  for s, r in reports.items()}}  # fmt: skip
     (args.out / "report.json").write_text(json.dumps(report, indent=1))
     (args.out / "table.md").write_text(markdown)
-    points = {m: [(r["kl_to_sft"], r["win_rate_vs_sft"]) for rep in reports.values() for r in rep["methods"].get(m, [])] for m in METHODS}
+    points = {m: [(r["kl_to_sft"], r["win_rate_vs_sft"]) for rep in reports.values() for r in rep["methods"].get(m, [])] for m in method_keys(reports)}
     for oracle, label in (("oracle", "ppo, hidden utility"), ("oracle_grpo", "grpo, hidden utility")):
         points[label] = [(rep[oracle]["kl_to_sft"], rep[oracle]["win_rate_vs_sft"]) for rep in reports.values() if oracle in rep]
     plot_win_vs_kl(points, args.out / "win-vs-kl.png")
