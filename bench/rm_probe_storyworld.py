@@ -22,6 +22,11 @@ reports as `rm.hidden_utility_accuracy`), beside the reward model's figures from
 binding features are storyworld's own grammar, which a reward model never sees; they show how much
 of the labels a model that binds names to looks across sentences could learn from the same pairs.
 
+`--clip A,B,...` scores the policy's held-out pairs with CLIPScore (`rlhf.rewards`' `clip` signal)
+from each CLIP in RUN/A, RUN/B, ... (such as `python -m storyworld train-clip --world RUN/world --out
+RUN/A` with other options): agreement with the annotators (95% interval) and, per component of the
+hidden utility, with the utility (`bench/ppo_storyworld.py`'s diagnosis), grounding precision included.
+
 `--ensemble A,B,...` also scores the policy's pairs with each reward model in RUN/A, RUN/B, ... (as
 `bench/ppo_storyworld.py --rm-only` trains them on the same export) and with their ensemble, the sum
 of their normalized score differences.
@@ -89,6 +94,28 @@ def ensemble(run: Path, names: list[str]) -> dict:
     return {name: agreement(d) for name, d in diffs.items()} | {"ensemble": agreement(sum(diffs.values())), "pairs": len(held)}
 
 
+def clip_scores(run: Path, names: list[str]) -> dict:
+    """Each CLIP's `clip` signal on the policy's held-out pairs: agreement with the labels, and the per-component diagnosis."""
+    from bench.ppo_storyworld import component_diagnosis
+    from rlhf.data import load_preferences
+    from rlhf.rewards import build_reward, signal_agreement
+
+    policy, _ = _stories(run)
+    held = [p for p in load_preferences(run / "trl")[1] if (p.item_id, p.chosen) in policy and (p.item_id, p.rejected) in policy]
+    world = {json.loads(x)["external_id"]: json.loads(x) for x in (run / "world" / "world.jsonl").open()}
+    out = {}
+    for name in names:
+        if not (run / name / "open_clip_config.json").exists():
+            sys.exit(f"--clip {name}: {run / name} holds no open_clip model (open_clip_config.json); train one there first")
+        # Image embeddings are cached by path: each CLIP gets its own cache, so none reads another's.
+        signal = build_reward({"clip": 1.0}, clip_model=str(run / name), cache_dir=str(run / f"{name}-cache"))
+        agreement = signal_agreement(signal, held)
+        diagnosis = component_diagnosis(signal, held, world)
+        out[name] = {"vs_labels_policy_pairs": agreement.get("clip"), "interval": agreement.get("interval", {}).get("clip"), "pairs": agreement["pairs"],
+                     "vs_utility_by_component": {k: {"pairs": v["pairs"], "clip": v.get("clip")} for k, v in diagnosis.items() if k != "pairs"}}  # fmt: skip
+    return out
+
+
 def probe(run: Path) -> dict:
     import scipy.sparse as sp
     from sklearn.feature_extraction.text import CountVectorizer
@@ -147,11 +174,13 @@ def main() -> None:
     p.add_argument("runs", nargs="+", type=Path, help="finished bench/ppo_storyworld.py output directories")
     p.add_argument("--out", type=Path, help="also write the results here (JSON)")
     p.add_argument("--ensemble", help="reward-model dirs inside each run, comma-separated: each one's and their sum's agreement")
+    p.add_argument("--clip", help="CLIP dirs inside each run, comma-separated: each one's CLIPScore agreement on the policy's pairs")
     args = p.parse_args()
     for run in args.runs:
         if not ((run / "trl" / "train.jsonl").exists() and (run / "world-aug" / "world.jsonl").exists()):
             p.error(f"{run}: no export (trl/train.jsonl) and policy round (world-aug/world.jsonl); run bench/ppo_storyworld.py there first")
-    results = {str(run): probe(run) | ({"ensemble": ensemble(run, args.ensemble.split(","))} if args.ensemble else {}) for run in args.runs}
+    results = {str(run): probe(run) | ({"ensemble": ensemble(run, args.ensemble.split(","))} if args.ensemble else {})
+               | ({"clip": clip_scores(run, args.clip.split(","))} if args.clip else {}) for run in args.runs}  # fmt: skip
     print(json.dumps(results, indent=1))
     if args.out:
         args.out.write_text(json.dumps(results, indent=1))

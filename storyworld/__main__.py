@@ -69,6 +69,10 @@ def build_parser() -> argparse.ArgumentParser:
                       help="also contrast each frame with its caption with one color, shape, setting or time swapped")  # fmt: skip
     clip.add_argument("--fresh-scenes", type=int, default=0,
                       help="also train on the frames of this many new random scenes (4000 with --epochs 6: color 0.60, shape 0.33 against 0.45, 0.25)")
+    clip.add_argument("--zoom", type=float, default=0.0,
+                      help="share of training views that are a crop around the captioned shape (0 to 1), so small shapes fill the view")  # fmt: skip
+    clip.add_argument("--look-weight", type=float, default=0.0,
+                      help="weight of a supervised term: a linear head on the image embedding predicts the color-shape pairs in view")  # fmt: skip
     clip.add_argument("--seed", type=int, default=0)
 
     vit = sub.add_parser("train-vit", help="pretrain the tiny ViT of rlhf.sft --init tiny-vit-gpt2 on the world's frames "
@@ -127,7 +131,7 @@ def main(argv: list[str] | None = None) -> int:
 
         report = train_clip(args.world, args.out, epochs=args.epochs, batch_size=args.batch_size, lr=args.lr,
                             max_minutes=args.max_minutes, seed=args.seed, hard_negatives=args.hard_negatives,
-                            fresh_scenes=args.fresh_scenes)  # fmt: skip
+                            fresh_scenes=args.fresh_scenes, zoom=args.zoom, look_weight=args.look_weight)  # fmt: skip
         print(json.dumps(report, indent=1))
     return 0
 

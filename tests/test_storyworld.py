@@ -4,6 +4,7 @@ import hashlib
 import itertools
 import json
 import random
+from dataclasses import replace
 
 import pytest
 
@@ -340,6 +341,48 @@ def test_tiny_clip_trains_on_fresh_scenes_too(tmp_path):
     assert fresh["fresh_scenes"] == 20 and plain["fresh_scenes"] == 0
     assert fresh["steps"] > plain["steps"] and fresh["train_pairs"] > plain["train_pairs"]  # the new scenes' frames were trained on
     assert fresh["held_out_frames"] == plain["held_out_frames"]  # and the report stays on the world's own held-out frames
+
+
+def test_zoom_box_and_look_targets_by_hand():
+    pytest.importorskip("torchvision")
+    import torch
+    from torchvision.ops import roi_align
+
+    from storyworld.clip import LOOKS, look_targets, zoom_box
+    from storyworld.scene import SETTINGS, Entity, Frame, render_frame
+
+    big = Entity("c1", "character", "circle", "red", "big", 0.5, 0.6, "Pip")  # a square of half-side 0.13 * 96 = 12.48
+    # twice its height, 4:3 like the frame, centred on it: half-height 24.96, half-width 33.28
+    assert zoom_box(big, (128, 96), 2.0) == pytest.approx((30.72, 32.64, 97.28, 82.56))
+    # near the left edge it moves right to stay inside; too large, it is the whole frame
+    assert zoom_box(replace(big, x=0.1), (128, 96), 2.0) == pytest.approx((0.0, 32.64, 66.56, 82.56))
+    assert zoom_box(replace(big, x=0.05), (128, 96), 4.0) == pytest.approx((0.0, 0.0, 128.0, 96.0))
+    # the crop, as train_clip takes it with roi_align, shows the entity at its centre; the circle fills
+    # pi * r^2 / (3r * 4r) = pi / 12 = 0.26 of it (a little less: its black outline)
+    frame = Frame(next(iter(SETTINGS)), "day", [big], "start")
+    img = torch.tensor(list(render_frame(frame).getdata()), dtype=torch.float32).T.reshape(1, 3, 96, 128)
+    crop = roi_align(img, torch.tensor([[0, *zoom_box(big, (128, 96), 1.5)]]), (64, 64), 1.0, 2, aligned=True)[0]
+    red = (crop[0] > 180) & (crop[1] < 80) & (crop[2] < 80)
+    assert red[32, 32] and 0.20 < red.float().mean() < 0.262, red.float().mean()
+
+    y = look_targets([[big, Entity("o1", "object", "star", "blue", "small", 0.2, 0.7)], []])
+    assert y.shape == (2, len(LOOKS)) and y.sum().item() == 2
+    assert y[0, LOOKS.index(("red", "circle"))] == 1 and y[0, LOOKS.index(("blue", "star"))] == 1 and y[1].sum() == 0
+
+
+def test_tiny_clip_zoom_and_look_head(tmp_path):
+    pytest.importorskip("open_clip")
+    from storyworld.clip import train_clip
+
+    make_world(tmp_path / "w", 40, seed=5)
+    for bad, message in (({"zoom": 1.5}, "--zoom 1.5"), ({"look_weight": -1.0}, "--look-weight -1.0")):
+        with pytest.raises(ValueError, match=message):
+            train_clip(tmp_path / "w", tmp_path / "bad", epochs=1, batch_size=16, **bad)
+    assert not (tmp_path / "bad").exists()  # refused before any training or writing
+    report = train_clip(tmp_path / "w", tmp_path / "clip", epochs=1, batch_size=16, seed=1, zoom=0.5, look_weight=1.0)
+    assert report["zoom"] == 0.5 and report["look_weight"] == 1.0 and report["steps"] >= 1
+    saved = json.loads((tmp_path / "clip" / "open_clip_config.json").read_text())
+    assert saved["model_cfg"]["embed_dim"] == 64  # the look head is not part of the saved model
 
 
 def test_vit_labels_and_look_accuracy_by_hand():
