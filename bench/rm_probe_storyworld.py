@@ -107,8 +107,8 @@ def clip_scores(run: Path, names: list[str]) -> dict:
     for name in names:
         if not (run / name / "open_clip_config.json").exists():
             sys.exit(f"--clip {name}: {run / name} holds no open_clip model (open_clip_config.json); train one there first")
-        # Image embeddings are cached by path: each CLIP gets its own cache, so none reads another's.
-        signal = build_reward({"clip": 1.0}, clip_model=str(run / name), cache_dir=str(run / f"{name}-cache"))
+        # The bench's cache: its entries are keyed by the CLIP's own weights, so CLIPs do not mix.
+        signal = build_reward({"clip": 1.0}, clip_model=str(run / name), cache_dir=str(run / "clip-cache"))
         agreement = signal_agreement(signal, held)
         diagnosis = component_diagnosis(signal, held, world)
         out[name] = {"vs_labels_policy_pairs": agreement.get("clip"), "interval": agreement.get("interval", {}).get("clip"), "pairs": agreement["pairs"],

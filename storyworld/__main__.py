@@ -68,7 +68,7 @@ def build_parser() -> argparse.ArgumentParser:
     clip.add_argument("--hard-negatives", action=argparse.BooleanOptionalAction, default=True,
                       help="also contrast each frame with its caption with one color, shape, setting or time swapped")  # fmt: skip
     clip.add_argument("--fresh-scenes", type=int, default=0,
-                      help="also train on the frames of this many new random scenes (4000 with --epochs 6: color 0.60, shape 0.33 against 0.45, 0.25)")
+                      help="also train on the frames of this many new random scenes (4000 with --epochs 6: color 0.56-0.60, shape 0.22-0.33, against 0.45, 0.25)")
     clip.add_argument("--zoom", type=float, default=0.0,
                       help="share of training views that are a crop around the captioned shape (0 to 1), so small shapes fill the view")  # fmt: skip
     clip.add_argument("--look-weight", type=float, default=0.0,
