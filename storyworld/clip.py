@@ -19,7 +19,8 @@ from dataclasses import replace
 from pathlib import Path
 
 from storyworld.grammar import describe_frame
-from storyworld.scene import COLORS, SETTINGS, SHAPES, TIMES, Entity, Frame, free_values
+from storyworld.scene import SETTINGS, TIMES, Entity, Frame, free_values
+from storyworld.vision import LOOKS  # the color-shape pairs, in train_vit's order: what the look head predicts
 
 # The image tower is open_clip's ModifiedResNet (the RN50 architecture, one block per stage, width
 # 16): on this world's frames and a CPU-minute budget it reads colors where a ViT of the same cost
@@ -104,9 +105,6 @@ def retrieval_accuracy(model, tokenizer, images, captions: list[str]) -> dict[st
         "chance": 1 / len(captions),
         "candidates": len(captions),
     }
-
-
-LOOKS = [(c, s) for c in COLORS for s in SHAPES]  # what the look head of `train_clip(look_weight=...)` predicts
 
 
 def zoom_box(e: Entity, frame_size: tuple[int, int], scale: float) -> tuple[float, float, float, float]:
