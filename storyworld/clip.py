@@ -219,11 +219,12 @@ def train_clip(
         views[rows] = roi_align(rendered[idx], torch.tensor(boxes, dtype=torch.float32), (side, side), 1.0, 2, aligned=True)
         return views
 
-    look_head = torch.nn.Linear(TINY_CLIP_CONFIG["embed_dim"], len(LOOKS))
+    # Only with a weight: building it draws from torch's generator, which would change the default run's batches.
+    look_head = torch.nn.Linear(TINY_CLIP_CONFIG["embed_dim"], len(LOOKS)) if look_weight else None
 
     steps_per_epoch = max(1, len(train) // batch_size)
     total_steps = epochs * steps_per_epoch
-    opt = torch.optim.AdamW([*model.parameters(), *(look_head.parameters() if look_weight else [])], lr=lr, weight_decay=0.1)
+    opt = torch.optim.AdamW([*model.parameters(), *(look_head.parameters() if look_head else [])], lr=lr, weight_decay=0.1)
     sched = torch.optim.lr_scheduler.LambdaLR(
         opt, lambda s: min(1.0, (s + 1) / 20) * 0.5 * (1 + math.cos(math.pi * min(s, total_steps) / total_steps))
     )
