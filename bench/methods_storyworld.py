@@ -9,6 +9,8 @@ every method starts from the same SFT policy, export and reward model. A world a
 kept; one with fewer runs per method than `--seeds` gets the missing seeds added:
 
 - **PPO**: `rlhf.ppo` as the bench's default (GAE, the composite reward, adaptive KL);
+- **PPO on `human` alone** (`ppo_human`): the same run with the reward model as its only signal, so the
+  composite's other signals (`clip`, `coherence`, ...) are measured by what they add;
 - **GRPO** and **RLOO**: `rlhf.ppo --advantage grpo|rloo --samples_per_prompt 4` (GRPO with its KL
   as a k3 loss term, RLOO with the KL in the reward), everything else the same;
 - **DPO**: `rlhf.dpo` on the export (conservative DPO, β 0.1, ε 0.1), no reward model, no sampling;
@@ -36,6 +38,13 @@ scenes, greedy stories are scored with the hidden utility: the win rate over the
 half), the mean utility, and the KL to the SFT policy (k1 on sampled stories, nats per story;
 best-of-n's analytic bound log n − (n−1)/n). Writes DIR/report.json, DIR/table.md (medians per
 world and over the worlds, with the range) and DIR/win-vs-kl.png (each run's win against its KL).
+
+`--paired A,B` runs nothing: on the worlds already in DIR it compares two methods (or `sft`) scene by
+scene on the held-out scenes, from each run's stories in DIR/world-S/held-out/: per scene, A's
+component (`--component`, default grounding_precision; or utility) averaged over A's runs minus B's,
+then the mean per world and over all scenes with a 95% bootstrap interval (scenes resampled within
+each world). For example `--paired ppo,ppo_human`: does the composite reward, `clip` in it, raise
+grounding precision over the reward model alone?
 """
 
 from __future__ import annotations
@@ -51,7 +60,7 @@ from pathlib import Path
 
 REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
-METHODS = ("ppo", "grpo", "rloo", "dpo", "dpo_soft", "dpo_long", "dpo_contrast", "dpo_oracle", "dpo_online", "dpo_online_oracle", "dpo_round2", "dpo_union", "grpo_union", "best_of")
+METHODS = ("ppo", "ppo_human", "grpo", "rloo", "dpo", "dpo_soft", "dpo_long", "dpo_contrast", "dpo_oracle", "dpo_online", "dpo_online_oracle", "dpo_round2", "dpo_union", "grpo_union", "best_of")
 
 
 def summarize(runs: list[dict], key: str) -> float | None:
@@ -107,6 +116,46 @@ def table(worlds: dict[int, dict]) -> tuple[list[dict], str]:
     return rows, "\n".join(lines) + "\n"
 
 
+def run_files(world_dir: Path, method: str) -> list[Path]:
+    """The held-out stories of `method`'s runs in one world's dir: sft.jsonl; PPO's main run ppo.jsonl and its
+    seeds ppo-seed-K.jsonl; any other method's METHOD-seed-K.jsonl (underscores written as hyphens)."""
+    held = world_dir / "held-out"
+    if method == "sft":
+        return [held / "sft.jsonl"] if (held / "sft.jsonl").exists() else []
+    stem = method.replace("_", "-")
+    main = [held / "ppo.jsonl"] if method == "ppo" and (held / "ppo.jsonl").exists() else []
+    return main + sorted(held.glob(f"{stem}-seed-*.jsonl"))
+
+
+def paired_difference(worlds: dict[int, tuple[list[list[dict]], list[list[dict]]]], component: str, resamples: int = 2000,
+                      seed: int = 0) -> dict:
+    """A minus B, scene by scene. `worlds` maps a world to (A's runs, B's runs), each run a list of rows with
+    `item_id` and `component`. Per scene of the world (the scenes every run holds): A's value averaged over its
+    runs minus B's. Returns, per world, the mean difference and the scenes; over all worlds' scenes, the mean and a
+    95% percentile-bootstrap interval, scenes resampled within each world so each world keeps its weight."""
+    import numpy as np
+
+    diffs: dict[int, np.ndarray] = {}
+    for world, (a_runs, b_runs) in worlds.items():
+        if not a_runs or not b_runs:
+            raise ValueError(f"world {world}: {'A' if not a_runs else 'B'} has no runs with held-out stories to compare")
+        runs = [{r["item_id"]: r[component] for r in run} for run in (*a_runs, *b_runs)]
+        scenes = sorted(set.intersection(*(set(r) for r in runs)))
+        if not scenes:
+            raise ValueError(f"world {world}: the runs share no held-out scene")
+        a = np.mean([[r[i] for i in scenes] for r in runs[: len(a_runs)]], axis=0)
+        b = np.mean([[r[i] for i in scenes] for r in runs[len(a_runs) :]], axis=0)
+        diffs[world] = a - b
+    rng = np.random.default_rng(seed)
+    pooled = np.concatenate(list(diffs.values()))
+    boot = np.empty(resamples)
+    for k in range(resamples):
+        boot[k] = np.concatenate([d[rng.integers(0, len(d), len(d))] for d in diffs.values()]).mean()
+    lo, hi = np.percentile(boot, [2.5, 97.5])
+    return {"component": component, "by_world": {w: {"mean": round(float(d.mean()), 4), "scenes": len(d)} for w, d in diffs.items()},
+            "mean": round(float(pooled.mean()), 4), "interval": [round(float(lo), 4), round(float(hi), 4)], "scenes": len(pooled)}  # fmt: skip
+
+
 def plot_win_vs_kl(points: dict[str, list[tuple[float, float]]], path: Path, title: str = "Methods on storyworld") -> None:
     """Each run's win rate over SFT against its KL to SFT, one color per label: where a method lands on the
     trade-off between moving the policy and improving it (a run far right and low has over-optimized)."""
@@ -140,6 +189,10 @@ def main() -> None:
                    help=f"the methods besides PPO (which always runs), comma-separated: {', '.join(METHODS[1:])}, or all (the default)")
     p.add_argument("--no-oracle", action="store_true", help="skip the PPO and GRPO runs on the hidden utility (the ceilings)")
     p.add_argument("--set", nargs="+", default=[], metavar="KEY=VALUE", help="settings handed to bench/ppo_storyworld.py --set")
+    p.add_argument("--paired", metavar="A,B",
+                   help="run nothing: compare two methods (or sft) scene by scene on the worlds already in --out (see above)")
+    p.add_argument("--component", default="grounding_precision",
+                   help="with --paired: the utility component to compare (grounding_precision, consistency, ...) or utility")
     args = p.parse_args()
     try:
         worlds = [int(w) for w in args.worlds.split(",")] if not args.smoke else [int(args.worlds.split(",")[0])]
@@ -150,6 +203,23 @@ def main() -> None:
     chosen = list(METHODS[1:]) if args.methods == "all" else [m for m in args.methods.split(",") if m]
     if unknown := sorted(set(chosen) - set(METHODS[1:])):
         p.error(f"--methods: unknown {unknown}; choose from {', '.join(METHODS[1:])} or all")
+    if args.paired:
+        pair = args.paired.split(",")
+        if len(pair) != 2 or set(pair) - {"sft", *METHODS}:
+            p.error(f"--paired {args.paired!r}: give two of sft, {', '.join(METHODS)}, comma-separated (e.g. ppo,ppo_human)")
+        runs = {}
+        for seed in worlds:
+            files = [run_files(args.out / f"world-{seed}", m) for m in pair]
+            if not all(files):
+                missing = [m for m, f in zip(pair, files) if not f]
+                p.error(f"--paired: {args.out / f'world-{seed}' / 'held-out'} holds no stories of {missing}; run those methods on world {seed} first")
+            runs[seed] = tuple([[json.loads(x) for x in f.open()] for f in fs] for fs in files)
+        try:
+            result = paired_difference(runs, args.component)
+        except KeyError as e:
+            p.error(f"--component {args.component}: the held-out rows have no {e}; give a component of the hidden utility or utility")
+        print(json.dumps({"paired": pair, **result}, indent=1))
+        return
     args.out.mkdir(parents=True, exist_ok=True)
     env = {**os.environ, "PYTHONPATH": str(REPO), "TOKENIZERS_PARALLELISM": "false"}
     reports: dict[int, dict] = {}

@@ -41,7 +41,9 @@ also runs PPO with `human` alone, with a fixed KL coefficient, with `--unfinishe
 that stop mid-sentence penalized), and the main run again with another seed. With `--oracle` it also runs
 PPO on the hidden utility itself, handed to `rlhf.ppo.train` as a signal of its own: once whole (what a
 perfect reward model would give at these PPO settings) and once blind to shapes (what a perfect reward model
-that cannot tell a square from a star would give). Writes DIR/report.json,
+that cannot tell a square from a star would give). Every policy's greedy stories on the held-out scenes,
+with each one's utility and components, go to DIR/held-out/RUN.jsonl (sft, ppo, ppo-seed-1, grpo-seed-0, ...) for
+comparisons scene by scene (`bench/methods_storyworld.py --paired`). Writes DIR/report.json,
 which also holds the reward model's and each reward signal's agreement on the export's held-out
 pairs: those of the policy's samples, and those of both rounds.
 """
@@ -68,7 +70,7 @@ SMOKE = {"items": 60, "sft_epochs": 2, "gen_items": 30, "samples_per_item": 3, "
          "clip_epochs": 2, "vit_steps": 20, "vit_fresh_scenes": 50, "vit_patch_weight": 1.0, "rollout": 8, "mini": 4, "temperature": 1.0, "ppo_lr": 3e-4, "grammar_round": True,
          "rm_backbone": "clip-fusion", "kl_coef": 0.12, "rm_length_control": True, "rm_length_decorrelation": 0.2, "rm_sentence_alignment": False, "rm_entity_features": True, "rm_lr": 1e-3, "rm_text_tuning": "lora", "rm_fusion_layers": 0, "rm_batch_size": 8, "rm_bf16": True, "rm_use_images": True, "reward_weights": "human=1,clip=0.3,coherence=0.2,repetition=0.1,style=0.2", "lr_schedule": "linear", "length_debias": 0.0,
         "dpo_epochs": 1, "dpo_lr": 5e-4, "dpo_beta": 0.1, "contrast_share": 0.5, "rm_contrast_share": 0.0}  # fmt: skip
-METHODS = ("grpo", "rloo", "dpo", "dpo_soft", "dpo_long", "dpo_contrast", "dpo_oracle", "dpo_online", "dpo_online_oracle", "dpo_round2", "dpo_union", "grpo_union", "best_of")
+METHODS = ("ppo_human", "grpo", "rloo", "dpo", "dpo_soft", "dpo_long", "dpo_contrast", "dpo_oracle", "dpo_online", "dpo_online_oracle", "dpo_round2", "dpo_union", "grpo_union", "best_of")
 PPO_TABLE = ("win_rate_vs_sft", "utility_ppo", "kl_to_sft", "train_minutes")  # what a PPO run puts in the method table
 KL_HORIZON = 300  # a horizon of 1,920 episodes / ~6, so that β can act within the run
 
@@ -192,6 +194,22 @@ def compare(world: dict, examples, sft_stories: list[str], ppo_stories: list[str
     wins = sum(1.0 if p > s else 0.5 if p == s else 0.0 for p, s in zip(ppo_u, sft_u))
     return {"utility_sft": round(sum(sft_u) / len(sft_u), 4), "utility_ppo": round(sum(ppo_u) / len(ppo_u), 4),
             "win_rate_vs_sft": round(wins / len(ppo_u), 4)}  # fmt: skip
+
+
+def write_held_out(path: Path, world: dict, examples, stories: list[str], seed: int) -> None:
+    """One line per held-out scene: the story a policy wrote for it greedily, its hidden utility and each component
+    (what `bench/methods_storyworld.py --paired` compares scene by scene). Written whole, then renamed."""
+    from dataclasses import asdict
+
+    path.parent.mkdir(parents=True, exist_ok=True)
+    rows = []
+    for e, story in zip(examples, stories):
+        parts = utility_components(world, e.item_id, story)
+        rows.append(json.dumps({"item_id": e.item_id, "seed": seed, "story": story, "utility": round(parts.utility, 4)}
+                               | {k: round(v, 4) for k, v in asdict(parts).items()}))  # fmt: skip
+    tmp = path.with_name(path.name + ".tmp")
+    tmp.write_text("".join(r + "\n" for r in rows))
+    tmp.replace(path)
 
 
 def component_means(world: dict, examples, stories: list[str]) -> dict[str, float]:
@@ -388,6 +406,7 @@ def main() -> None:
                         "(report.json's diagnosis_policy_pairs)")
     p.add_argument("--methods", default="", metavar="LIST",
                    help="also these methods on the same world, SFT policy, export and reward model, each with --ppo-seeds seeds: "
+                        "ppo_human (the main PPO run with `human` alone as its reward: what the composite's clip, coherence, ... signals add), "
                         "grpo, rloo (rlhf.ppo --advantage, 4 samples per prompt), dpo (rlhf.dpo on the export), dpo_soft (the same, each pair's target its share of the votes), dpo_long (the same, "
                         "twice the epochs), dpo_contrast (the same, with contrast pairs from storyworld's public vocabulary: --contrast_words), dpo_oracle (the same pairs, each labelled by the hidden utility: DPO's ceiling), dpo_online (rlhf.online_dpo: one round on the DPO policy's samples ranked by the composite "
                         "reward), dpo_online_oracle (the same round ranked by the hidden utility), dpo_round2 (a round of simulated votes on the DPO policy's samples, then rlhf.dpo from it), dpo_union (the "
@@ -655,6 +674,7 @@ def main() -> None:
     t0 = time.perf_counter()
     sft_stories = greedy(str(sft_dir), held_out, 160)
     sft_components = component_means(world, held_out, sft_stories)
+    write_held_out(out / "held-out" / "sft.jsonl", world, held_out, sft_stories, args.seed)
     # The SFT policy's own figures on the held-out scenes, in every report (a --no-ppo world has no PPO run to carry them).
     sft_utility = [hidden_utility(world, e.item_id, story) for e, story in zip(held_out, sft_stories)]
     report["sft"] = {"utility": round(sum(sft_utility) / len(sft_utility), 4), "components": sft_components}
@@ -686,6 +706,7 @@ def main() -> None:
         _, metrics = ppo(cfg, reward)
         trained = (time.perf_counter() - t0) / 60
         ppo_stories = greedy(str(out / name), held_out, 160)
+        write_held_out(out / "held-out" / f"{name}.jsonl", world, held_out, ppo_stories, (settings | overrides)["seed"])
         result = {
             **compare(world, held_out, sft_stories, ppo_stories),
             "kl_to_sft": round(kl_to_reference(str(out / name), held_out, 160, s["temperature"], args.seed), 3),
@@ -755,7 +776,10 @@ def main() -> None:
     def run_method(method: str, seed: int, k: int) -> dict:
         """One run of a method other than PPO, evaluated as PPO is: greedy stories on the held-out scenes."""
         t0 = time.perf_counter()
-        if method in ("grpo", "rloo"):  # 8 prompts × 4 stories per rollout; GRPO's KL as a k3 loss term, RLOO's in the reward, as their papers do
+        if method == "ppo_human":  # the bench's PPO with `human` alone as its reward: what the composite's other signals (clip, ...) add
+            r = run_ppo(f"ppo-human-seed-{k}", reward_weights="human=1", seed=seed)
+            stories = None
+        elif method in ("grpo", "rloo"):  # 8 prompts × 4 stories per rollout; GRPO's KL as a k3 loss term, RLOO's in the reward, as their papers do
             r = run_ppo(f"{method}-{args.ppo_rm}-seed-{k}" if args.ppo_rm else f"{method}-seed-{k}", advantage=method, samples_per_prompt=4, kl_in="loss" if method == "grpo" else "reward", seed=seed)
             stories = None
         elif method in ("dpo", "dpo_soft", "dpo_long", "dpo_contrast", "dpo_oracle"):  # offline, on the export of both annotation rounds; conservative DPO for annotators who agree ~75% of the time
@@ -855,6 +879,7 @@ def main() -> None:
                  "train_minutes": 0.0, "inference_minutes": round((time.perf_counter() - t0) / 60, 2)}  # fmt: skip
         if stories is not None:
             r["components_ppo"] = component_means(world, held_out, stories)
+            write_held_out(out / "held-out" / f"{method.replace('_', '-')}-seed-{k}.jsonl", world, held_out, stories, seed)
         keep = ("win_rate_vs_sft", "utility_ppo", "kl_to_sft", "train_minutes", "inference_minutes", "eval_rewards_accuracies", "components_ppo",
                 "round2_pairs", "train_pairs", "contrast_pairs", "oracle_pairs")
         return {key: r[key] for key in keep if r.get(key) is not None} | {"seed": seed}

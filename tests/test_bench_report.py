@@ -75,3 +75,40 @@ def test_method_table_adds_runs_on_other_reward_models():
     assert [r["method"] for r in rows] == ["grpo", "grpo@rm-b", "grpo on the hidden utility (ceiling)"]
     assert rows[1]["win_rate_by_world"] == {7: 0.65, 8: 0.9} and rows[1]["win_rate_median"] == 0.775 and rows[1]["kl_max"] == 4.0
     assert "| grpo@rm-b | 0.65 (0.70 / 0.60) | 0.90 | **0.78** |" in text
+
+
+def test_paired_difference_by_hand():
+    """bench/methods_storyworld.py --paired: per scene, A averaged over its runs minus B, on the scenes every run holds;
+    the pooled mean and a bootstrap interval with scenes resampled within each world."""
+    import pytest
+
+    from bench.methods_storyworld import paired_difference
+
+    rows = lambda **v: [{"item_id": k, "grounding_precision": x} for k, x in v.items()]  # noqa: E731
+    worlds = {
+        1: ([rows(s1=1.0, s2=0.5), rows(s1=0.0, s2=0.5)], [rows(s1=0.25, s2=0.5, s3=1.0)]),  # s3: B's alone, not compared
+        2: ([rows(s9=0.8)], [rows(s9=0.2)]),
+    }
+    out = paired_difference(worlds, "grounding_precision", resamples=4000)
+    # World 1: A's runs average 0.5 on s1 and 0.5 on s2; minus B: 0.25 and 0.0. World 2: 0.6.
+    assert out["by_world"] == {1: {"mean": 0.125, "scenes": 2}, 2: {"mean": 0.6, "scenes": 1}}
+    assert out["mean"] == pytest.approx((0.25 + 0.0 + 0.6) / 3, abs=1e-4) and out["scenes"] == 3
+    # Resampling world 1's two scenes gives sums 0, 0.25 or 0.5 (¼, ½, ¼); world 2 always 0.6: the pooled means
+    # are 0.2, 0.2833, 0.3667, so the 2.5th and 97.5th percentiles are the two ends.
+    assert out["interval"] == [pytest.approx(0.2, abs=1e-4), pytest.approx(1.1 / 3, abs=1e-4)]
+    with pytest.raises(ValueError, match="world 2: B has no runs"):
+        paired_difference({2: ([rows(s9=0.8)], [])}, "grounding_precision")
+    with pytest.raises(ValueError, match="world 3: the runs share no held-out scene"):
+        paired_difference({3: ([rows(a=1.0)], [rows(b=1.0)])}, "grounding_precision")
+
+
+def test_run_files_name_each_methods_runs(tmp_path):
+    from bench.methods_storyworld import run_files
+
+    held = tmp_path / "held-out"
+    held.mkdir()
+    for name in ("sft", "ppo", "ppo-seed-1", "ppo-human-seed-0", "ppo-human-seed-1", "ppo-oracle", "grpo-seed-0"):
+        (held / f"{name}.jsonl").write_text("")
+    assert [f.stem for f in run_files(tmp_path, "ppo")] == ["ppo", "ppo-seed-1"]  # not ppo-human-*, not the oracle
+    assert [f.stem for f in run_files(tmp_path, "ppo_human")] == ["ppo-human-seed-0", "ppo-human-seed-1"]
+    assert [f.stem for f in run_files(tmp_path, "sft")] == ["sft"] and run_files(tmp_path, "rloo") == []
