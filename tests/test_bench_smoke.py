@@ -13,17 +13,18 @@ import pytest
 REPO = Path(__file__).resolve().parents[1]
 
 
-def run_bench(script: str, *args: str, timeout: int) -> None:
+def run_bench(script: str, *args: str, timeout: int) -> str:
     """bench/SCRIPT with `args` in a fresh process, as a user runs it; its stderr's end on failure."""
     env = {**os.environ, "PYTHONPATH": str(REPO), "TOKENIZERS_PARALLELISM": "false"}
     run = subprocess.run([sys.executable, str(REPO / "bench" / script), *args], env=env, capture_output=True, text=True, timeout=timeout)
     assert run.returncode == 0, run.stderr[-3000:]
+    return run.stdout
 
 
 @pytest.mark.timeout(2100)
 def test_methods_and_ppo_storyworld_smoke(tmp_path):
     """bench/methods_storyworld.py --smoke: one tiny world through bench/ppo_storyworld.py with every method, two seeds each, and the oracles."""
-    base = ("--methods", "grpo,rloo,dpo,best_of")  # the DPO variants run once each, at the end
+    base = ("--methods", "ppo_human,grpo,rloo,dpo,best_of")  # the DPO variants run once each, at the end
     run_bench("methods_storyworld.py", "--smoke", "--worlds", "0", "--seeds", "2", *base, "--out", str(tmp_path), timeout=1450)
     world = tmp_path / "world-0"
     report = json.loads((world / "report.json").read_text())
@@ -32,7 +33,7 @@ def test_methods_and_ppo_storyworld_smoke(tmp_path):
     assert 0.0 <= report["win_rate_vs_sft"] <= 1.0
     user = ("make", "sft", "generate", "annotate", "export", "reward_model", "ppo")
     bench = ("diagnostics_reward_model", "evaluate_sft", "evaluate_ppo", "ablation_seeds", "ablation_oracle", "ablation_oracle_blind_to_shapes",
-             "ablation_oracle_grpo", "method_grpo", "method_rloo", "method_dpo", "method_best_of")  # fmt: skip
+             "ablation_oracle_grpo", "method_ppo_human", "method_grpo", "method_rloo", "method_dpo", "method_best_of")  # fmt: skip
     assert set(report["phases"]) == {*user, *bench}
     assert report["minutes"] == pytest.approx(sum(report["phases"][k] for k in user), abs=0.02)  # the user's pipeline, not the bench's evaluation
     assert report["minutes_with_ablations"] >= report["minutes"] + report["phases"]["ablation_seeds"] - 0.02
@@ -52,15 +53,26 @@ def test_methods_and_ppo_storyworld_smoke(tmp_path):
     assert not (world / "grpo-seed-0" / "value_head.pt").exists() and (world / "ppo" / "value_head.pt").exists()
     # Every method ran twice, on the same held-out scenes, and is in the table.
     methods = report["methods"]
-    assert set(methods) == {"ppo", "grpo", "rloo", "dpo", "best_of"} and all(len(runs) == 2 for runs in methods.values())
+    assert set(methods) == {"ppo", "ppo_human", "grpo", "rloo", "dpo", "best_of"} and all(len(runs) == 2 for runs in methods.values())
+    assert json.loads((world / "ppo-human-seed-1" / "ppo_config.json").read_text())["reward_weights"] == "human=1"
     assert [r["win_rate_vs_sft"] for r in methods["ppo"]] == seeds["win_rate_vs_sft"]
     assert methods["best_of"][0]["kl_to_sft"] == pytest.approx(2.0794 - 0.875, abs=1e-3)  # log 8 − 7/8
     assert all(0.0 <= r["win_rate_vs_sft"] <= 1.0 and r["kl_to_sft"] == r["kl_to_sft"] for runs in methods.values() for r in runs)
     summary = json.loads((tmp_path / "report.json").read_text())
-    assert [r["method"] for r in summary["rows"]][:5] == ["ppo", "grpo", "rloo", "dpo", "best_of"]
+    assert [r["method"] for r in summary["rows"]][:6] == ["ppo", "ppo_human", "grpo", "rloo", "dpo", "best_of"]
     assert summary["rows"][0]["win_rate_by_world"] == {"0": seeds["win_rate_median"]}
     table = (tmp_path / "table.md").read_text()
-    assert table.count("\n") == 2 + 7 and "ceiling" in table
+    assert table.count("\n") == 2 + 8 and "ceiling" in table
+    # Each policy's held-out stories, scene by scene, and --paired on them: PPO's two runs against SFT, on the utility,
+    # is the difference of the report's means.
+    held = {f.stem: [json.loads(x) for x in f.open()] for f in (world / "held-out").glob("*.jsonl")}
+    assert {"sft", "ppo", "ppo-seed-1", "ppo-human-seed-0", "grpo-seed-1", "dpo-seed-0", "best-of-seed-1", "ppo-oracle"} <= set(held)
+    assert {len(rows) for rows in held.values()} == {len(held["sft"])} and held["ppo-seed-1"][0]["seed"] == 1
+    assert sum(r["utility"] for r in held["sft"]) / len(held["sft"]) == pytest.approx(report["utility_sft"], abs=1e-3)
+    paired = json.loads(run_bench("methods_storyworld.py", "--out", str(tmp_path), "--worlds", "0", "--paired", "ppo,sft", "--component", "utility", timeout=120))
+    assert paired["by_world"]["0"]["scenes"] == len(held["sft"]) and paired["interval"][0] <= paired["mean"] <= paired["interval"][1]
+    ppo_mean = sum(r["utility_ppo"] for r in methods["ppo"]) / 2
+    assert paired["mean"] == pytest.approx(ppo_mean - report["utility_sft"], abs=2e-3)
     try:
         import matplotlib  # noqa: F401  (the [bench] extra)
 
