@@ -21,6 +21,7 @@ It does not settle a weight by itself (a signal below chance on the annotators' 
 PPO's stories together); try a change with PPO over a few seeds:
 
     python -m rlhf.rewards --preferences runs/trl --reward_model runs/rm [--split all] [--out check.json]
+        [--mix human=1,clip=0.3]    (a weighting, scored as one signal beside its parts)
 
 The clip, coherence and style signals load `--clip_model` (ViT-B-32, laion2b_s34b_b79k) and
 `--sentence_model` (all-MiniLM-L6-v2) by default, as `rlhf.ppo` does.
@@ -312,19 +313,28 @@ def wilson_interval(successes: float, n: int, z: float = 1.96) -> tuple[float, f
     return max(0.0, center - half), min(1.0, center + half)
 
 
-def signal_agreement(reward: CompositeReward, pairs: Sequence, progress: bool = False, batch_size: int = 16) -> dict:
+def signal_agreement(reward: CompositeReward, pairs: Sequence, progress: bool = False, batch_size: int = 16,
+                     mix: dict[str, float] | None = None) -> dict:  # fmt: skip
     """Each signal's agreement with the annotators on preference `pairs` (`rlhf.data.PreferencePair`).
 
     {signal: share of decided pairs where it scores the chosen story above the rejected one, ...,
     "interval": {signal: (low, high)}, "pairs": n}. Tied pairs are skipped; a pair the signal scores
     equal counts half. Each pair is scored with its own images and prompt, `batch_size` pairs at a time.
+
+    With `mix` ({signal: weight}, signals among the reward's), the weighted mix is scored too, under
+    "mix": Σ_k w_k · r_k / std_k, each signal divided by its std over every story scored here (the
+    population std, as `CompositeReward`'s running statistics give it; a constant signal adds nothing).
+    It asks whether a weighting ranks the pairs better than its parts, before PPO is run with it.
     """
     from tqdm import tqdm
 
     decided = [p for p in pairs if not p.tie]
     if not decided:
         return {"pairs": 0}
+    if mix and (unknown := sorted(set(mix) - set(reward.weights))):
+        raise ValueError(f"the mix names {unknown}, which are not among the signals scored ({', '.join(reward.weights)}); add them to the signals")
     agree = {name: 0.0 for name in reward.weights}
+    values: dict[str, list[torch.Tensor]] = {name: [] for name in (mix or {})}  # per signal: (chosen, rejected) columns per batch
     bar = tqdm(total=len(decided), desc="scoring pairs", unit="pair", disable=not progress)
     for start in range(0, len(decided), batch_size):  # each batch: the chosen stories, then the rejected ones
         batch = decided[start : start + batch_size]
@@ -336,9 +346,19 @@ def signal_agreement(reward: CompositeReward, pairs: Sequence, progress: bool = 
         for name, v in raw.items():
             chosen, rejected = v[: len(batch)], v[len(batch) :]
             agree[name] += float((chosen > rejected).sum()) + 0.5 * float((chosen == rejected).sum())
+            if name in values:
+                values[name].append(torch.stack([chosen, rejected], 1).double())
         bar.update(len(batch))
     bar.close()
     n = len(decided)
+    if mix:
+        diff = torch.zeros(n, dtype=torch.float64)
+        for name, w in mix.items():
+            both = torch.cat(values[name])  # (n, 2)
+            std = both.std(unbiased=False).item()
+            if std > 0:
+                diff += w * (both[:, 0] - both[:, 1]) / std
+        agree["mix"] = float((diff > 0).sum()) + 0.5 * float((diff == 0).sum())
     intervals = {name: tuple(round(x, 3) for x in wilson_interval(k, n)) for name, k in agree.items()}
     return {name: round(k / n, 3) for name, k in agree.items()} | {"interval": intervals, "pairs": n}
 
@@ -394,6 +414,9 @@ class CheckConfig:
     clip_pretrained: str | None = field(default="laion2b_s34b_b79k", metadata={"help": "open_clip pretrained tag (ignored for a local dir)"})
     sentence_model: str | None = field(default="sentence-transformers/all-MiniLM-L6-v2", metadata={"help": "sentence encoder for coherence and style"})
     style_descriptions: str | None = field(default=None, metadata={"help": "JSON file {style: description} for the `style` signal"})
+    mix: str | None = field(default=None, metadata={"help": "also score this weighted mix of the signals, written as --reward_weights "
+                                                          "(human=1,clip=0.3): each signal divided by its std over the scored stories, "
+                                                          "as PPO's running normalization does; does the mix rank better than its parts?"})
     limit: int | None = field(default=None, metadata={"help": "score at most this many pairs (the first ones)"})
     batch_size: int = field(default=16, metadata={"help": "pairs scored per call of each signal"})
     device: str = field(default="cpu", metadata={"help": "cpu | cuda"})
@@ -410,6 +433,9 @@ def check(cfg: CheckConfig) -> dict:
     if cfg.split not in ("test", "train", "all"):
         raise ValueError(f"--split {cfg.split!r}: use test, train or all")
     weights = parse_weights(cfg.signals, flag="--signals")
+    mix = parse_weights(cfg.mix, flag="--mix") if cfg.mix else None
+    if mix and (missing := sorted(set(mix) - set(weights))):
+        raise ValueError(f"--mix {cfg.mix}: {missing} not among --signals {cfg.signals}; add them to --signals")
     train, test, message = load_preferences(cfg.preferences)
     pairs = {"test": test, "train": train, "all": train + test}[cfg.split][: cfg.limit]
     descriptions = json.loads(Path(cfg.style_descriptions).read_text()) if cfg.style_descriptions else None
@@ -417,10 +443,10 @@ def check(cfg: CheckConfig) -> dict:
                           sentence_model=cfg.sentence_model, style_descriptions=descriptions, device=cfg.device,
                           cache_dir=cfg.cache_dir or str(DEFAULT_CACHE))  # fmt: skip
     print(message, file=sys.stderr)
-    result = signal_agreement(reward, pairs, progress=True, batch_size=cfg.batch_size) | {"split": cfg.split, "preferences": cfg.preferences}
+    result = signal_agreement(reward, pairs, progress=True, batch_size=cfg.batch_size, mix=mix) | {"split": cfg.split, "preferences": cfg.preferences}
     if not result["pairs"]:
         raise ValueError(f"--preferences {cfg.preferences}: the {cfg.split} split has no decided pair (all ties); try --split all")
-    names = list(weights)
+    names = list(weights) + (["mix"] if mix else [])
     if cfg.baseline and cfg.split == "test" and sum(not p.tie for p in train) >= 2:  # fit on the train split, scored on the held-out pairs
         base = baseline_agreement(train, pairs)
         result["bag_of_words"], result["interval"]["bag_of_words"] = base["bag_of_words"], base["interval"]
@@ -431,6 +457,8 @@ def check(cfg: CheckConfig) -> dict:
         verdict = "  (worse than chance: it prefers the rejected story)" if high < 0.5 else "  (no better than chance)" if low <= 0.5 else ""
         if name == "bag_of_words":
             verdict = "  (the yardstick: word counts fit on the train split)"
+        elif name == "mix":
+            verdict = f"  (--mix {cfg.mix}){verdict}"
         print(f"  {name:<12} {result[name]:.3f}  95% [{low:.3f}, {high:.3f}]{verdict}")
     if "bag_of_words" in result and "human" in result and result["human"] <= result["bag_of_words"]:
         print("  the reward model ranks these pairs no better than a bag of words fit on the same labels: it has not learned what "

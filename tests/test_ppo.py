@@ -333,6 +333,24 @@ def test_signal_agreement_by_hand():
     assert seen_images == [[[Path("frames/one.png"), Path("frames/two.png")]] * 2]  # frames by path, not decoded: the CLIP cache keys on the file
 
 
+def test_signal_agreement_of_a_mix_by_hand():
+    """--mix: Σ w_k r_k / std_k, each std over every story scored (population std), ranked as a signal is."""
+    table = {"a": {"c1": 2, "r1": 0, "c2": 0, "r2": 1, "c3": 0, "r3": 1}, "b": {"c1": 0, "r1": 0, "c2": 3, "r2": 0, "c3": 0, "r3": 3}}
+    signals = {k: (lambda *args, k=k: torch.tensor([float(table[k][s]) for s in args[-1]])) for k in table}
+    reward = CompositeReward({"a": 1.0, "b": 1.0}, signals)
+    pairs = [SimpleNamespace(prompt=format_prompt("Tell a story.", None, None), images=[], chosen=f"c{i}", rejected=f"r{i}", tie=False) for i in (1, 2, 3)]
+    # a: 2,0,0 | 0,1,1: std √(10/18) = 0.7454; b: 0,3,0 | 0,0,3: std √2 = 1.4142.
+    # Pair 1: 2/0.7454 > 0. Pair 2: −1/0.7454 + w·3/1.4142 = −1.342 + 2.121 w. Pair 3: −1.342 − 2.121 w.
+    result = signal_agreement(reward, pairs, mix={"a": 1.0, "b": 1.0})
+    assert (result["a"], result["b"], result["mix"]) == (round(1 / 3, 3), 0.5, round(2 / 3, 3))  # b ties pair 1: half
+    assert result["interval"]["mix"] == pytest.approx(wilson_interval(2, 3), abs=1e-3)
+    assert signal_agreement(reward, pairs, mix={"a": 1.0, "b": 0.5})["mix"] == round(1 / 3, 3)  # pair 2 now −0.281: lost
+    assert signal_agreement(reward, pairs, mix={"b": 1.0})["mix"] == 0.5  # one signal alone: its own ordering
+    assert "mix" not in signal_agreement(reward, pairs)
+    with pytest.raises(ValueError, match=r"the mix names \['clip'\], which are not among the signals scored"):
+        signal_agreement(reward, pairs, mix={"clip": 1.0})
+
+
 def test_bag_of_words_baseline_by_hand():
     """The yardstick: a symmetric logistic regression on count differences, scored as a signal is."""
     from sklearn.linear_model import LogisticRegression
@@ -384,6 +402,11 @@ def test_check_scores_an_exports_pairs(setup, tmp_path, capsys):
     held = check(CheckConfig(preferences=str(tmp_path / "trl"), signals="repetition", cache_dir=str(root / "cache")))
     assert 0.0 <= held["bag_of_words"] <= 1.0 and "bag_of_words" in held["interval"] and "the yardstick" in capsys.readouterr().out
     assert "bag_of_words" not in check(CheckConfig(preferences=str(tmp_path / "trl"), signals="repetition", baseline=False))
+    mixed = check(CheckConfig(preferences=str(tmp_path / "trl"), split="all", signals="human,repetition", reward_model=str(root / "rm"),
+                              mix="repetition=2", baseline=False))  # fmt: skip
+    assert mixed["mix"] == mixed["repetition"] and "--mix repetition=2" in capsys.readouterr().out  # one signal, scaled: its own ranking
+    with pytest.raises(ValueError, match=r"--mix clip=1: \['clip'\] not among --signals repetition"):
+        check(CheckConfig(preferences=str(tmp_path / "trl"), signals="repetition", mix="clip=1"))
     with pytest.raises(ValueError, match=r"--signals names unknown signal\(s\) \['humour'\]"):
         check(CheckConfig(preferences=str(tmp_path / "trl"), signals="human,humour"))
     with pytest.raises(ValueError, match="--split 'val'"):
