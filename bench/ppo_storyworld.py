@@ -424,7 +424,7 @@ def main() -> None:
     p.add_argument("--ppo-rm", metavar="NAME",
                    help="with --add-seeds: PPO's reward model is --out/NAME (one that --rm-only NAME trained on the same export) "
                         "instead of rm/; its runs go to ppo-NAME-seed-K and to report.json's methods['ppo@NAME'], beside the "
-                        "default's: PPO on two reward models with the same world, SFT policy and seeds. --methods grpo,rloo "
+                        "default's: PPO on two reward models with the same world, SFT policy and seeds. --methods ppo_human,grpo,rloo "
                         "take it too (runs grpo-NAME-seed-K, methods['grpo@NAME'])")
     p.add_argument("--no-ppo", action="store_true",
                    help="with --methods: run only those methods, not the main PPO run (a comparison among the other methods)")
@@ -473,8 +473,8 @@ def main() -> None:
             p.error(f"--add-seeds: {finished} holds neither a PPO run nor a method table; run the bench (with --methods) first")
     if args.ppo_rm and not args.add_seeds:
         p.error("--ppo-rm: use it with --add-seeds on a finished run")
-    if args.ppo_rm and set(methods) - {"grpo", "rloo"}:
-        p.error(f"--ppo-rm: of the methods, only grpo and rloo read the reward model it names; drop {sorted(set(methods) - {'grpo', 'rloo'})}")
+    if args.ppo_rm and set(methods) - {"ppo_human", "grpo", "rloo"}:
+        p.error(f"--ppo-rm: of the methods, only ppo_human, grpo and rloo read the reward model it names; drop {sorted(set(methods) - {'ppo_human', 'grpo', 'rloo'})}")
     if args.ppo_rm and not (args.out / args.ppo_rm / "reward_config.json").exists():
         p.error(f"--ppo-rm: {args.out / args.ppo_rm} holds no reward model; train one with --rm-only {args.ppo_rm} first")
     if args.ppo_only and not ((args.out / "rm" / "metrics.json").exists() and (args.out / "report.json").exists()):
@@ -777,7 +777,7 @@ def main() -> None:
         """One run of a method other than PPO, evaluated as PPO is: greedy stories on the held-out scenes."""
         t0 = time.perf_counter()
         if method == "ppo_human":  # the bench's PPO with `human` alone as its reward: what the composite's other signals (clip, ...) add
-            r = run_ppo(f"ppo-human-seed-{k}", reward_weights="human=1", seed=seed)
+            r = run_ppo(f"ppo-human-{args.ppo_rm}-seed-{k}" if args.ppo_rm else f"ppo-human-seed-{k}", reward_weights="human=1", seed=seed)
             stories = None
         elif method in ("grpo", "rloo"):  # 8 prompts × 4 stories per rollout; GRPO's KL as a k3 loss term, RLOO's in the reward, as their papers do
             r = run_ppo(f"{method}-{args.ppo_rm}-seed-{k}" if args.ppo_rm else f"{method}-seed-{k}", advantage=method, samples_per_prompt=4, kl_in="loss" if method == "grpo" else "reward", seed=seed)
