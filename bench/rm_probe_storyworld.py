@@ -27,6 +27,11 @@ from each CLIP in RUN/A, RUN/B, ... (such as `python -m storyworld train-clip --
 RUN/A` with other options): agreement with the annotators (95% interval) and, per component of the
 hidden utility, with the utility (`bench/ppo_storyworld.py`'s diagnosis), grounding precision included.
 
+`--mix-weights W1,W2,...` scores the policy's held-out pairs with `human` + W·`clip` (the run's reward
+model and CLIP, each signal divided by its std over those pairs' stories, as `python -m rlhf.rewards
+--mix` does) for each W: agreement with the annotators and, per component, with the utility (the
+diagnosis above). W = 0 is the reward model alone.
+
 `--ensemble A,B,...` also scores the policy's pairs with each reward model in RUN/A, RUN/B, ... (as
 `bench/ppo_storyworld.py --rm-only` trains them on the same export) and with their ensemble, the sum
 of their normalized score differences.
@@ -116,6 +121,49 @@ def clip_scores(run: Path, names: list[str]) -> dict:
     return out
 
 
+def clip_mixes(run: Path, clip_weights: list[float]) -> dict:
+    """`human` + w·`clip` on the policy's held-out pairs, for each w: agreement with the annotators and the per-component
+    diagnosis, each signal divided by its population std over the decided pairs' stories (as `signal_agreement`'s mix)."""
+    import torch
+
+    from annotate.formats import parse_prompt
+    from bench.ppo_storyworld import component_diagnosis
+    from rlhf.data import load_preferences
+    from rlhf.rewards import build_reward, signal_agreement
+
+    policy, _ = _stories(run)
+    held = [p for p in load_preferences(run / "trl")[1] if (p.item_id, p.chosen) in policy and (p.item_id, p.rejected) in policy]
+    decided = [p for p in held if not p.tie]
+    if not decided:
+        return {"pairs": 0}
+    world = {json.loads(x)["external_id"]: json.loads(x) for x in (run / "world" / "world.jsonl").open()}
+    signals = build_reward({"human": 1.0, "clip": 1.0}, reward_model=str(run / "rm"), clip_model=str(run / "clip"), cache_dir=str(run / "clip-cache"))
+    values: dict[str, list] = {"human": [], "clip": []}
+    for start in range(0, len(decided), 16):
+        batch = decided[start : start + 16]
+        prompts = [parse_prompt(p.prompt) for p in batch]
+        images = [[i.path if i.path is not None else i.load() for i in p.images] for p in batch]
+        with torch.no_grad():
+            _, raw = signals(images * 2, [i for i, _, _ in prompts] * 2, [c for _, _, c in prompts] * 2, [t for _, t, _ in prompts] * 2,
+                             [p.chosen for p in batch] + [p.rejected for p in batch], update=False)  # fmt: skip
+        for name in values:
+            values[name].append(raw[name].double())
+    stds = {name: torch.cat(v).std(unbiased=False).item() or 1.0 for name, v in values.items()}
+    out = {}
+    for w in clip_weights:
+        mix = {"human": 1.0, "clip": w}
+        agreement = signal_agreement(signals, held, mix=mix)
+
+        def mixed(*args, update=False, mix=mix):
+            _, raw = signals(*args, update=False)
+            return None, {"mix": sum(wk * raw[k].double() / stds[k] for k, wk in mix.items())}
+
+        diagnosis = component_diagnosis(mixed, held, world)
+        out[str(w)] = {"vs_labels_policy_pairs": agreement["mix"], "interval": agreement["interval"]["mix"], "pairs": agreement["pairs"],
+                       "vs_utility_by_component": {k: {"pairs": v["pairs"], "mix": v.get("mix")} for k, v in diagnosis.items() if k != "pairs"}}  # fmt: skip
+    return out
+
+
 def probe(run: Path) -> dict:
     import scipy.sparse as sp
     from sklearn.feature_extraction.text import CountVectorizer
@@ -175,12 +223,19 @@ def main() -> None:
     p.add_argument("--out", type=Path, help="also write the results here (JSON)")
     p.add_argument("--ensemble", help="reward-model dirs inside each run, comma-separated: each one's and their sum's agreement")
     p.add_argument("--clip", help="CLIP dirs inside each run, comma-separated: each one's CLIPScore agreement on the policy's pairs")
+    p.add_argument("--mix-weights", metavar="W1,W2,...",
+                   help="clip weights beside human=1, comma-separated (e.g. 0,0.3,1): each mix's agreement on the policy's pairs, by component")
     args = p.parse_args()
+    try:
+        clip_weights = [float(w) for w in args.mix_weights.split(",")] if args.mix_weights else []
+    except ValueError:
+        p.error(f"--mix-weights {args.mix_weights!r}: give numbers, comma-separated (e.g. 0,0.3,1)")
     for run in args.runs:
         if not ((run / "trl" / "train.jsonl").exists() and (run / "world-aug" / "world.jsonl").exists()):
             p.error(f"{run}: no export (trl/train.jsonl) and policy round (world-aug/world.jsonl); run bench/ppo_storyworld.py there first")
     results = {str(run): probe(run) | ({"ensemble": ensemble(run, args.ensemble.split(","))} if args.ensemble else {})
-               | ({"clip": clip_scores(run, args.clip.split(","))} if args.clip else {}) for run in args.runs}  # fmt: skip
+               | ({"clip": clip_scores(run, args.clip.split(","))} if args.clip else {})
+               | ({"mix": clip_mixes(run, clip_weights)} if clip_weights else {}) for run in args.runs}  # fmt: skip
     print(json.dumps(results, indent=1))
     if args.out:
         args.out.write_text(json.dumps(results, indent=1))

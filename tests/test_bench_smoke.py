@@ -98,7 +98,7 @@ def test_methods_and_ppo_storyworld_smoke(tmp_path):
     assert "method_dpo_seed_1" in added["phases"] and 0.0 <= added["methods"]["ppo"][1]["win_rate_vs_sft"] <= 1.0
     assert added["seeds"]["seed"] == [0, 1] and added["seeds"]["win_rate_vs_sft"] == [r["win_rate_vs_sft"] for r in added["methods"]["ppo"]]
     # The yardstick beside the reward model reads the same world.
-    run_bench("rm_probe_storyworld.py", str(world), "--ensemble", "rm", "--clip", "clip", "--out", str(tmp_path / "probe.json"), timeout=300)
+    run_bench("rm_probe_storyworld.py", str(world), "--ensemble", "rm", "--clip", "clip", "--mix-weights", "0,0.3", "--out", str(tmp_path / "probe.json"), timeout=300)
     probe = json.loads((tmp_path / "probe.json").read_text())[str(world)]
     assert probe["train_pairs"] > 0 and all(0.0 <= probe[k]["vs_labels"] <= 1.0 for k in ("bow", "binding", "entities", "both"))
     ens = probe["ensemble"]
@@ -106,6 +106,14 @@ def test_methods_and_ppo_storyworld_smoke(tmp_path):
     # --clip scores the world's own CLIP as the bench did (its own cache, the same pairs): the same agreement
     clip, signals = probe["clip"]["clip"], report["signals_vs_annotators"]
     assert clip["pairs"] == signals["pairs"] and clip["vs_labels_policy_pairs"] == signals.get("clip"), (clip, signals)
+    # --mix-weights: weight 0 is the reward model alone, as the bench scored it (agreement and per-component diagnosis)
+    mix = probe["mix"]
+    if signals["pairs"]:
+        alone, diagnosis = mix["0.0"], report["diagnosis_policy_pairs"]
+        assert alone["vs_labels_policy_pairs"] == signals["human"] and set(mix) == {"0.0", "0.3"}
+        assert {k: v["mix"] for k, v in alone["vs_utility_by_component"].items()} == {k: v["human"] for k, v in diagnosis.items() if k != "pairs"}
+    else:  # the smoke policy's samples can all tie: nothing to score
+        assert mix == {"pairs": 0}
     # The two-round DPO methods, added to the finished world without another PPO run: iterative DPO ranked by the
     # reward (rlhf.online_dpo), and a round of simulated votes on the DPO policy's samples, used alone from dpo-seed-0
     # (dpo_round2) or joined to the project's votes, from SFT (dpo_union).
