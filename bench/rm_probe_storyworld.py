@@ -124,12 +124,9 @@ def clip_scores(run: Path, names: list[str]) -> dict:
 def clip_mixes(run: Path, clip_weights: list[float]) -> dict:
     """`human` + w·`clip` on the policy's held-out pairs, for each w: agreement with the annotators and the per-component
     diagnosis, each signal divided by its population std over the decided pairs' stories (as `signal_agreement`'s mix)."""
-    import torch
-
-    from annotate.formats import parse_prompt
     from bench.ppo_storyworld import component_diagnosis
     from rlhf.data import load_preferences
-    from rlhf.rewards import build_reward, signal_agreement
+    from rlhf.rewards import build_reward, score_pairs, signal_agreement
 
     policy, _ = _stories(run)
     held = [p for p in load_preferences(run / "trl")[1] if (p.item_id, p.chosen) in policy and (p.item_id, p.rejected) in policy]
@@ -138,17 +135,7 @@ def clip_mixes(run: Path, clip_weights: list[float]) -> dict:
         return {"pairs": 0}
     world = {json.loads(x)["external_id"]: json.loads(x) for x in (run / "world" / "world.jsonl").open()}
     signals = build_reward({"human": 1.0, "clip": 1.0}, reward_model=str(run / "rm"), clip_model=str(run / "clip"), cache_dir=str(run / "clip-cache"))
-    values: dict[str, list] = {"human": [], "clip": []}
-    for start in range(0, len(decided), 16):
-        batch = decided[start : start + 16]
-        prompts = [parse_prompt(p.prompt) for p in batch]
-        images = [[i.path if i.path is not None else i.load() for i in p.images] for p in batch]
-        with torch.no_grad():
-            _, raw = signals(images * 2, [i for i, _, _ in prompts] * 2, [c for _, _, c in prompts] * 2, [t for _, t, _ in prompts] * 2,
-                             [p.chosen for p in batch] + [p.rejected for p in batch], update=False)  # fmt: skip
-        for name in values:
-            values[name].append(raw[name].double())
-    stds = {name: torch.cat(v).std(unbiased=False).item() or 1.0 for name, v in values.items()}
+    stds = {name: v.std(unbiased=False).item() or 1.0 for name, v in score_pairs(signals, decided).items()}
     out = {}
     for w in clip_weights:
         mix = {"human": 1.0, "clip": w}

@@ -313,6 +313,27 @@ def wilson_interval(successes: float, n: int, z: float = 1.96) -> tuple[float, f
     return max(0.0, center - half), min(1.0, center + half)
 
 
+def score_pairs(reward: CompositeReward, pairs: Sequence, progress: bool = False, batch_size: int = 16) -> dict[str, torch.Tensor]:
+    """Every signal's raw scores of `pairs`' stories: {signal: (n, 2) tensor of (chosen, rejected)}. Each pair is
+    scored with its own images (by path: the CLIP cache's key) and prompt, `batch_size` pairs at a time."""
+    from tqdm import tqdm
+
+    columns: dict[str, list[torch.Tensor]] = {name: [] for name in reward.weights}
+    bar = tqdm(total=len(pairs), desc="scoring pairs", unit="pair", disable=not progress)
+    for start in range(0, len(pairs), batch_size):  # each batch: the chosen stories, then the rejected ones
+        batch = pairs[start : start + batch_size]
+        prompts = [parse_prompt(p.prompt) for p in batch]
+        images = [[i.path if i.path is not None else i.load() for i in p.images] for p in batch]
+        with torch.no_grad():
+            _, raw = reward(images * 2, [i for i, _, _ in prompts] * 2, [c for _, _, c in prompts] * 2, [s for _, s, _ in prompts] * 2,
+                            [p.chosen for p in batch] + [p.rejected for p in batch], update=False)  # fmt: skip
+        for name, v in raw.items():
+            columns[name].append(torch.stack([v[: len(batch)], v[len(batch) :]], 1).double())
+        bar.update(len(batch))
+    bar.close()
+    return {name: torch.cat(c) if c else torch.zeros(0, 2, dtype=torch.float64) for name, c in columns.items()}
+
+
 def signal_agreement(reward: CompositeReward, pairs: Sequence, progress: bool = False, batch_size: int = 16,
                      mix: dict[str, float] | None = None) -> dict:  # fmt: skip
     """Each signal's agreement with the annotators on preference `pairs` (`rlhf.data.PreferencePair`).
@@ -326,39 +347,18 @@ def signal_agreement(reward: CompositeReward, pairs: Sequence, progress: bool = 
     population std, as `CompositeReward`'s running statistics give it; a constant signal adds nothing).
     It asks whether a weighting ranks the pairs better than its parts, before PPO is run with it.
     """
-    from tqdm import tqdm
-
     decided = [p for p in pairs if not p.tie]
     if not decided:
         return {"pairs": 0}
     if mix and (unknown := sorted(set(mix) - set(reward.weights))):
         raise ValueError(f"the mix names {unknown}, which are not among the signals scored ({', '.join(reward.weights)}); add them to the signals")
-    agree = {name: 0.0 for name in reward.weights}
-    values: dict[str, list[torch.Tensor]] = {name: [] for name in (mix or {})}  # per signal: (chosen, rejected) columns per batch
-    bar = tqdm(total=len(decided), desc="scoring pairs", unit="pair", disable=not progress)
-    for start in range(0, len(decided), batch_size):  # each batch: the chosen stories, then the rejected ones
-        batch = decided[start : start + batch_size]
-        prompts = [parse_prompt(p.prompt) for p in batch]
-        images = [[i.path if i.path is not None else i.load() for i in p.images] for p in batch]  # by path: the CLIP cache's key
-        with torch.no_grad():
-            _, raw = reward(images * 2, [i for i, _, _ in prompts] * 2, [c for _, _, c in prompts] * 2, [s for _, s, _ in prompts] * 2,
-                            [p.chosen for p in batch] + [p.rejected for p in batch], update=False)  # fmt: skip
-        for name, v in raw.items():
-            chosen, rejected = v[: len(batch)], v[len(batch) :]
-            agree[name] += float((chosen > rejected).sum()) + 0.5 * float((chosen == rejected).sum())
-            if name in values:
-                values[name].append(torch.stack([chosen, rejected], 1).double())
-        bar.update(len(batch))
-    bar.close()
-    n = len(decided)
+    scores = score_pairs(reward, decided, progress, batch_size)
+    diffs = {name: v[:, 0] - v[:, 1] for name, v in scores.items()}
     if mix:
-        diff = torch.zeros(n, dtype=torch.float64)
-        for name, w in mix.items():
-            both = torch.cat(values[name])  # (n, 2)
-            std = both.std(unbiased=False).item()
-            if std > 0:
-                diff += w * (both[:, 0] - both[:, 1]) / std
-        agree["mix"] = float((diff > 0).sum()) + 0.5 * float((diff == 0).sum())
+        diffs["mix"] = sum((w * diffs[name] / std for name, w in mix.items() if (std := scores[name].std(unbiased=False).item()) > 0),
+                           torch.zeros(len(decided), dtype=torch.float64))  # fmt: skip
+    n = len(decided)
+    agree = {name: float((d > 0).sum()) + 0.5 * float((d == 0).sum()) for name, d in diffs.items()}
     intervals = {name: tuple(round(x, 3) for x in wilson_interval(k, n)) for name, k in agree.items()}
     return {name: round(k / n, 3) for name, k in agree.items()} | {"interval": intervals, "pairs": n}
 
