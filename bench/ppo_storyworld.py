@@ -250,9 +250,7 @@ def component_diagnosis(signals, pairs, world: dict, threshold: float = 0.1) -> 
     pair as the utility does. Ties of a signal count half."""
     from collections import defaultdict
 
-    import torch
-
-    from annotate.formats import parse_prompt
+    from rlhf.rewards import score_pairs
     from storyworld.utility import WEIGHTS
 
     rows = []
@@ -269,18 +267,9 @@ def component_diagnosis(signals, pairs, world: dict, threshold: float = 0.1) -> 
         rows.append((p, dominant, a.utility > b.utility))
     if not rows:
         return {"pairs": 0}
-    scores: dict[str, list[bool | float]] = defaultdict(list)
-    for start in range(0, len(rows), 16):
-        batch = rows[start : start + 16]
-        prompts = [parse_prompt(p.prompt) for p, _, _ in batch]
-        images = [[i.path if i.path is not None else i.load() for i in p.images] for p, _, _ in batch]
-        with torch.no_grad():
-            _, raw = signals([*images, *images], [i for i, _, _ in prompts] * 2, [c for _, _, c in prompts] * 2,
-                             [s for _, s, _ in prompts] * 2, [p.chosen for p, _, _ in batch] + [p.rejected for p, _, _ in batch], update=False)  # fmt: skip
-        for name, v in raw.items():
-            chosen, rejected = v[: len(batch)], v[len(batch) :]
-            for (_, _, truth), c, r in zip(batch, chosen.tolist(), rejected.tolist()):
-                scores[name].append(0.5 if c == r else float((c > r) == truth))
+    scores: dict[str, list[float]] = {}  # per signal, per row: 1 if it orders the pair as the utility does, ties half
+    for name, v in score_pairs(signals, [p for p, _, _ in rows]).items():
+        scores[name] = [0.5 if c == r else float((c > r) == truth) for (_, _, truth), (c, r) in zip(rows, v.tolist())]
     out: dict = {}
     groups = defaultdict(list)
     for k, (_, dominant, _) in enumerate(rows):

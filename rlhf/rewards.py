@@ -318,7 +318,7 @@ def score_pairs(reward: CompositeReward, pairs: Sequence, progress: bool = False
     scored with its own images (by path: the CLIP cache's key) and prompt, `batch_size` pairs at a time."""
     from tqdm import tqdm
 
-    columns: dict[str, list[torch.Tensor]] = {name: [] for name in reward.weights}
+    columns: dict[str, list[torch.Tensor]] = {}  # keyed as the reward names its raw scores
     bar = tqdm(total=len(pairs), desc="scoring pairs", unit="pair", disable=not progress)
     for start in range(0, len(pairs), batch_size):  # each batch: the chosen stories, then the rejected ones
         batch = pairs[start : start + batch_size]
@@ -328,10 +328,10 @@ def score_pairs(reward: CompositeReward, pairs: Sequence, progress: bool = False
             _, raw = reward(images * 2, [i for i, _, _ in prompts] * 2, [c for _, _, c in prompts] * 2, [s for _, s, _ in prompts] * 2,
                             [p.chosen for p in batch] + [p.rejected for p in batch], update=False)  # fmt: skip
         for name, v in raw.items():
-            columns[name].append(torch.stack([v[: len(batch)], v[len(batch) :]], 1).double())
+            columns.setdefault(name, []).append(torch.stack([v[: len(batch)], v[len(batch) :]], 1).double())
         bar.update(len(batch))
     bar.close()
-    return {name: torch.cat(c) if c else torch.zeros(0, 2, dtype=torch.float64) for name, c in columns.items()}
+    return {name: torch.cat(c) for name, c in columns.items()}
 
 
 def signal_agreement(reward: CompositeReward, pairs: Sequence, progress: bool = False, batch_size: int = 16,
