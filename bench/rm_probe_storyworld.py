@@ -121,6 +121,25 @@ def clip_scores(run: Path, names: list[str]) -> dict:
     return out
 
 
+class _ScoredOnce:
+    """A reward whose raw scores are kept per story (its frames, prompt and text): the mixes below score the same
+    pairs for every weight, and each story goes through the reward model and CLIP once."""
+
+    def __init__(self, reward):
+        self.reward, self.weights, self.seen = reward, reward.weights, {}
+
+    def __call__(self, images, instructions, contexts, styles, stories, update=False):
+        import torch
+
+        keys = [(str(i), a, c, s, t) for i, a, c, s, t in zip(images, instructions, contexts, styles, stories)]
+        new = list({k: j for j, k in enumerate(keys) if k not in self.seen}.values())  # one index per story not yet scored
+        if new:
+            _, raw = self.reward(*([arg[j] for j in new] for arg in (images, instructions, contexts, styles, stories)), update=False)
+            for n, j in enumerate(new):
+                self.seen[keys[j]] = {name: v[n] for name, v in raw.items()}
+        return None, {name: torch.stack([self.seen[k][name] for k in keys]) for name in self.seen[keys[0]]}
+
+
 def clip_mixes(run: Path, clip_weights: list[float]) -> dict:
     """`human` + w·`clip` on the policy's held-out pairs, for each w: agreement with the annotators and the per-component
     diagnosis, each signal divided by its population std over the decided pairs' stories (as `signal_agreement`'s mix)."""
@@ -134,7 +153,8 @@ def clip_mixes(run: Path, clip_weights: list[float]) -> dict:
     if not decided:
         return {"pairs": 0}
     world = {json.loads(x)["external_id"]: json.loads(x) for x in (run / "world" / "world.jsonl").open()}
-    signals = build_reward({"human": 1.0, "clip": 1.0}, reward_model=str(run / "rm"), clip_model=str(run / "clip"), cache_dir=str(run / "clip-cache"))
+    signals = _ScoredOnce(build_reward({"human": 1.0, "clip": 1.0}, reward_model=str(run / "rm"), clip_model=str(run / "clip"),
+                                       cache_dir=str(run / "clip-cache")))  # fmt: skip
     stds = {name: v.std(unbiased=False).item() or 1.0 for name, v in score_pairs(signals, decided).items()}
     out = {}
     for w in clip_weights:
