@@ -112,3 +112,26 @@ def test_run_files_name_each_methods_runs(tmp_path):
     assert [f.stem for f in run_files(tmp_path, "ppo")] == ["ppo", "ppo-seed-1"]  # not ppo-human-*, not the oracle
     assert [f.stem for f in run_files(tmp_path, "ppo_human")] == ["ppo-human-seed-0", "ppo-human-seed-1"]
     assert [f.stem for f in run_files(tmp_path, "sft")] == ["sft"] and run_files(tmp_path, "rloo") == []
+
+
+def test_rm_probe_scores_each_story_once():
+    """`rm_probe_storyworld.py --mix-weights` scores the same pairs for every weight: its wrapper hands back the reward's
+    own scores, in order, and sends each story (frames, prompt, text) through the reward once."""
+    import torch
+
+    from bench.rm_probe_storyworld import _ScoredOnce
+
+    calls = []
+
+    def reward(images, instructions, contexts, styles, stories, update=False):
+        calls.append(list(stories))
+        return None, {"human": torch.tensor([float(len(s)) for s in stories]), "clip": torch.tensor([s.count("a") / 2 for s in stories])}
+
+    reward.weights = {"human": 1.0, "clip": 0.3}
+    once = _ScoredOnce(reward)
+    args = ([["x.png"], ["y.png"], ["x.png"], ["y.png"]], ["i"] * 4, ["c"] * 4, ["s"] * 4, ["aa", "abc", "aa", "aa"])
+    _, first = once(*args)
+    _, again = once(*args)
+    assert calls == [["aa", "abc", "aa"]]  # "aa" on x.png twice in the batch, scored once; "aa" on y.png is another story
+    assert first["human"].tolist() == again["human"].tolist() == [2.0, 3.0, 2.0, 2.0]
+    assert first["clip"].tolist() == [1.0, 0.5, 1.0, 1.0] and once.weights == reward.weights
